@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: a venv with the CPU build of torch, the package and its dev tools.
+# Usage: bash tools/setup.sh [VENV_DIR]   (default .venv)
+set -euo pipefail
+venv="${1:-.venv}"
+cd "$(dirname "$0")/.."
+python3 -m venv "$venv"
+"$venv/bin/pip" install -q --upgrade pip
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+"$venv/bin/pip" install -q "torch==2.13.0"
+"$venv/bin/pip" install -q -e ".[dev]"
+# The stubs declare a dependency on tensorrt itself, whose libraries cannot be fetched here.
+"$venv/bin/pip" install -q --no-deps tensorrt-stubs
