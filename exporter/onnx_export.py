@@ -1,0 +1,122 @@
+"""torch -> ONNX for encoders and causal LMs (no KV cache), with dynamic batch and sequence axes.
+
+Exporter choice, by measurement (issue 3): on all-MiniLM-L6-v2 at 8x128 the TorchScript-based
+exporter (`dynamo=False`) gave an ONNX that ran about 25% faster in ONNX Runtime than the dynamo
+export, and the graph passes' attention patterns are written against its output. Models are
+exported with `attn_implementation="eager"` so attention is the plain MatMul/Softmax/MatMul
+pattern the fusions recognise, whatever the attention code the user trained with.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+EXPORTER = "torchscript"
+EXPORTER_REASON = (
+    "TorchScript exporter (dynamo=False): its graph ran ~25% faster in ONNX Runtime than the dynamo "
+    "export on all-MiniLM-L6-v2 at 8x128, and the fusion patterns target it"
+)
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """sentence-transformers pooling: mean over unmasked tokens (or CLS), optional L2 normalisation."""
+
+    mode: str = "mean"  # "mean" | "cls" | "max"
+    normalize: bool = False
+
+
+class EncoderForExport(nn.Module):
+    """Wraps an HF encoder so the ONNX has HF input names and `last_hidden_state`
+    (and `sentence_embedding` when the model folder carries a sentence-transformers pooling)."""
+
+    def __init__(self, model: nn.Module, uses_token_type_ids: bool, pooling: Pooling | None) -> None:
+        super().__init__()
+        self.model = model
+        self.uses_token_type_ids = uses_token_type_ids
+        self.pooling = pooling
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):  # type: ignore[no-untyped-def]
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.uses_token_type_ids:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.model(**kwargs).last_hidden_state
+        if self.pooling is None:
+            return hidden
+        return hidden, pool(hidden, attention_mask, self.pooling)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """The sentence embedding as sentence-transformers computes it."""
+    if pooling.mode == "cls":
+        emb = hidden[:, 0]
+    elif pooling.mode == "max":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        emb = (hidden + (mask - 1.0) * 1e9).max(dim=1).values
+    else:
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        emb = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    if pooling.normalize:
+        emb = torch.nn.functional.normalize(emb, p=2.0, dim=-1)
+    return emb
+
+
+class CausalLMForExport(nn.Module):
+    """Wraps an HF causal LM: (input_ids, attention_mask) -> logits, without a KV cache."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):  # type: ignore[no-untyped-def]
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def input_names_for(wrapper: nn.Module) -> list[str]:
+    names = ["input_ids", "attention_mask"]
+    if isinstance(wrapper, EncoderForExport) and wrapper.uses_token_type_ids:
+        names.append("token_type_ids")
+    return names
+
+
+def output_names_for(wrapper: nn.Module) -> list[str]:
+    if isinstance(wrapper, EncoderForExport):
+        return ["last_hidden_state"] + (["sentence_embedding"] if wrapper.pooling else [])
+    return ["logits"]
+
+
+def export_to_onnx(
+    wrapper: nn.Module, example: dict[str, torch.Tensor], path: str | Path, opset: int = OPSET
+) -> Path:
+    """Export `wrapper` (an `EncoderForExport` or `CausalLMForExport`) with dynamic batch/sequence axes."""
+    path = Path(path)
+    inputs = input_names_for(wrapper)
+    outputs = output_names_for(wrapper)
+    dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in inputs}
+    for name in outputs:
+        dynamic_axes[name] = {0: "batch"} if name == "sentence_embedding" else {0: "batch", 1: "sequence"}
+    args = tuple(example[name] for name in inputs)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper.eval(),
+            args,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    logger.info("exported %s (opset %d, %s)", path, opset, EXPORTER)
+    return path
