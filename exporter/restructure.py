@@ -1,0 +1,55 @@
+"""Physically remove dead structure: plan per layer from the effective weights, then fold and slice.
+
+`restructure(model)` mutates the masked+merged reference model into the compact one and returns
+the plan. `resize_to_plan(model, shapes)` allocates a fresh model's compact shapes so a saved
+compact model can be reloaded (see exporter/compact.py).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from exporter.families import family_for
+from exporter.plan import LayerShapes, RestructurePlan
+
+logger = logging.getLogger(__name__)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def plan_restructure(model: nn.Module) -> RestructurePlan:
+    """Find the dead units of every layer; pure: the model is not changed."""
+    family = family_for(model.config.model_type)
+    hd = family.head_dim(model)
+    layers = [family.plan_layer(layer, i, hd) for i, layer in enumerate(family.layers(model))]
+    return RestructurePlan(model.config.model_type, hd, layers, params_before=count_params(model))
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, plan: RestructurePlan) -> None:
+    family = family_for(model.config.model_type)
+    for layer, layer_plan in zip(family.layers(model), plan.layers):
+        family.apply_layer(layer, layer_plan, plan.head_dim)
+        layer_plan.params_after = family.layer_params(layer)
+    plan.params_after = count_params(model)
+
+
+def restructure(model: nn.Module) -> RestructurePlan:
+    """Plan, then apply: the model becomes compact and computes the same function."""
+    plan = plan_restructure(model)
+    apply_plan(model, plan)
+    logger.info("restructure: %d -> %d parameters", plan.params_before, plan.params_after)
+    return plan
+
+
+def resize_to_plan(model: nn.Module, shapes: list[LayerShapes], head_dim: int) -> None:
+    """Allocate per-layer compact shapes on a freshly built model (before load_state_dict)."""
+    family = family_for(model.config.model_type)
+    for layer, layer_shapes in zip(family.layers(model), shapes):
+        family.resize_layer(layer, layer_shapes, head_dim)
