@@ -87,7 +87,9 @@ def plan_layer(layer: nn.Module, index: int, hd: int) -> LayerPlan:
         attn_out_bias=out_proj.bias is not None,
         ffn_out_bias=down.bias is not None,
     )
-    return LayerPlan(index, heads_kept, None, neurons_kept, removed, notes, shapes, linear_params(*_linears(layer)))
+    return LayerPlan(
+        index, heads_kept, None, neurons_kept, removed, notes, shapes, linear_params(*_linears(layer))
+    )
 
 
 def apply_layer(layer: nn.Module, plan: LayerPlan, hd: int) -> None:

@@ -98,7 +98,9 @@ def plan_layer(layer: nn.Module, index: int, hd: int) -> LayerPlan:
                 )
     if not kv_kept:
         kv_kept = [0]
-        notes.append("all KV groups dead: group 0 kept as a zero unit (o_proj columns zeroed, constants folded)")
+        notes.append(
+            "all KV groups dead: group 0 kept as a zero unit (o_proj columns zeroed, constants folded)"
+        )
     heads_kept = [j * g + i for j in kv_kept for i in range(g)]
 
     mlp = layer.mlp

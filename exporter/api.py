@@ -1,0 +1,198 @@
+"""The Python API: `export_engine(model_dir, output_dir, config)`. The CLI only calls this.
+
+Stages, in order (each timed in the report):
+  load -> reference (LoRA merged by PEFT, masks applied) -> restructure (fold + slice, checked in
+  PyTorch) -> export (ONNX, checked on ONNX Runtime) -> graph passes -> INT8 -> engine -> stage table.
+Every check compares with the masked+merged PyTorch reference and raises on failure: an export that
+"succeeds" with wrong outputs is the failure this tool exists to prevent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from exporter import report as report_io
+from exporter.compact import save_compact
+from exporter.config import ExportConfig
+from exporter.families import family_for, is_decoder
+from exporter.inputs import validation_feeds
+from exporter.model_dir import ModelDir, build_reference_model, load_model_dir
+from exporter.onnx_export import (
+    EXPORTER,
+    EXPORTER_REASON,
+    CausalLMForExport,
+    EncoderForExport,
+    export_to_onnx,
+    input_names_for,
+)
+from exporter.outputs import check_output_dir, staged_output
+from exporter.restructure import restructure
+from exporter.validate import Comparison, check, compare_all
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ExportResult:
+    output_dir: Path
+    onnx_path: Path
+    report: dict[str, Any]
+    artifacts: dict[str, Path]
+
+
+def export_engine(
+    model_dir: str | Path, output_dir: str | Path, config: ExportConfig | None = None
+) -> ExportResult:
+    """Export MODEL_DIR into OUT_DIR; returns the artifact paths and the report (also written)."""
+    config = config or ExportConfig()
+    out = Path(output_dir)
+    check_output_dir(out, config.force)
+    run = _Run(Path(model_dir), config)
+    with staged_output(out) as work:
+        run.execute(work)
+    artifacts = {name: out / path.name for name, path in run.artifacts.items()}
+    return ExportResult(out, artifacts["onnx"], run.report, artifacts)
+
+
+class _Run:
+    """One export: holds the report as it grows and the artifacts written so far."""
+
+    def __init__(self, model_dir: Path, config: ExportConfig) -> None:
+        self.model_dir = model_dir
+        self.config = config
+        self.report: dict[str, Any] = {
+            "model_dir": str(model_dir),
+            "config": _config_json(config),
+            "timings_s": {},
+        }
+        self.artifacts: dict[str, Path] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        logger.info("%s ...", name)
+        yield
+        self.report["timings_s"][name] = round(time.perf_counter() - start, 3)
+
+    def execute(self, work: Path) -> None:
+        torch.manual_seed(self.config.seed)
+        with self.stage("load"):
+            md = load_model_dir(
+                self.model_dir, adapter=self.config.adapter, allow_pickle=self.config.allow_pickle
+            )
+            family_for(md.model_type, str(self.model_dir / "config.json"))
+            self.report["model"] = _model_json(md)
+        with self.stage("reference"):
+            model = build_reference_model(md)
+            wrapper = _wrapper(model, md)
+            feeds = self._feeds(md, wrapper)
+            reference = _torch_outputs(wrapper, feeds)
+        with self.stage("restructure"):
+            plan = restructure(model)
+            self._check("compact_pytorch", reference, _torch_outputs(wrapper, feeds))
+            plan.save(work / "restructure_plan.json")
+            save_compact(model, plan, work / "compact_model")
+            self.report["restructure"] = _restructure_json(plan)
+        with self.stage("export"):
+            exported = export_to_onnx(
+                wrapper, {k: torch.from_numpy(v) for k, v in feeds.items()}, work / "model.onnx"
+            )
+            self.artifacts["onnx"] = exported
+            self._check("onnx_fp32", reference, _onnxruntime_outputs(exported, feeds))
+            self.report["export"] = {
+                "exporter": EXPORTER,
+                "reason": EXPORTER_REASON,
+                "opset": self.config.opset,
+            }
+        report_io.write(work, self.report)
+
+    def _feeds(self, md: ModelDir, wrapper: torch.nn.Module) -> dict[str, np.ndarray]:
+        names = input_names_for(wrapper)
+        return validation_feeds(
+            names, md.tokenizer_path, md.config.vocab_size, self.config.validation_samples, self._seq_len(md)
+        )
+
+    def _seq_len(self, md: ModelDir) -> int:
+        limit = getattr(md.config, "max_position_embeddings", self.config.sequence_length)
+        return min(self.config.sequence_length, limit)
+
+    def _check(
+        self, what: str, reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray]
+    ) -> list[Comparison]:
+        comparisons = compare_all(reference, outputs)
+        self.report.setdefault("validation", {})[what] = [c.to_json() for c in comparisons]
+        check(comparisons, "fp32", what)
+        return comparisons
+
+
+def _wrapper(model: torch.nn.Module, md: ModelDir) -> torch.nn.Module:
+    if is_decoder(md.model_type):
+        return CausalLMForExport(model).eval()
+    uses_types = getattr(md.config, "type_vocab_size", 0) > 0
+    return EncoderForExport(model, uses_types, md.pooling).eval()
+
+
+@torch.no_grad()
+def _torch_outputs(wrapper: torch.nn.Module, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from exporter.onnx_export import output_names_for
+
+    outputs = wrapper(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    return {name: o.numpy() for name, o in zip(output_names_for(wrapper), outputs)}
+
+
+def _onnxruntime_outputs(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run with ONNX Runtime's own graph optimizations off, so they cannot hide a bug of ours."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def _config_json(config: ExportConfig) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}
+
+
+def _model_json(md: ModelDir) -> dict[str, Any]:
+    return {
+        "model_type": md.model_type,
+        "mask_source": md.mask_source,
+        "masked_parameters": len(md.masks),
+        "adapter": str(md.adapter_path) if md.adapter_path else None,
+        "tokenizer": md.tokenizer_path is not None,
+        "pooling": dataclasses.asdict(md.pooling) if md.pooling else None,
+    }
+
+
+def _restructure_json(plan: Any) -> dict[str, Any]:
+    return {
+        "params_before": plan.params_before,
+        "params_after": plan.params_after,
+        "params_removed": plan.params_before - plan.params_after,
+        "removed_totals": plan.removed_totals(),
+        "layers": [
+            {
+                "layer": layer.layer,
+                "heads": layer.shapes.heads,
+                "kv_heads": layer.shapes.kv_heads,
+                "ffn": layer.shapes.ffn,
+                "removed": layer.removed,
+                "notes": layer.notes,
+                "params_before": layer.params_before,
+                "params_after": layer.params_after,
+            }
+            for layer in plan.layers
+        ],
+    }

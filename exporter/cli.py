@@ -1,0 +1,143 @@
+"""`export-engine MODEL_DIR -o OUT_DIR`: maps flags onto ExportConfig and calls the API. Nothing else.
+
+Exit codes: 0 success, 2 bad input or usage, 1 a failed check or an internal error. Errors are one
+line on stderr; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from exporter.config import ExportConfig
+from exporter.errors import ExportEngineError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="export-engine", description="Pruned + LoRA HF model -> exact compact ONNX -> INT8 engine."
+    )
+    p.add_argument("model_dir", type=Path, help="Hugging Face model folder (config.json + safetensors)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder (created; see --force)")
+    p.add_argument(
+        "--precision", choices=["int8", "fp32"], default="int8", help="final precision (default int8)"
+    )
+    p.add_argument(
+        "--adapter", type=Path, help="PEFT LoRA adapter folder (default: MODEL_DIR/adapter if present)"
+    )
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "tensorrt", "onnxruntime"],
+        default="auto",
+        help="auto: TensorRT when it imports and a CUDA GPU is present, else ONNX Runtime CPU",
+    )
+    p.add_argument(
+        "--task",
+        choices=["text-generation-with-past", "text-generation"],
+        help="causal LMs: export with a KV cache (default) or without",
+    )
+    p.add_argument("--calibration", help="calibration data: FILE.txt, FILE.jsonl, FILE.npz, or 'random'")
+    p.add_argument("--calibration-samples", type=int, default=128, help="number of calibration samples")
+    p.add_argument(
+        "--calibration-method",
+        choices=["max", "percentile", "entropy", "mse"],
+        help="activation range method (default: the measured best, see README)",
+    )
+    p.add_argument(
+        "--accuracy-target",
+        type=float,
+        default=0.99,
+        help="INT8 gate: minimum mean token cosine vs fp32 on held-out data",
+    )
+    p.add_argument(
+        "--sequence-length", type=int, default=128, help="sequence length for validation and calibration"
+    )
+    p.add_argument("--batch-size", type=int, default=2, help="batch size for calibration")
+    p.add_argument("--strict-fusion", action="store_true", help="fail when an expected fusion did not fire")
+    p.add_argument(
+        "--sparsity",
+        choices=["tag", "enforce", "off"],
+        default="tag",
+        help="2:4 sparsity: tag eligible weights, enforce 2:4 by magnitude, or off",
+    )
+    p.add_argument("--no-benchmark", action="store_true", help="skip timing the stages for the report")
+    p.add_argument("--threads", type=int, default=2, help="threads for ONNX Runtime / PyTorch timing")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow .bin/.pt checkpoints (loaded with torch.load(weights_only=True))",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for everything random")
+    p.add_argument("--quiet", action="store_true", help="only errors on stderr")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ExportConfig:
+    return ExportConfig(
+        precision=args.precision,
+        adapter=args.adapter,
+        force=args.force,
+        backend=args.backend,
+        task=args.task,
+        calibration=args.calibration,
+        calibration_samples=args.calibration_samples,
+        calibration_method=args.calibration_method,
+        accuracy_target=args.accuracy_target,
+        sequence_length=args.sequence_length,
+        batch_size=args.batch_size,
+        strict_fusion=args.strict_fusion,
+        sparsity=args.sparsity,
+        benchmark=not args.no_benchmark,
+        benchmark_threads=args.threads,
+        allow_pickle=args.allow_pickle,
+        seed=args.seed,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet or args.json else logging.INFO,
+        format="export-engine: %(message)s",
+        stream=sys.stderr,
+    )
+    from exporter.api import export_engine  # heavy imports after argument parsing
+
+    try:
+        result = export_engine(args.model_dir, args.output, config_from_args(args))
+    except ExportEngineError as exc:
+        if args.debug:
+            raise
+        print(f"export-engine: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(
+            f"export-engine: internal error: {type(exc).__name__}: {exc} (--debug shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+    if args.json:
+        print(json.dumps(result.report, indent=2, sort_keys=True, default=str))
+    elif not args.quiet:
+        print(f"wrote {result.output_dir}: " + ", ".join(sorted(p.name for p in result.artifacts.values())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The export configuration: the Python API takes it, the CLI only fills it from flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+Precision = Literal["int8", "fp32"]
+Backend = Literal["auto", "tensorrt", "onnxruntime"]
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    """Every knob of `export_engine`. Defaults are what the README documents."""
+
+    precision: Precision = "int8"
+    adapter: Path | None = None  # PEFT LoRA adapter folder (default: MODEL_DIR/adapter if present)
+    force: bool = False  # replace a non-empty OUT_DIR
+    backend: Backend = "auto"
+    task: str | None = None  # causal LMs: "text-generation-with-past" (default) or "text-generation"
+    opset: int = 17
+    # validation / calibration shapes
+    batch_size: int = 2
+    sequence_length: int = 128
+    validation_samples: int = 8
+    calibration: str | None = None  # path to .txt/.jsonl/.npz, "random", or None for the shipped corpus
+    calibration_samples: int = 128
+    calibration_method: str | None = None  # None: the measured default of exporter.quantize
+    accuracy_target: float = 0.99  # INT8 mean token cosine vs fp32 on held-out data
+    # graph passes
+    strict_fusion: bool = False
+    sparsity: Literal["tag", "enforce", "off"] = "tag"
+    # benchmarking of every stage (report's stage table)
+    benchmark: bool = True
+    benchmark_threads: int = 2
+    benchmark_iterations: int = 20
+    # safety
+    allow_pickle: bool = False  # .bin/.pt checkpoints (loaded with weights_only=True)
+    seed: int = 0

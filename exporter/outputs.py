@@ -1,0 +1,48 @@
+"""The output folder: refuse what cannot be written, stage everything beside it, rename at the end.
+
+A run that fails leaves OUT_DIR as it was (absent, or the previous export): the work happens in a
+hidden sibling folder that is renamed into place only after every check passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from exporter.errors import InputError
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "output path exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise InputError(out, "output folder is not empty (pass --force to replace it)")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise InputError(out, f"parent folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(out, f"parent folder {parent} is not writable")
+
+
+@contextlib.contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success it replaces `out`, on error it is removed."""
+    parent = out.resolve().parent
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    backup = None
+    if out.exists():
+        backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+        backup.rmdir()
+        out.rename(backup)
+    work.rename(out)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)

@@ -1,0 +1,80 @@
+"""report.json (everything, machine-readable, keys sorted) and report.md (the same, for people)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def write(directory: Path, report: dict[str, Any]) -> None:
+    (directory / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+    (directory / "report.md").write_text(render_markdown(report))
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = ["# export-engine report", ""]
+    model = report.get("model", {})
+    lines += [f"- Model: `{report.get('model_dir')}` ({model.get('model_type')})"]
+    lines += [f"- Masks: {model.get('mask_source')}; adapter: {model.get('adapter') or 'none'}"]
+    if "backend" in report:
+        backend = report["backend"]
+        lines += [f"- Backend: **{backend.get('name')}**: {backend.get('reason')}"]
+        for name, why in backend.get("skipped", {}).items():
+            lines += [f"  - {name} skipped: {why}"]
+    lines.append("")
+    lines += _restructure(report.get("restructure"))
+    lines += _validation(report.get("validation", {}))
+    for section in report.get("extra_sections_md", []):
+        lines += [section, ""]
+    lines += _timings(report.get("timings_s", {}))
+    return "\n".join(lines) + "\n"
+
+
+def _restructure(restructure: dict[str, Any] | None) -> list[str]:
+    if not restructure:
+        return []
+    before, after = restructure["params_before"], restructure["params_after"]
+    lines = [
+        "## Restructure",
+        "",
+        f"Parameters: {before:,} -> {after:,} ({100.0 * (before - after) / max(before, 1):.1f}% removed)",
+        "",
+        "| layer | heads | kv heads | ffn | params before | params after | removed | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for layer in restructure["layers"]:
+        removed = "; ".join(f"{count} {reason}" for reason, count in layer["removed"].items()) or "-"
+        notes = "; ".join(layer["notes"]) or "-"
+        kv = layer["kv_heads"] if layer["kv_heads"] is not None else "-"
+        lines.append(
+            f"| {layer['layer']} | {layer['heads']} | {kv} | {layer['ffn']} | {layer['params_before']:,} "
+            f"| {layer['params_after']:,} | {removed} | {notes} |"
+        )
+    return [*lines, ""]
+
+
+def _validation(validation: dict[str, Any]) -> list[str]:
+    if not validation:
+        return []
+    lines = [
+        "## Validation against the masked+merged PyTorch reference",
+        "",
+        "| check | output | max abs err | mean abs err | mean cosine | min cosine |",
+        "|---|---|---|---|---|---|",
+    ]
+    for check, comparisons in validation.items():
+        for c in comparisons:
+            lines.append(
+                f"| {check} | {c['output']} | {c['max_abs']:.3g} | {c['mean_abs']:.3g} "
+                f"| {c['mean_cosine']:.6f} | {c['min_cosine']:.6f} |"
+            )
+    return [*lines, ""]
+
+
+def _timings(timings: dict[str, float]) -> list[str]:
+    if not timings:
+        return []
+    lines = ["## Time per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {seconds:.2f} |" for name, seconds in timings.items()]
+    return [*lines, ""]
