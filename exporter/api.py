@@ -93,6 +93,9 @@ class _Run:
             self.report["model"] = _model_json(md)
         with self.stage("reference"):
             model = build_reference_model(md)
+            merge = md.lora_merge
+            self.report["model"]["lora_merged_modules"] = len(merge.merged_modules) if merge else 0
+            self.report["model"]["lora_max_abs_delta"] = merge.max_abs_delta if merge else 0.0
             wrapper = _wrapper(model, md)
             feeds = self._feeds(md, wrapper)
             reference = _torch_outputs(wrapper, feeds)

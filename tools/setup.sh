@@ -11,3 +11,5 @@ python3 -m venv "$venv"
 "$venv/bin/pip" install -q -e ".[dev]"
 # The stubs declare a dependency on tensorrt itself, whose libraries cannot be fetched here.
 "$venv/bin/pip" install -q --no-deps tensorrt-stubs
+# ...and lack py.typed, so mypy would skip them: copy and repair them into typings/ ([tool.mypy]).
+"$venv/bin/python" tools/tensorrt_stubs_for_mypy.py typings

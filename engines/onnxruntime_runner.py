@@ -1,0 +1,145 @@
+"""ONNX Runtime runner: the CPU fallback, and CUDA/TensorRT providers when onnxruntime-gpu has them.
+
+Nothing is loaded before `__enter__`: constructing a runner for a missing file does not fail,
+entering it does (with an `InputError` naming the file), as in Polygraphy's runners.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.base import Runner, TensorSpec
+from exporter.errors import BackendUnavailableError, InputError
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+# ONNX Runtime's type strings (NodeArg.type) -> numpy dtypes.
+_ORT_DTYPES: dict[str, np.dtype] = {
+    f"tensor({name})": np.dtype(np_name)
+    for name, np_name in {
+        "float": "float32",
+        "float16": "float16",
+        "double": "float64",
+        "int8": "int8",
+        "uint8": "uint8",
+        "int16": "int16",
+        "uint16": "uint16",
+        "int32": "int32",
+        "uint32": "uint32",
+        "int64": "int64",
+        "uint64": "uint64",
+        "bool": "bool",
+    }.items()
+}
+
+
+def _spec(node_arg: Any) -> TensorSpec:
+    if node_arg.type not in _ORT_DTYPES:
+        raise InputError(node_arg.name, f"tensor type {node_arg.type} is not supported by this runner")
+    shape = tuple(
+        dim if isinstance(dim, int) else str(dim if dim is not None else "?") for dim in node_arg.shape
+    )
+    return TensorSpec(node_arg.name, _ORT_DTYPES[node_arg.type], shape)
+
+
+class OnnxRuntimeRunner(Runner):
+    """Runs an `.onnx` file with ONNX Runtime. Default: the CPU provider, all graph optimizations."""
+
+    backend = "onnxruntime"
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+        optimization_level: str = "all",
+    ) -> None:
+        super().__init__()
+        if optimization_level not in OPTIMIZATION_LEVELS:
+            raise InputError(
+                "optimization_level", f"{optimization_level!r} is not one of {OPTIMIZATION_LEVELS}"
+            )
+        if threads is not None and threads < 0:
+            raise InputError("threads", f"must be >= 0 (0 = ONNX Runtime's default), got {threads}")
+        self.path = Path(path)
+        self.threads = threads
+        self.providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
+        self.optimization_level = optimization_level
+        self._session: Any = None
+        self._inputs: list[TensorSpec] | None = None
+        self._outputs: list[TensorSpec] | None = None
+
+    def _session_options(self) -> Any:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        levels = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }
+        options.graph_optimization_level = levels[self.optimization_level]
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
+        return options
+
+    def _activate(self) -> None:
+        import onnxruntime as ort
+
+        if not self.path.is_file():
+            raise InputError(self.path, "no such ONNX file")
+        available = ort.get_available_providers()
+        missing = [name for name in self.providers if name not in available]
+        if missing:
+            raise BackendUnavailableError(
+                "providers", f"ONNX Runtime here has no {missing}; available: {available}"
+            )
+        try:
+            self._session = ort.InferenceSession(
+                str(self.path), sess_options=self._session_options(), providers=self.providers
+            )
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise InputError(self.path, f"ONNX Runtime cannot load it: {exc}") from exc
+        self._inputs = [_spec(arg) for arg in self._session.get_inputs()]
+        self._outputs = [_spec(arg) for arg in self._session.get_outputs()]
+        logger.info("ONNX Runtime session for %s on %s", self.path, self._session.get_providers())
+
+    def _deactivate(self) -> None:
+        self._session = None
+
+    @property
+    def active_providers(self) -> list[str]:
+        """The providers the session actually uses (after ORT's own fallback)."""
+        return list(self._require_session().get_providers())
+
+    def _require_session(self) -> Any:
+        if self._session is None:
+            raise RuntimeError(f"{type(self).__name__} is not active: use it as a context manager")
+        return self._session
+
+    @property
+    def input_specs(self) -> list[TensorSpec]:
+        if self._inputs is None:
+            raise RuntimeError(f"{type(self).__name__}: input specs are known after __enter__")
+        return self._inputs
+
+    @property
+    def output_specs(self) -> list[TensorSpec]:
+        if self._outputs is None:
+            raise RuntimeError(f"{type(self).__name__}: output specs are known after __enter__")
+        return self._outputs
+
+    def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self._require_session()
+        names = [spec.name for spec in self.output_specs]
+        values = session.run(names, dict(feeds))
+        return {name: np.asarray(value) for name, value in zip(names, values)}

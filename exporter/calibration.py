@@ -1,0 +1,177 @@
+"""Calibration data at the export's shapes: the samples INT8 ranges are measured on, plus a held-out split.
+
+Sources (`load_calibration(source=...)`):
+- `None`: the shipped English corpus (`calibration_data.default_corpus`), tokenized with the model's tokenizer;
+- a `.txt` file (one sample per line) or `.jsonl` file (`{"text": ...}` per line), tokenized likewise;
+- a `.npz` file with arrays named as the model's inputs (first axis = samples), used as given;
+- `"random"`: random token ids, only when asked for explicitly (ranges from random ids are poor).
+Text needs a tokenizer: a model without one and without `--calibration` is an `InputError`.
+
+The held-out split is never used for ranges or for choosing which layers stay in high precision, so the
+accuracy reported on it is an honest estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+import calibration_data
+from exporter.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+RANDOM = "random"
+DEFAULT_NUM_SAMPLES = 256
+DEFAULT_HELDOUT = 64
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+
+
+@dataclasses.dataclass
+class CalibrationData:
+    """Model feeds (name -> array, first axis = samples) for calibration and for the held-out check."""
+
+    calibration: dict[str, np.ndarray]
+    heldout: dict[str, np.ndarray]
+    batch: int
+    source: str
+
+    @property
+    def num_calibration(self) -> int:
+        return _count(self.calibration)
+
+    @property
+    def num_heldout(self) -> int:
+        return _count(self.heldout)
+
+    def batches(
+        self, split: str = "calibration", limit: int | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds of `batch` samples from `split` ("calibration" or "heldout"), the first `limit` samples."""
+        feeds = self.calibration if split == "calibration" else self.heldout
+        total = min(_count(feeds), limit) if limit else _count(feeds)
+        for start in range(0, total, self.batch):
+            stop = min(start + self.batch, total)
+            yield {name: array[start:stop] for name, array in feeds.items()}
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "source": self.source,
+            "calibration_samples": self.num_calibration,
+            "heldout_samples": self.num_heldout,
+            "batch": self.batch,
+            "shapes": {name: list(a.shape[1:]) for name, a in self.calibration.items()},
+        }
+
+
+def load_calibration(
+    source: str | Path | None,
+    tokenizer_path: str | Path | None,
+    input_names: list[str],
+    batch: int,
+    seq_len: int,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    num_heldout: int = DEFAULT_HELDOUT,
+    seed: int = 0,
+) -> CalibrationData:
+    """Load, tokenize and split calibration samples: `num_samples` for calibration, `num_heldout` held out.
+
+    Fewer samples than asked: the held-out split gets a quarter of them (at least one sample each way).
+    """
+    if source is not None and str(source) == RANDOM:
+        feeds, name = random_feeds(input_names, num_samples + num_heldout, seq_len, seed), RANDOM
+    elif source is not None and Path(source).suffix == ".npz":
+        feeds, name = calibration_data.read_npz(Path(source), input_names), str(source)
+    else:
+        texts, name = _texts(source)
+        feeds = tokenize(texts, tokenizer_path, input_names, seq_len, where=source)
+    return split(feeds, num_samples, num_heldout, batch, name, seed)
+
+
+def tokenize(
+    texts: list[str],
+    tokenizer_path: str | Path | None,
+    input_names: list[str],
+    seq_len: int,
+    where: str | Path | None = None,
+) -> dict[str, np.ndarray]:
+    """Tokenize `texts` with the model's tokenizer, padded and truncated to `seq_len`, int64."""
+    if tokenizer_path is None or not any(Path(tokenizer_path, f).exists() for f in _TOKENIZER_FILES):
+        raise InputError(
+            where or "--calibration",
+            f"the model at {tokenizer_path} has no tokenizer, so text cannot be tokenized: pass --calibration "
+            "FILE.npz (arrays named as the model inputs) or --calibration random (poor ranges)",
+        )
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
+    feeds = {}
+    for name in input_names:
+        if name in encoded:
+            feeds[name] = encoded[name].astype(np.int64)
+        elif name == "token_type_ids":
+            feeds[name] = np.zeros_like(encoded["input_ids"], dtype=np.int64)
+        else:
+            raise InputError(where or "--calibration", f"the tokenizer does not produce model input {name!r}")
+    return feeds
+
+
+def random_feeds(input_names: list[str], count: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random token ids (1000..1999), random lengths; attention mask and token types to match."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(max(2, seq_len // 4), seq_len + 1, size=count)
+    mask = (np.arange(seq_len)[None, :] < lengths[:, None]).astype(np.int64)
+    feeds = {}
+    for name in input_names:
+        if name == "attention_mask":
+            feeds[name] = mask
+        elif name == "token_type_ids":
+            feeds[name] = np.zeros((count, seq_len), dtype=np.int64)
+        else:
+            feeds[name] = rng.integers(1000, 2000, size=(count, seq_len)).astype(np.int64) * mask
+    return feeds
+
+
+def split(
+    feeds: dict[str, np.ndarray], num_samples: int, num_heldout: int, batch: int, source: str, seed: int = 0
+) -> CalibrationData:
+    """Shuffle (seeded) and split into calibration and held-out samples."""
+    total = _count(feeds)
+    if total < 2:
+        raise InputError(source, f"need at least 2 calibration samples (one held out), got {total}")
+    if num_samples + num_heldout > total:
+        num_heldout = max(1, min(num_heldout, total // 4))
+        num_samples = total - num_heldout
+        logger.info(
+            "calibration: %d samples available; %d calibrate, %d held out", total, num_samples, num_heldout
+        )
+    order = np.random.default_rng(seed).permutation(total)
+    cal, held = order[:num_samples], order[num_samples : num_samples + num_heldout]
+    return CalibrationData(
+        calibration={k: v[cal] for k, v in feeds.items()},
+        heldout={k: v[held] for k, v in feeds.items()},
+        batch=batch,
+        source=source,
+    )
+
+
+def _texts(source: str | Path | None) -> tuple[list[str], str]:
+    if source is None:
+        return calibration_data.default_corpus(), "default English corpus (CPython pydoc_data.topics)"
+    path = Path(source)
+    if not path.is_file():
+        raise InputError(path, "calibration file not found (expected .txt, .jsonl, .npz or 'random')")
+    if path.suffix == ".jsonl":
+        return calibration_data.read_jsonl(path), str(path)
+    if path.suffix == ".txt":
+        return calibration_data.read_txt(path), str(path)
+    raise InputError(path, f"unsupported calibration format {path.suffix!r} (expected .txt, .jsonl, .npz)")
+
+
+def _count(feeds: dict[str, np.ndarray]) -> int:
+    return next(iter(feeds.values())).shape[0] if feeds else 0

@@ -1,0 +1,312 @@
+"""INT8 from calibration: two artifacts, one per backend, each checked against fp32 on held-out data.
+
+- `model.int8.onnx` (TensorRT): Q/DQ placed by TensorRT's rules (graph_passes/insert_qdq.py) with static
+  symmetric activation ranges calibrated on the *unfused* fp32 graph (fusing first hides the tensors that
+  need ranges and breaks static quantization: onnxruntime #8770). Target fusions come after, and must keep
+  the Q/DQ semantics. Its accuracy is measured by running it in ONNX Runtime with optimizations off, which
+  executes the Q/DQ arithmetic exactly (fake quantization).
+- `model.int8.cpu.onnx` (ONNX Runtime CPU): dynamic u8 activations x per-channel s8 weights
+  (exporter/quantize_cpu.py), which ORT runs with integer kernels; its accuracy is measured as ORT runs it.
+
+For each artifact the automatic sensitivity search (exporter/quantize_sensitivity.py) keeps the layers that
+hurt most in high precision until mean token cosine vs fp32 reaches the target (with a margin, on calibration
+samples); then the gate checks the target on the held-out samples and raises `ValidationError` with the
+numbers if it is missed. Every decision and the rule behind it goes into `QuantResult.report`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from exporter import quantize_cpu
+from exporter.calibration import CalibrationData
+from exporter.errors import InputError, ValidationError
+from exporter.quantize_sensitivity import search
+from exporter.ranges import DEFAULT_PERCENTILE, METHODS, collect_ranges
+from exporter.tolerances import tolerance
+from graph_passes.insert_qdq import Exclusions, InsertQDQ, activation_tensors, plan
+
+logger = logging.getLogger(__name__)
+
+TENSORRT_FILE = "model.int8.onnx"
+CPU_FILE = "model.int8.cpu.onnx"
+# The greedy search aims this fraction of the way from the target to 1, so that the held-out check has room.
+SEARCH_MARGIN = 0.25
+# A reference maps feeds to the fp32 output the INT8 model is judged against (first model output).
+Reference = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+
+@dataclasses.dataclass
+class QuantConfig:
+    """What the INT8 step does. Defaults are the measured best on all-MiniLM-L6-v2 (README)."""
+
+    method: str = "percentile"
+    percentile: float = DEFAULT_PERCENTILE
+    min_cosine: float = tolerance("int8").min_mean_cosine or 0.99
+    exclude_names: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
+    exclude_regex: tuple[str, ...] = ()
+    smoothing: bool = False
+    num_samples: int | None = None  # calibration samples for ranges (None: all in CalibrationData)
+    sensitivity_samples: int = 32  # calibration samples the sensitivity search is measured on
+    batch: int | None = None  # None: CalibrationData.batch
+    max_excluded_fraction: float = 0.5  # sensitivity may keep at most this share of layers in high precision
+    auto_exclude: bool = True
+    cpu_variant: bool = True
+    cpu_fusion: bool = True
+
+    def exclusions(self) -> Exclusions:
+        return Exclusions.of(self.exclude_names, self.exclude_op_types, self.exclude_regex)
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise InputError("--calibration-method", f"unknown method {self.method!r}; choose from {METHODS}")
+        if not 0.0 < self.min_cosine <= 1.0:
+            raise InputError("--int8-min-cosine", f"must be in (0, 1], got {self.min_cosine}")
+
+
+@dataclasses.dataclass
+class QuantResult:
+    tensorrt_path: Path  # OUT_DIR/model.int8.onnx: Q/DQ for TensorRT
+    cpu_path: Path | None  # OUT_DIR/model.int8.cpu.onnx: the ONNX Runtime CPU engine's model
+    report: dict[str, Any]
+    cosine: float  # held-out mean token cosine vs fp32 of the TensorRT artifact (as ORT executes its Q/DQ)
+    cpu_cosine: float | None = None
+
+
+def quantize(
+    fp32_onnx: Path,
+    out_dir: Path,
+    calibration: CalibrationData,
+    config: QuantConfig | None = None,
+    reference: Reference | None = None,
+) -> QuantResult:
+    """Calibrate, place Q/DQ, exclude sensitive layers, gate on held-out accuracy; write both artifacts."""
+    config = config or QuantConfig()
+    config.validate()
+    fp32_onnx, out_dir = Path(fp32_onnx), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if config.batch:
+        calibration = dataclasses.replace(calibration, batch=config.batch)
+    judge = Judge(fp32_onnx, calibration, config.sensitivity_samples, reference)
+    report: dict[str, Any] = {"calibration": calibration.describe(), "target_min_cosine": config.min_cosine}
+    with tempfile.TemporaryDirectory() as tmp:
+        source = fp32_onnx
+        if config.smoothing:
+            from exporter.quantize_smooth import smooth
+
+            source, report["smoothing"] = smooth(fp32_onnx, Path(tmp), calibration, config)
+        trt_cosine = _tensorrt_variant(source, out_dir / TENSORRT_FILE, calibration, config, judge, report)
+        cpu_path, cpu_cosine = None, None
+        if config.cpu_variant:
+            cpu_path = out_dir / CPU_FILE
+            cpu_cosine = _cpu_variant(fp32_onnx, cpu_path, Path(tmp), config, judge, report)
+    report["files"] = {
+        TENSORRT_FILE: "TensorRT (explicit Q/DQ, symmetric s8, static ranges)",
+        **(
+            {CPU_FILE: "ONNX Runtime CPU (dynamic u8 activations x per-channel s8 weights)"}
+            if cpu_path
+            else {}
+        ),
+    }
+    _gate(report, config.min_cosine)
+    return QuantResult(out_dir / TENSORRT_FILE, cpu_path, report, trt_cosine, cpu_cosine)
+
+
+def _tensorrt_variant(
+    fp32: Path, out: Path, data: CalibrationData, config: QuantConfig, judge: Judge, report: dict[str, Any]
+) -> float:
+    start = time.perf_counter()
+    proto = onnx.load(str(fp32))
+    decisions = plan(ir.from_proto(proto), config.exclusions())
+    ranges = collect_ranges(
+        proto, activation_tensors(decisions), data, config.method, config.percentile, config.num_samples
+    )
+    candidates = [d.node for d in decisions if d.quantized]
+
+    def build(excluded: frozenset[str]) -> onnx.ModelProto:
+        model = ir.from_proto(proto)
+        result = InsertQDQ(ranges, config.exclusions().with_names(excluded))(model)
+        build.report = result.report  # type: ignore[attr-defined]
+        return ir.to_proto(model)
+
+    sensitivity = _search(candidates, lambda ex: judge.search_cosine(build(ex), fake_quant=True), config)
+    final = build(frozenset(sensitivity.excluded))
+    onnx.save(final, str(out), save_as_external_data=final.ByteSize() > 1_500_000_000)
+    cosine = judge.heldout_cosine(final, fake_quant=True)
+    pass_report = build.report.to_json()  # type: ignore[attr-defined]
+    report["tensorrt"] = {
+        "file": out.name,
+        "method": config.method,
+        "percentile": config.percentile if config.method == "percentile" else None,
+        "ranges": ranges,
+        "heldout_cosine": cosine,
+        "sensitivity": sensitivity.to_json(),
+        "auto_excluded": sensitivity.excluded,
+        "decisions": [d for d in pass_report["details"] if "node" in d],
+        "high_precision_ops": [d for d in pass_report["details"] if "node" not in d],
+        "counts": pass_report["counts"],
+        "seconds": time.perf_counter() - start,
+    }
+    logger.info(
+        "INT8 TensorRT variant: held-out cosine %.5f, %d layers kept high precision",
+        cosine,
+        len(sensitivity.excluded),
+    )
+    return cosine
+
+
+def _cpu_variant(
+    fp32: Path, out: Path, tmp: Path, config: QuantConfig, judge: Judge, report: dict[str, Any]
+) -> float:
+    start = time.perf_counter()
+    source, fusion = _fused_or_plain(fp32, tmp, judge, config.cpu_fusion)
+    user_excluded = _user_excluded(source, config.exclusions())
+    candidates = [n for n in quantize_cpu.candidates(source) if n not in user_excluded]
+
+    def build(excluded: frozenset[str]) -> Path:
+        return quantize_cpu.build(source, tmp / "cpu_candidate.onnx", excluded | user_excluded)
+
+    sensitivity = _search(candidates, lambda ex: judge.search_cosine(build(ex)), config)
+    shutil.copyfile(build(frozenset(sensitivity.excluded)), out)
+    cosine = judge.heldout_cosine(out)
+    report["cpu"] = {
+        "file": out.name,
+        "scheme": "dynamic per-row u8 activations x per-channel s8 weights (ONNX Runtime quantize_dynamic)",
+        "fusion": fusion,
+        "quantized": [n for n in candidates if n not in sensitivity.excluded],
+        "user_excluded": sorted(user_excluded),
+        "auto_excluded": sensitivity.excluded,
+        "sensitivity": sensitivity.to_json(),
+        "heldout_cosine": cosine,
+        "ort_optimized_graph_ops": quantize_cpu.integer_kernel_counts(out),
+        "seconds": time.perf_counter() - start,
+    }
+    logger.info("INT8 CPU variant: held-out cosine %.5f", cosine)
+    return cosine
+
+
+def _search(candidates: list[str], evaluate: Callable[[frozenset[str]], float], config: QuantConfig):  # type: ignore[no-untyped-def]
+    target = config.min_cosine + SEARCH_MARGIN * (1.0 - config.min_cosine)
+    budget = math.floor(config.max_excluded_fraction * len(candidates)) if config.auto_exclude else 0
+    return search(candidates, evaluate, target, budget)
+
+
+def _fused_or_plain(fp32: Path, tmp: Path, judge: Judge, enabled: bool) -> tuple[Path, dict[str, Any]]:
+    """ORT's transformer fusions if they fire and keep fp32 outputs within tolerance, else the plain graph."""
+    if not enabled:
+        return fp32, {"applied": False, "reason": "disabled"}
+    fused = tmp / "fused.onnx"
+    try:
+        ops = quantize_cpu.fuse_transformer(fp32, fused)
+    except Exception as exc:  # a fusion failure costs speed, not correctness: report it and go on
+        return fp32, {"applied": False, "reason": f"fusion failed: {exc}"}
+    max_abs = judge.max_abs_vs_reference(fused)
+    bound = tolerance("fp32").max_abs or 1e-4
+    if max_abs > bound * 10:
+        return fp32, {
+            "applied": False,
+            "reason": f"fused graph max abs error {max_abs:.3g} > {bound * 10:.3g}",
+            "ops": ops,
+        }
+    return fused, {"applied": True, "ops": ops, "max_abs_vs_fp32": max_abs}
+
+
+def _user_excluded(model_path: Path, exclusions: Exclusions) -> frozenset[str]:
+    graph = ir.load(str(model_path)).graph
+    return frozenset(n.name for n in graph if n.name and exclusions.reason(n))
+
+
+def _gate(report: dict[str, Any], target: float) -> None:
+    misses = {
+        name: report[name]["heldout_cosine"]
+        for name in ("tensorrt", "cpu")
+        if name in report and report[name]["heldout_cosine"] < target
+    }
+    report["gate"] = {"target_min_cosine": target, "passed": not misses}
+    if misses:
+        numbers = ", ".join(
+            f"{name}: held-out mean token cosine {c:.5f} with {len(report[name]['auto_excluded'])} layers in "
+            f"high precision (all quantized: {report[name]['sensitivity']['all_quantized_cosine']:.5f})"
+            for name, c in misses.items()
+        )
+        raise ValidationError(f"INT8 accuracy gate failed: target mean token cosine >= {target}; {numbers}")
+
+
+class Judge:
+    """Mean token cosine of a candidate model vs the fp32 reference, on search or held-out samples."""
+
+    def __init__(
+        self, fp32: Path, data: CalibrationData, search_samples: int, reference: Reference | None
+    ) -> None:
+        self.data = data
+        self.search_samples = search_samples
+        ref_session = None if reference else _session(fp32, optimize=False)
+        self.reference = reference or (lambda feeds: _run(ref_session, feeds))
+        self._refs: dict[str, list[np.ndarray]] = {}
+
+    def search_cosine(self, model: onnx.ModelProto | Path, fake_quant: bool = False) -> float:
+        return self._cosine(model, "calibration", self.search_samples, fake_quant)
+
+    def heldout_cosine(self, model: onnx.ModelProto | Path, fake_quant: bool = False) -> float:
+        return self._cosine(model, "heldout", None, fake_quant)
+
+    def max_abs_vs_reference(self, model: Path) -> float:
+        session = _session(model, optimize=False)
+        pairs = self._pairs(session, "calibration", self.search_samples)
+        return max(float(np.max(np.abs(ref - out))) for ref, out, _ in pairs)
+
+    def _cosine(
+        self, model: onnx.ModelProto | Path, split: str, limit: int | None, fake_quant: bool
+    ) -> float:
+        # fake_quant: Q/DQ executed as written (optimizations off); else as ORT runs it (integer kernels)
+        session = _session(model, optimize=not fake_quant)
+        scores = [token_cosines(ref, out, mask) for ref, out, mask in self._pairs(session, split, limit)]
+        return float(np.mean(np.concatenate(scores)))
+
+    def _pairs(self, session: ort.InferenceSession, split: str, limit: int | None):  # type: ignore[no-untyped-def]
+        key = f"{split}:{limit}"
+        batches = list(self.data.batches(split, limit))
+        if key not in self._refs:
+            self._refs[key] = [np.asarray(self.reference(feeds)) for feeds in batches]
+        for feeds, ref in zip(batches, self._refs[key], strict=True):
+            yield ref, _run(session, feeds), feeds.get("attention_mask")
+
+
+def token_cosines(reference: np.ndarray, output: np.ndarray, attention_mask: np.ndarray | None) -> np.ndarray:
+    """Cosine per token (vectors on the last axis), over unmasked tokens when the mask matches [batch, seq]."""
+    ref = reference.astype(np.float64).reshape(-1, reference.shape[-1])
+    out = output.astype(np.float64).reshape(-1, output.shape[-1])
+    denom = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+    cos = np.where(denom > 0, (ref * out).sum(axis=1) / np.maximum(denom, 1e-30), 1.0)
+    if attention_mask is not None and reference.ndim == 3 and attention_mask.shape == reference.shape[:2]:
+        cos = cos[attention_mask.reshape(-1).astype(bool)]
+    return cos
+
+
+def _session(model: onnx.ModelProto | Path, optimize: bool, threads: int = 2) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def _run(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    wanted = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: v for k, v in feeds.items() if k in wanted})[0]

