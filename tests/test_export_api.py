@@ -104,7 +104,7 @@ def test_wrong_output_is_refused_not_warned(model_dir_factory, tmp_path, monkeyp
             layer.output.dense.bias.zero_()
 
     monkeypatch.setattr(bert, "apply_layer", drop_ffn_bias)
-    with pytest.raises(ValidationError, match="compact_pytorch.*max abs error"):
+    with pytest.raises(ValidationError, match=r"compact_pytorch.*max abs error"):
         export_engine(model_dir, tmp_path / "out", FP32)
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.iterdir())
