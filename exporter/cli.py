@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import NoReturn
 
@@ -115,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         format="export-engine: %(message)s",
         stream=sys.stderr,
     )
+    if not args.debug:  # library deprecation chatter is not the user's problem
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
     from exporter.api import export_engine  # heavy imports after argument parsing
 
     try:
