@@ -20,9 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from engines.selection import BackendChoice, select_backend
 from exporter import report as report_io
 from exporter.compact import save_compact
 from exporter.config import ExportConfig
+from exporter.engine_stage import run_engine_stage
 from exporter.families import family_for, is_decoder
 from exporter.inputs import validation_feeds
 from exporter.model_dir import ModelDir, build_reference_model, load_model_dir
@@ -56,7 +58,8 @@ def export_engine(
     config = config or ExportConfig()
     out = Path(output_dir)
     check_output_dir(out, config.force)
-    run = _Run(Path(model_dir), config)
+    choice = select_backend(config.backend)  # --backend tensorrt where it cannot run: refused before any work
+    run = _Run(Path(model_dir), config, choice)
     with staged_output(out) as work:
         run.execute(work)
     artifacts = {name: out / path.name for name, path in run.artifacts.items()}
@@ -66,12 +69,14 @@ def export_engine(
 class _Run:
     """One export: holds the report as it grows and the artifacts written so far."""
 
-    def __init__(self, model_dir: Path, config: ExportConfig) -> None:
+    def __init__(self, model_dir: Path, config: ExportConfig, choice: BackendChoice) -> None:
         self.model_dir = model_dir
         self.config = config
+        self.choice = choice
         self.report: dict[str, Any] = {
             "model_dir": str(model_dir),
             "config": _config_json(config),
+            "backend": choice.to_json(),
             "timings_s": {},
         }
         self.artifacts: dict[str, Path] = {}
@@ -116,6 +121,8 @@ class _Run:
                 "reason": EXPORTER_REASON,
                 "opset": self.config.opset,
             }
+        with self.stage("engine"):
+            self.report["engine"] = run_engine_stage(self.choice, self.artifacts["onnx"], self._seq_limit(md))
         report_io.write(work, self.report)
 
     def _feeds(self, md: ModelDir, wrapper: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -124,9 +131,11 @@ class _Run:
             names, md.tokenizer_path, md.config.vocab_size, self.config.validation_samples, self._seq_len(md)
         )
 
+    def _seq_limit(self, md: ModelDir) -> int:
+        return min(512, int(getattr(md.config, "max_position_embeddings", 512)))
+
     def _seq_len(self, md: ModelDir) -> int:
-        limit = getattr(md.config, "max_position_embeddings", self.config.sequence_length)
-        return min(self.config.sequence_length, limit)
+        return min(self.config.sequence_length, self._seq_limit(md))
 
     def _check(
         self, what: str, reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray]

@@ -18,11 +18,15 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from exporter.errors import InputError
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +42,7 @@ class Adapter:
     """A LoRA adapter as read from disk, with its tensors' keys as stored (PEFT's saved format)."""
 
     path: Path
-    config: object  # peft.LoraConfig
+    config: LoraConfig
     tensors: dict[str, torch.Tensor]
     key_mapping: dict[str, str] = field(default_factory=dict)  # stored module name -> ours, for PEFT
 
@@ -106,6 +110,7 @@ def check_adapter(
     Every stored tensor must belong to a module of the model, and LoRA A/B must fit its Linear:
     A is [r, in_features], B is [out_features, r]. Every target module name must match a module."""
     modules = dict(model.named_modules())
+    _check_targets(adapter, modules, normalize_module)
     where = adapter.weights_file
     for key, tensor in adapter.tensors.items():
         stored = key.removeprefix(PEFT_PREFIX)
@@ -117,18 +122,31 @@ def check_adapter(
             raise InputError(where, f"tensor {key!r}: the model has no module {match['module']!r}")
         if ours != match["module"]:
             adapter.key_mapping[f"^{re.escape(match['module'])}\\."] = f"{ours}."
+        if not _targeted(adapter.config, ours):
+            raise InputError(
+                where,
+                f"tensor {key!r}: module {ours!r} is not selected by target_modules, so PEFT would drop it",
+            )
         rank = _rank(adapter.config, ours)
         _check_fit(key, tensor, match["kind"], match["param"], modules[ours], rank, where)
-    _check_targets(adapter, modules, normalize_module)
     return adapter
 
 
-def _rank(config: object, module_name: str) -> int:
+def _targeted(config: LoraConfig, module_name: str) -> bool:
+    """Whether PEFT's own matching selects `module_name` for this config (so its tensors will load)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    if getattr(config, "target_modules", None) in (None, "all-linear"):
+        return True
+    return bool(check_target_module_exists(config, module_name))
+
+
+def _rank(config: LoraConfig, module_name: str) -> int:
     """The rank PEFT will give `module_name` (rank_pattern first, else r), by PEFT's own matching."""
     from peft.utils.other import get_pattern_key
 
-    pattern = config.rank_pattern or {}  # type: ignore[attr-defined]
-    return int(pattern.get(get_pattern_key(pattern.keys(), module_name), config.r))  # type: ignore[attr-defined]
+    pattern: dict[str, int] = dict(config.rank_pattern or {})
+    return int(pattern.get(get_pattern_key(list(pattern), module_name), config.r))
 
 
 def _check_fit(
@@ -139,7 +157,10 @@ def _check_fit(
         dims = {"lora_A": (rank, module.in_features), "lora_B": (module.out_features, rank)}
         kind_text = f"Linear({module.in_features} -> {module.out_features}) with r={rank}"
     elif isinstance(module, nn.Embedding):
-        dims = {"lora_embedding_A": (rank, module.num_embeddings), "lora_embedding_B": (module.embedding_dim, rank)}
+        dims = {
+            "lora_embedding_A": (rank, module.num_embeddings),
+            "lora_embedding_B": (module.embedding_dim, rank),
+        }
         kind_text = f"Embedding({module.num_embeddings}, {module.embedding_dim}) with r={rank}"
     else:
         raise InputError(where, f"tensor {key!r}: LoRA on a {type(module).__name__} is not supported")
@@ -154,7 +175,7 @@ def _check_fit(
 
 
 def _check_targets(adapter: Adapter, modules: Mapping[str, nn.Module], normalize_module: Callable) -> None:
-    targets = adapter.config.target_modules  # type: ignore[attr-defined]
+    targets = adapter.config.target_modules
     if targets is None or targets == "all-linear":
         return
     names = [n for n in modules if n]
@@ -199,22 +220,21 @@ def merge_lora(model: nn.Module, adapter: Adapter) -> tuple[nn.Module, LoraMerge
             ) from exc
     _check_loaded(peft_model, adapter)
     layers = {_base_name(n): m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
-    before = {n: m.get_base_layer().weight.detach().clone() for n, m in layers.items()}
+    deltas = [float(m.get_delta_weight("default").abs().max()) for m in layers.values()]  # type: ignore[attr-defined]
     plain = peft_model.merge_and_unload()
-    deltas = [float((plain.get_submodule(n).weight - w).abs().max()) for n, w in before.items()]
     merged, delta = tuple(sorted(layers)), max(deltas, default=0.0)
     logger.info("merged LoRA into %d modules (max |dW| %.3g)", len(merged), delta)
     return plain, LoraMerge(merged, delta)
 
 
-def _merge_config(config: object, model: nn.Module) -> object:
+def _merge_config(config: LoraConfig, model: nn.Module) -> LoraConfig:
     """A copy of the LoRA config for merging into our head-less model: plain PeftModel (no task head),
     modules_to_save kept only if the model has those modules."""
     import copy
 
     config = copy.deepcopy(config)
-    config.task_type = None  # type: ignore[attr-defined]
-    config.inference_mode = True  # type: ignore[attr-defined]
+    config.task_type = None
+    config.inference_mode = True
     to_save = getattr(config, "modules_to_save", None)
     if to_save:
         names = [n for n, _ in model.named_modules()]
@@ -223,7 +243,7 @@ def _merge_config(config: object, model: nn.Module) -> object:
             logger.warning(
                 "adapter modules_to_save %s not in the model: ignored", sorted(set(to_save) - set(kept))
             )
-        config.modules_to_save = kept or None  # type: ignore[attr-defined]
+        config.modules_to_save = kept or None
     return config
 
 

@@ -14,8 +14,10 @@ pickles (.bin/.pt) only with `allow_pickle=True`, and then with `torch.load(weig
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import pickle
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +80,7 @@ def load_model_dir(path: str | Path, adapter: Path | None = None, allow_pickle: 
         raise InputError(path, "MODEL_DIR not found (expected a folder with config.json and weights)")
     config = read_config(path)
     skeleton = build_skeleton(config, path / CONFIG_FILE)
-    params = NameMap(dict(skeleton.state_dict()).keys(), skeleton.base_model_prefix)
+    params = NameMap(dict(skeleton.state_dict()).keys(), str(skeleton.base_model_prefix))
     shapes = {k: v.shape for k, v in skeleton.state_dict().items()}
     raw, weights_where = read_weights(path, allow_pickle)
     raw, prune_masks = masks_io.split_prune_pairs(raw, weights_where)
@@ -87,7 +89,7 @@ def load_model_dir(path: str | Path, adapter: Path | None = None, allow_pickle: 
     adapter_path = find_adapter(path, adapter)
     lora = None
     if adapter_path is not None:
-        modules = NameMap([n for n, _ in skeleton.named_modules() if n], skeleton.base_model_prefix)
+        modules = NameMap([n for n, _ in skeleton.named_modules() if n], str(skeleton.base_model_prefix))
         lora = check_adapter(read_adapter(adapter_path, allow_pickle), skeleton, modules)
     return ModelDir(
         path=path,
@@ -119,7 +121,7 @@ def read_config(path: Path) -> PretrainedConfig:
         )
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-    except Exception as exc:  # noqa: BLE001 - config classes validate with many exception types
+    except Exception as exc:  # config classes validate with many exception types
         raise InputError(file, f"not a valid {model_type} config: {one_line(exc)}") from exc
     config._attn_implementation = "eager"
     return config
@@ -140,7 +142,7 @@ def build_skeleton(config: PretrainedConfig, where: Path) -> nn.Module:
     """A meta-device model (shapes, names, module types; no memory) to check every input against."""
     try:
         return new_model(config, device="meta")
-    except Exception as exc:  # noqa: BLE001 - inconsistent configs fail deep inside model code
+    except Exception as exc:  # inconsistent configs fail deep inside model code
         raise InputError(where, f"cannot build a {config.model_type} model from it: {one_line(exc)}") from exc
 
 
@@ -151,18 +153,22 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def new_model(config: PretrainedConfig, device: str | None = None) -> nn.Module:
+def new_model(config: PretrainedConfig, device: str | None = None, initialize: bool = True) -> nn.Module:
     """The HF class we build: AutoModel without pooler for encoders, AutoModelForCausalLM for decoders,
-    eager attention, fp32. `device="meta"` gives a shape-only skeleton."""
+    eager attention, fp32. `device="meta"` gives a shape-only skeleton; `initialize=False` skips the
+    random init of weights that are about to be overwritten (seconds on large models)."""
     from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
-    with torch.device(device or "cpu"):
+    with torch.device(device or "cpu"), contextlib.nullcontext() if initialize else no_init_weights():
         if config.model_type in DECODER_MODEL_TYPES:
             model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
         else:
             model = AutoModel.from_config(
                 config, add_pooling_layer=False, attn_implementation="eager", dtype=torch.float32
             )
+    if not initialize and getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
     return model
 
 
@@ -192,7 +198,11 @@ def read_pickle_weights(file: Path, allow_pickle: bool) -> dict[str, torch.Tenso
         )
     try:
         state = torch.load(str(file), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch.load raises many types on bad files
+    except pickle.UnpicklingError as exc:
+        raise InputError(
+            file, "not loadable with weights_only=True (corrupt, or holds objects besides tensors)"
+        ) from exc
+    except Exception as exc:  # torch.load raises many types on bad files
         raise InputError(file, f"cannot load with torch.load(weights_only=True): {one_line(exc)}") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -228,7 +238,9 @@ def read_sharded(index_file: Path, load: Any) -> dict[str, torch.Tensor]:
         tensors.update(load(index_file.parent / shard))
     absent = [name for name in weight_map if name not in tensors]
     if absent:
-        raise InputError(weight_map[absent[0]], f"tensor {absent[0]!r} listed in {index_file.name} is not in it")
+        raise InputError(
+            weight_map[absent[0]], f"tensor {absent[0]!r} listed in {index_file.name} is not in it"
+        )
     return tensors
 
 
@@ -271,7 +283,9 @@ def normalise_weights(
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise InputError(where, f"tensor {missing[0]!r} is missing{more}")
     if ignored:
-        logger.info("ignoring %d checkpoint tensors the model has no place for: %s", len(ignored), ignored[:5])
+        logger.info(
+            "ignoring %d checkpoint tensors the model has no place for: %s", len(ignored), ignored[:5]
+        )
     return weights, ignored
 
 
@@ -301,7 +315,9 @@ def read_masks(
         for raw_name, mask in prune_masks.items():
             name = params(raw_name)
             if name is None:
-                raise InputError(weights_where, f"prune mask {raw_name + '_mask'!r} names no parameter of the model")
+                raise InputError(
+                    weights_where, f"prune mask {raw_name + '_mask'!r} names no parameter of the model"
+                )
             masks[name] = masks_io.validate_mask(mask, raw_name + "_mask", shapes[name], weights_where)
         sources.append("torch.nn.utils.prune")
     if (path / masks_io.MASKS_FILE).exists():
@@ -347,11 +363,13 @@ def read_pooling(path: Path) -> Pooling | None:
     file = path / str(pooling.get("path", "")) / CONFIG_FILE
     if not file.exists():
         raise InputError(file, "missing: modules.json names a Pooling module but its config.json is absent")
-    return Pooling(mode=pooling_mode(read_json(file), file), normalize=any(t.endswith("Normalize") for t in types))
+    return Pooling(
+        mode=pooling_mode(read_json(file), file), normalize=any(t.endswith("Normalize") for t in types)
+    )
 
 
 def pooling_mode(config: Mapping[str, Any], where: Path) -> str:
-    """"mean" | "cls" | "max" from a sentence-transformers Pooling config (old flags or new `pooling_mode`)."""
+    """ "mean" | "cls" | "max" from a sentence-transformers Pooling config (old flags or new `pooling_mode`)."""
     if "pooling_mode" in config:
         mode = str(config["pooling_mode"])
     else:
@@ -371,7 +389,7 @@ def pooling_mode(config: Mapping[str, Any], where: Path) -> str:
 def build_reference_model(md: ModelDir) -> nn.Module:
     """The masked+merged reference: HF model in fp32, eval, eager attention, base weights loaded,
     LoRA merged by PEFT, then the masks multiplied in. Records the merge in `md.lora_merge`."""
-    model = new_model(md.config)
+    model = new_model(md.config, initialize=False)
     result = model.load_state_dict(md.weights, strict=False)
     missing = set(result.missing_keys) - tied_names(model)
     if missing:

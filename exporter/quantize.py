@@ -61,12 +61,14 @@ class QuantConfig:
     exclude_regex: tuple[str, ...] = ()
     smoothing: bool = False
     num_samples: int | None = None  # calibration samples for ranges (None: all in CalibrationData)
-    sensitivity_samples: int = 32  # calibration samples the sensitivity search is measured on
+    sensitivity_samples: int = 16  # calibration samples the sensitivity search is measured on
     batch: int | None = None  # None: CalibrationData.batch
     max_excluded_fraction: float = 0.5  # sensitivity may keep at most this share of layers in high precision
     auto_exclude: bool = True
     cpu_variant: bool = True
     cpu_fusion: bool = True
+    num_heads: int = 0  # for ONNX Runtime's Attention fusion in the CPU variant (0: detect from the graph)
+    hidden_size: int = 0
 
     def exclusions(self) -> Exclusions:
         return Exclusions.of(self.exclude_names, self.exclude_op_types, self.exclude_regex)
@@ -173,7 +175,7 @@ def _cpu_variant(
     fp32: Path, out: Path, tmp: Path, config: QuantConfig, judge: Judge, report: dict[str, Any]
 ) -> float:
     start = time.perf_counter()
-    source, fusion = _fused_or_plain(fp32, tmp, judge, config.cpu_fusion)
+    source, fusion = _fused_or_plain(fp32, tmp, judge, config)
     user_excluded = _user_excluded(source, config.exclusions())
     candidates = [n for n in quantize_cpu.candidates(source) if n not in user_excluded]
 
@@ -205,13 +207,13 @@ def _search(candidates: list[str], evaluate: Callable[[frozenset[str]], float], 
     return search(candidates, evaluate, target, budget)
 
 
-def _fused_or_plain(fp32: Path, tmp: Path, judge: Judge, enabled: bool) -> tuple[Path, dict[str, Any]]:
+def _fused_or_plain(fp32: Path, tmp: Path, judge: Judge, config: QuantConfig) -> tuple[Path, dict[str, Any]]:
     """ORT's transformer fusions if they fire and keep fp32 outputs within tolerance, else the plain graph."""
-    if not enabled:
+    if not config.cpu_fusion:
         return fp32, {"applied": False, "reason": "disabled"}
     fused = tmp / "fused.onnx"
     try:
-        ops = quantize_cpu.fuse_transformer(fp32, fused)
+        ops = quantize_cpu.fuse_transformer(fp32, fused, config.num_heads, config.hidden_size)
     except Exception as exc:  # a fusion failure costs speed, not correctness: report it and go on
         return fp32, {"applied": False, "reason": f"fusion failed: {exc}"}
     max_abs = judge.max_abs_vs_reference(fused)

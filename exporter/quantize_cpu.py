@@ -37,11 +37,11 @@ INTEGER_KERNELS = (
 )
 
 
-def fuse_transformer(fp32_path: Path, out_path: Path) -> dict[str, int]:
-    """ONNX Runtime's BERT-family fusions (heads and hidden size detected from the graph); op counts after."""
+def fuse_transformer(fp32_path: Path, out_path: Path, num_heads: int = 0, hidden_size: int = 0) -> dict[str, int]:
+    """ONNX Runtime's BERT-family fusions; op counts after. 0 heads/hidden: ORT detects them from the graph."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    model = optimize_model(str(fp32_path), model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
+    model = optimize_model(str(fp32_path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
     model.save_model_to_file(str(out_path))
     return dict(Counter(n.op_type for n in onnx.load(str(out_path), load_external_data=False).graph.node))
 

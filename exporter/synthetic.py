@@ -19,7 +19,7 @@ import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
@@ -71,17 +71,17 @@ class LoraSpec:
 
     target_modules: tuple[str, ...]
     r: int = 4
-    lora_alpha: float = 8.0
+    lora_alpha: int = 8
     use_rslora: bool = False
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
-    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, int] = field(default_factory=dict)
     b_std: float = LORA_B_STD
 
 
 def tiny_config(family: str) -> PretrainedConfig:
     """The tiny config of `family` ("bert", "llama" with GQA 8q/4kv heads, "qwen2" = same with q/k/v biases)."""
     if family == "bert":
-        return BertConfig(
+        bert_shape: dict[str, Any] = dict(
             hidden_size=64,
             num_attention_heads=4,
             intermediate_size=128,
@@ -91,7 +91,8 @@ def tiny_config(family: str) -> PretrainedConfig:
             max_position_embeddings=128,
             attn_implementation="eager",
         )
-    decoder_shape = {
+        return BertConfig(**bert_shape)
+    decoder_shape: dict[str, Any] = {
         "hidden_size": 64,
         "num_attention_heads": 8,
         "num_key_value_heads": 4,
@@ -114,7 +115,7 @@ def model_from_config(config: PretrainedConfig) -> nn.Module:
     """The HF class we build for a family: BertModel without pooler, or the *ForCausalLM."""
     from transformers import AutoModelForCausalLM, BertModel
 
-    if config.model_type == "bert":
+    if isinstance(config, BertConfig):
         return BertModel(config, add_pooling_layer=False)
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
 
@@ -217,7 +218,9 @@ def write_model_dir(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model = build_base_model(family, seed)
-    model.config.save_pretrained(path)
+    config = model.config
+    assert isinstance(config, PretrainedConfig)
+    config.save_pretrained(path)
     if lora is not None:
         write_lora_adapter(model, path / "adapter", lora, seed=seed + 1)
     state = masked_state_dict(model, dict(masks or {}), mask_form)
@@ -225,7 +228,7 @@ def write_model_dir(
         save_file({k: v.contiguous() for k, v in masks.items()}, str(path / "pruning_masks.safetensors"))
     write_weights(path, state, shards)
     if tokenizer:
-        write_tiny_tokenizer(path, model.config.vocab_size)
+        write_tiny_tokenizer(path, config.vocab_size)
     return path
 
 
@@ -320,7 +323,7 @@ DEMO_COPIED_FILES = (
     "vocab.txt",
     "model.safetensors",
 )
-DEMO_LORA = LoraSpec(target_modules=("query", "value"), r=8, lora_alpha=16.0, b_std=0.01)
+DEMO_LORA = LoraSpec(target_modules=("query", "value"), r=8, lora_alpha=16, b_std=0.01)
 
 
 def write_minilm_demo_dir(path: str | Path, seed: int = 0) -> Path:

@@ -96,3 +96,15 @@ def test_console_script_exports_and_replaces_with_force(model_dir_factory, tmp_p
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (out / "model.onnx").exists() and not (out / "stale.txt").exists()
+
+
+def test_backend_tensorrt_without_gpu_fails_cleanly(model_dir_factory, tmp_path, capsys) -> None:
+    from engines.selection import tensorrt_skip_reason
+
+    if tensorrt_skip_reason() is None:
+        pytest.skip("TensorRT can run here: this test is for machines without it")
+    code, _, err = run_main(
+        capsys, str(model_dir_factory("bert")), "-o", str(tmp_path / "out"), "--backend", "tensorrt"
+    )
+    assert code == 2 and "--backend tensorrt" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("*out*"))

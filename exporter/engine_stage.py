@@ -1,0 +1,40 @@
+"""The engine stage: build the TensorRT engine where TensorRT can run, else say why ONNX Runtime serves.
+
+On a machine without TensorRT the Q/DQ graph still goes through TensorRT's pre-build checks (pure
+code): the report then says whether the artifact meant for TensorRT would be accepted by its parser.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from engines.onnx_inputs import onnx_input_specs
+from engines.selection import BackendChoice
+from engines.tensorrt_builder import DEFAULT_MAX_BATCH, TensorRTBuildConfig, build_engine, prebuild_check
+from engines.tensorrt_profiles import default_profiles
+
+logger = logging.getLogger(__name__)
+
+
+def run_engine_stage(choice: BackendChoice, tensorrt_onnx: Path, max_sequence: int) -> dict[str, Any]:
+    """Build `model.plan` beside `tensorrt_onnx` when TensorRT was chosen; always run the pre-build checks."""
+    problems = prebuild_check(onnx.load(str(tensorrt_onnx), load_external_data=False))
+    result: dict[str, Any] = {
+        "tensorrt_onnx": tensorrt_onnx.name,
+        "tensorrt_prebuild_problems": [str(p) for p in problems],
+    }
+    if choice.name != "tensorrt":
+        for name, why in choice.skipped.items():
+            logger.info("backend: %s (%s); %s skipped: %s", choice.name, choice.reason, name, why)
+        return result
+    specs = onnx_input_specs(onnx.load(str(tensorrt_onnx), load_external_data=False))
+    profile = default_profiles(specs, DEFAULT_MAX_BATCH, max_sequence)
+    build = build_engine(
+        tensorrt_onnx, tensorrt_onnx.parent / "model.plan", TensorRTBuildConfig(profiles=(profile,))
+    )
+    result["tensorrt_build"] = build.to_json()
+    return result
