@@ -117,6 +117,11 @@ def perf_string(summary: stats.Summary) -> str:
     return text
 
 
+def shapes_spec(shapes: dict[str, tuple[int, ...]]) -> str:
+    """The inverse of --shapes: `input_ids:1x128,attention_mask:1x128`."""
+    return ",".join(f"{name}:{'x'.join(map(str, shape))}" for name, shape in shapes.items())
+
+
 def prolog_lines(result: BenchResult) -> list[str]:
     lines = [
         f"Warmup completed {result.warmup_queries} queries over {result.warmup_ms:g} ms",
@@ -382,6 +387,7 @@ def _print_text(
             print(f"=== {result.name} ===", file=out)
         if not args.quiet:
             print(f"Model: {path} (backend {result.backend})", file=out)
+            print(f"Shapes: {shapes_spec(result.input_shapes)}", file=out)
             print("\n".join(prolog_lines(result)), file=out)
             print(file=out)
         print("\n".join(summary_lines(result)), file=out)

@@ -116,6 +116,7 @@ class BenchResult:
     iterations: list[Iteration]
     walltime_ms: float
     interleaved_with: int = 1
+    input_shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def has_device_times(self) -> bool:
@@ -156,6 +157,7 @@ class BenchResult:
             "warmupMs": self.warmup_ms,
             "queries": len(self.iterations),
             "interleavedWith": self.interleaved_with,
+            "inputShapes": {name: list(shape) for name, shape in self.input_shapes.items()},
             "throughputQps": self.throughput_qps,
             "totalHostWalltimeS": self.walltime_ms / 1000.0,
             "latencyMs": self.latency().to_dict(),
@@ -268,6 +270,7 @@ def run_interleaved(
                 iterations=its,
                 walltime_ms=walltime,
                 interleaved_with=len(variants),
+                input_shapes={name: tuple(array.shape) for name, array in variant.feeds.items()},
             )
         )
     return results

@@ -48,6 +48,7 @@ class TensorRTRunner(Runner):
         super().__init__()
         self.plan_path = Path(plan_path)
         self.check_compat = check_compat
+        self._runtime: tensorrt.Runtime | None = None
         self._engine: tensorrt.ICudaEngine | None = None
         self._context: tensorrt.IExecutionContext | None = None
         self._stream: Any = None
@@ -70,11 +71,11 @@ class TensorRTRunner(Runner):
             check_engine_compat(
                 read_metadata(self.plan_path), str(trt.__version__), current_gpu(), self.plan_path
             )
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        engine = self._runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
         if engine is None:
             raise InputError(self.plan_path, "TensorRT could not deserialize this engine (see its log above)")
-        self._engine = engine
+        self._runtime, self._engine = runtime, engine
         self._context = engine.create_execution_context()
         self._stream = torch.cuda.Stream()
         self._read_specs(engine)
@@ -98,8 +99,9 @@ class TensorRTRunner(Runner):
         self._inputs, self._outputs = inputs, outputs
 
     def _deactivate(self) -> None:
-        self._context = None
+        self._context = None  # the context before the engine before the runtime
         self._engine = None
+        self._runtime = None
         self._stream = None
 
     @property

@@ -88,6 +88,8 @@ def load_calibration(
         feeds, name = calibration_data.read_npz(Path(source), input_names), str(source)
     else:
         texts, name = _texts(source)
+        keep = np.random.default_rng(seed).permutation(len(texts))[: num_samples + num_heldout]
+        texts = [texts[i] for i in sorted(keep)]  # tokenize only what is used
         feeds = tokenize(texts, tokenizer_path, input_names, seq_len, where=source)
     return split(feeds, num_samples, num_heldout, batch, name, seed)
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from exporter import external_data
+
 logger = logging.getLogger(__name__)
 
 OPSET = 17
@@ -97,7 +99,10 @@ def output_names_for(wrapper: nn.Module) -> list[str]:
 def export_to_onnx(
     wrapper: nn.Module, example: dict[str, torch.Tensor], path: str | Path, opset: int = OPSET
 ) -> Path:
-    """Export `wrapper` (an `EncoderForExport` or `CausalLMForExport`) with dynamic batch/sequence axes."""
+    """Export `wrapper` (an `EncoderForExport` or `CausalLMForExport`) with dynamic batch/sequence axes.
+
+    Weights over the protobuf limit go to one `<path name>.data` file beside `path` (see
+    exporter/external_data.py); ONNX Runtime and onnx.load find it from the model's folder."""
     path = Path(path)
     inputs = input_names_for(wrapper)
     outputs = output_names_for(wrapper)
@@ -105,18 +110,27 @@ def export_to_onnx(
     for name in outputs:
         dynamic_axes[name] = {0: "batch"} if name == "sentence_embedding" else {0: "batch", 1: "sequence"}
     args = tuple(example[name] for name in inputs)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapper.eval(),
-            args,
-            str(path),
-            input_names=inputs,
-            output_names=outputs,
-            dynamic_axes=dynamic_axes,
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-    logger.info("exported %s (opset %d, %s)", path, opset, EXPORTER)
+    large = external_data.needs_external_data(wrapper)
+    scratch = path.parent / f".{path.name}.export-scratch"
+    target = scratch / path.name if large else path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapper.eval(),
+                args,
+                str(target),
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_axes=dynamic_axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        if large:  # the exporter wrote one file per tensor into the scratch folder: pack them into one
+            external_data.consolidate_external_data(target, path)
+    finally:
+        external_data.remove_tree(scratch)
+    logger.info("exported %s (opset %d, %s%s)", path, opset, EXPORTER, ", external data" if large else "")
     return path

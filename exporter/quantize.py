@@ -34,7 +34,7 @@ import onnxruntime as ort
 from exporter import quantize_cpu
 from exporter.calibration import CalibrationData
 from exporter.errors import InputError, ValidationError
-from exporter.quantize_sensitivity import search
+from exporter.quantize_sensitivity import SWITCH_INPUT, search, switchable_model
 from exporter.ranges import DEFAULT_PERCENTILE, METHODS, collect_ranges
 from exporter.tolerances import tolerance
 from graph_passes.insert_qdq import Exclusions, InsertQDQ, activation_tensors, plan
@@ -145,7 +145,11 @@ def _tensorrt_variant(
         build.report = result.report  # type: ignore[attr-defined]
         return ir.to_proto(model)
 
-    sensitivity = _search(candidates, lambda ex: judge.search_cosine(build(ex), fake_quant=True), config)
+    layers = {d.node: {**d.weights, **dict.fromkeys(d.activations)} for d in decisions if d.quantized}
+    sweep = lambda names: judge.sweep(switchable_model(proto, layers, ranges), list(layers))  # noqa: E731
+    sensitivity = _search(
+        candidates, lambda ex: judge.search_cosine(build(ex), fake_quant=True), config, sweep
+    )
     final = build(frozenset(sensitivity.excluded))
     onnx.save(final, str(out), save_as_external_data=final.ByteSize() > 1_500_000_000)
     cosine = judge.heldout_cosine(final, fake_quant=True)
@@ -176,13 +180,16 @@ def _cpu_variant(
 ) -> float:
     start = time.perf_counter()
     source, fusion = _fused_or_plain(fp32, tmp, judge, config)
-    user_excluded = _user_excluded(source, config.exclusions())
-    candidates = [n for n in quantize_cpu.candidates(source) if n not in user_excluded]
+    quantizable = quantize_cpu.candidates(source)
+    user_excluded = _user_excluded(source, config.exclusions()) & frozenset(quantizable)
+    candidates = [n for n in quantizable if n not in user_excluded]
 
     def build(excluded: frozenset[str]) -> Path:
         return quantize_cpu.build(source, tmp / "cpu_candidate.onnx", excluded | user_excluded)
 
-    sensitivity = _search(candidates, lambda ex: judge.search_cosine(build(ex)), config)
+    layers = quantize_cpu.layer_inputs(source, candidates)
+    sweep = lambda names: judge.sweep(switchable_model(onnx.load(str(source)), layers, None), candidates)  # noqa: E731
+    sensitivity = _search(candidates, lambda ex: judge.search_cosine(build(ex)), config, sweep)
     shutil.copyfile(build(frozenset(sensitivity.excluded)), out)
     cosine = judge.heldout_cosine(out)
     report["cpu"] = {
@@ -201,10 +208,10 @@ def _cpu_variant(
     return cosine
 
 
-def _search(candidates: list[str], evaluate: Callable[[frozenset[str]], float], config: QuantConfig):  # type: ignore[no-untyped-def]
+def _search(candidates, evaluate, config, sweep):  # type: ignore[no-untyped-def]
     target = config.min_cosine + SEARCH_MARGIN * (1.0 - config.min_cosine)
     budget = math.floor(config.max_excluded_fraction * len(candidates)) if config.auto_exclude else 0
-    return search(candidates, evaluate, target, budget)
+    return search(candidates, evaluate, target, budget, sweep)
 
 
 def _fused_or_plain(fp32: Path, tmp: Path, judge: Judge, config: QuantConfig) -> tuple[Path, dict[str, Any]]:
@@ -266,6 +273,17 @@ class Judge:
     def heldout_cosine(self, model: onnx.ModelProto | Path, fake_quant: bool = False) -> float:
         return self._cosine(model, "heldout", None, fake_quant)
 
+    def sweep(self, switchable: onnx.ModelProto, layers: list[str]) -> dict[str, float]:
+        """Cosine on the search samples with each layer alone fake-quantized, from one switchable session."""
+        session = _session(switchable, optimize=False)
+        result = {}
+        for index, name in enumerate(layers):
+            switch = np.zeros(len(layers), dtype=bool)
+            switch[index] = True
+            pairs = self._pairs(session, "calibration", self.search_samples, {SWITCH_INPUT: switch})
+            result[name] = float(np.mean(np.concatenate([token_cosines(r, o, m) for r, o, m in pairs])))
+        return result
+
     def max_abs_vs_reference(self, model: Path) -> float:
         session = _session(model, optimize=False)
         pairs = self._pairs(session, "calibration", self.search_samples)
@@ -279,13 +297,13 @@ class Judge:
         scores = [token_cosines(ref, out, mask) for ref, out, mask in self._pairs(session, split, limit)]
         return float(np.mean(np.concatenate(scores)))
 
-    def _pairs(self, session: ort.InferenceSession, split: str, limit: int | None):  # type: ignore[no-untyped-def]
+    def _pairs(self, session, split, limit, extra=None):  # type: ignore[no-untyped-def]
         key = f"{split}:{limit}"
         batches = list(self.data.batches(split, limit))
         if key not in self._refs:
             self._refs[key] = [np.asarray(self.reference(feeds)) for feeds in batches]
         for feeds, ref in zip(batches, self._refs[key], strict=True):
-            yield ref, _run(session, feeds), feeds.get("attention_mask")
+            yield ref, _run(session, {**feeds, **(extra or {})}), feeds.get("attention_mask")
 
 
 def token_cosines(reference: np.ndarray, output: np.ndarray, attention_mask: np.ndarray | None) -> np.ndarray:

@@ -37,11 +37,15 @@ INTEGER_KERNELS = (
 )
 
 
-def fuse_transformer(fp32_path: Path, out_path: Path, num_heads: int = 0, hidden_size: int = 0) -> dict[str, int]:
+def fuse_transformer(
+    fp32_path: Path, out_path: Path, num_heads: int = 0, hidden_size: int = 0
+) -> dict[str, int]:
     """ONNX Runtime's BERT-family fusions; op counts after. 0 heads/hidden: ORT detects them from the graph."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    model = optimize_model(str(fp32_path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
+    model = optimize_model(
+        str(fp32_path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0
+    )
     model.save_model_to_file(str(out_path))
     return dict(Counter(n.op_type for n in onnx.load(str(out_path), load_external_data=False).graph.node))
 
@@ -59,6 +63,19 @@ def candidates(model_path: Path) -> list[str]:
                 raise ValueError(f"unnamed {node.op_type} node: cannot be excluded by name")
             names.append(node.name)
     return names
+
+
+def layer_inputs(model_path: Path, names: list[str]) -> dict[str, dict[str, int | None]]:
+    """Per candidate node: {activation input: None, weight input: per-channel axis} as quantize_dynamic
+    quantizes them (MatMul/Attention weight [K, N]: axis 1; Gemm with transB: axis 0)."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    wanted = set(names)
+    layers: dict[str, dict[str, int | None]] = {}
+    for node in model.graph.node:
+        if node.name in wanted:
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            layers[node.name] = {node.input[0]: None, node.input[1]: 0 if trans_b else 1}
+    return layers
 
 
 def build(model_path: Path, out_path: Path, excluded: frozenset[str]) -> Path:

@@ -93,14 +93,21 @@ def entropy_amax(hist: np.ndarray, edges: np.ndarray, levels: int = INT8_LEVELS)
     """TensorRT's entropy calibration: the clip threshold minimising KL(P || Q).
 
     For each candidate i (bins kept), P is hist[:i] with the outliers' mass added to its last bin; Q merges
-    hist[:i] into `levels` groups and spreads each group's mass evenly over its non-empty bins.
+    hist[:i] into `levels` groups of i // levels bins (the last group takes the remainder) and spreads each
+    group's mass evenly over its non-empty bins. Group sums come from cumulative sums (one pass per i).
     """
     hist = hist.astype(np.float64)
+    cum, cum_nonzero = np.concatenate([[0.0], np.cumsum(hist)]), np.concatenate([[0], np.cumsum(hist > 0)])
     best_i, best_kl = len(hist), np.inf
     for i in range(levels, len(hist) + 1):
+        size = i // levels
+        starts = np.arange(levels) * size
+        stops = np.append(starts[1:], i)
+        group_mass, group_nonzero = cum[stops] - cum[starts], cum_nonzero[stops] - cum_nonzero[starts]
+        group = np.minimum(np.arange(i) // size, levels - 1)
+        q = np.where(hist[:i] > 0, group_mass[group] / np.maximum(group_nonzero[group], 1), 0.0)
         p = hist[:i].copy()
-        p[-1] += hist[i:].sum()
-        q = _merge_and_expand(hist[:i], levels)
+        p[-1] += cum[-1] - cum[i]
         kl = _kl(p, q)
         if kl < best_kl:
             best_kl, best_i = kl, i
@@ -116,17 +123,6 @@ def mse_amax(hist: np.ndarray, edges: np.ndarray, candidates: int = 512) -> floa
     dequant = np.clip(np.round(centers[None, :] / scale), 0, INT8_LEVELS - 1) * scale
     error = ((centers[None, :] - dequant) ** 2 * counts[None, :]).sum(axis=1)
     return float(thresholds[int(np.argmin(error))])
-
-
-def _merge_and_expand(bins: np.ndarray, levels: int) -> np.ndarray:
-    """Merge `bins` into `levels` groups, then spread each group's sum evenly over its non-empty bins."""
-    groups = np.array_split(np.arange(len(bins)), levels)
-    out = np.zeros_like(bins)
-    for group in groups:
-        nonzero = group[bins[group] > 0]
-        if len(nonzero):
-            out[nonzero] = bins[group].sum() / len(nonzero)
-    return out
 
 
 def _kl(p: np.ndarray, q: np.ndarray) -> float:

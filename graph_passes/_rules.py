@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
 
@@ -92,10 +93,10 @@ class RewriteRulesPass(GraphPass):
         before = op_counts(model)
         rule_set = pattern.RewriteRuleSet(list(self.rules()))
         applied = rule_set.apply_to_model(model)
-        ir.passes.common.RemoveUnusedNodesPass()(model)
+        common_passes.RemoveUnusedNodesPass()(model)
         if applied:
             # Rewrites that build new weights (packed QKV) emit Constant nodes: keep them as initializers.
-            ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)(model)
+            common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)(model)
         # A tracer makes onnxscript match without rewriting: a second, read-only sweep collects the
         # reasons why the rules did not fire on what is left.
         tracer = MatchingTracer()

@@ -90,7 +90,9 @@ def _is(value: ir.Value | None, dtype: ir.DataType) -> bool:
 class _Conversion:
     """One run of the pass over a graph; `kept` are the nodes that stay fp32."""
 
-    def __init__(self, graph: ir.Graph, kept: frozenset[ir.Node], keep_io: bool, counts: Counter[str]) -> None:
+    def __init__(
+        self, graph: ir.Graph, kept: frozenset[ir.Node], keep_io: bool, counts: Counter[str]
+    ) -> None:
         self.graph, self.kept, self.keep_io, self.counts = graph, kept, keep_io, counts
         self._fp32_casts: dict[ir.Value, ir.Value] = {}
         self._float_outputs = [value for value in graph.outputs if _is(value, FLOAT)]
@@ -123,7 +125,9 @@ class _Conversion:
                 value.dtype = FLOAT16
                 target = value
             else:
-                target = ir.Value(name=f"{value.name}_fp16", const_value=ir.tensor(array, name=f"{value.name}_fp16"))
+                target = ir.Value(
+                    name=f"{value.name}_fp16", const_value=ir.tensor(array, name=f"{value.name}_fp16")
+                )
                 target.dtype, target.shape = FLOAT16, value.shape
                 self.graph.register_initializer(target)
                 for node, index in fp16_uses:

@@ -5,6 +5,7 @@ of them is enough. The exporter repeats shape arithmetic per layer; this removes
 from __future__ import annotations
 
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 from graph_passes._rules import count_delta
 from graph_passes.base import GraphPass, PassReport, op_counts
@@ -15,6 +16,6 @@ class EliminateCommonSubexpressions(GraphPass):
 
     def apply(self, model: ir.Model, report: PassReport) -> None:
         before = op_counts(model)
-        ir.passes.common.CommonSubexpressionEliminationPass()(model)
-        ir.passes.common.RemoveUnusedNodesPass()(model)
+        common_passes.CommonSubexpressionEliminationPass()(model)
+        common_passes.RemoveUnusedNodesPass()(model)
         report.counts = count_delta(before, op_counts(model))

@@ -61,7 +61,9 @@ def _is_attention_site(node: ir.Node) -> bool:
     return node.op_type == "Softmax"
 
 
-_OPSET17 = "opset 17 (the TensorRT target's opset) has no {op} op; the standard-op form is kept for TensorRT to fuse"
+_OPSET17 = (
+    "opset 17 (the TensorRT target's opset) has no {op} op; the standard-op form is kept for TensorRT to fuse"
+)
 
 
 def expectations(kind: str, target: str) -> list[Expectation]:
@@ -69,19 +71,42 @@ def expectations(kind: str, target: str) -> list[Expectation]:
     trt = target == "tensorrt"
     if kind == "encoder":
         return [
-            Expectation("layernorm", _is_layernorm_site, ("LayerNormalization", "SkipLayerNormalization"),
-                        ("fuse-layernorm", "fuse-skip-layernorm")),
-            Expectation("gelu", _is_gelu_site, ("Gelu", "BiasGelu", "FastGelu"), ("fuse-gelu", "fuse-bias-gelu"),
-                        _OPSET17.format(op="Gelu (opset 20)") if trt else None),
-            Expectation("attention", _is_attention_site, ("Attention", "MultiHeadAttention"), ("fuse-attention",),
-                        _OPSET17.format(op="Attention (opset 23)") if trt else None),
+            Expectation(
+                "layernorm",
+                _is_layernorm_site,
+                ("LayerNormalization", "SkipLayerNormalization"),
+                ("fuse-layernorm", "fuse-skip-layernorm"),
+            ),
+            Expectation(
+                "gelu",
+                _is_gelu_site,
+                ("Gelu", "BiasGelu", "FastGelu"),
+                ("fuse-gelu", "fuse-bias-gelu"),
+                _OPSET17.format(op="Gelu (opset 20)") if trt else None,
+            ),
+            Expectation(
+                "attention",
+                _is_attention_site,
+                ("Attention", "MultiHeadAttention"),
+                ("fuse-attention",),
+                _OPSET17.format(op="Attention (opset 23)") if trt else None,
+            ),
         ]
     return [
-        Expectation("rmsnorm", _is_rmsnorm_site, ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"),
-                    ("fuse-rmsnorm", "fuse-skip-layernorm"),
-                    _OPSET17.format(op="RMSNormalization (opset 23)") if trt else None),
-        Expectation("attention", _is_attention_site, ("GroupQueryAttention",), ("fuse-gqa",),
-                    _OPSET17.format(op="Attention (opset 23)") if trt else None),
+        Expectation(
+            "rmsnorm",
+            _is_rmsnorm_site,
+            ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"),
+            ("fuse-rmsnorm", "fuse-skip-layernorm"),
+            _OPSET17.format(op="RMSNormalization (opset 23)") if trt else None,
+        ),
+        Expectation(
+            "attention",
+            _is_attention_site,
+            ("GroupQueryAttention",),
+            ("fuse-gqa",),
+            _OPSET17.format(op="Attention (opset 23)") if trt else None,
+        ),
     ]
 
 

@@ -8,6 +8,7 @@ results stay as nodes (onnxscript's output size limit) so folding never bloats t
 from __future__ import annotations
 
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 from onnxscript.optimizer import fold_constants
 
 from graph_passes._rules import count_delta
@@ -20,7 +21,7 @@ class FoldConstants(GraphPass):
     def apply(self, model: ir.Model, report: PassReport) -> None:
         before = op_counts(model)
         fold_constants(model)
-        ir.passes.common.RemoveUnusedNodesPass()(model)
+        common_passes.RemoveUnusedNodesPass()(model)
         # Constant nodes are lifted to initializers so that a second run finds nothing to do.
-        ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         report.counts = count_delta(before, op_counts(model))

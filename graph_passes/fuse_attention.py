@@ -34,7 +34,12 @@ def linear_parts(value: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray | No
         for i in (0, 1):
             candidate = constant_array(node.inputs[i])
             other = node.inputs[1 - i].producer()
-            if candidate is not None and candidate.ndim == 1 and other is not None and other.op_type == "MatMul":
+            if (
+                candidate is not None
+                and candidate.ndim == 1
+                and other is not None
+                and other.op_type == "MatMul"
+            ):
                 bias, node = candidate, other
                 break
         else:
@@ -64,7 +69,9 @@ class EncoderAttentionFusion(pattern.RewriteRuleClassBase):
         context = op.Transpose(op.MatMul(probs, v), perm=[0, 2, 1, 3])
         return op.Reshape(context, shape_o, _allow_other_attributes=True)
 
-    def check(self, context, q_lin, k_lin, v_lin, shape_q, shape_k, shape_v, scale, mask, probs, **_) -> pattern.MatchResult:  # type: ignore[no-untyped-def]
+    def check(
+        self, context, q_lin, k_lin, v_lin, shape_q, shape_k, shape_v, scale, mask, probs, **_
+    ) -> pattern.MatchResult:  # type: ignore[no-untyped-def]
         result = pattern.MatchResult()
         axis = probs.producer().attributes.get_int("axis", -1)
         if axis not in (-1, 3):
@@ -80,8 +87,10 @@ class EncoderAttentionFusion(pattern.RewriteRuleClassBase):
             return result.fail("Q/K/V projection widths are unknown or differ")
         if next(iter(widths)) % head_size:
             return result.fail(f"projection width is not a multiple of the head size {head_size}")
-        if mask.shape is None or mask.shape.rank() != 4 or mask.shape[1] not in (1, None) and not isinstance(
-            mask.shape[1], ir.SymbolicDim
+        if (
+            mask.shape is None
+            or mask.shape.rank() != 4
+            or (mask.shape[1] not in (1, None) and not isinstance(mask.shape[1], ir.SymbolicDim))
         ):
             return result.fail("additive mask is not 4-D [B or 1, 1, S, S]", mask)
         return result

@@ -70,8 +70,11 @@ def duplicated_halves(table: ir.Value) -> bool:
     if node is None or node.op_type not in ("Cos", "Sin"):
         return False
     concat = node.inputs[0].producer()
-    return concat is not None and concat.op_type == "Concat" and len(concat.inputs) == 2 and (
-        concat.inputs[0] is concat.inputs[1]
+    return (
+        concat is not None
+        and concat.op_type == "Concat"
+        and len(concat.inputs) == 2
+        and (concat.inputs[0] is concat.inputs[1])
     )
 
 
@@ -83,7 +86,23 @@ class DecoderGqaFusion(pattern.RewriteRuleClassBase):
         super().__init__(name, remove_nodes=False)
         self._repeat = repeat
 
-    def pattern(self, op, q_lin, k_lin, v_lin, shape_q, shape_k, shape_v, shape_o, cos, sin, cos_axes, sin_axes, scale, mask):  # type: ignore[no-untyped-def]
+    def pattern(
+        self,
+        op,
+        q_lin,
+        k_lin,
+        v_lin,
+        shape_q,
+        shape_k,
+        shape_v,
+        shape_o,
+        cos,
+        sin,
+        cos_axes,
+        sin_axes,
+        scale,
+        mask,
+    ):  # type: ignore[no-untyped-def]
         cos_u, sin_u = op.Unsqueeze(cos, cos_axes), op.Unsqueeze(sin, sin_axes)
         q = op.Transpose(op.Reshape(q_lin, shape_q, _allow_other_attributes=True), perm=[0, 2, 1, 3])
         k = op.Transpose(op.Reshape(k_lin, shape_k, _allow_other_attributes=True), perm=[0, 2, 1, 3])
@@ -97,7 +116,9 @@ class DecoderGqaFusion(pattern.RewriteRuleClassBase):
         context = op.Transpose(op.MatMul(probs, v), perm=[0, 2, 1, 3])
         return op.Reshape(context, shape_o, _allow_other_attributes=True)
 
-    def check(self, context, q_lin, k_lin, v_lin, shape_q, shape_k, shape_v, cos, sin, scale, mask, probs, **vs) -> pattern.MatchResult:  # type: ignore[no-untyped-def]
+    def check(
+        self, context, q_lin, k_lin, v_lin, shape_q, shape_k, shape_v, cos, sin, scale, mask, probs, **vs
+    ) -> pattern.MatchResult:  # type: ignore[no-untyped-def]
         result = pattern.MatchResult()
         if probs.producer().attributes.get_int("axis", -1) not in (-1, 3):
             return result.fail("Softmax is not over the key axis")
@@ -115,12 +136,20 @@ class DecoderGqaFusion(pattern.RewriteRuleClassBase):
         if (widths[0] // head) % (widths[1] // head):
             return result.fail("query heads are not a multiple of key/value heads")
         for table in (cos, sin):
-            if table.shape is None or table.shape.rank() != 3 or table.shape[0] != 1 or table.shape[2] != head:
+            if (
+                table.shape is None
+                or table.shape.rank() != 3
+                or table.shape[0] != 1
+                or table.shape[2] != head
+            ):
                 return result.fail("rotary table is not [1, S, head_size] (per-batch positions?)", table)
             if not duplicated_halves(table):
                 return result.fail("rotary table is not built as cos/sin(concat(f, f))", table)
         for tag in ("q", "k"):
-            const = {name: constant_array(vs[f"{tag}_{name}"]) for name in ("zero", "axes1", "axes2", "steps1", "steps2")}
+            const = {
+                name: constant_array(vs[f"{tag}_{name}"])
+                for name in ("zero", "axes1", "axes2", "steps1", "steps2")
+            }
             if any(a is None for a in const.values()) or const["zero"].reshape(-1).tolist() != [0]:
                 return result.fail("rotate_half slices do not start at 0")
             for name in ("axes1", "axes2"):
@@ -128,7 +157,10 @@ class DecoderGqaFusion(pattern.RewriteRuleClassBase):
                     return result.fail("rotate_half slices are not over the last axis")
             if const["steps1"].reshape(-1).tolist() != [1] or const["steps2"].reshape(-1).tolist() != [1]:
                 return result.fail("rotate_half slices do not have step 1")
-            if not (is_half_of_last_dim(vs[f"{tag}_half1"], head) and is_half_of_last_dim(vs[f"{tag}_half2"], head)):
+            if not (
+                is_half_of_last_dim(vs[f"{tag}_half1"], head)
+                and is_half_of_last_dim(vs[f"{tag}_half2"], head)
+            ):
                 return result.fail("rotate_half does not split the head at head_size / 2")
         if mask.shape is None or mask.shape.rank() != 4:
             return result.fail("additive mask is not 4-D", mask)
@@ -149,7 +181,17 @@ class DecoderGqaFusion(pattern.RewriteRuleClassBase):
             return op.Slice(squeezed, zero, half, one)
 
         return op.GroupQueryAttention(
-            q_lin, k_lin, v_lin, None, None, seqlens_k, total, cache(cos), cache(sin), None, mask,
+            q_lin,
+            k_lin,
+            v_lin,
+            None,
+            None,
+            seqlens_k,
+            total,
+            cache(cos),
+            cache(sin),
+            None,
+            mask,
             num_heads=q_lin.shape[-1] // head,
             kv_num_heads=k_lin.shape[-1] // head,
             scale=scalar_value(scale),

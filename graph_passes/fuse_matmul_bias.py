@@ -32,7 +32,13 @@ class SkipNormBiasFusion(pattern.RewriteRuleClassBase):
         biased = op.Add(op.MatMul(a, w), bias)
         first, second = (other, biased) if self._matmul_is_skip else (biased, other)
         return self._norm(
-            op, first, second, gamma, beta, _outputs=["out", "mean", "inv_std", "sum"], _allow_other_attributes=True
+            op,
+            first,
+            second,
+            gamma,
+            beta,
+            _outputs=["out", "mean", "inv_std", "sum"],
+            _allow_other_attributes=True,
         )
 
     def check(self, context, bias, out, **_) -> pattern.MatchResult:  # type: ignore[no-untyped-def]

@@ -6,6 +6,7 @@ cleanup and before fusion. Uses onnx-ir's ShapeInferencePass (ONNX's inference, 
 from __future__ import annotations
 
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 from graph_passes.base import GraphPass, PassReport
 
@@ -15,7 +16,7 @@ class InferShapes(GraphPass):
 
     def apply(self, model: ir.Model, report: PassReport) -> None:
         known_before = _count_typed(model)
-        ir.passes.common.ShapeInferencePass()(model)
+        common_passes.ShapeInferencePass()(model)
         gained = _count_typed(model) - known_before
         if gained:
             report.counts["values_typed"] = gained

@@ -25,7 +25,7 @@ import onnx
 import onnx_ir as ir
 
 from exporter.errors import InputError, ValidationError
-from graph_passes.base import GraphPass, PassReport, op_counts
+from graph_passes.base import GraphPass, PassReport, ReportedPassResult, op_counts
 from graph_passes.eliminate_common_subexpressions import EliminateCommonSubexpressions
 from graph_passes.expectations import compare, count_sites, expectations, family_kind
 from graph_passes.fold_constants import FoldConstants
@@ -55,8 +55,13 @@ class FusionNotAppliedError(ValidationError):
     def __init__(self, report: PipelineReport) -> None:
         self.report = report
         missed = [r for r in report.fusions if r["status"] == "not_applied"]
-        lines = [f"{r['fusion']} in layer {r['layer']}: {r['applied']}/{r['expected']} ({r.get('reason')})" for r in missed]
-        super().__init__(f"{len(missed)} expected fusion(s) did not fire ({report.target}): " + "; ".join(lines))
+        lines = [
+            f"{r['fusion']} in layer {r['layer']}: {r['applied']}/{r['expected']} ({r.get('reason')})"
+            for r in missed
+        ]
+        super().__init__(
+            f"{len(missed)} expected fusion(s) did not fire ({report.target}): " + "; ".join(lines)
+        )
 
 
 def _cleanup() -> list[GraphPass]:
@@ -164,7 +169,9 @@ def optimize(
     if strict_fusion and report.missed:
         raise FusionNotAppliedError(report)
     for row in report.missed:
-        logger.warning("fusion %s not applied in layer %s: %s", row["fusion"], row["layer"], row.get("reason"))
+        logger.warning(
+            "fusion %s not applied in layer %s: %s", row["fusion"], row["layer"], row.get("reason")
+        )
     return ir.serde.serialize_model(ir_model), report
 
 
@@ -180,6 +187,7 @@ def _validate(target: str, stages: Sequence[str], sparsity: str) -> None:
 
 def _run(graph_pass: GraphPass, model: ir.Model, report: PipelineReport) -> None:
     result = graph_pass(model)
+    assert isinstance(result, ReportedPassResult)  # every pass here is a GraphPass
     report.passes.append(result.report)
     logger.info("%s: %s (%.3f s)", graph_pass.name, result.report.counts, result.report.seconds)
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import cast_cast_rule, no_op_cast_rule
 
@@ -20,7 +21,8 @@ class RemoveIdentityAndCasts(GraphPass):
 
     def apply(self, model: ir.Model, report: PassReport) -> None:
         before = op_counts(model)
-        ir.passes.common.IdentityEliminationPass()(model)
+        # Cast rules first: onnxscript rewrites a no-op Cast into an Identity, which the next step removes.
         pattern.RewriteRuleSet([no_op_cast_rule, cast_cast_rule]).apply_to_model(model)
-        ir.passes.common.RemoveUnusedNodesPass()(model)
+        common_passes.IdentityEliminationPass()(model)
+        common_passes.RemoveUnusedNodesPass()(model)
         report.counts = count_delta(before, op_counts(model))

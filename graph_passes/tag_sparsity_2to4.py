@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -124,10 +125,16 @@ class TagSparsity2to4(GraphPass):
             model.metadata_props[METADATA_KEY] = summary
             report.modified = True
 
-    def _visit(self, site: WeightSite) -> tuple[str, dict]:
+    def _visit(self, site: WeightSite) -> tuple[str, dict[str, Any]]:
+        assert site.tensor_value.const_value is not None  # weight_site only returns constants
         array = site.tensor_value.const_value.numpy()
         shape = list(array.shape)
-        detail = {"node": site.node.name, "op": site.node.op_type, "weight": site.tensor_value.name, "shape": shape}
+        detail: dict[str, Any] = {
+            "node": site.node.name,
+            "op": site.node.op_type,
+            "weight": site.tensor_value.name,
+            "shape": shape,
+        }
         k = shape[site.axis]
         other = int(np.prod(shape)) // k
         if k % 4:

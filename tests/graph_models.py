@@ -326,3 +326,147 @@ def matmul_weights_graph(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
         prev = out
     last = list(weights.values())[-1]
     return _model(nodes, [_f32("x", ["b", first.shape[0]])], [_f32("y", ["b", last.shape[1]])], inits)
+
+
+# ----------------------------------------------------------------------------- numeric checks
+def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run on ONNX Runtime CPU with its graph optimizations OFF, so ORT cannot hide a rewrite bug."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def assert_same_outputs(
+    original: onnx.ModelProto,
+    rewritten: onnx.ModelProto,
+    feeds: dict[str, np.ndarray],
+    valid: np.ndarray | None = None,
+) -> float:
+    """Every output of `rewritten` equals `original`'s within the fp32 tolerance (exporter/tolerances.py).
+    `valid` ([B, S] bool) restricts the comparison to real (non-padding) token positions."""
+    from exporter.tolerances import tolerance
+
+    bound = tolerance("fp32").max_abs
+    worst = 0.0
+    for index, (want, got) in enumerate(
+        zip(run_ort(original, feeds), run_ort(rewritten, feeds), strict=True)
+    ):
+        assert want.shape == got.shape, f"output {index}: shape {got.shape} != {want.shape}"
+        diff = np.abs(want.astype(np.float64) - got.astype(np.float64))
+        if valid is not None and diff.ndim >= 2 and diff.shape[:2] == valid.shape:
+            diff = diff * valid.reshape(valid.shape + (1,) * (diff.ndim - 2))
+        where = np.unravel_index(int(diff.argmax()), diff.shape) if diff.size else ()
+        assert diff.max(initial=0.0) <= bound, (
+            f"output {index}: max |diff| {diff.max():.3e} > {bound:.0e} at {where} "
+            f"(original {want[where]!r}, rewritten {got[where]!r})"
+        )
+        worst = max(worst, float(diff.max(initial=0.0)))
+    return worst
+
+
+def random_feeds(
+    model: onnx.ModelProto, batch: int = 2, seq: int = 5, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Float feeds for a hand-built graph: symbolic dims become batch / seq."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in model.graph.input:
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+        symbolic = iter([batch, seq])
+        shape = [d if d is not None else next(symbolic) for d in dims]
+        feeds[value.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
+    from collections import Counter
+
+    return dict(Counter(node.op_type for node in model.graph.node))
+
+
+def apply_pass(graph_pass, model: onnx.ModelProto):  # type: ignore[no-untyped-def]
+    """Run one of our passes on a proto copy; returns (new proto, PassReport)."""
+    import onnx_ir as ir
+
+    ir_model = ir.serde.deserialize_model(model)
+    result = graph_pass(ir_model)
+    ops = {n.domain for n in ir_model.graph if n.domain}
+    for domain in ops:
+        ir_model.opset_imports.setdefault(domain, 1)
+    return ir.serde.serialize_model(ir_model), result.report
+
+
+def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference (fusion checks read ranks), as the pipeline's infer-shapes pass does."""
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def skip_layernorm_graph(hidden: int = 16, seed: int = 0, simplified: bool = False) -> onnx.ModelProto:
+    """h = x @ W + b; y = LayerNorm(h + residual) (or a decomposed RMSNorm of it)."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["xw"]),
+        helper.make_node("Add", ["b", "xw"], ["h"]),  # bias first, as the TorchScript exporter writes it
+        helper.make_node("Add", ["h", "residual"], ["s"]),
+    ]
+    inits = [
+        _init("w", rng.standard_normal((hidden, hidden)).astype(np.float32)),
+        _init("b", rng.standard_normal(hidden).astype(np.float32)),
+        _init("gamma", rng.standard_normal(hidden).astype(np.float32)),
+        _init("beta", rng.standard_normal(hidden).astype(np.float32)),
+    ]
+    if simplified:  # decomposed RMSNorm (fuse_rmsnorm turns it into SimplifiedLayerNormalization)
+        inits += [
+            _init("two", np.float32(2.0)),
+            _init("one", np.float32(1.0)),
+            _init("eps", np.float32(1e-6)),
+        ]
+        nodes += [
+            helper.make_node("Pow", ["s", "two"], ["s2"]),
+            helper.make_node("ReduceMean", ["s2"], ["ms"], axes=[-1]),
+            helper.make_node("Add", ["ms", "eps"], ["ms_eps"]),
+            helper.make_node("Sqrt", ["ms_eps"], ["rms"]),
+            helper.make_node("Div", ["one", "rms"], ["inv"]),
+            helper.make_node("Mul", ["s", "inv"], ["norm"]),
+            helper.make_node("Mul", ["gamma", "norm"], ["y"]),
+        ]
+    else:
+        nodes.append(
+            helper.make_node("LayerNormalization", ["s", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-5)
+        )
+    inputs = [_f32("x", ["b", "s", hidden]), _f32("residual", ["b", "s", hidden])]
+    return _model(nodes, inputs, [_f32("y", ["b", "s", hidden])], inits)
+
+
+def insert_weight_and_input_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A stand-in for the INT8 helper's pass, for the Q/DQ-preservation tests: symmetric per-tensor
+    Q/DQ (zero point 0) on every MatMul's activation input and constant weight."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    inits = {i.name: i for i in model.graph.initializer}
+    new_nodes = []
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            weight = numpy_helper.to_array(inits[node.input[1]])
+            scale = float(np.abs(weight).max() / 127.0) or 1.0
+            q = np.clip(np.round(weight / scale), -127, 127).astype(np.int8)
+            qname = node.input[1] + "_int8"
+            model.graph.initializer.append(numpy_helper.from_array(q, qname))
+            model.graph.initializer.append(numpy_helper.from_array(np.float32(scale), qname + "_scale"))
+            model.graph.initializer.append(numpy_helper.from_array(np.int8(0), qname + "_zp"))
+            model.graph.initializer.append(numpy_helper.from_array(np.float32(0.05), qname + "_act_scale"))
+            wdq, xq, xdq = qname + "_dq", qname + "_xq", qname + "_xdq"
+            new_nodes += [
+                helper.make_node("DequantizeLinear", [qname, qname + "_scale", qname + "_zp"], [wdq]),
+                helper.make_node(
+                    "QuantizeLinear", [node.input[0], qname + "_act_scale", qname + "_zp"], [xq]
+                ),
+                helper.make_node("DequantizeLinear", [xq, qname + "_act_scale", qname + "_zp"], [xdq]),
+            ]
+            node.input[0], node.input[1] = xdq, wdq
+        new_nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    return model

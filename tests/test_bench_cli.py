@@ -59,6 +59,8 @@ def test_summary_lines_and_exported_json(
     lines = out.splitlines()
 
     assert lines[0] == f"Model: {tiny_onnx} (backend onnxruntime)"
+    assert lines[1] == "Shapes: input_ids:2x16,attention_mask:2x16,token_type_ids:2x16"
+    lines = lines[1:]
     assert re.fullmatch(rf"Warmup completed \d+ queries over {NUM} ms", lines[1])
     assert re.fullmatch(rf"Timing trace has 20 queries over {NUM} s", lines[2])
     assert lines[4:6] == ["=== Trace details ===", "Trace averages of 5 runs:"]
@@ -104,6 +106,7 @@ def test_summary_lines_and_exported_json(
     )
     assert variant["throughputQps"] == pytest.approx(20 / span_s, rel=1e-9)
     assert doc["shapes"] == {"input_ids": [2, 16]}
+    assert variant["inputShapes"] == {n: [2, 16] for n in ("input_ids", "attention_mask", "token_type_ids")}
 
 
 def test_compare_is_interleaved_with_ratios_to_the_first(

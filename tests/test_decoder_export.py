@@ -7,6 +7,7 @@ token-by-token decoding with its own cache must reproduce it at every step to th
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -208,3 +209,27 @@ def test_tensorrt_profile_covers_prefill_and_decode():
     assert decode["max"]["input_ids"] == (4, 1)
     with pytest.raises(InputError, match="max_prompt <= max_total"):
         tensorrt_profile(manifest, max_batch=1, max_prompt=300, max_total=256)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_restructured_masked_model_matches_masked_reference(family, tmp_path):
+    """The issue's reference: a masked model (dead KV group by zero o_proj columns in layer 1, a zero
+    value head in layer 2) made compact by `restructure`, exported with the cache, decoded step by step."""
+    from exporter.restructure import restructure
+
+    masked = build_pruned_model(family, pruning={})
+    with torch.no_grad():
+        masked.model.layers[1].self_attn.o_proj.weight[:, 16:32] = 0  # query heads 2, 3 = KV group 1
+        masked.model.layers[2].self_attn.v_proj.weight[:8] = 0  # KV head 0's values (qwen2: bias folded)
+    compact = copy.deepcopy(masked)
+    restructure(compact)
+    manifest = export_decoder_with_past(compact, tmp_path / "decoder_model.onnx")
+    assert [(layer.n_q, layer.n_kv) for layer in manifest.layers] == [(8, 4), (6, 3), (6, 3)]
+    tokens = np.random.default_rng(6).integers(0, 128, (2, 12), dtype=np.int64)
+    with torch.no_grad():
+        full = masked(torch.from_numpy(tokens), use_cache=False).logits.numpy()
+    decoder = CachedDecoder(reference_session(tmp_path / "decoder_model.onnx"))
+    decoder.reset(2)
+    assert_close(decoder.forward(tokens[:, :4]), full[:, :4], "prefill logits")
+    for t in range(4, 12):
+        assert_close(decoder.forward(tokens[:, t : t + 1])[:, 0], full[:, t], f"decode step at position {t}")

@@ -108,7 +108,9 @@ def test_outputs_match_the_reference(runner: Runner, batch: int, seq: int) -> No
     outputs = runner.infer(feeds)
     assert set(outputs) == {"y"} and outputs["y"].shape == (batch, seq, 3)
     err = np.abs(outputs["y"] - _reference(feeds))
-    assert err.max() <= tolerance("fp32").max_abs, f"max abs error {err.max()} at {np.unravel_index(err.argmax(), err.shape)}"
+    assert err.max() <= tolerance("fp32").max_abs, (
+        f"max abs error {err.max()} at {np.unravel_index(err.argmax(), err.shape)}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -164,6 +166,8 @@ def test_nothing_is_touched_before_enter(artifact, tmp_path) -> None:  # type: i
 @pytest.mark.gpu
 @pytest.mark.skipif(TRT_SKIP is not None, reason=f"TensorRT: {TRT_SKIP}")
 def test_tensorrt_refuses_shapes_outside_the_profile(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    with load_runner(_write_plan(tmp_path)) as runner:
-        with pytest.raises(InputError, match=r"input 'x' has shape \(5, 5, 4\), outside the engine's profile"):
-            runner.infer(_feeds(batch=5))
+    with (
+        load_runner(_write_plan(tmp_path)) as runner,
+        pytest.raises(InputError, match=r"input 'x' has shape \(5, 5, 4\), outside the engine's profile"),
+    ):
+        runner.infer(_feeds(batch=5))

@@ -18,7 +18,9 @@ from tests.test_engines_contract import _feeds, _model, _reference
 
 
 def test_auto_falls_back_to_onnxruntime_and_says_why(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(selection, "tensorrt_skip_reason", lambda: "no CUDA GPU: torch.cuda.is_available() is False")
+    monkeypatch.setattr(
+        selection, "tensorrt_skip_reason", lambda: "no CUDA GPU: torch.cuda.is_available() is False"
+    )
     choice = select_backend("auto")
     assert choice.name == "onnxruntime" and "TensorRT cannot run" in choice.reason
     assert choice.to_json()["skipped"] == {"tensorrt": "no CUDA GPU: torch.cuda.is_available() is False"}
@@ -75,9 +77,9 @@ def test_load_runner_by_suffix(tmp_path, monkeypatch) -> None:  # type: ignore[n
     assert isinstance(runner, OnnxRuntimeRunner) and runner.threads == 1
     with runner:
         assert runner.infer(_feeds())["y"].shape == (2, 5, 3)
-    with pytest.raises(InputError, match="a .onnx file runs on onnxruntime, not on --backend tensorrt"):
+    with pytest.raises(InputError, match=r"a \.onnx file runs on onnxruntime, not on --backend tensorrt"):
         load_runner(path, backend="tensorrt")
-    with pytest.raises(InputError, match="unknown artifact type '.bin'"):
+    with pytest.raises(InputError, match=r"unknown artifact type '\.bin'"):
         load_runner(tmp_path / "model.bin")
     monkeypatch.setattr(engines, "tensorrt_skip_reason", lambda: "no CUDA GPU")
     with pytest.raises(BackendUnavailableError, match="a TensorRT engine cannot run here: no CUDA GPU"):

@@ -82,3 +82,19 @@ def test_bad_prompt_is_an_input_error(exported):
     _, path = exported
     with pytest.raises(InputError, match="input_ids"):
         generate(reference_session(path), np.zeros((1, 0), dtype=np.int64), max_new_tokens=2)
+
+
+def test_left_padded_batch_greedy_equals_torch_generate(exported):
+    model, path = exported
+    prompt = prompts(2, 7, seed=11)
+    mask = np.ones_like(prompt)
+    prompt[0, :2], mask[0, :2] = 0, 0
+    with torch.no_grad():
+        want = model.generate(
+            torch.from_numpy(prompt),
+            attention_mask=torch.from_numpy(mask),
+            max_new_tokens=STEPS,
+            do_sample=False,
+        ).numpy()
+    got = generate(reference_session(path), prompt, max_new_tokens=STEPS, attention_mask=mask)
+    np.testing.assert_array_equal(got, want)

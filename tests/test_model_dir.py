@@ -79,9 +79,7 @@ def test_every_mask_form_gives_the_same_reference(tmp_path, family: str) -> None
 
 def test_masks_apply_after_the_merge(tmp_path) -> None:
     name = layer_param("bert", 0, "v")
-    path = write_model_dir(
-        tmp_path, "bert", masks={name: row_mask((64, 64), [4])}, lora=LoraSpec(("value",))
-    )
+    path = write_model_dir(tmp_path, "bert", masks={name: row_mask((64, 64), [4])}, lora=LoraSpec(("value",)))
     merged_only = build_reference_model(load_model_dir(path))
     base = load_file(path / "model.safetensors")[name]
     weight = merged_only.state_dict()[name]
@@ -110,7 +108,9 @@ def test_checkpoint_prefix_is_accepted(tmp_path) -> None:
     save_file(weights, str(prefixed / "model.safetensors"))
     save_file({f"bert.{k}": v.contiguous() for k, v in masks.items()}, str(prefixed / MASKS_FILE))
     adapter = prefixed / "adapter" / "adapter_model.safetensors"
-    renamed = {k.replace("base_model.model.", "base_model.model.bert."): v for k, v in load_file(adapter).items()}
+    renamed = {
+        k.replace("base_model.model.", "base_model.model.bert."): v for k, v in load_file(adapter).items()
+    }
     save_file(renamed, str(adapter))
     md = load_model_dir(prefixed)
     assert md.ignored_tensors == ["classifier.weight"]
@@ -137,7 +137,9 @@ def test_explicit_adapter_path_and_extras(tmp_path) -> None:
     md = load_model_dir(bare, adapter=source / "adapter")
     assert md.adapter_path == source / "adapter" and md.tokenizer_path is None and md.mask_source == "none"
     assert load_model_dir(source).tokenizer_path == source
-    (bare / "modules.json").write_text(json.dumps([{"type": "x.Transformer"}, {"type": "x.Pooling", "path": "p"}]))
+    (bare / "modules.json").write_text(
+        json.dumps([{"type": "x.Transformer"}, {"type": "x.Pooling", "path": "p"}])
+    )
     (bare / "p").mkdir()
     (bare / "p" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
     assert load_model_dir(bare).pooling == Pooling(mode="cls", normalize=False)
@@ -256,7 +258,9 @@ def test_bad_mask(bert_dir, mask: torch.Tensor, words: list[str]) -> None:
 
 def test_mask_naming_no_parameter(bert_dir) -> None:
     save_file({"encoder.layer.7.intermediate.dense.weight": torch.ones(128, 1)}, str(bert_dir / MASKS_FILE))
-    refused(bert_dir, bert_dir / MASKS_FILE, "encoder.layer.7.intermediate.dense.weight", "names no parameter")
+    refused(
+        bert_dir, bert_dir / MASKS_FILE, "encoder.layer.7.intermediate.dense.weight", "names no parameter"
+    )
 
 
 def test_prune_pair_without_its_mask(tmp_path) -> None:
@@ -317,3 +321,90 @@ def test_adapter_without_config(bert_dir) -> None:
 
 def test_adapter_argument_that_does_not_exist(bert_dir, tmp_path) -> None:
     refused(bert_dir, tmp_path / "nowhere", "not found", adapter=tmp_path / "nowhere")
+
+
+def test_adapter_rank_differs_from_its_config(bert_dir) -> None:
+    file = bert_dir / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = "base_model.model.encoder.layer.1.attention.self.value.lora_B.weight"
+    tensors[key] = torch.zeros(64, 3)
+    save_file(tensors, str(file))
+    refused(bert_dir, file, key, "[64, 3]", "r=4", "[64, 4]")
+
+
+def test_adapter_tensor_for_an_untargeted_module(bert_dir) -> None:
+    file = bert_dir / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = "base_model.model.encoder.layer.0.attention.self.key.lora_A.weight"
+    tensors[key] = torch.ones(4, 64)
+    save_file(tensors, str(file))
+    refused(bert_dir, file, key, "not selected by target_modules")
+
+
+def test_corrupt_pickle_with_the_flag(bert_dir) -> None:
+    (bert_dir / "model.safetensors").unlink()
+    (bert_dir / "pytorch_model.bin").write_bytes(b"not a checkpoint")
+    refused(bert_dir, bert_dir / "pytorch_model.bin", "weights_only", allow_pickle=True)
+
+
+def test_inconsistent_config(bert_dir) -> None:
+    config = json.loads((bert_dir / "config.json").read_text())
+    config["hidden_size"] = 63
+    (bert_dir / "config.json").write_text(json.dumps(config))
+    refused(bert_dir, bert_dir / "config.json", "cannot build a bert model")
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "qwen2"])
+def test_reference_matches_transformers_own_loader(tmp_path, family: str) -> None:
+    """Without masks or adapter the reference is exactly the model transformers loads from the folder
+    (buffers such as rotary frequencies included, which a state-dict comparison would not see)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    path = write_model_dir(tmp_path, family)
+    ours = build_reference_model(load_model_dir(path))
+    if family == "bert":
+        theirs = AutoModel.from_pretrained(str(path), add_pooling_layer=False, attn_implementation="eager")
+    else:
+        theirs = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        a, b = (
+            ours(input_ids=ids, attention_mask=mask)[0],
+            theirs.eval()(input_ids=ids, attention_mask=mask)[0],
+        )
+    assert a.abs().max() > 0.1
+    assert torch.equal(a, b), f"max abs difference {(a - b).abs().max().item()}"
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "mistral"])
+def test_other_supported_types_saved_by_transformers(tmp_path, model_type: str) -> None:
+    """Folders written by transformers' save_pretrained from a model with a head (RobertaForMaskedLM:
+    "roberta." prefix and lm_head tensors; MistralForCausalLM) load to transformers' own model."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    shape = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 48, "num_hidden_layers": 1}
+    if model_type == "mistral":
+        shape["num_key_value_heads"] = 2
+    config = AutoConfig.for_model(model_type, vocab_size=100, **shape)
+    torch.manual_seed(0)
+    head_class = AutoModelForMaskedLM if model_type == "roberta" else AutoModelForCausalLM
+    head_class.from_config(config).save_pretrained(str(tmp_path))
+    md = load_model_dir(tmp_path)
+    ours = build_reference_model(md)
+    if model_type == "roberta":
+        assert md.ignored_tensors and all(n.startswith("lm_head.") for n in md.ignored_tensors)
+        theirs = AutoModel.from_pretrained(
+            str(tmp_path), add_pooling_layer=False, attn_implementation="eager"
+        )
+    else:
+        theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager")
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ours(input_ids=ids)[0], theirs.eval()(input_ids=ids)[0]
+    assert torch.equal(a, b), f"max abs difference {(a - b).abs().max().item()}"
+
+
+def test_model_dir_that_is_not_a_folder(tmp_path) -> None:
+    refused(tmp_path / "absent", tmp_path / "absent", "not found")

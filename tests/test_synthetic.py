@@ -135,3 +135,9 @@ def test_minilm_demo_dir(minilm_demo_dir) -> None:
     )
     for name in ("tokenizer.json", "modules.json", "1_Pooling/config.json", "config.json"):
         assert (minilm_demo_dir / name).exists()
+
+
+def test_refuses_a_non_empty_folder(tmp_path) -> None:
+    (tmp_path / "old.txt").write_text("x")
+    with pytest.raises(FileExistsError):
+        write_model_dir(tmp_path, "bert")

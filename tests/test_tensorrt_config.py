@@ -39,7 +39,9 @@ BERT_INPUTS = [
 # ----------------------------------------------------------------------------- profiles
 def test_profiles_from_trtexec_strings() -> None:
     profile = profiles_from_shapes(
-        "input_ids:1x1,attention_mask:1x1", "input_ids:8x128,attention_mask:8x128", "input_ids:32x512,attention_mask:32x512"
+        "input_ids:1x1,attention_mask:1x1",
+        "input_ids:8x128,attention_mask:8x128",
+        "input_ids:32x512,attention_mask:32x512",
     )
     assert profile.shapes["input_ids"] == ShapeRange((1, 1), (8, 128), (32, 512))
     assert profile.shapes["attention_mask"] == ShapeRange((1, 1), (8, 128), (32, 512))
@@ -75,7 +77,9 @@ def test_input_names_with_colons_and_scalars() -> None:
 
 
 def test_default_profiles_from_the_export_axes() -> None:
-    profile = default_profiles(BERT_INPUTS + [TensorSpec("pixel", np.dtype("float32"), ("batch", 3))], 16, 256)
+    profile = default_profiles(
+        [*BERT_INPUTS, TensorSpec("pixel", np.dtype("float32"), ("batch", 3))], 16, 256
+    )
     assert profile.shapes["input_ids"] == ShapeRange((1, 1), (8, 128), (16, 256))
     assert profile.shapes["pixel"] == ShapeRange((1, 3), (8, 3), (16, 3))
     small = default_profiles(BERT_INPUTS, 2, 16)
@@ -199,7 +203,9 @@ def test_prepare_onnx_writes_the_fp16_copy_and_default_profile(tmp_path) -> None
     path, config = prepare_onnx(src, tmp_path / "out", TensorRTBuildConfig())
     assert path == tmp_path / "out" / "model.fp16.onnx" and path.is_file()
     assert config.fp16_in_graph and config.qdq_in_graph and precision_label(config) == "int8+fp16"
-    assert config.profiles[0].shapes["x"] == ShapeRange((1, 1, 8), (8, 128, 8), (DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ, 8))
+    assert config.profiles[0].shapes["x"] == ShapeRange(
+        (1, 1, 8), (8, 128, 8), (DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ, 8)
+    )
     converted = onnx.load(str(path))
     assert {i.name: i.data_type for i in converted.graph.initializer}["w"] == TensorProto.FLOAT16
     assert [s.dtype for s in onnx_input_specs(converted)] == [np.dtype("float32")]
@@ -223,3 +229,28 @@ def test_prepare_onnx_refuses_bad_profiles_and_missing_files(tmp_path) -> None: 
         prepare_onnx(src, tmp_path, bad)
     with pytest.raises(InputError, match="no such ONNX file"):
         prepare_onnx(tmp_path / "missing.onnx", tmp_path, TensorRTBuildConfig())
+
+
+def _stub_members(enum: str) -> set[str]:
+    """Members of a TensorRT enum as the installed tensorrt-stubs (TensorRT 10.x) declare them."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("tensorrt_bindings")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    stub = next((Path(p) / "tensorrt.pyi" for p in locations if (Path(p) / "tensorrt.pyi").is_file()), None)
+    if stub is None:
+        pytest.skip("tensorrt-stubs are not installed (pip install --no-deps tensorrt-stubs)")
+    block = stub.read_text().split(f"\nclass {enum}:", 1)[1].split("\nclass ", 1)[0]
+    return set(re.findall(rf"^    (\w+): typing\.ClassVar\[{enum}\]", block, flags=re.MULTILINE))
+
+
+def test_flag_names_exist_in_tensorrt10() -> None:
+    """`build_engine` looks flags up by name: every name we can produce for TensorRT 10 must exist."""
+    configs = [STRONG, STRONG_QDQ_SPARSE, WEAK_QDQ, dataclasses.replace(WEAK_QDQ, sparse_weights=True)]
+    builder_names = {name for config in configs for name in builder_flags_for(10, config)}
+    network_names = {name for config in configs for name in network_flags_for(10, config)}
+    assert builder_names == {"INT8", "FP16", "SPARSE_WEIGHTS"} and network_names == {"STRONGLY_TYPED"}
+    assert builder_names <= _stub_members("BuilderFlag")
+    assert network_names <= _stub_members("NetworkDefinitionCreationFlag")

@@ -53,7 +53,11 @@ def test_same_release_and_gpu_is_accepted() -> None:
     [
         ("10.14.0.1", A100, "built with TensorRT 10.13.0.35, this machine has TensorRT 10.14.0.1"),
         ("11.0.0.114", A100, "rebuild it here"),
-        ("10.13.0.35", GpuInfo("NVIDIA L4", "8.9"), "built on NVIDIA A100-SXM4-40GB \\(compute capability 8.0\\)"),
+        (
+            "10.13.0.35",
+            GpuInfo("NVIDIA L4", "8.9"),
+            "built on NVIDIA A100-SXM4-40GB \\(compute capability 8.0\\)",
+        ),
         ("10.13.0.35", GpuInfo("NVIDIA A100-PCIE-40GB", "8.0"), "this GPU is NVIDIA A100-PCIE-40GB"),
     ],
 )

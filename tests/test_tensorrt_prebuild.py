@@ -12,7 +12,9 @@ from engines.tensorrt_config import TensorRTBuildConfig
 from exporter.errors import InputError
 
 
-def _qdq_model(scale: float = 0.1, zero_point: int = 0, zp_dtype=np.int8, as_constant: bool = False) -> onnx.ModelProto:  # type: ignore[no-untyped-def]
+def _qdq_model(
+    scale: float = 0.1, zero_point: int = 0, zp_dtype=np.int8, as_constant: bool = False
+) -> onnx.ModelProto:  # type: ignore[no-untyped-def]
     scale_t = numpy_helper.from_array(np.array(scale, np.float32), "scale")
     zp_t = numpy_helper.from_array(np.array(zero_point, zp_dtype), "zp")
     nodes = [
@@ -44,7 +46,10 @@ def test_symmetric_qdq_passes() -> None:
 @pytest.mark.parametrize("as_constant", [False, True])
 def test_nonzero_zero_point_is_named(as_constant: bool) -> None:
     problems = prebuild_check(_qdq_model(zero_point=3, as_constant=as_constant))
-    assert [(p.node, p.op_type) for p in problems] == [("quant_x", "QuantizeLinear"), ("dequant_x", "DequantizeLinear")]
+    assert [(p.node, p.op_type) for p in problems] == [
+        ("quant_x", "QuantizeLinear"),
+        ("dequant_x", "DequantizeLinear"),
+    ]
     assert "zero point 'zp' is not 0" in problems[0].problem and "symmetric" in problems[0].problem
 
 
@@ -74,7 +79,10 @@ def test_contrib_and_integer_ops_are_named() -> None:
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     )
     problems = prebuild_check(model)
-    assert [(p.node, p.op_type) for p in problems] == [("dyn_quant_matmul", "MatMulInteger"), ("gelu_fused", "Gelu")]
+    assert [(p.node, p.op_type) for p in problems] == [
+        ("dyn_quant_matmul", "MatMulInteger"),
+        ("gelu_fused", "Gelu"),
+    ]
     assert "com.microsoft" in str(problems[1])
     assert "node 'dyn_quant_matmul' (MatMulInteger)" in str(problems[0])
 

@@ -15,6 +15,7 @@ tokens, and agreement of its own free-running greedy tokens with fp32's.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -67,9 +68,12 @@ class TorchCached:
         return out.logits.numpy()
 
 
-def session(path: Path, threads: int) -> ort.InferenceSession:
+def session(path: Path, threads: int, spinning: bool) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    # ORT's pool spins after each run by default: in an interleaved benchmark the spinning threads
+    # steal the cores PyTorch's OpenMP threads are about to use. Off unless --ort-spinning.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
@@ -102,6 +106,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64, help="decode steps")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ort-spinning", action="store_true", help="let ORT's thread pool spin between runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = build_model(args)
@@ -109,7 +114,9 @@ def main() -> None:
     prompt = rng.integers(0, args.vocab, (args.batch, args.prompt), dtype=np.int64)
     with torch.no_grad():
         ids = torch.from_numpy(prompt)
-        tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new, do_sample=False)
+        tokens = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new, do_sample=False
+        )
     tokens = tokens.numpy()
     assert tokens.shape[1] == args.prompt + args.new, tokens.shape
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,8 +125,8 @@ def main() -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
-        sessions = {"ONNX fp32 (ORT CPU)": session(fp32_path, args.threads)}
-        sessions["ONNX INT8 dynamic (ORT CPU)"] = session(int8_path, args.threads)
+        sessions = {"ONNX fp32 (ORT CPU)": session(fp32_path, args.threads, args.ort_spinning)}
+        sessions["ONNX INT8 dynamic (ORT CPU)"] = session(int8_path, args.threads, args.ort_spinning)
         runners = {"PyTorch eager fp32 + cache": TorchCached(model)}
         runners.update({name: CachedDecoder(s) for name, s in sessions.items()})
         times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in runners}
@@ -137,7 +144,8 @@ def report(args, manifest, times, logits, sessions, prompt) -> None:  # type: ig
     print(
         f"model: llama hidden {args.hidden}, {args.layers} layers, GQA 8/2, vocab {args.vocab}, "
         f"{sum(layer.n_kv for layer in manifest.layers)} KV heads total; batch {args.batch}, "
-        f"prompt {args.prompt}, {args.new} new tokens; {args.threads} threads; median of {args.repeats}"
+        f"prompt {args.prompt}, {args.new} new tokens; {args.threads} threads; median of {args.repeats}; "
+        f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
     reference = "PyTorch eager fp32 + cache"
     base_prefill, base_decode = (statistics.median(t) for t in times[reference])

@@ -57,8 +57,15 @@ def build_stages(wrapper: EncoderForExport, out: Path) -> dict[str, Path]:
     fp32 = out / "model.onnx"
     if not fp32.exists():
         ids = torch.randint(0, 1000, (2, 16))
-        export_to_onnx(wrapper, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                                 "token_type_ids": torch.zeros_like(ids)}, fp32)
+        export_to_onnx(
+            wrapper,
+            {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "token_type_ids": torch.zeros_like(ids),
+            },
+            fp32,
+        )
     opt = out / "model.ort-opt.onnx"
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -84,7 +91,9 @@ def main() -> None:
     feeds = english_feeds(tokenizer, args.batch, args.sequence)
     config = BenchConfig(warmup_ms=500, iterations=20, duration_s=args.duration, percentiles=(90.0,))
     info = {
-        "ort-opt": StageInfo(note="stand-in for the graph passes: ONNX Runtime offline optimization (EXTENDED)"),
+        "ort-opt": StageInfo(
+            note="stand-in for the graph passes: ONNX Runtime offline optimization (EXTENDED)"
+        ),
         "ort-int8": StageInfo(note="stand-in for INT8: onnxruntime quantize_dynamic, QInt8 weights"),
     }
     torch_runner = TorchRunner(wrapper, INPUTS, OUTPUTS, threads=args.threads)

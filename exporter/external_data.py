@@ -1,0 +1,116 @@
+"""ONNX external data for models over the 2 GB protobuf limit: one `model.onnx.data` beside model.onnx.
+
+A protobuf message cannot exceed 2 GiB, so a larger model keeps its weights outside the .onnx file.
+The TorchScript exporter then writes one file per initializer (thousands of files named after
+tensors). `consolidate_external_data` rewrites such a model as model.onnx + one data file, streaming
+one tensor at a time (a tensor's bytes are the only extra memory), each tensor aligned to 64 KiB so
+ONNX Runtime can map it from the file instead of copying it. Offsets follow the tensors' order in
+the graph, so the same model always gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import onnx
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT_BYTES = 2**31 - 1
+# Weights above this go external: leaves headroom under the limit for the graph itself.
+EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+MIN_EXTERNAL_TENSOR_BYTES = 1024  # smaller tensors stay inline (as onnx.save does)
+ALIGNMENT = 64 * 1024  # ONNX's largest alignment boundary; ORT maps aligned tensors from the file
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of the module's parameters and buffers (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def needs_external_data(model: nn.Module) -> bool:
+    """True when the model's weights would not fit in one protobuf with the graph."""
+    return parameter_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+
+
+def data_file_name(onnx_path: Path) -> str:
+    return onnx_path.name + ".data"
+
+
+def consolidate_external_data(source: Path, target: Path) -> Path:
+    """Rewrite the ONNX at `source` (initializers inline or in any external files under its folder)
+    as `target` plus one `<target name>.data` file beside it. Returns `target`.
+
+    `source` and its external files are left in place (the caller removes their folder)."""
+    model = onnx.load(str(source), load_external_data=False)
+    data_path = target.parent / data_file_name(target)
+    with open(data_path, "wb") as data:
+        for tensor in _initializers(model.graph):
+            _move_to_data_file(tensor, source.parent, data, data_path.name)
+    onnx.save_model(model, str(target))
+    logger.info("wrote %s with external data %s (%d bytes)", target.name, data_path.name, data_path.stat().st_size)
+    return target
+
+
+def _initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    """Initializers of the graph and of every subgraph, in graph order."""
+    tensors = list(graph.initializer)
+    for node in graph.node:
+        for attribute in node.attribute:
+            subgraphs = ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs)
+            for subgraph in subgraphs:
+                tensors += _initializers(subgraph)
+    return tensors
+
+
+def _move_to_data_file(tensor: onnx.TensorProto, source_dir: Path, data, location: str) -> None:  # type: ignore[no-untyped-def]
+    if uses_external_data(tensor):
+        payload = _read_external(tensor, source_dir)
+    elif tensor.HasField("raw_data") and len(tensor.raw_data) >= MIN_EXTERNAL_TENSOR_BYTES:
+        payload = tensor.raw_data
+    else:
+        return
+    offset = -(-data.tell() // ALIGNMENT) * ALIGNMENT
+    data.write(b"\0" * (offset - data.tell()))
+    data.write(payload)
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(payload)))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _read_external(tensor: onnx.TensorProto, source_dir: Path) -> bytes:
+    info = ExternalDataInfo(tensor)
+    file = (source_dir / info.location).resolve()
+    if source_dir.resolve() not in file.parents:
+        raise ValueError(f"external data of {tensor.name!r} points outside {source_dir}: {info.location}")
+    with open(file, "rb") as handle:
+        handle.seek(info.offset or 0)
+        return handle.read(info.length) if info.length is not None else handle.read()
+
+
+def remove_tree(path: Path) -> None:
+    """Remove the exporter's scratch folder (its per-tensor files)."""
+    if path.exists():
+        shutil.rmtree(path)
+        logger.debug("removed %s", path)
+
+
+def total_size(onnx_path: Path) -> int:
+    """Bytes of the .onnx and its data file (if any)."""
+    data = onnx_path.parent / data_file_name(onnx_path)
+    return os.path.getsize(onnx_path) + (os.path.getsize(data) if data.exists() else 0)

@@ -1,0 +1,188 @@
+"""Each fusion pass on small golden graphs: exact counts, a negative case with the reason the rule gave,
+idempotence, and outputs unchanged on ONNX Runtime (graph optimizations off, fp32 tolerance)."""
+
+from __future__ import annotations
+
+import graph_models as gm
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from graph_passes.fuse_bias_gelu import FuseBiasGelu
+from graph_passes.fuse_gelu import FuseGelu
+from graph_passes.fuse_layernorm import FuseLayerNorm
+from graph_passes.fuse_matmul_bias import FuseMatMulBias
+from graph_passes.fuse_rmsnorm import FuseRmsNorm
+from graph_passes.fuse_skip_layernorm import FuseSkipLayerNorm
+
+
+def _fused(graph_pass, model: onnx.ModelProto):
+    return gm.apply_pass(graph_pass, gm.with_shapes(model))
+
+
+def _replace_initializer(model: onnx.ModelProto, name: str, value) -> onnx.ModelProto:
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for index, init in enumerate(model.graph.initializer):
+        if init.name == name:
+            model.graph.initializer[index].CopyFrom(
+                numpy_helper.from_array(np.asarray(value, np.float32), name)
+            )
+    return model
+
+
+def _skip_ln(simplified: bool) -> onnx.ModelProto:
+    base = gm.skip_layernorm_graph(simplified=simplified)
+    return gm.apply_pass(FuseRmsNorm(), base)[0] if simplified else base
+
+
+# name -> (pass factory, golden graph factory, exact counts)
+CASES = {
+    "layernorm": (
+        FuseLayerNorm,
+        gm.decomposed_layernorm_graph,
+        {
+            "ReduceMean": -2,
+            "Sub": -1,
+            "Pow": -1,
+            "Add": -2,
+            "Sqrt": -1,
+            "Div": -1,
+            "Mul": -1,
+            "LayerNormalization": 1,
+            "applied": 2,
+        },
+    ),
+    "rmsnorm": (
+        FuseRmsNorm,
+        gm.decomposed_rmsnorm_graph,
+        {
+            "Pow": -1,
+            "ReduceMean": -1,
+            "Add": -1,
+            "Sqrt": -1,
+            "Div": -1,
+            "Mul": -2,
+            "SimplifiedLayerNormalization": 1,
+            "applied": 1,
+        },
+    ),
+    "gelu-erf": (
+        FuseGelu,
+        lambda: gm.decomposed_gelu_graph("erf"),
+        {"Div": -1, "Erf": -1, "Add": -1, "Mul": -2, "Gelu": 1, "applied": 1},
+    ),
+    "gelu-tanh": (
+        FuseGelu,
+        lambda: gm.decomposed_gelu_graph("tanh"),
+        {"Pow": -1, "Mul": -4, "Add": -2, "Tanh": -1, "FastGelu": 1, "applied": 1},
+    ),
+    "bias-gelu": (
+        FuseBiasGelu,
+        lambda: gm.apply_pass(FuseGelu(), gm.decomposed_gelu_graph("erf"))[0],
+        {"Add": -1, "Gelu": -1, "BiasGelu": 1, "applied": 1},
+    ),
+    "bias-fastgelu": (
+        FuseBiasGelu,
+        lambda: gm.apply_pass(FuseGelu(), gm.decomposed_gelu_graph("tanh"))[0],
+        {"Add": -1, "applied": 1},
+    ),
+    "skip-layernorm": (
+        FuseSkipLayerNorm,
+        lambda: gm.skip_layernorm_graph(),
+        {"Add": -1, "LayerNormalization": -1, "SkipLayerNormalization": 1, "applied": 1},
+    ),
+    "skip-rmsnorm": (
+        FuseSkipLayerNorm,
+        lambda: _skip_ln(simplified=True),
+        {"Add": -1, "SimplifiedLayerNormalization": -1, "SkipSimplifiedLayerNormalization": 1, "applied": 1},
+    ),
+    "matmul-bias": (
+        FuseMatMulBias,
+        lambda: gm.apply_pass(FuseSkipLayerNorm(), gm.with_shapes(gm.skip_layernorm_graph()))[0],
+        {"Add": -1, "applied": 1},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_positive_exact_counts(case):
+    factory, graph, counts = CASES[case]
+    _, report = _fused(factory(), graph())
+    assert report.counts == counts
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_idempotent(case):
+    factory, graph, _ = CASES[case]
+    once, _ = _fused(factory(), graph())
+    twice, report = _fused(factory(), once)
+    assert report.counts == {}
+    assert gm.op_histogram(twice) == gm.op_histogram(once)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_numeric(case):
+    factory, graph, _ = CASES[case]
+    model = graph()
+    rewritten, _ = _fused(factory(), model)
+    gm.assert_same_outputs(model, rewritten, gm.random_feeds(model))
+
+
+def test_matmul_bias_keeps_bias_value():
+    fused, _ = _fused(FuseMatMulBias(), CASES["matmul-bias"][1]())
+    (node,) = [n for n in fused.graph.node if n.op_type == "SkipLayerNormalization"]
+    assert list(node.input)[4] == "b"
+
+
+# Negative cases: a near-miss the rule must refuse, and the reason it gives.
+def test_layernorm_over_wrong_axis_is_not_fused():
+    model = gm.decomposed_layernorm_graph()
+    for node in model.graph.node:
+        if node.op_type == "ReduceMean":
+            del node.attribute[:]
+            node.attribute.append(onnx.helper.make_attribute("axes", [1]))
+    _, report = _fused(FuseLayerNorm(), model)
+    assert report.counts == {}
+    assert any("last axis" in d["reason"] for d in report.details)
+
+
+def test_rmsnorm_with_wrong_exponent_is_not_fused():
+    model = _replace_initializer(gm.decomposed_rmsnorm_graph(), "two", 3.0)
+    _, report = _fused(FuseRmsNorm(), model)
+    assert report.counts == {}
+
+
+def test_gelu_with_wrong_constant_is_not_fused():
+    model = _replace_initializer(gm.decomposed_gelu_graph("erf"), "half", 0.6)
+    _, report = _fused(FuseGelu(), model)
+    assert report.counts == {}
+    assert any("0.5" in d["reason"] for d in report.details)
+
+
+def test_bias_gelu_needs_a_1d_bias():
+    model = gm.apply_pass(FuseGelu(), gm.decomposed_gelu_graph("erf"))[0]
+    model = _replace_initializer(model, "b", np.ones((1, 16)))
+    del model.graph.value_info[:]
+    _, report = _fused(FuseBiasGelu(), model)
+    assert report.counts == {}
+    assert any("1-D" in d["reason"] for d in report.details)
+
+
+def test_skip_layernorm_needs_3d_inputs():
+    model = gm.skip_layernorm_graph()
+    for value in [*model.graph.input, *model.graph.output]:
+        del value.type.tensor_type.shape.dim[0]  # 2-D [s, hidden]
+    _, report = _fused(FuseSkipLayerNorm(), model)
+    assert report.counts == {}
+    assert any("Shape mismatch" in d["reason"] for d in report.details)
+
+
+def test_matmul_bias_needs_a_constant_bias():
+    model = gm.apply_pass(FuseSkipLayerNorm(), gm.with_shapes(gm.skip_layernorm_graph()))[0]
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    bias = next(i for i in model.graph.initializer if i.name == "b")
+    model.graph.initializer.remove(bias)
+    model.graph.input.append(onnx.helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [16]))
+    _, report = _fused(FuseMatMulBias(), model)
+    assert report.counts == {}

@@ -1,0 +1,108 @@
+"""The INT8 orchestrator on a seeded MLP with a planted outlier layer: sensitivity keeps exactly that layer in
+high precision, both artifacts pass the held-out gate, the gate fails when it must, the report says why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from quant_test_models import DIM, mlp_with_outlier
+
+from exporter.calibration import CalibrationData
+from exporter.errors import ValidationError
+from exporter.quantize import CPU_FILE, TENSORRT_FILE, QuantConfig, quantize, token_cosines
+
+OUTLIER_LAYER = "layer2/MatMul"
+
+
+def _data(seed: int = 0) -> CalibrationData:
+    x = np.random.default_rng(seed).normal(0, 1, (96, 4, DIM)).astype(np.float32)
+    return CalibrationData({"x": x[:64]}, {"x": x[64:]}, batch=16, source="seeded normal")
+
+
+def _numpy_reference(model: onnx.ModelProto):  # type: ignore[no-untyped-def]
+    """The MLP computed in numpy from the graph's initializers: an independent fp32 reference."""
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+    def forward(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        h = feeds["x"]
+        for i in range(4):
+            h = h * weights.get(f"outlier_scale_{i}", 1.0)
+            h = np.maximum(h @ weights[f"w{i}"] + weights[f"b{i}"], 0.0)
+        return h
+
+    return forward
+
+
+@pytest.fixture(scope="module")
+def outlier_result(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    tmp = tmp_path_factory.mktemp("quant")
+    model = mlp_with_outlier()
+    onnx.save(model, tmp / "fp32.onnx")
+    config = QuantConfig(method="max", cpu_fusion=False)
+    return quantize(tmp / "fp32.onnx", tmp / "out", _data(), config, reference=_numpy_reference(model))
+
+
+@pytest.mark.parametrize("variant", ["tensorrt", "cpu"])
+def test_sensitivity_keeps_the_planted_outlier_layer(outlier_result, variant: str) -> None:  # type: ignore[no-untyped-def]
+    report = outlier_result.report[variant]
+    assert report["sensitivity"]["all_quantized_cosine"] < 0.99  # the planted layer does break INT8
+    assert report["auto_excluded"] == [OUTLIER_LAYER]
+    worst = report["sensitivity"]["layer_error_worst_first"]
+    assert worst[0]["node"] == OUTLIER_LAYER and worst[0]["error"] > 10 * worst[1]["error"]
+    assert report["heldout_cosine"] >= 0.99
+
+
+def test_artifacts_and_report(outlier_result) -> None:  # type: ignore[no-untyped-def]
+    assert outlier_result.tensorrt_path.name == TENSORRT_FILE and outlier_result.cpu_path.name == CPU_FILE
+    assert outlier_result.cosine == outlier_result.report["tensorrt"]["heldout_cosine"] >= 0.99
+    trt = onnx.load(outlier_result.tensorrt_path)
+    matmul_inputs = {n.name: list(n.input) for n in trt.graph.node if n.op_type == "MatMul"}
+    assert matmul_inputs[OUTLIER_LAYER] == ["scaled_2", "w2"]  # untouched, fp32
+    assert all(
+        i.endswith("_dequantized") for n, ins in matmul_inputs.items() if n != OUTLIER_LAYER for i in ins
+    )
+    rules = {d["node"]: d["rule"] for d in outlier_result.report["tensorrt"]["decisions"]}
+    assert rules[OUTLIER_LAYER] == "excluded by name"
+    kernels = outlier_result.report["cpu"]["ort_optimized_graph_ops"]
+    assert kernels.get("DynamicQuantizeMatMul", 0) + kernels.get("MatMulIntegerToFloat", 0) == 3
+    assert kernels.get("MatMul") == 1  # the excluded layer stays fp32 in ORT's optimized graph
+    assert outlier_result.report["gate"]["passed"]
+    assert set(outlier_result.report["files"]) == {TENSORRT_FILE, CPU_FILE}
+
+
+def test_gate_fails_with_the_numbers(tmp_path: Path) -> None:
+    onnx.save(mlp_with_outlier(), tmp_path / "fp32.onnx")
+    config = QuantConfig(method="max", auto_exclude=False, cpu_variant=False)
+    with pytest.raises(
+        ValidationError, match=r"target mean token cosine >= 0\.99; tensorrt: held-out .* 0 layers"
+    ):
+        quantize(tmp_path / "fp32.onnx", tmp_path / "out", _data(), config)
+
+
+def test_gate_fails_when_the_budget_is_too_small(tmp_path: Path) -> None:
+    onnx.save(mlp_with_outlier(), tmp_path / "fp32.onnx")
+    config = QuantConfig(method="max", min_cosine=0.999999, max_excluded_fraction=0.25, cpu_variant=False)
+    with pytest.raises(ValidationError, match="1 layers in high precision"):
+        quantize(tmp_path / "fp32.onnx", tmp_path / "out", _data(), config)
+
+
+def test_user_exclusion_is_respected_without_search(tmp_path: Path) -> None:
+    onnx.save(mlp_with_outlier(), tmp_path / "fp32.onnx")
+    config = QuantConfig(method="percentile", exclude_regex=(r"^layer2/",), cpu_fusion=False)
+    result = quantize(tmp_path / "fp32.onnx", tmp_path / "out", _data(), config)
+    assert result.report["tensorrt"]["sensitivity"]["all_quantized_cosine"] >= 0.99
+    assert result.report["tensorrt"]["auto_excluded"] == [] and result.report["cpu"]["auto_excluded"] == []
+    assert result.report["cpu"]["user_excluded"] == [OUTLIER_LAYER]
+
+
+def test_token_cosine_ignores_padding() -> None:
+    ref = np.ones((1, 3, 4), np.float32)
+    out = ref.copy()
+    out[0, 2] = -1.0  # a padded token that disagrees completely
+    mask = np.array([[1, 1, 0]])
+    assert token_cosines(ref, out, mask).tolist() == [1.0, 1.0]
+    assert token_cosines(ref, out, None).tolist() == [1.0, 1.0, -1.0]

@@ -1,0 +1,130 @@
+"""Range collection and each calibration method against a straightforward numpy reference on seeded data."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from exporter.calibration import CalibrationData
+from exporter.ranges import (
+    INT8_LEVELS,
+    NUM_BINS,
+    amax_from_histogram,
+    collect_ranges,
+    entropy_amax,
+    mse_amax,
+    percentile_amax,
+)
+
+
+def _outlier_data(seed: int = 0, size: int = 200_000) -> np.ndarray:
+    """Gaussian bulk plus a few large outliers: the case where the methods must differ."""
+    rng = np.random.default_rng(seed)
+    data = rng.normal(0, 1, size)
+    data[rng.choice(size, 20, replace=False)] = rng.uniform(20, 40, 20)
+    return data.astype(np.float32)
+
+
+def _hist(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    max_abs = float(np.abs(data).max())
+    hist, edges = np.histogram(np.abs(data), bins=NUM_BINS, range=(0, max_abs))
+    return hist, edges, max_abs
+
+
+def _fake_quant_mse(data: np.ndarray, amax: float) -> float:
+    scale = amax / (INT8_LEVELS - 1)
+    return float(np.mean((data - np.clip(np.round(data / scale), -127, 127) * scale) ** 2))
+
+
+def test_percentile_matches_numpy_within_one_bin() -> None:
+    data = _outlier_data()
+    hist, edges, _ = _hist(data)
+    for p in (99.0, 99.9, 99.99):
+        expected = np.percentile(np.abs(data), p)
+        got = percentile_amax(hist, edges, p)
+        assert expected <= got <= expected + 2 * (edges[1] - edges[0]), (p, got, expected)
+
+
+def test_mse_matches_brute_force_on_raw_values() -> None:
+    data = _outlier_data()
+    hist, edges, max_abs = _hist(data)
+    got = mse_amax(hist, edges)
+    grid = np.linspace(max_abs / 200, max_abs, 400)
+    errors = [_fake_quant_mse(data, t) for t in grid]
+    best = grid[int(np.argmin(errors))]
+    assert _fake_quant_mse(data, got) <= min(errors) * 1.02, (got, best)
+
+
+def _entropy_reference(hist: np.ndarray, edges: np.ndarray, levels: int = INT8_LEVELS) -> float:
+    """TensorRT's entropy calibration written out bin by bin (no vectorisation)."""
+    best_kl, best_i = float("inf"), len(hist)
+    for i in range(levels, len(hist) + 1):
+        reference = [float(v) for v in hist[:i]]
+        reference[-1] += float(hist[i:].sum())
+        candidate = [0.0] * i
+        size = i // levels  # TensorRT: equal groups, the last one takes the remainder
+        for j in range(levels):
+            lo, hi = j * size, (j + 1) * size if j < levels - 1 else i
+            nonzero = [k for k in range(lo, hi) if hist[k] > 0]
+            for k in nonzero:
+                candidate[k] = float(hist[lo:hi].sum()) / len(nonzero)
+        p_sum, q_sum = sum(reference), sum(candidate)
+        kl = 0.0
+        for p, q in zip(reference, candidate, strict=True):
+            if p > 0:
+                kl = float("inf") if q == 0 else kl + p / p_sum * np.log((p / p_sum) / (q / q_sum))
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return float(edges[best_i])
+
+
+def test_entropy_matches_reference_implementation() -> None:
+    data = _outlier_data()
+    hist, edges = np.histogram(np.abs(data), bins=256, range=(0, float(np.abs(data).max())))
+    got = entropy_amax(hist, edges, levels=32)
+    expected = _entropy_reference(hist, edges, levels=32)
+    assert abs(got - expected) <= (edges[1] - edges[0]) + 1e-6, (got, expected)
+    assert got < 0.75 * float(np.abs(data).max())  # clips most outliers
+
+
+def test_max_is_max_abs() -> None:
+    data = _outlier_data()
+    hist, _, max_abs = _hist(data)
+    assert amax_from_histogram(hist, max_abs, "max") == max_abs
+
+
+def _relu_model() -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["n"]), helper.make_node("Relu", ["n"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 64])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("method", ["max", "percentile", "entropy", "mse"])
+def test_collect_ranges_over_batches_equals_numpy_on_all_samples(method: str) -> None:
+    x = _outlier_data(size=64 * 50).reshape(50, 64)
+    data = CalibrationData({"x": x}, {"x": x[:2]}, batch=8, source="test")
+    ranges = collect_ranges(_relu_model(), ["n", "y"], data, method=method)
+    for name, values in (("n", -x), ("y", np.maximum(-x, 0))):
+        max_abs = float(np.abs(values).max())
+        hist = np.histogram(np.abs(values), bins=NUM_BINS, range=(0, max_abs))[0]
+        assert ranges[name] == pytest.approx(amax_from_histogram(hist, max_abs, method), rel=1e-6), name
+
+
+def test_collect_ranges_respects_limit() -> None:
+    x = np.ones((20, 64), np.float32)
+    x[10:] *= 5
+    data = CalibrationData({"x": x}, {"x": x[:1]}, batch=4, source="test")
+    assert collect_ranges(_relu_model(), ["n"], data, method="max", limit=8)["n"] == 1.0
+    assert collect_ranges(_relu_model(), ["n"], data, method="max")["n"] == 5.0
+
+
+def test_unknown_method_is_rejected() -> None:
+    data = CalibrationData({"x": np.ones((2, 64), np.float32)}, {}, batch=1, source="test")
+    with pytest.raises(ValueError, match="unknown calibration method"):
+        collect_ranges(_relu_model(), ["n"], data, method="kl")

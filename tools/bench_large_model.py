@@ -1,0 +1,256 @@
+"""Benchmark (run by hand, not a test): peak memory of exporting a ~1B-parameter Llama-style model.
+
+    HF_HUB_OFFLINE=1 python tools/bench_large_model.py [--layers 16] [--workdir /tmp/bench_large]
+
+Writes a seeded random-init MODEL_DIR (fp32 safetensors shards + pruning_masks.safetensors: one
+GQA group removed in every other layer, a quarter of each layer's FFN neurons), then runs
+`export_engine(..., ExportConfig(precision="fp32", benchmark=False, sequence_length=16,
+validation_samples=2))` in a fresh process that samples its own resident memory (VmRSS every 20 ms,
+per API stage) and reports the peak (VmHWM and ru_maxrss) against the fp32 weight size. The target
+of issue 8 is a peak within about 3x the fp32 weights. Each phase runs in its own process, so
+writing the weights does not count against the export. Everything is removed at the end unless
+--keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+GIB = 1024**3
+SHARD_BYTES = 1 * GIB
+
+
+def llama_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        intermediate_size=args.intermediate,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        vocab_size=args.vocab,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+
+
+# ------------------------------------------------------------------------------------ writing the input
+
+
+def write_model_dir(model_dir: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Seeded weights, streamed shard by shard (never the whole model in memory), and masks."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    config = llama_config(args)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(model_dir)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    shapes = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    gen = torch.Generator().manual_seed(args.seed)
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    files = 0
+    total = 0
+
+    def flush() -> None:
+        nonlocal files
+        files += 1
+        name = f"model-{files:05d}.safetensors"
+        save_file(shard, str(model_dir / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        shard.clear()
+
+    for name, shape in shapes.items():
+        noise = torch.randn(shape, generator=gen)
+        shard[name] = noise * args.init_std if len(shape) >= 2 else 1.0 + noise * 0.1
+        total += shard[name].numel() * 4
+        if sum(t.numel() * 4 for t in shard.values()) >= SHARD_BYTES:
+            flush()
+    if shard:
+        flush()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    save_file(masks(config), str(model_dir / "pruning_masks.safetensors"))
+    params = sum(int(torch.Size(s).numel()) for s in shapes.values())
+    return {"params": params, "weight_bytes": total, "shards": files}
+
+
+def masks(config) -> dict:  # type: ignore[no-untyped-def]
+    """One GQA group in every other layer; a quarter of every layer's FFN neurons (gate rows)."""
+    from exporter.synthetic import gqa_group_masks, layer_param, row_mask
+
+    found = {}
+    ffn, hidden = config.intermediate_size, config.hidden_size
+    for layer in range(config.num_hidden_layers):
+        if layer % 2 == 0:
+            found.update(gqa_group_masks(config, "llama", layer, kv_head=1))
+        found[layer_param("llama", layer, "gate")] = row_mask((ffn, hidden), range(0, ffn, 4))
+    return {k: v.contiguous() for k, v in found.items()}
+
+
+# ---------------------------------------------------------------------------------- measuring the export
+
+
+class MemorySampler:
+    """VmRSS of this process every `interval` s; the peak per stage of export_engine (from its log)."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.stage = "start"
+        self.peaks: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def set_stage(self, stage: str) -> None:
+        self.sample()
+        self.stage = stage
+
+    def sample(self) -> None:
+        rss = status_kib("VmRSS") * 1024
+        self.peaks[self.stage] = max(self.peaks.get(self.stage, 0), rss)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            time.sleep(self.interval)
+
+
+class StageHandler(logging.Handler):
+    """Turns export_engine's "<stage> ..." log lines into sampler stages."""
+
+    def __init__(self, sampler: MemorySampler) -> None:
+        super().__init__(logging.INFO)
+        self.sampler = sampler
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == "exporter.api" and record.msg == "%s ...":
+            self.sampler.set_stage(str(record.args[0]) if record.args else "?")  # type: ignore[index]
+        elif record.name == "exporter.onnx_export" or record.name == "exporter.external_data":
+            self.sampler.set_stage(f"after {record.name.rsplit('.', 1)[1]}")
+
+
+def status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def export_and_measure(model_dir: Path, out_dir: Path) -> dict[str, object]:
+    from exporter.api import export_engine
+    from exporter.config import ExportConfig
+
+    baseline = status_kib("VmRSS") * 1024
+    sampler = MemorySampler()
+    logging.getLogger().addHandler(StageHandler(sampler))
+    logging.getLogger().setLevel(logging.INFO)
+    start = time.perf_counter()
+    with sampler:
+        config = ExportConfig(precision="fp32", benchmark=False, sequence_length=16, validation_samples=2)
+        result = export_engine(model_dir, out_dir, config)
+    files = sorted(p.name for p in out_dir.iterdir())
+    return {
+        "baseline_rss_bytes": baseline,
+        "peak_rss_bytes_vmhwm": status_kib("VmHWM") * 1024,
+        "peak_rss_bytes_ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "stage_peak_rss_bytes": sampler.peaks,
+        "seconds": round(time.perf_counter() - start, 1),
+        "out_files": files,
+        "onnx_bytes": (out_dir / "model.onnx").stat().st_size,
+        "data_bytes": (out_dir / "model.onnx.data").stat().st_size if "model.onnx.data" in files else 0,
+        "params_after": result.report["restructure"]["params_after"],
+        "validation": result.report["validation"],
+    }
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--init-std", type=float, default=0.02, help="std of the seeded weight init")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_large_model"))
+    p.add_argument("--keep", action="store_true", help="keep MODEL_DIR and OUT_DIR")
+    p.add_argument("--phase", choices=["all", "write", "export"], default="all", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def run_phase(phase: str, argv: list[str]) -> dict:  # type: ignore[type-arg]
+    """Run one phase in a fresh interpreter (its peak memory is its own) and read its JSON line."""
+    cmd = [sys.executable, __file__, *argv, "--phase", phase]
+    done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    model_dir, out_dir = args.workdir / "model_dir", args.workdir / "out"
+    if args.phase == "write":
+        print(json.dumps(write_model_dir(model_dir, args)))
+        return 0
+    if args.phase == "export":
+        print(json.dumps(export_and_measure(model_dir, out_dir)))
+        return 0
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    try:
+        written = run_phase("write", argv)
+        measured = run_phase("export", argv)
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+    print_summary(written, measured)
+    return 0
+
+
+def print_summary(written: dict, measured: dict) -> None:  # type: ignore[type-arg]
+    weights = written["weight_bytes"]
+    peak = measured["peak_rss_bytes_vmhwm"]
+    print(f"model: {written['params'] / 1e9:.3f}B parameters, fp32 weights {weights / GIB:.2f} GiB "
+          f"in {written['shards']} shards; after restructure {measured['params_after'] / 1e9:.3f}B")
+    print(f"export: {measured['seconds']} s; OUT_DIR files: {', '.join(measured['out_files'])}")
+    print(f"model.onnx {measured['onnx_bytes'] / 2**20:.1f} MiB, model.onnx.data {measured['data_bytes'] / GIB:.2f} GiB")
+    print(f"peak RSS {peak / GIB:.2f} GiB = {peak / weights:.2f}x the fp32 weights "
+          f"(ru_maxrss {measured['peak_rss_bytes_ru_maxrss'] / GIB:.2f} GiB; "
+          f"baseline after imports {measured['baseline_rss_bytes'] / GIB:.2f} GiB)")
+    print("| stage | peak RSS GiB | x weights |\n|---|---|---|")
+    for stage, rss in measured["stage_peak_rss_bytes"].items():
+        print(f"| {stage} | {rss / GIB:.2f} | {rss / weights:.2f} |")
+    for check, comparisons in measured["validation"].items():
+        for c in comparisons:
+            print(f"validation {check} {c['output']}: max abs {c['max_abs']:.3g}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())
