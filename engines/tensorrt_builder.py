@@ -114,6 +114,7 @@ def _problems_message(problems: list[Any], limit: int = 8) -> str:
 
 def _write_fp16_copy(model: onnx.ModelProto, out_path: Path) -> None:
     import onnx_ir as ir
+
     from graph_passes.convert_fp16 import ConvertFp16Pass
 
     ir_model = ir.from_proto(model)

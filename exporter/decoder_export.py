@@ -308,7 +308,7 @@ def tensorrt_profile(
     `phase="both"` is one profile serving prefill (past 0, up to `max_prompt` new tokens) and decode
     (1 new token, past up to `max_total - 1`); "prefill" and "decode" give the two narrower profiles
     an engine can carry separately so each gets kernels tuned to its shapes. "opt" is the common case
-    of its phase at full batch: mid-length past for decode, full prompt for prefill.
+    at full batch: one new token over a half-full past ("both", "decode"), the full prompt ("prefill").
     """
     if not 1 <= max_prompt <= max_total or max_batch < 1:
         raise InputError(
@@ -323,7 +323,7 @@ def tensorrt_profile(
         s, p = seq[index], past[index]
         shapes: dict[str, tuple[int, ...]] = {
             "input_ids": (batch, s),
-            "attention_mask": (batch, min(max(s, p + s), max_total)),
+            "attention_mask": (batch, min(p + s, max_total)),
             "position_ids": (batch, s),
         }
         for i in range(len(manifest.layers)):

@@ -60,7 +60,9 @@ def consolidate_external_data(source: Path, target: Path) -> Path:
         for tensor in _initializers(model.graph):
             _move_to_data_file(tensor, source.parent, data, data_path.name)
     onnx.save_model(model, str(target))
-    logger.info("wrote %s with external data %s (%d bytes)", target.name, data_path.name, data_path.stat().st_size)
+    logger.info(
+        "wrote %s with external data %s (%d bytes)", target.name, data_path.name, data_path.stat().st_size
+    )
     return target
 
 

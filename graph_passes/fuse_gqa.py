@@ -168,10 +168,8 @@ class DecoderGqaFusion(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, q_lin, k_lin, v_lin, shape_q, cos, sin, scale, mask, **_):  # type: ignore[no-untyped-def]
         head = head_size_from_reshape(shape_q)
-        shape = op.Shape(q_lin)
         batch = op.Shape(q_lin, start=0, end=1)
         seq = op.Shape(q_lin, start=1, end=2)
-        del shape
         seqlens_k = op.Cast(op.Expand(op.Sub(seq, op.Constant(value_ints=[1])), batch), to=ir.DataType.INT32)
         total = op.Cast(op.Squeeze(seq), to=ir.DataType.INT32)
 

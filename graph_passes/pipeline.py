@@ -27,7 +27,7 @@ import onnx_ir as ir
 from exporter.errors import InputError, ValidationError
 from graph_passes.base import GraphPass, PassReport, ReportedPassResult, op_counts
 from graph_passes.eliminate_common_subexpressions import EliminateCommonSubexpressions
-from graph_passes.expectations import compare, count_sites, expectations, family_kind
+from graph_passes.expectations import compare, count_sites, expectations, family_kind, has_kv_cache
 from graph_passes.fold_constants import FoldConstants
 from graph_passes.fuse_attention import FuseAttention
 from graph_passes.fuse_bias_gelu import FuseBiasGelu
@@ -193,7 +193,7 @@ def _run(graph_pass: GraphPass, model: ir.Model, report: PipelineReport) -> None
 
 
 def _run_fusion(model: ir.Model, target: str, kind: str, report: PipelineReport) -> None:
-    exps = expectations(kind, target)
+    exps = expectations(kind, target, kv_cache=has_kv_cache(model))
     first = len(report.passes)
     passes = PIPELINES[target]["fusion"]()
     _run(passes[0], model, report)  # shape inference: the site counters and rule checks read shapes

@@ -165,3 +165,15 @@ def test_sparsity_stage_off_and_enforce():
     # every weight of this tiny model is below the 256 threshold: nothing pruned, outputs unchanged
     assert report.passes[-1].counts.get("pruned", 0) == 0
     assert np.isfinite(gm.run_ort(out, gm.bert_example())[0]).all()
+
+
+def test_kv_cache_graph_is_tolerated_not_failed():
+    """A decoder with past_key_values inputs: attention is reported not applicable (with why), so
+    strict mode does not fail on it. (Stand-in: an extra past input on the prefill graph.)"""
+    model = gm.llama_onnx()
+    model.graph.input.append(
+        onnx.helper.make_tensor_value_info("past_key_values.0.key", onnx.TensorProto.FLOAT, ["b", 2, "p", 16])
+    )
+    _, report = optimize(model, "onnxruntime", family="llama", strict_fusion=True)
+    rows = [r for r in report.fusions if r["fusion"] == "attention"]
+    assert rows and all(r["status"] == "not_applicable" and "KV cache" in r["reason"] for r in rows)

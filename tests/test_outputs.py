@@ -36,7 +36,8 @@ def parent(tmp_path) -> Path:
 def snapshot(folder: Path) -> dict[str, bytes | None]:
     """Every path under `folder` with its bytes (None for folders)."""
     return {
-        str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))
+        str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(folder.rglob("*"))
     }
 
 
@@ -132,7 +133,9 @@ def test_read_only_parent_folder_is_a_one_line_input_error(model_dir, parent, ca
     parent.chmod(0o555)
     try:
         if _can_write(parent):
-            pytest.skip("chmod 0555 does not stop this user from writing (running as root / CAP_DAC_OVERRIDE)")
+            pytest.skip(
+                "chmod 0555 does not stop this user from writing (running as root / CAP_DAC_OVERRIDE)"
+            )
         out = parent / "out"
         code = cli_main([str(model_dir), "-o", str(out), "--precision", "fp32", "--no-benchmark", "--quiet"])
         err = capsys.readouterr().err

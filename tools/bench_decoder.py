@@ -1,7 +1,8 @@
 """Benchmark (not a test): prefill and decode tokens/s of a decoder with KV cache.
 
 Variants, run interleaved in one process at the same thread count, medians over repeats:
-- PyTorch eager fp32 with its own DynamicCache (the reference),
+- PyTorch eager fp32 with its own DynamicCache (the reference; eager attention, as exported),
+- the same with PyTorch's SDPA attention (transformers' default attention),
 - ONNX fp32 exported by `export_decoder_with_past`, on ONNX Runtime CPU (all graph optimizations),
 - ONNX INT8 from ONNX Runtime's `quantize_dynamic` (QInt8 weights, dynamic u8 activations) as a
   first INT8 number until the project's Q/DQ pass handles decoders.
@@ -15,6 +16,7 @@ tokens, and agreement of its own free-running greedy tokens with fp32's.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import tempfile
@@ -128,6 +130,9 @@ def main() -> None:
         sessions = {"ONNX fp32 (ORT CPU)": session(fp32_path, args.threads, args.ort_spinning)}
         sessions["ONNX INT8 dynamic (ORT CPU)"] = session(int8_path, args.threads, args.ort_spinning)
         runners = {"PyTorch eager fp32 + cache": TorchCached(model)}
+        sdpa = copy.deepcopy(model)
+        sdpa.set_attn_implementation("sdpa")
+        runners["PyTorch fp32 + cache, SDPA attention"] = TorchCached(sdpa)
         runners.update({name: CachedDecoder(s) for name, s in sessions.items()})
         times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in runners}
         logits: dict[str, list[np.ndarray]] = {}

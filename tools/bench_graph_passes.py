@@ -81,7 +81,8 @@ def main() -> None:
             r["fusion"]: sum(x["applied"] for x in report.fusions if x["fusion"] == r["fusion"])
             for r in report.fusions
         }
-        print("our fusions:", fused, "ops after:", {k: v for k, v in report.op_counts_after.items() if v})
+        print(f"our pipeline: {report.seconds:.2f} s, fusions {fused}, missed {len(report.missed)}")
+        print("ops after:", {k: v for k, v in report.op_counts_after.items() if v})
         variants = {name: session(tmp / f"{name}.onnx") for name in ("ours", "ort_optimizer", "plain")}
         for batch in (1, 8):
             enc = tokenizer(

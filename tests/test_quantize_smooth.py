@@ -1,0 +1,38 @@
+"""SmoothQuant-style migration: exact in fp32, and it rescues the planted outlier layer under static INT8."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from quant_test_models import mlp_with_outlier
+from test_quantize import OUTLIER_LAYER, _data
+
+from exporter.quantize import QuantConfig, quantize
+from exporter.quantize_smooth import smooth
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_smoothing_is_exact_in_fp32(tmp_path: Path) -> None:
+    onnx.save(mlp_with_outlier(), tmp_path / "fp32.onnx")
+    path, report = smooth(tmp_path / "fp32.onnx", tmp_path, _data(), QuantConfig())
+    assert [s["matmuls"] for s in report["smoothed"]] == [[OUTLIER_LAYER]]
+    x = _data().heldout["x"]
+    err = np.abs(_run(path, x) - _run(tmp_path / "fp32.onnx", x))
+    assert err.max() < 1e-4, f"max abs error {err.max():.3g} at {np.unravel_index(err.argmax(), err.shape)}"
+
+
+def test_smoothing_removes_the_need_to_exclude_the_outlier_layer(tmp_path: Path) -> None:
+    onnx.save(mlp_with_outlier(), tmp_path / "fp32.onnx")
+    config = QuantConfig(method="max", smoothing=True, cpu_variant=False)
+    result = quantize(tmp_path / "fp32.onnx", tmp_path / "out", _data(), config)
+    assert result.report["tensorrt"]["auto_excluded"] == []
+    assert result.report["tensorrt"]["sensitivity"]["all_quantized_cosine"] >= 0.99
+    assert result.report["smoothing"]["smoothed"]
