@@ -3,16 +3,17 @@
 A protobuf message cannot exceed 2 GiB, so a larger model keeps its weights outside the .onnx file.
 The TorchScript exporter then writes one file per initializer (thousands of files named after
 tensors). `consolidate_external_data` rewrites such a model as model.onnx + one data file, streaming
-one tensor at a time (a tensor's bytes are the only extra memory), each tensor aligned to 64 KiB so
-ONNX Runtime can map it from the file instead of copying it. Offsets follow the tensors' order in
-the graph, so the same model always gives the same bytes.
+one tensor at a time (a tensor's bytes are the only extra memory), each tensor's offset aligned to
+64 KiB (the largest alignment the external-data spec allows, so readers may map tensors from the
+file). Offsets follow the tensors' order in the graph, so the same model always gives the same bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -29,15 +30,11 @@ ALIGNMENT = 64 * 1024  # ONNX's largest alignment boundary; ORT maps aligned ten
 
 
 def parameter_bytes(model: nn.Module) -> int:
-    """Bytes of the module's parameters and buffers (shared tensors counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        total += tensor.numel() * tensor.element_size()
-    return total
+    """Bytes of the module's parameters and buffers, a tied tensor counted at each use: the ONNX
+    may hold it twice (e.g. embeddings for Gather and, transposed, for the LM head's MatMul)."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    tensors = [t for _, t in named]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def needs_external_data(model: nn.Module) -> bool:
@@ -105,14 +102,26 @@ def _read_external(tensor: onnx.TensorProto, source_dir: Path) -> bytes:
         return handle.read(info.length) if info.length is not None else handle.read()
 
 
-def remove_tree(path: Path) -> None:
-    """Remove the exporter's scratch folder (its per-tensor files)."""
-    if path.exists():
-        shutil.rmtree(path)
-        logger.debug("removed %s", path)
+@contextlib.contextmanager
+def export_target(path: Path, large: bool) -> Iterator[Path]:
+    """The file name to hand to `torch.onnx.export` for `path`: a file in a scratch folder beside it,
+    where the exporter may drop one file per tensor. On leaving the block without error, a large
+    model (or any export that came out with external data, e.g. tied weights stored twice pushing
+    it over the limit) is packed into `path` + `<path name>.data`; a small one is just moved to
+    `path`. The scratch folder is removed either way."""
+    scratch = path.parent / f".{path.name}.export-scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        yield scratch / path.name
+        if large or has_external_data(scratch / path.name):
+            consolidate_external_data(scratch / path.name, path)
+        else:
+            (scratch / path.name).replace(path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
-def total_size(onnx_path: Path) -> int:
-    """Bytes of the .onnx and its data file (if any)."""
-    data = onnx_path.parent / data_file_name(onnx_path)
-    return os.path.getsize(onnx_path) + (os.path.getsize(data) if data.exists() else 0)
+def has_external_data(onnx_path: Path) -> bool:
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return any(uses_external_data(t) for t in _initializers(model.graph))

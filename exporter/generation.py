@@ -86,6 +86,8 @@ class CachedDecoder:
         self.attention_mask = None if attention_mask is None else attention_mask.astype(np.int64)
 
     def forward(self, new_ids: np.ndarray) -> np.ndarray:
+        if not self._past:
+            raise RuntimeError("CachedDecoder.forward before reset(batch): the cache has no batch size yet")
         batch, new = new_ids.shape
         past_length = next(iter(self._past.values())).shape[2]
         mask = self.attention_mask

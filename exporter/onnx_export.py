@@ -111,26 +111,19 @@ def export_to_onnx(
         dynamic_axes[name] = {0: "batch"} if name == "sentence_embedding" else {0: "batch", 1: "sequence"}
     args = tuple(example[name] for name in inputs)
     large = external_data.needs_external_data(wrapper)
-    scratch = path.parent / f".{path.name}.export-scratch"
-    target = scratch / path.name if large else path
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                wrapper.eval(),
-                args,
-                str(target),
-                input_names=inputs,
-                output_names=outputs,
-                dynamic_axes=dynamic_axes,
-                opset_version=opset,
-                do_constant_folding=True,
-                dynamo=False,
-            )
-        if large:  # the exporter wrote one file per tensor into the scratch folder: pack them into one
-            external_data.consolidate_external_data(target, path)
-    finally:
-        external_data.remove_tree(scratch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with external_data.export_target(path, large) as target, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper.eval(),
+            args,
+            str(target),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
     logger.info("exported %s (opset %d, %s%s)", path, opset, EXPORTER, ", external data" if large else "")
     return path

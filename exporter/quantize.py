@@ -34,6 +34,7 @@ import onnxruntime as ort
 from exporter import quantize_cpu
 from exporter.calibration import CalibrationData
 from exporter.errors import InputError, ValidationError
+from exporter.quantize_outliers import SUFFIX, channel_max, split_outliers
 from exporter.quantize_sensitivity import SWITCH_INPUT, search, switchable_model
 from exporter.ranges import DEFAULT_PERCENTILE, METHODS, collect_ranges
 from exporter.tolerances import tolerance
@@ -66,7 +67,10 @@ class QuantConfig:
     max_excluded_fraction: float = 0.5  # sensitivity may keep at most this share of layers in high precision
     auto_exclude: bool = True
     cpu_variant: bool = True
-    cpu_fusion: bool = True
+    cpu_fusion: bool = False  # ORT's Attention fusion + QAttention measured slower than the unfused graph
+    cpu_outlier_channels: int = (
+        4  # sensitive CPU layers: split this many outlier channels to fp32 (0: whole layer fp32)
+    )
     num_heads: int = 0  # for ONNX Runtime's Attention fusion in the CPU variant (0: detect from the graph)
     hidden_size: int = 0
 
@@ -119,7 +123,9 @@ def quantize(
     report["files"] = {
         TENSORRT_FILE: "TensorRT (explicit Q/DQ, symmetric s8, static ranges)",
         **(
-            {CPU_FILE: "ONNX Runtime CPU (dynamic u8 activations x per-channel s8 weights)"}
+            {
+                CPU_FILE: "ONNX Runtime CPU (dynamic u8 activations x per-channel s8 weights; sensitive layers split)"
+            }
             if cpu_path
             else {}
         ),
@@ -184,8 +190,12 @@ def _cpu_variant(
     user_excluded = _user_excluded(source, config.exclusions()) & frozenset(quantizable)
     candidates = [n for n in quantizable if n not in user_excluded]
 
-    def build(excluded: frozenset[str]) -> Path:
-        return quantize_cpu.build(source, tmp / "cpu_candidate.onnx", excluded | user_excluded)
+    split = _outlier_split(source, candidates, tmp, config, judge.data)
+
+    def build(treated: frozenset[str]) -> Path:
+        """Quantize all but `treated`: those get the outlier split (if possible) or stay in fp32."""
+        model_path, fp32_nodes = split(treated)
+        return quantize_cpu.build(model_path, tmp / "cpu_candidate.onnx", fp32_nodes | user_excluded)
 
     layers = quantize_cpu.layer_inputs(source, candidates)
     sweep = lambda names: judge.sweep(switchable_model(onnx.load(str(source)), layers, None), candidates)  # noqa: E731
@@ -194,11 +204,18 @@ def _cpu_variant(
     cosine = judge.heldout_cosine(out)
     report["cpu"] = {
         "file": out.name,
-        "scheme": "dynamic per-row u8 activations x per-channel s8 weights (ONNX Runtime quantize_dynamic)",
+        "scheme": "dynamic per-tensor u8 activations x per-channel s8 weights (ONNX Runtime quantize_dynamic)",
         "fusion": fusion,
         "quantized": [n for n in candidates if n not in sensitivity.excluded],
         "user_excluded": sorted(user_excluded),
         "auto_excluded": sensitivity.excluded,
+        "outlier_split": {
+            "channels": config.cpu_outlier_channels,
+            "layers": split.splittable(sensitivity.excluded),
+        },
+        "fp32_layers": sorted(
+            split(frozenset(sensitivity.excluded))[1] - {n + SUFFIX for n in sensitivity.excluded}
+        ),
         "sensitivity": sensitivity.to_json(),
         "heldout_cosine": cosine,
         "ort_optimized_graph_ops": quantize_cpu.integer_kernel_counts(out),
@@ -206,6 +223,41 @@ def _cpu_variant(
     }
     logger.info("INT8 CPU variant: held-out cosine %.5f", cosine)
     return cosine
+
+
+def _outlier_split(
+    source: Path, candidates: list[str], tmp: Path, config: QuantConfig, data: CalibrationData
+):  # type: ignore[no-untyped-def]
+    """`split(treated) -> (model path, nodes to keep fp32)`: treated MatMuls get the outlier-channel split
+    (exporter/quantize_outliers.py) when `config.cpu_outlier_channels` > 0, the rest stay fp32."""
+    base = onnx.load(str(source))
+    inputs = {n.name: n.input[0] for n in base.graph.node}
+    inits = {i.name: len(i.dims) for i in base.graph.initializer}
+    splittable = {
+        n.name
+        for n in base.graph.node
+        if n.name in candidates
+        and n.op_type == "MatMul"
+        and inits.get(n.input[1]) == 2
+        and config.cpu_outlier_channels
+    }
+    maxima = (
+        channel_max(base, sorted({inputs[n] for n in splittable}), data, tmp, config.num_samples)
+        if splittable
+        else {}
+    )
+
+    def split(treated: frozenset[str]) -> tuple[Path, frozenset[str]]:
+        chosen = {n: maxima[inputs[n]] for n in treated if n in splittable}
+        if not chosen:
+            return source, treated
+        model = split_outliers(onnx.load(str(source)), chosen, config.cpu_outlier_channels)
+        path = tmp / "cpu_split.onnx"
+        onnx.save(model, str(path))
+        return path, (treated - chosen.keys()) | {n + SUFFIX for n in chosen}
+
+    split.splittable = lambda names: [n for n in names if n in splittable]  # type: ignore[attr-defined]
+    return split
 
 
 def _search(candidates, evaluate, config, sweep):  # type: ignore[no-untyped-def]

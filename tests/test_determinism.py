@@ -115,7 +115,7 @@ def onnx_difference(a: Path, b: Path) -> str:
     ids=["bert-fp32", "llama-fp32", "bert-default"],
 )
 def test_two_exports_are_byte_identical(family, config, model_dir_factory, tmp_path) -> None:
-    model_dir = model_dir_factory(family, masks=masks_for(family), lora=LORA[family])
+    model_dir = model_dir_factory(family, masks=masks_for(family), lora=LORA[family], tokenizer=True)
     first, second = tmp_path / "first", tmp_path / "second_run"
     export_engine(model_dir, first, ExportConfig(**config))
     export_in_fresh_process(model_dir, second, config, hash_seed="12345")

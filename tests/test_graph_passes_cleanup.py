@@ -76,3 +76,31 @@ def test_pass_error_names_the_pass():
 
     with pytest.raises(GraphPassError, match=r"^broken-pass: boom"):
         Broken()(ir.serde.deserialize_model(gm.cleanup_graph()))
+
+
+def test_fold_constants_keeps_weight_dequantize():
+    """DequantizeLinear(int8 constant) is foldable in principle; folding it would drop the INT8 weight."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w_int8", "scale", "zp"], ["w"]),
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.arange(16, dtype=np.int8).reshape(4, 4), "w_int8"),
+        numpy_helper.from_array(np.float32(0.1), "scale"),
+        numpy_helper.from_array(np.int8(0), "zp"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "qdq",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 4])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out, report = gm.apply_pass(FoldConstants(), model)
+    assert report.counts == {}
+    assert gm.op_histogram(out) == {"DequantizeLinear": 1, "MatMul": 1}

@@ -67,9 +67,11 @@ def test_artifacts_and_report(outlier_result) -> None:  # type: ignore[no-untype
     )
     rules = {d["node"]: d["rule"] for d in outlier_result.report["tensorrt"]["decisions"]}
     assert rules[OUTLIER_LAYER] == "excluded by name"
-    kernels = outlier_result.report["cpu"]["ort_optimized_graph_ops"]
-    assert kernels.get("DynamicQuantizeMatMul", 0) + kernels.get("MatMulIntegerToFloat", 0) == 3
-    assert kernels.get("MatMul") == 1  # the excluded layer stays fp32 in ORT's optimized graph
+    cpu = outlier_result.report["cpu"]
+    assert cpu["outlier_split"]["layers"] == [OUTLIER_LAYER] and cpu["fp32_layers"] == []
+    kernels = cpu["ort_optimized_graph_ops"]
+    assert kernels.get("DynamicQuantizeMatMul", 0) + kernels.get("MatMulIntegerToFloat", 0) == 4
+    assert kernels.get("MatMul") == 1  # only the thin outlier-channel MatMul stays fp32
     assert outlier_result.report["gate"]["passed"]
     assert set(outlier_result.report["files"]) == {TENSORRT_FILE, CPU_FILE}
 
@@ -106,3 +108,14 @@ def test_token_cosine_ignores_padding() -> None:
     mask = np.array([[1, 1, 0]])
     assert token_cosines(ref, out, mask).tolist() == [1.0, 1.0]
     assert token_cosines(ref, out, None).tolist() == [1.0, 1.0, -1.0]
+
+
+def test_cpu_layer_stays_fp32_without_outlier_split(tmp_path: Path) -> None:
+    onnx.save(mlp_with_outlier(), tmp_path / "fp32.onnx")
+    config = QuantConfig(method="max", cpu_outlier_channels=0)
+    result = quantize(tmp_path / "fp32.onnx", tmp_path / "out", _data(), config)
+    cpu = result.report["cpu"]
+    assert cpu["auto_excluded"] == [OUTLIER_LAYER] and cpu["fp32_layers"] == [OUTLIER_LAYER]
+    assert cpu["ort_optimized_graph_ops"].get("DynamicQuantizeMatMul", 0) == 3
+    assert cpu["ort_optimized_graph_ops"].get("MatMul") == 1
+    assert result.cpu_cosine >= 0.99

@@ -4,13 +4,19 @@ Variants, run interleaved in one process at the same thread count, medians over 
 - PyTorch eager fp32 with its own DynamicCache (the reference; eager attention, as exported),
 - the same with PyTorch's SDPA attention (transformers' default attention),
 - ONNX fp32 exported by `export_decoder_with_past`, on ONNX Runtime CPU (all graph optimizations),
-- ONNX INT8 from ONNX Runtime's `quantize_dynamic` (QInt8 weights, dynamic u8 activations) as a
-  first INT8 number until the project's Q/DQ pass handles decoders.
+- ONNX INT8 from ONNX Runtime's `quantize_dynamic` (per-channel s8 weights of every MatMul, lm_head
+  included; u8 activations quantized at run time), via `exporter.quantize_cpu.build`: a first INT8
+  number until the project's calibrated Q/DQ pass handles decoders.
 Every variant is fed the same tokens (the PyTorch greedy continuation), so each does the same work.
 INT8 accuracy vs ONNX fp32: logit cosine and top-1 agreement per decode step under those forced
 tokens, and agreement of its own free-running greedy tokens with fp32's.
 
-  HF_HUB_OFFLINE=1 python tools/bench_decoder.py --threads 2 --prompt 128 --new 64 --repeats 5
+  OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python tools/bench_decoder.py --threads 2 --prompt 128 --new 64
+
+On a shared machine, spinning thread pools wreck an interleaved comparison: with other processes
+on the cores, PyTorch's OpenMP threads spinning at barriers made its decode ~4x slower (4.8 vs 21
+tok/s measured here at load 5). So ORT's spinning is off by default (--ort-spinning turns it on) and
+the command sets OpenMP's wait policy to passive (it must be set before torch loads, hence the env).
 """
 
 from __future__ import annotations
@@ -70,6 +76,18 @@ class TorchCached:
         return out.logits.numpy()
 
 
+def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
+    """The project's CPU INT8 variant (ORT dynamic quantization, per-channel s8 weights) when present."""
+    try:
+        from exporter.quantize_cpu import build
+    except ImportError:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(fp32_path), str(int8_path), per_channel=True, weight_type=QuantType.QInt8)
+        return
+    build(fp32_path, int8_path, excluded=frozenset())
+
+
 def session(path: Path, threads: int, spinning: bool) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -124,9 +142,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path, int8_path = Path(tmp) / "decoder_model.onnx", Path(tmp) / "decoder_model_int8.onnx"
         manifest = export_decoder_with_past(model, fp32_path)
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+        quantize_int8(fp32_path, int8_path)
         sessions = {"ONNX fp32 (ORT CPU)": session(fp32_path, args.threads, args.ort_spinning)}
         sessions["ONNX INT8 dynamic (ORT CPU)"] = session(int8_path, args.threads, args.ort_spinning)
         runners = {"PyTorch eager fp32 + cache": TorchCached(model)}
@@ -150,7 +166,8 @@ def report(args, manifest, times, logits, sessions, prompt) -> None:  # type: ig
         f"model: llama hidden {args.hidden}, {args.layers} layers, GQA 8/2, vocab {args.vocab}, "
         f"{sum(layer.n_kv for layer in manifest.layers)} KV heads total; batch {args.batch}, "
         f"prompt {args.prompt}, {args.new} new tokens; {args.threads} threads; median of {args.repeats}; "
-        f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+        f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, ORT spinning {args.ort_spinning}"
     )
     reference = "PyTorch eager fp32 + cache"
     base_prefill, base_decode = (statistics.median(t) for t in times[reference])

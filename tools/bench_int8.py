@@ -12,9 +12,12 @@ Usage: HF_HUB_OFFLINE=1 python tools/bench_int8.py [--model-dir DIR] [--threads 
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no OpenMP spin-waiting between runs
+
 import argparse
 import logging
-import os
 import statistics
 import tempfile
 import time
@@ -76,8 +79,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--num-heads", type=int, default=0, help="for ORT's Attention fusion (0: detect)")
-    parser.add_argument("--hidden-size", type=int, default=0)
+    parser.add_argument("--method", default="mse", help="calibration method for exporter.quantize")
     return parser.parse_args()
 
 
@@ -106,6 +108,8 @@ def _ort_runner(path: Path, threads: int):  # type: ignore[no-untyped-def]
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    # no spin-waiting: a spinning ORT pool would steal the cores from the variant timed next
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda feeds: session.run(None, feeds)[0]
 

@@ -42,8 +42,7 @@ def llama_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         vocab_size=args.vocab,
         max_position_embeddings=2048,
         tie_word_embeddings=False,
-        attn_implementation="eager",
-    )
+    )  # the loader builds with eager attention whatever the config says
 
 
 # ------------------------------------------------------------------------------------ writing the input
@@ -171,6 +170,8 @@ def export_and_measure(model_dir: Path, out_dir: Path, variant: str = "as-is") -
     workaround = skip_external_initializers_in_prebuild_check()
     if variant == "free-loaded-weights":
         free_loaded_weights_after_reference()
+    elif variant == "assign-weights":
+        build_reference_by_assignment()
     with sampler:
         config = ExportConfig(precision="fp32", benchmark=False, sequence_length=16, validation_samples=2)
         try:
@@ -210,6 +211,36 @@ def free_loaded_weights_after_reference() -> None:
         return model
 
     api.build_reference_model = build_then_free  # type: ignore[assignment]
+
+
+def build_reference_by_assignment() -> None:
+    """Variant measuring a proposed change to exporter/model_dir.build_reference_model: allocate the
+    model without initialising it (transformers' no_init_weights: untouched pages are never resident)
+    and `load_state_dict(assign=True)` so its parameters *are* the checkpoint's tensors (no copy);
+    then drop ModelDir.weights. Same merge and masks as build_reference_model."""
+    import torch
+    from transformers.initialization import no_init_weights
+
+    from exporter import api
+    from exporter import masks as masks_io
+    from exporter.lora import merge_lora
+    from exporter.model_dir import new_model
+
+    @torch.no_grad()
+    def build(md):  # type: ignore[no-untyped-def]
+        with no_init_weights():
+            model = new_model(md.config)
+        model.load_state_dict(md.weights, strict=False, assign=True)
+        if getattr(md.config, "tie_word_embeddings", False):
+            model.tie_weights()
+        md.weights.clear()
+        model = model.float().eval()
+        if md.adapter is not None:
+            model, md.lora_merge = merge_lora(model, md.adapter)
+        masks_io.apply_masks_(model, md.masks)
+        return model.eval()
+
+    api.build_reference_model = build  # type: ignore[assignment]
 
 
 def skip_external_initializers_in_prebuild_check() -> str:
@@ -261,10 +292,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep MODEL_DIR and OUT_DIR")
     p.add_argument(
         "--variant",
-        choices=["as-is", "free-loaded-weights"],
+        choices=["as-is", "free-loaded-weights", "assign-weights"],
         default="as-is",
-        help="as-is: the pipeline unchanged; free-loaded-weights: measure dropping ModelDir.weights "
-        "after the reference is built (a proposed change to exporter/api.py)",
+        help="as-is: the pipeline unchanged; free-loaded-weights: drop ModelDir.weights once the reference "
+        "is built; assign-weights: build the reference without init and load_state_dict(assign=True) "
+        "(proposed changes to exporter/api.py / model_dir.py, measured here)",
     )
     p.add_argument("--phase", choices=["all", "write", "export"], default="all", help=argparse.SUPPRESS)
     return p.parse_args(argv)
