@@ -10,6 +10,7 @@ Every check compares with the masked+merged PyTorch reference and raises on fail
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -24,8 +25,12 @@ from engines.selection import BackendChoice, select_backend
 from exporter import report as report_io
 from exporter.compact import save_compact
 from exporter.config import ExportConfig
+from exporter.decoder_export import TASK as DECODER_TASK
+from exporter.decoder_export import export_decoder_with_past
 from exporter.engine_stage import run_engine_stage
+from exporter.errors import InputError
 from exporter.families import family_for, is_decoder
+from exporter.generation import CachedDecoder
 from exporter.inputs import validation_feeds
 from exporter.model_dir import ModelDir, build_reference_model, load_model_dir
 from exporter.onnx_export import (
@@ -95,6 +100,7 @@ class _Run:
                 self.model_dir, adapter=self.config.adapter, allow_pickle=self.config.allow_pickle
             )
             family_for(md.model_type, str(self.model_dir / "config.json"))
+            self._task(md)  # a task that does not fit the model is refused before any work
             self.report["model"] = _model_json(md)
         with self.stage("reference"):
             model = build_reference_model(md)
@@ -111,19 +117,51 @@ class _Run:
             save_compact(model, plan, work / "compact_model")
             self.report["restructure"] = _restructure_json(plan)
         with self.stage("export"):
-            exported = export_to_onnx(
-                wrapper, {k: torch.from_numpy(v) for k, v in feeds.items()}, work / "model.onnx"
-            )
-            self.artifacts["onnx"] = exported
-            self._check("onnx_fp32", reference, _onnxruntime_outputs(exported, feeds))
-            self.report["export"] = {
-                "exporter": EXPORTER,
-                "reason": EXPORTER_REASON,
-                "opset": self.config.opset,
-            }
+            self._export(md, wrapper, model, feeds, reference, work)
         with self.stage("engine"):
             self.report["engine"] = run_engine_stage(self.choice, self.artifacts["onnx"], self._seq_limit(md))
         report_io.write(work, self.report)
+
+    def _export(
+        self,
+        md: ModelDir,
+        wrapper: torch.nn.Module,
+        model: torch.nn.Module,
+        feeds: dict[str, np.ndarray],
+        reference: dict[str, np.ndarray],
+        work: Path,
+    ) -> None:
+        """The compact model to ONNX, checked on ONNX Runtime against the reference."""
+        path = work / "model.onnx"
+        if self._task(md) == DECODER_TASK:
+            manifest = export_decoder_with_past(model, path, opset=self.config.opset)
+            (work / "decoder_manifest.json").write_text(
+                json.dumps(manifest.to_dict(), indent=2, sort_keys=True)
+            )
+            outputs = _decoder_prefill_outputs(path, feeds)
+            real_tokens = {"logits": feeds["attention_mask"].astype(bool)}
+            self._check("onnx_fp32", reference, outputs, real_tokens)
+        else:
+            export_to_onnx(
+                wrapper, {k: torch.from_numpy(v) for k, v in feeds.items()}, path, self.config.opset
+            )
+            self._check("onnx_fp32", reference, _onnxruntime_outputs(path, feeds))
+        self.artifacts["onnx"] = path
+        self.report["export"] = {
+            "exporter": EXPORTER,
+            "reason": EXPORTER_REASON,
+            "opset": self.config.opset,
+            "task": self._task(md),
+        }
+
+    def _task(self, md: ModelDir) -> str:
+        if not is_decoder(md.model_type):
+            if self.config.task is not None:
+                raise InputError(
+                    "--task", f"{self.config.task} is for causal LMs; {md.model_type} is an encoder"
+                )
+            return "feature-extraction"
+        return self.config.task or DECODER_TASK
 
     def _feeds(self, md: ModelDir, wrapper: torch.nn.Module) -> dict[str, np.ndarray]:
         names = input_names_for(wrapper)
@@ -138,9 +176,13 @@ class _Run:
         return min(self.config.sequence_length, self._seq_limit(md))
 
     def _check(
-        self, what: str, reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray]
+        self,
+        what: str,
+        reference: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray],
+        token_masks: dict[str, np.ndarray] | None = None,
     ) -> list[Comparison]:
-        comparisons = compare_all(reference, outputs)
+        comparisons = compare_all(reference, outputs, token_masks)
         self.report.setdefault("validation", {})[what] = [c.to_json() for c in comparisons]
         check(comparisons, "fp32", what)
         return comparisons
@@ -171,6 +213,18 @@ def _onnxruntime_outputs(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, 
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))
+
+
+def _decoder_prefill_outputs(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Logits of a prefill with an empty past, ONNX Runtime optimizations off."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    decoder = CachedDecoder(session)
+    decoder.reset(feeds["input_ids"].shape[0], feeds["attention_mask"])
+    return {"logits": decoder.forward(feeds["input_ids"])}
 
 
 def _config_json(config: ExportConfig) -> dict[str, Any]:

@@ -3,6 +3,7 @@ the compact ONNX equals the masked+merged reference and exactly the dead units' 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -120,3 +121,27 @@ def test_minilm_demo_real_weights(minilm_demo_export) -> None:
     assert names == {"last_hidden_state", "sentence_embedding"}
     assert all(c["max_abs"] <= 1e-4 for c in report["validation"]["onnx_fp32"])
     assert np.isclose(report["model"]["lora_merged_modules"], 12)
+
+
+@pytest.mark.parametrize("task", [None, "text-generation"])
+def test_causal_lm_task_decides_the_kv_cache(task, model_dir_factory, tmp_path) -> None:
+    masks, _ = family_masks("qwen2")
+    config = dataclasses.replace(FP32, task=task)
+    result = export_engine(model_dir_factory("qwen2", masks=masks), tmp_path / "out", config)
+    inputs = [i.name for i in onnx.load(result.onnx_path).graph.input]
+    if task is None:
+        assert "past_key_values.1.key" in inputs and "position_ids" in inputs
+        manifest = json.loads((tmp_path / "out" / "decoder_manifest.json").read_text())
+        assert [layer["n_kv"] for layer in manifest["layers"]] == [4, 3]  # layer 1 lost a whole KV group
+    else:
+        assert inputs == ["input_ids", "attention_mask"]
+    assert result.report["export"]["task"] == (task or "text-generation-with-past")
+
+
+def test_task_on_an_encoder_is_refused(model_dir_factory, tmp_path) -> None:
+    from exporter.errors import InputError
+
+    with pytest.raises(InputError, match="--task"):
+        export_engine(
+            model_dir_factory("bert"), tmp_path / "out", dataclasses.replace(FP32, task="text-generation")
+        )
