@@ -231,7 +231,7 @@ def _outlier_split(
     """`split(treated) -> (model path, nodes to keep fp32)`: treated MatMuls get the outlier-channel split
     (exporter/quantize_outliers.py) when `config.cpu_outlier_channels` > 0, the rest stay fp32."""
     base = onnx.load(str(source))
-    inputs = {n.name: n.input[0] for n in base.graph.node}
+    inputs = {n.name: n.input[0] for n in base.graph.node if n.name in candidates}
     inits = {i.name: len(i.dims) for i in base.graph.initializer}
     splittable = {
         n.name
