@@ -25,6 +25,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines.append("")
     lines += _restructure(report.get("restructure"))
     lines += _validation(report.get("validation", {}))
+    lines += _graph_passes(report.get("graph_passes"))
     for section in report.get("extra_sections_md", []):
         lines += [section, ""]
     lines += _timings(report.get("timings_s", {}))
@@ -69,6 +70,26 @@ def _validation(validation: dict[str, Any]) -> list[str]:
                 f"| {check} | {c['output']} | {c['max_abs']:.3g} | {c['mean_abs']:.3g} "
                 f"| {c['mean_cosine']:.6f} | {c['min_cosine']:.6f} |"
             )
+    return [*lines, ""]
+
+
+def _graph_passes(pipeline: dict[str, Any] | None) -> list[str]:
+    if not pipeline:
+        return []
+    lines = [
+        f"## Graph passes (target: {pipeline['target']})",
+        "",
+        "| fusion | layer | status | reason |",
+        "|---|---|---|---|",
+    ]
+    for row in pipeline["fusions"]:
+        lines.append(f"| {row['fusion']} | {row['layer']} | {row['status']} | {row.get('reason') or '-'} |")
+    lines += ["", "| pass | changes | seconds |", "|---|---|---|"]
+    for p in pipeline["passes"]:
+        changes = ", ".join(
+            f"{k} {v:+d}" if isinstance(v, int) else f"{k} {v}" for k, v in p["counts"].items()
+        )
+        lines.append(f"| {p['name']} | {changes or '-'} | {p['seconds']:.3f} |")
     return [*lines, ""]
 
 
