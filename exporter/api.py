@@ -23,6 +23,7 @@ import onnx
 import torch
 
 from engines.selection import BackendChoice, select_backend
+from exporter import quantize_cpu
 from exporter import report as report_io
 from exporter.compact import save_compact
 from exporter.config import ExportConfig
@@ -33,6 +34,7 @@ from exporter.errors import InputError
 from exporter.families import family_for, is_decoder
 from exporter.generation import CachedDecoder
 from exporter.inputs import validation_feeds
+from exporter.int8_stage import run_int8_stage
 from exporter.model_dir import ModelDir, build_reference_model, load_model_dir
 from exporter.onnx_export import (
     EXPORTER,
@@ -43,6 +45,7 @@ from exporter.onnx_export import (
     input_names_for,
 )
 from exporter.outputs import check_output_dir, staged_output
+from exporter.quantize import CPU_FILE
 from exporter.restructure import restructure
 from exporter.validate import Comparison, check, compare_all
 from graph_passes.pipeline import optimize
@@ -122,8 +125,12 @@ class _Run:
             self._export(md, wrapper, model, feeds, reference, work)
         with self.stage("graph_passes"):
             self._optimize(md, feeds, reference, work)
+        if self.config.precision == "int8":
+            with self.stage("int8"):
+                self._int8(md, feeds, reference, work)
         with self.stage("engine"):
-            self.report["engine"] = run_engine_stage(self.choice, self.artifacts["onnx"], self._seq_limit(md))
+            engine_onnx = self.artifacts.get("int8", self.artifacts["onnx"])
+            self.report["engine"] = run_engine_stage(self.choice, engine_onnx, self._seq_limit(md))
         report_io.write(work, self.report)
 
     def _export(
@@ -174,6 +181,46 @@ class _Run:
         gate = "fp32" if self.config.sparsity != "enforce" else None
         self._check("optimized_fp32", reference, outputs, self._real_tokens(md, feeds), gate)
         self.artifacts["onnx"] = path
+
+    def _int8(
+        self, md: ModelDir, feeds: dict[str, np.ndarray], reference: dict[str, np.ndarray], work: Path
+    ) -> None:
+        """INT8 artifacts, gated on held-out accuracy vs fp32 and compared with the PyTorch reference."""
+        if self._task(md) == DECODER_TASK:
+            path = work / CPU_FILE
+            quantize_cpu.build(self.artifacts["exported"], path, frozenset())
+            self.report["int8"] = {
+                "cpu": {"file": path.name, "scheme": "dynamic u8 activations x per-channel s8 weights"},
+                "not_done": "calibrated Q/DQ for TensorRT is not built for KV-cache decoders yet",
+            }
+            self.artifacts["int8_cpu"] = path
+            self._check(
+                "int8_cpu",
+                reference,
+                self._onnx_outputs(md, path, feeds),
+                self._real_tokens(md, feeds),
+                "int8",
+            )
+            return
+        result, section = run_int8_stage(
+            self.artifacts["exported"],
+            work,
+            self.config,
+            family=md.model_type,
+            tokenizer_path=md.tokenizer_path,
+            input_names=list(feeds),
+            sequence_length=self._seq_len(md),
+            vocab_size=md.config.vocab_size,
+        )
+        self.report["int8"] = section
+        self.artifacts["int8"] = result.tensorrt_path
+        self._check(
+            "int8_tensorrt", reference, self._onnx_outputs(md, result.tensorrt_path, feeds), gate=None
+        )
+        if result.cpu_path is not None:
+            self.artifacts["int8_cpu"] = result.cpu_path
+            cpu_outputs = _onnxruntime_outputs(result.cpu_path, feeds, optimized=True)
+            self._check("int8_cpu", reference, cpu_outputs, gate=None)
 
     def _onnx_outputs(self, md: ModelDir, path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._task(md) == DECODER_TASK:
@@ -239,12 +286,16 @@ def _torch_outputs(wrapper: torch.nn.Module, feeds: dict[str, np.ndarray]) -> di
     return {name: o.numpy() for name, o in zip(output_names_for(wrapper), outputs)}
 
 
-def _onnxruntime_outputs(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run with ONNX Runtime's own graph optimizations off, so they cannot hide a bug of ours."""
+def _onnxruntime_outputs(
+    path: Path, feeds: dict[str, np.ndarray], optimized: bool = False
+) -> dict[str, np.ndarray]:
+    """Run with ONNX Runtime's own graph optimizations off, so they cannot hide a bug of ours;
+    `optimized` runs as deployed (the CPU INT8 model is judged as ORT's integer kernels compute it)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))

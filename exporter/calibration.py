@@ -77,13 +77,15 @@ def load_calibration(
     num_samples: int = DEFAULT_NUM_SAMPLES,
     num_heldout: int = DEFAULT_HELDOUT,
     seed: int = 0,
+    vocab_size: int | None = None,
 ) -> CalibrationData:
     """Load, tokenize and split calibration samples: `num_samples` for calibration, `num_heldout` held out.
 
     Fewer samples than asked: the held-out split gets a quarter of them (at least one sample each way).
     """
     if source is not None and str(source) == RANDOM:
-        feeds, name = random_feeds(input_names, num_samples + num_heldout, seq_len, seed), RANDOM
+        count = num_samples + num_heldout
+        feeds, name = random_feeds(input_names, count, seq_len, seed, vocab_size), RANDOM
     elif source is not None and Path(source).suffix == ".npz":
         feeds, name = calibration_data.read_npz(Path(source), input_names), str(source)
     else:
@@ -123,8 +125,11 @@ def tokenize(
     return feeds
 
 
-def random_feeds(input_names: list[str], count: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random token ids (1000..1999), random lengths; attention mask and token types to match."""
+def random_feeds(
+    input_names: list[str], count: int, seq_len: int, seed: int = 0, vocab_size: int | None = None
+) -> dict[str, np.ndarray]:
+    """Random token ids (1000..1999, or 1..vocab_size-1 for a small vocabulary), random lengths;
+    attention mask and token types to match."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(max(2, seq_len // 4), seq_len + 1, size=count)
     mask = (np.arange(seq_len)[None, :] < lengths[:, None]).astype(np.int64)
@@ -135,7 +140,8 @@ def random_feeds(input_names: list[str], count: int, seq_len: int, seed: int = 0
         elif name == "token_type_ids":
             feeds[name] = np.zeros((count, seq_len), dtype=np.int64)
         else:
-            feeds[name] = rng.integers(1000, 2000, size=(count, seq_len)).astype(np.int64) * mask
+            low, high = (1000, 2000) if vocab_size is None or vocab_size > 2000 else (1, vocab_size)
+            feeds[name] = rng.integers(low, high, size=(count, seq_len)).astype(np.int64) * mask
     return feeds
 
 
