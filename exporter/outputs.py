@@ -33,6 +33,9 @@ def staged_output(out: Path) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out`, on error it is removed."""
     parent = out.resolve().parent
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    work.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the export private to its creator
     try:
         yield work
     except BaseException:
