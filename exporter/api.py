@@ -214,13 +214,13 @@ class _Run:
         )
         self.report["int8"] = section
         self.artifacts["int8"] = result.tensorrt_path
-        self._check(
-            "int8_tensorrt", reference, self._onnx_outputs(md, result.tensorrt_path, feeds), gate=None
-        )
+        real = {"last_hidden_state": feeds["attention_mask"].astype(bool)}  # INT8 is judged on real tokens
+        trt_outputs = self._onnx_outputs(md, result.tensorrt_path, feeds)
+        self._check("int8_tensorrt", reference, trt_outputs, real, None)
         if result.cpu_path is not None:
             self.artifacts["int8_cpu"] = result.cpu_path
             cpu_outputs = _onnxruntime_outputs(result.cpu_path, feeds, optimized=True)
-            self._check("int8_cpu", reference, cpu_outputs, gate=None)
+            self._check("int8_cpu", reference, cpu_outputs, real, None)
 
     def _onnx_outputs(self, md: ModelDir, path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._task(md) == DECODER_TASK:

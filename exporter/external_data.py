@@ -63,6 +63,37 @@ def consolidate_external_data(source: Path, target: Path) -> Path:
     return target
 
 
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the model's initializers, inline or external."""
+    total = 0
+    for tensor in _initializers(model.graph):
+        if uses_external_data(tensor):
+            total += int(ExternalDataInfo(tensor).length or 0)
+        else:
+            total += len(tensor.raw_data)
+    return total
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> Path:
+    """Save `model` at `path`; when its weights are over the limit, they go to one `<name>.data`
+    beside it (a fixed name, unlike `onnx.save(save_as_external_data=True)` without `location`,
+    which names the file with a fresh uuid on every run).
+
+    The large case moves the weights out of `model`: the proto then references the data file."""
+    path = Path(path)
+    if initializer_bytes(model) <= EXTERNAL_DATA_THRESHOLD_BYTES:
+        onnx.save_model(model, str(path))
+        return path
+    if any(uses_external_data(t) for t in _initializers(model.graph)):
+        raise ValueError(f"{path}: save_onnx needs the weights in memory (load with load_external_data=True)")
+    data_path = path.parent / data_file_name(path)
+    with open(data_path, "wb") as data:
+        for tensor in _initializers(model.graph):
+            _move_to_data_file(tensor, path.parent, data, data_path.name)
+    onnx.save_model(model, str(path))
+    return path
+
+
 def _initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
     """Initializers of the graph and of every subgraph, in graph order."""
     tensors = list(graph.initializer)

@@ -131,9 +131,10 @@ def test_external_data_outside_the_folder_is_refused(tmp_path) -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="engines/tensorrt_checks.py _constants() reads every initializer with numpy_helper.to_array, "
-    "which cannot resolve external data (it looks in the working directory): the engine stage fails "
-    "on every model over 2 GB",
+    reason="the large-model path is not wired through the whole pipeline yet: exporter/decoder_export.py "
+    "calls torch.onnx.export directly (one file per tensor over 2 GB; use external_data.export_target), "
+    "exporter/api.py _optimize saves with onnx.save (fails over 2 GB; use external_data.save_onnx), and "
+    "engines/tensorrt_checks.py _constants() reads external initializers from the working directory",
 )
 def test_export_engine_end_to_end_with_external_data(force_external, model_dir_factory, tmp_path) -> None:
     model_dir = model_dir_factory(
@@ -142,6 +143,35 @@ def test_export_engine_end_to_end_with_external_data(force_external, model_dir_f
     out = tmp_path / "out"
     config = ExportConfig(precision="fp32", benchmark=False, sequence_length=32, validation_samples=4)
     result = export_engine(model_dir, out, config)
-    assert (out / "model.onnx.data").is_file()
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.onnx.data" in names
+    for name in names:
+        if name.endswith(".onnx"):
+            model = onnx.load(str(out / name), load_external_data=False)
+            locations = {
+                e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"
+            }
+            assert locations == {name + ".data"}, (name, locations)
+        else:
+            assert name.endswith((".data", ".json", ".md")) or (out / name).is_dir(), name
     assert all(c["max_abs"] <= 1e-4 for c in result.report["validation"]["onnx_fp32"])
+
+
+def test_save_onnx_writes_one_fixed_name_data_file(force_external, tmp_path) -> None:
+    wrapper = CausalLMForExport(build_base_model("llama")).eval()
+    exported = export_to_onnx(wrapper, example(), tmp_path / "exported" / "model.onnx")
+    expected = run_onnxruntime(exported, example())
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        external_data.save_onnx(onnx.load(str(exported)), tmp_path / run / "model.onnx")
+        assert sorted(p.name for p in (tmp_path / run).iterdir()) == ["model.onnx", "model.onnx.data"]
+        np.testing.assert_array_equal(run_onnxruntime(tmp_path / run / "model.onnx", example()), expected)
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_save_onnx_keeps_small_models_in_one_file(tmp_path) -> None:
+    wrapper = CausalLMForExport(build_base_model("llama")).eval()
+    exported = export_to_onnx(wrapper, example(), tmp_path / "exported.onnx")
+    external_data.save_onnx(onnx.load(str(exported)), tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx.data").exists()

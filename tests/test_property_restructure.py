@@ -92,10 +92,13 @@ class MaskCase:
 
 
 def subset(n: int) -> st.SearchStrategy[list[int]]:
-    """A random subset of range(n), biased towards none / all so emptied layers come up often."""
-    return st.one_of(
-        st.just([]), st.just(list(range(n))), st.lists(st.integers(0, n - 1), unique=True, max_size=n)
-    )
+    """A random subset of range(n) of at most half of it (whole sublayers are emptied separately)."""
+    return st.lists(st.integers(0, n - 1), unique=True, max_size=max(1, n // 2))
+
+
+def emptied_by(routes: list[str]) -> st.SearchStrategy[str | None]:
+    """None (3 times in 4: partial pruning), or the route by which a whole sublayer is emptied."""
+    return st.one_of(st.none(), st.none(), st.none(), st.sampled_from(routes))
 
 
 @st.composite
@@ -116,6 +119,13 @@ def draw_attention(draw: st.DrawFn, s: Shape, layer: int, case: MaskCase) -> tup
     o_cols = sorted(draw(subset(s.heads), label=f"L{layer} heads by o columns"))
     v_rows = sorted(draw(subset(s.kv_heads), label=f"L{layer} kv heads by value rows"))
     whole_groups = sorted(draw(subset(s.kv_heads), label=f"L{layer} whole GQA groups")) if s.group > 1 else []
+    empty = draw(emptied_by(["o", "v", "groups"] if s.group > 1 else ["o", "v"]), label=f"L{layer} emptied")
+    if empty == "o":
+        o_cols = list(range(s.heads))
+    elif empty == "v":
+        v_rows = list(range(s.kv_heads))
+    elif empty == "groups":
+        whole_groups = list(range(s.kv_heads))
     distractors = draw(st.lists(st.integers(0, s.heads - 1), max_size=2), label=f"L{layer} q/k rows")
     if o_cols:
         case.kill_cols(name("o"), (s.hidden, q_width), head_span(o_cols, s.head_dim))
@@ -142,13 +152,14 @@ def draw_ffn(draw: st.DrawFn, s: Shape, layer: int, case: MaskCase) -> int:
     """FFN neurons dead by input rows (up / gate) or output columns (down); returns the expected width."""
     name = lambda role: layer_param(s.family, layer, role)  # noqa: E731
     in_roles = ["up"] if s.family == "bert" else ["gate", "up"]
+    empty = draw(emptied_by([*in_roles, "down"]), label=f"L{layer} ffn emptied")
     dead: set[int] = set()
     for role in in_roles:
-        rows = draw(subset(s.ffn), label=f"L{layer} ffn {role} rows")
+        rows = list(range(s.ffn)) if empty == role else draw(subset(s.ffn), label=f"L{layer} ffn {role} rows")
         if rows:
             case.kill_rows(name(role), (s.ffn, s.hidden), rows)
         dead |= set(rows)
-    cols = draw(subset(s.ffn), label=f"L{layer} ffn down columns")
+    cols = list(range(s.ffn)) if empty == "down" else draw(subset(s.ffn), label=f"L{layer} ffn down columns")
     if cols:
         case.kill_cols(name("down"), (s.hidden, s.ffn), cols)
     dead |= set(cols)

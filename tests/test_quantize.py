@@ -42,7 +42,7 @@ def outlier_result(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no
     tmp = tmp_path_factory.mktemp("quant")
     model = mlp_with_outlier()
     onnx.save(model, tmp / "fp32.onnx")
-    config = QuantConfig(method="max", cpu_fusion=False)
+    config = QuantConfig(method="max", smoothing=False)
     return quantize(tmp / "fp32.onnx", tmp / "out", _data(), config, reference=_numpy_reference(model))
 
 
@@ -78,7 +78,7 @@ def test_artifacts_and_report(outlier_result) -> None:  # type: ignore[no-untype
 
 def test_gate_fails_with_the_numbers(tmp_path: Path) -> None:
     onnx.save(mlp_with_outlier(), tmp_path / "fp32.onnx")
-    config = QuantConfig(method="max", auto_exclude=False, cpu_variant=False)
+    config = QuantConfig(method="max", auto_exclude=False, smoothing=False, cpu_variant=False)
     with pytest.raises(
         ValidationError, match=r"target mean token cosine >= 0\.99; tensorrt: held-out .* 0 layers"
     ):
@@ -87,14 +87,16 @@ def test_gate_fails_with_the_numbers(tmp_path: Path) -> None:
 
 def test_gate_fails_when_the_budget_is_too_small(tmp_path: Path) -> None:
     onnx.save(mlp_with_outlier(), tmp_path / "fp32.onnx")
-    config = QuantConfig(method="max", min_cosine=0.999999, max_excluded_fraction=0.25, cpu_variant=False)
+    config = QuantConfig(
+        method="max", min_cosine=0.999999, max_excluded_fraction=0.25, smoothing=False, cpu_variant=False
+    )
     with pytest.raises(ValidationError, match="1 layers in high precision"):
         quantize(tmp_path / "fp32.onnx", tmp_path / "out", _data(), config)
 
 
 def test_user_exclusion_is_respected_without_search(tmp_path: Path) -> None:
     onnx.save(mlp_with_outlier(), tmp_path / "fp32.onnx")
-    config = QuantConfig(method="percentile", exclude_regex=(r"^layer2/",), cpu_fusion=False)
+    config = QuantConfig(method="percentile", exclude_regex=(r"^layer2/",), smoothing=False)
     result = quantize(tmp_path / "fp32.onnx", tmp_path / "out", _data(), config)
     assert result.report["tensorrt"]["sensitivity"]["all_quantized_cosine"] >= 0.99
     assert result.report["tensorrt"]["auto_excluded"] == [] and result.report["cpu"]["auto_excluded"] == []
@@ -112,7 +114,7 @@ def test_token_cosine_ignores_padding() -> None:
 
 def test_cpu_layer_stays_fp32_without_outlier_split(tmp_path: Path) -> None:
     onnx.save(mlp_with_outlier(), tmp_path / "fp32.onnx")
-    config = QuantConfig(method="max", cpu_outlier_channels=0)
+    config = QuantConfig(method="max", cpu_outlier_channels=0, smoothing=False)
     result = quantize(tmp_path / "fp32.onnx", tmp_path / "out", _data(), config)
     cpu = result.report["cpu"]
     assert cpu["auto_excluded"] == [OUTLIER_LAYER] and cpu["fp32_layers"] == [OUTLIER_LAYER]
