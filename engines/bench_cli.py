@@ -28,7 +28,8 @@ from exporter.errors import ExportEngineError, InputError
 
 logger = logging.getLogger(__name__)
 
-STAGE_ORDER = ("model.onnx", "model.opt.onnx", "model.int8.onnx", "model.int8.cpu.onnx")
+# An export folder's stages in pipeline order: compact fp32 export, optimized graph, INT8 (TensorRT Q/DQ), INT8 (CPU).
+STAGE_ORDER = ("model.exported.onnx", "model.onnx", "model.int8.onnx", "model.int8.cpu.onnx")
 ENQUEUE_BOUND_THRESHOLD = 0.8  # trtexec's kENQUEUE_BOUND_REPORTING_THRESHOLD
 
 

@@ -134,11 +134,14 @@ def test_out_dir_benchmarks_every_stage_in_stage_order(
 ) -> None:
     write_tiny_encoder(tmp_path / "model.int8.onnx", quantized_table=True)
     write_tiny_encoder(tmp_path / "model.onnx")
+    write_tiny_encoder(tmp_path / "model.exported.onnx")
+    write_tiny_encoder(tmp_path / "zz.extra.onnx")
     (tmp_path / "report.md").write_text("not a model")
     code, out, err = run([str(tmp_path), *FAST, "--json"], capsys)
     assert code == 0, err
     doc = json.loads(out)
-    assert [v["name"] for v in doc["variants"]] == ["model.onnx", "model.int8.onnx"]
+    names = [v["name"] for v in doc["variants"]]
+    assert names == ["model.exported.onnx", "model.onnx", "model.int8.onnx", "zz.extra.onnx"]
     assert doc["variants"][0]["medianRatioToFirst"] == 1.0
 
 

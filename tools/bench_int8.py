@@ -48,13 +48,11 @@ def main() -> None:
     plain = export_to_onnx(
         torch_model, {k: torch.from_numpy(v[:1]) for k, v in data.heldout.items()}, work / "fp32.onnx"
     )
+    if args.methods:
+        _compare_methods(plain, data)
+        return
     start = time.perf_counter()
-    ours = (
-        args.int8
-        or quantize(
-            plain, work / "int8", data, QuantConfig(num_heads=args.num_heads, hidden_size=args.hidden_size)
-        ).cpu_path
-    )
+    ours = args.int8 or quantize(plain, work / "int8", data, QuantConfig(method=args.method)).cpu_path
     print(f"exporter.quantize: {time.perf_counter() - start:.0f} s")
     runners = {
         "(a) PyTorch fp32 eager": _torch_runner(torch_model),
@@ -68,18 +66,48 @@ def main() -> None:
     _table(runners, cosines, times, args)
 
 
+def _compare_methods(plain: Path, data: CalibrationData) -> None:
+    """How each range method does before any layer is kept in high precision (chooses the default)."""
+    import onnx
+    import onnx_ir as ir
+
+    from exporter.quantize import Judge
+    from exporter.ranges import METHODS, collect_ranges
+    from graph_passes.insert_qdq import InsertQDQ, activation_tensors, plan
+
+    proto = onnx.load(str(plain))
+    tensors = activation_tensors(plan(ir.from_proto(proto)))
+    judge = Judge(plain, data, 16, None)
+    print("| range method | held-out mean token cosine, all layers INT8 (TensorRT placement) |\n|---|---|")
+    for method in METHODS:
+        model = ir.from_proto(proto)
+        InsertQDQ(collect_ranges(proto, tensors, data, method))(model)
+        print(f"| {method} | {judge.heldout_cosine(ir.to_proto(model), fake_quant=True):.4f} |", flush=True)
+
+
 def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model-dir", help="HF BERT-family model folder (default: all-MiniLM-L6-v2)")
-    parser.add_argument("--int8", help="an existing model.int8.cpu.onnx (default: run exporter.quantize)")
+    parser.add_argument(
+        "--model-dir",
+        help="HF BERT-family folder or MODEL_DIR with masks/adapter (default: all-MiniLM-L6-v2)",
+    )
+    parser.add_argument(
+        "--int8",
+        help="an existing model.int8.cpu.onnx, e.g. from export-engine (default: run exporter.quantize)",
+    )
     parser.add_argument("--work", help="folder for the exported models (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--method", default="mse", help="calibration method for exporter.quantize")
+    parser.add_argument(
+        "--methods",
+        action="store_true",
+        help="instead: held-out cosine of the TensorRT Q/DQ placement, every layer quantized, per range method",
+    )
     return parser.parse_args()
 
 
@@ -90,9 +118,19 @@ def _minilm() -> str:
 
 
 def _torch_model(model_dir: Path) -> EncoderForExport:
-    from transformers import AutoModel
+    """The fp32 PyTorch model: a MODEL_DIR with pruning masks / a LoRA adapter is masked and merged as the
+    exporter's reference does; a plain Hugging Face folder is loaded as is."""
+    if (model_dir / "pruning_masks.safetensors").exists() or (model_dir / "adapter").is_dir():
+        from exporter.model_dir import build_reference_model, load_model_dir
 
-    model = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager", add_pooling_layer=False)
+        adapter = model_dir / "adapter" if (model_dir / "adapter").is_dir() else None
+        model = build_reference_model(load_model_dir(model_dir, adapter=adapter))
+    else:
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(
+            str(model_dir), attn_implementation="eager", add_pooling_layer=False
+        )
     return EncoderForExport(model.eval(), uses_token_type_ids=True, pooling=None).eval()
 
 

@@ -1,6 +1,6 @@
 """Benchmark (run by hand, not a test): peak memory of exporting a ~1B-parameter Llama-style model.
 
-    HF_HUB_OFFLINE=1 python tools/bench_large_model.py [--layers 16] [--workdir /tmp/bench_large]
+    HF_HUB_OFFLINE=1 python tools/bench_large_model.py [--variant as-is|free-loaded-weights|assign-weights|wired|wired-free-torch]
 
 Writes a seeded random-init MODEL_DIR (fp32 safetensors shards + pruning_masks.safetensors: one
 GQA group removed in every other layer, a quarter of each layer's FFN neurons), then runs
@@ -9,7 +9,10 @@ validation_samples=2))` in a fresh process that samples its own resident memory 
 per API stage) and reports the peak (VmHWM and ru_maxrss) against the fp32 weight size. The target
 of issue 8 is a peak within about 3x the fp32 weights. Each phase runs in its own process, so
 writing the weights does not count against the export. Everything is removed at the end unless
---keep.
+--keep. Needs ~12 GiB of RAM and ~7 GiB of /tmp at the default size (0.85B parameters).
+
+`--variant` measures proposed changes to files this tool does not own by patching them in its own
+process (see each variant's function); `as-is` measures the pipeline unchanged.
 """
 
 from __future__ import annotations
@@ -172,6 +175,11 @@ def export_and_measure(model_dir: Path, out_dir: Path, variant: str = "as-is") -
         free_loaded_weights_after_reference()
     elif variant == "assign-weights":
         build_reference_by_assignment()
+    elif variant in ("wired", "wired-free-torch"):
+        free_loaded_weights_after_reference()
+        save_large_protos_with_external_data()
+        if variant == "wired-free-torch":
+            free_torch_model_after_export()
     with sampler:
         config = ExportConfig(precision="fp32", benchmark=False, sequence_length=16, validation_samples=2)
         try:
@@ -243,6 +251,38 @@ def build_reference_by_assignment() -> None:
     api.build_reference_model = build  # type: ignore[assignment]
 
 
+def free_torch_model_after_export() -> None:
+    """Variant measuring the proposal to drop the PyTorch model once its ONNX is checked (every later
+    stage works on ONNX and on the reference outputs, which are numpy): here its parameters' storage
+    is released in place, since export_engine's locals still reference the module."""
+    import torch
+
+    from exporter import api
+
+    real = api._Run._export
+
+    def export_then_free(self, md, wrapper, model, *args, **kwargs):  # type: ignore[no-untyped-def]
+        real(self, md, wrapper, model, *args, **kwargs)
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = torch.empty(0, dtype=tensor.dtype)
+
+    api._Run._export = export_then_free  # type: ignore[method-assign]
+
+
+def save_large_protos_with_external_data() -> None:
+    """Variant measuring the proposal that every `onnx.save` of the pipeline goes through
+    exporter.external_data.save_onnx (one fixed-name data file over the limit)."""
+    import onnx
+
+    from exporter import external_data
+
+    def save(model, path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        external_data.save_onnx(model, Path(path))
+
+    # only onnx.save (what the pipeline calls): save_onnx itself calls onnx.save_model
+    onnx.save = save  # type: ignore[assignment]
+
+
 def skip_external_initializers_in_prebuild_check() -> str:
     """engines/tensorrt_checks.py reads every initializer with numpy_helper.to_array, which cannot find
     external data (it resolves it from the working directory). Q/DQ scales and zero points, all it
@@ -292,10 +332,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep MODEL_DIR and OUT_DIR")
     p.add_argument(
         "--variant",
-        choices=["as-is", "free-loaded-weights", "assign-weights"],
+        choices=["as-is", "free-loaded-weights", "assign-weights", "wired", "wired-free-torch"],
         default="as-is",
         help="as-is: the pipeline unchanged; free-loaded-weights: drop ModelDir.weights once the reference "
         "is built; assign-weights: build the reference without init and load_state_dict(assign=True) "
+        "; wired: free-loaded-weights + every onnx.save through external_data.save_onnx "
+        "; wired-free-torch: wired + the PyTorch model released after the export check "
         "(proposed changes to exporter/api.py / model_dir.py, measured here)",
     )
     p.add_argument("--phase", choices=["all", "write", "export"], default="all", help=argparse.SUPPRESS)
