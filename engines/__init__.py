@@ -16,7 +16,9 @@ from exporter.errors import BackendUnavailableError, InputError
 __all__ = ["BackendChoice", "Runner", "TensorSpec", "load_runner", "select_backend"]
 
 
-def load_runner(path: str | Path, backend: str = "auto", threads: int | None = None) -> Runner:
+def load_runner(
+    path: str | Path, backend: str = "auto", threads: int | None = None, spinning: bool = True
+) -> Runner:
     """A runner for an artifact by its suffix: `.onnx` -> ONNX Runtime (CPU), `.plan` -> TensorRT.
 
     `backend` may confirm the suffix's backend ("onnxruntime" / "tensorrt") or be "auto"; a
@@ -33,7 +35,7 @@ def load_runner(path: str | Path, backend: str = "auto", threads: int | None = N
     if wanted == "onnxruntime":
         from engines.onnxruntime_runner import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(path, threads=threads)
+        return OnnxRuntimeRunner(path, threads=threads, spinning=spinning)
     reason = tensorrt_skip_reason()
     if reason is not None:
         raise BackendUnavailableError(path, f"a TensorRT engine cannot run here: {reason}")

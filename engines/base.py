@@ -81,7 +81,8 @@ class Runner(abc.ABC):
                 raise InputError("feeds", f"input {name!r} has dtype {array.dtype}, expected {spec.dtype}")
             if len(array.shape) != len(spec.shape):
                 raise InputError(
-                    "feeds", f"input {name!r} has rank {array.ndim} {array.shape}, expected shape {spec.shape}"
+                    "feeds",
+                    f"input {name!r} has rank {array.ndim} {array.shape}, expected shape {spec.shape}",
                 )
             for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
                 if isinstance(want, int) and want >= 0 and got != want:

@@ -93,7 +93,10 @@ def benchmark_models(
         variants = []
         for name, path in zip(names, paths):
             runner = stack.enter_context(
-                engines.load_runner(path, backend=options.backend, threads=options.threads)
+                # interleaved variants share the cores: an idle ORT pool spinning would slow the others
+                engines.load_runner(
+                    path, backend=options.backend, threads=options.threads, spinning=len(paths) == 1
+                )
             )
             variants.append(Variant(name, runner, _feeds_for(path, runner, options)))
         return benchmark.run_interleaved(variants, options.config, progress)

@@ -61,7 +61,10 @@ class OnnxRuntimeRunner(Runner):
         threads: int | None = None,
         providers: Sequence[str] | None = None,
         optimization_level: str = "all",
+        spinning: bool = True,
     ) -> None:
+        """`spinning=False` stops ORT's idle threads from busy-waiting between runs: needed when ORT
+        shares the cores with other runners (interleaved benchmarks), where spinning steals their time."""
         super().__init__()
         if optimization_level not in OPTIMIZATION_LEVELS:
             raise InputError(
@@ -73,6 +76,7 @@ class OnnxRuntimeRunner(Runner):
         self.threads = threads
         self.providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
         self.optimization_level = optimization_level
+        self.spinning = spinning
         self._session: Any = None
         self._inputs: list[TensorSpec] | None = None
         self._outputs: list[TensorSpec] | None = None
@@ -90,6 +94,8 @@ class OnnxRuntimeRunner(Runner):
         options.graph_optimization_level = levels[self.optimization_level]
         if self.threads is not None:
             options.intra_op_num_threads = self.threads
+        if not self.spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return options
 
     def _activate(self) -> None:

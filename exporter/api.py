@@ -9,6 +9,7 @@ Every check compares with the masked+merged PyTorch reference and raises on fail
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -23,7 +24,7 @@ import onnx
 import torch
 
 from engines.selection import BackendChoice, select_backend
-from exporter import quantize_cpu
+from exporter import quantize_cpu, stage_report, stage_table
 from exporter import report as report_io
 from exporter.compact import save_compact
 from exporter.config import ExportConfig
@@ -115,6 +116,8 @@ class _Run:
             wrapper = _wrapper(model, md)
             feeds = self._feeds(md, wrapper)
             reference = _torch_outputs(wrapper, feeds)
+        # the PyTorch stage of the stage table is the uncompacted reference: keep a copy to time it
+        uncompacted = copy.deepcopy(wrapper) if self._stage_table_wanted(md) else None
         with self.stage("restructure"):
             plan = restructure(model)
             self._check("compact_pytorch", reference, _torch_outputs(wrapper, feeds))
@@ -131,6 +134,9 @@ class _Run:
         with self.stage("engine"):
             engine_onnx = self.artifacts.get("int8", self.artifacts["onnx"])
             self.report["engine"] = run_engine_stage(self.choice, engine_onnx, self._seq_limit(md))
+        if uncompacted is not None:
+            with self.stage("stage_table"):
+                self._stage_table(uncompacted, feeds, reference, work)
         report_io.write(work, self.report)
 
     def _export(
@@ -181,6 +187,33 @@ class _Run:
         gate = "fp32" if self.config.sparsity != "enforce" else None
         self._check("optimized_fp32", reference, outputs, self._real_tokens(md, feeds), gate)
         self.artifacts["onnx"] = path
+
+    def _stage_table_wanted(self, md: ModelDir) -> bool:
+        return self.config.benchmark and self._task(md) != DECODER_TASK
+
+    def _stage_table(
+        self,
+        uncompacted: torch.nn.Module,
+        feeds: dict[str, np.ndarray],
+        reference: dict[str, np.ndarray],
+        work: Path,
+    ) -> None:
+        rows = stage_table.measure(
+            uncompacted,
+            list(reference),
+            self.artifacts,
+            feeds,
+            self.report["validation"],
+            self.config.benchmark_threads,
+            self.config.benchmark_iterations,
+        )
+        self.report["stages"] = stage_report.to_json(rows)
+        self.report["stages"]["timing"] = (
+            f"batch 1 x {feeds['input_ids'].shape[1]}, {self.config.benchmark_threads} threads, interleaved; "
+            "accuracy on all validation samples vs the PyTorch reference"
+        )
+        self.report["stages_md"] = stage_report.render_markdown(rows)
+        stage_report.write_chart(rows, work / "stages.png")
 
     def _int8(
         self, md: ModelDir, feeds: dict[str, np.ndarray], reference: dict[str, np.ndarray], work: Path

@@ -8,10 +8,14 @@
 - `model.int8.cpu.onnx` (ONNX Runtime CPU): dynamic u8 activations x per-channel s8 weights
   (exporter/quantize_cpu.py), which ORT runs with integer kernels; its accuracy is measured as ORT runs it.
 
-For each artifact the automatic sensitivity search (exporter/quantize_sensitivity.py) keeps the layers that
-hurt most in high precision until mean token cosine vs fp32 reaches the target (with a margin, on calibration
-samples); then the gate checks the target on the held-out samples and raises `ValidationError` with the
-numbers if it is missed. Every decision and the rule behind it goes into `QuantResult.report`.
+For each artifact the automatic sensitivity search (exporter/quantize_sensitivity.py) ranks every layer by the
+error it causes when quantized alone (one switchable fake-quant graph, one session), then treats the worst
+ones until mean token cosine vs fp32 reaches the target (with a margin, on calibration samples): in the
+TensorRT file a treated layer stays in high precision; in the CPU file its few outlier input channels go to a
+thin fp32 MatMul and the rest stays INT8 (exporter/quantize_outliers.py). The gate then checks the target on
+the held-out samples and raises `ValidationError` with the numbers if it is missed. SmoothQuant-style
+migration (exporter/quantize_smooth.py) is applied before the TensorRT variant (measured: fewer layers kept in
+high precision). Every decision and the rule behind it goes into `QuantResult.report`.
 """
 
 from __future__ import annotations

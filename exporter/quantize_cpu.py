@@ -7,10 +7,10 @@ placement runs slower than fp32 on CPU. This variant uses ONNX Runtime's own dyn
 actual range, which also removes the calibration error, and ORT executes DynamicQuantizeMatMul /
 MatMulIntegerToFloat / QAttention integer kernels.
 
-Order: ONNX Runtime's transformer fusions (Attention, SkipLayerNorm, BiasGelu) run on the fp32 graph first,
-because its fusion patterns do not match once MatMuls are quantized; dynamic quantization needs no
-calibration, so "calibrate on the unfused graph" does not apply to it. The fused graph is checked against
-the plain one numerically and dropped if it disagrees.
+Optional ONNX Runtime transformer fusions (Attention, SkipLayerNorm, BiasGelu; `QuantConfig.cpu_fusion`) run
+on the fp32 graph first, because their patterns no longer match once MatMuls are quantized; they are off by
+default because the fused Attention/QAttention graph measured slower on this CPU than the unfused one. The
+fused graph is checked against the plain one numerically and dropped if it disagrees.
 """
 
 from __future__ import annotations

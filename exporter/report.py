@@ -23,6 +23,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         for name, why in backend.get("skipped", {}).items():
             lines += [f"  - {name} skipped: {why}"]
     lines.append("")
+    if report.get("stages_md"):
+        lines += [
+            "## Stages",
+            "",
+            report["stages"]["timing"],
+            "",
+            report["stages_md"],
+            "![stages](stages.png)",
+            "",
+        ]
     lines += _restructure(report.get("restructure"))
     lines += _validation(report.get("validation", {}))
     lines += _graph_passes(report.get("graph_passes"))

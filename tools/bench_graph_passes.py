@@ -66,6 +66,7 @@ def session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # interleaved with PyTorch
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -97,7 +97,7 @@ def main() -> None:
         "ort-int8": StageInfo(note="stand-in for INT8: onnxruntime quantize_dynamic, QInt8 weights"),
     }
     torch_runner = TorchRunner(wrapper, INPUTS, OUTPUTS, threads=args.threads)
-    runners = [OnnxRuntimeRunner(p, threads=args.threads) for p in paths.values()]
+    runners = [OnnxRuntimeRunner(p, threads=args.threads, spinning=False) for p in paths.values()]
     with torch_runner, runners[0], runners[1], runners[2]:
         reference = torch_runner.infer(feeds)
         stages = [("pytorch", torch_runner), *zip(paths, runners)]
