@@ -51,7 +51,12 @@ class BuildProblem:
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    # Q/DQ scales and zero points are always stored inline; weights in external data are not needed here
+    values = {
+        init.name: numpy_helper.to_array(init)
+        for init in model.graph.initializer
+        if not onnx.external_data_helper.uses_external_data(init)
+    }
     for node in model.graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:

@@ -32,6 +32,7 @@ from exporter.decoder_export import TASK as DECODER_TASK
 from exporter.decoder_export import export_decoder_with_past
 from exporter.engine_stage import run_engine_stage
 from exporter.errors import InputError
+from exporter.external_data import save_onnx
 from exporter.families import family_for, is_decoder
 from exporter.generation import CachedDecoder
 from exporter.inputs import validation_feeds
@@ -110,6 +111,7 @@ class _Run:
             self.report["model"] = _model_json(md)
         with self.stage("reference"):
             model = build_reference_model(md)
+            md.weights.clear()  # the model holds the weights now: keeping the loaded copy doubles the peak
             merge = md.lora_merge
             self.report["model"]["lora_merged_modules"] = len(merge.merged_modules) if merge else 0
             self.report["model"]["lora_max_abs_delta"] = merge.max_abs_delta if merge else 0.0
@@ -126,6 +128,7 @@ class _Run:
             self.report["restructure"] = _restructure_json(plan)
         with self.stage("export"):
             self._export(md, wrapper, model, feeds, reference, work)
+        del model, wrapper  # later stages use ONNX only: free the weights
         with self.stage("graph_passes"):
             self._optimize(md, feeds, reference, work)
         if self.config.precision == "int8":
@@ -180,8 +183,7 @@ class _Run:
             strict_fusion=self.config.strict_fusion,
             sparsity=self.config.sparsity,
         )
-        path = work / "model.onnx"
-        onnx.save(optimized, str(path))
+        path = save_onnx(optimized, work / "model.onnx")
         self.report["graph_passes"] = pipeline.to_json()
         outputs = self._onnx_outputs(md, path, feeds)
         gate = "fp32" if self.config.sparsity != "enforce" else None

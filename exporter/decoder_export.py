@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from exporter import external_data
 from exporter.errors import InputError, ValidationError
 from exporter.onnx_export import EXPORTER
 from exporter.tolerances import tolerance
@@ -237,12 +238,18 @@ def export_decoder_with_past(model: nn.Module, path: Path, *, opset: int = 17) -
     inputs, outputs, axes = io_names(len(shapes))
     wrapper = DecoderWithPastForExport(model).eval()
     trace_feeds = example_feeds(shapes, vocab_size, batch=2, past=3, seq=4)
-    with eager_attention(model), warnings.catch_warnings(), torch.no_grad():
+    large = external_data.needs_external_data(model)
+    with (
+        external_data.export_target(path, large) as target,
+        eager_attention(model),
+        warnings.catch_warnings(),
+        torch.no_grad(),
+    ):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             wrapper,
             tuple(torch.from_numpy(trace_feeds[name]) for name in inputs),
-            str(path),
+            str(target),
             input_names=inputs,
             output_names=outputs,
             dynamic_axes=axes,
@@ -250,6 +257,7 @@ def export_decoder_with_past(model: nn.Module, path: Path, *, opset: int = 17) -
             do_constant_folding=True,
             dynamo=False,
         )
+    with torch.no_grad():
         max_error = validate_decoder(wrapper, path, shapes, vocab_size)
     logger.info(
         "exported decoder with past %s (opset %d, %d layers, max abs error %.2e)",

@@ -20,6 +20,7 @@ import onnx
 
 from exporter.calibration import load_calibration
 from exporter.config import ExportConfig
+from exporter.external_data import save_onnx
 from exporter.quantize import QuantConfig, QuantResult, quantize
 from graph_passes.pipeline import optimize
 
@@ -41,7 +42,7 @@ def run_int8_stage(
     with tempfile.TemporaryDirectory() as tmp:
         cleaned, cleanup = optimize(onnx.load(str(exported)), "tensorrt", stages=("cleanup",), family=family)
         cleaned_path = Path(tmp) / "model.cleaned.onnx"
-        onnx.save(cleaned, str(cleaned_path))
+        save_onnx(cleaned, cleaned_path)
         calibration = load_calibration(
             config.calibration,
             tokenizer_path,
@@ -59,7 +60,7 @@ def run_int8_stage(
     fused, fusion = optimize(
         onnx.load(str(result.tensorrt_path)), "tensorrt", stages=("fusion",), family=family
     )
-    onnx.save(fused, str(result.tensorrt_path))
+    save_onnx(fused, result.tensorrt_path)
     section = {
         **result.report,
         "order": ["restructure", "cleanup", "calibrate (unfused)", "Q/DQ + sensitivity", "target fusion"],

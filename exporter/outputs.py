@@ -22,6 +22,8 @@ def check_output_dir(out: Path, force: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not force:
         raise InputError(out, "output folder is not empty (pass --force to replace it)")
     parent = out.resolve().parent
+    if parent.exists() and not parent.is_dir():
+        raise InputError(out, f"parent {parent} is not a folder")
     if not parent.is_dir():
         raise InputError(out, f"parent folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
@@ -32,7 +34,10 @@ def check_output_dir(out: Path, force: bool) -> None:
 def staged_output(out: Path) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out`, on error it is removed."""
     parent = out.resolve().parent
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    except OSError as exc:
+        raise InputError(out, f"cannot create a folder in {parent}: {exc.strerror}") from exc
     umask = os.umask(0)
     os.umask(umask)
     work.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the export private to its creator
@@ -46,6 +51,12 @@ def staged_output(out: Path) -> Iterator[Path]:
         backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
         backup.rmdir()
         out.rename(backup)
-    work.rename(out)
+    try:
+        work.rename(out)
+    except BaseException:
+        if backup is not None:
+            backup.rename(out)  # the previous export comes back untouched
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)

@@ -145,11 +145,6 @@ def test_read_only_parent_folder_is_a_one_line_input_error(model_dir, parent, ca
         parent.chmod(0o755)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="exporter/outputs.py: staged_output lets an OSError from mkdtemp through (internal error, exit 1); "
-    "os.access passes for root on a read-only filesystem (e.g. /sys), so the pre-check cannot catch it",
-)
 def test_parent_on_a_read_only_filesystem_is_an_input_error(model_dir, parent, monkeypatch) -> None:
     def read_only(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(parent))
@@ -159,11 +154,6 @@ def test_parent_on_a_read_only_filesystem_is_an_input_error(model_dir, parent, m
         export_engine(model_dir, parent / "out", ExportConfig(**FP32))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="exporter/outputs.py: if renaming the staging folder into place fails after the old OUT_DIR was "
-    "moved aside, the old OUT_DIR is not moved back",
-)
 def test_previous_output_survives_a_failed_final_rename(model_dir, parent, monkeypatch) -> None:
     out = parent / "out"
     export_engine(model_dir, out, ExportConfig(**FP32))

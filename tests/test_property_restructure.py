@@ -260,20 +260,7 @@ def test_the_check_catches_a_dropped_constant(monkeypatch) -> None:
         check_case("bert", case)
 
 
-@pytest.mark.parametrize(
-    "family",
-    [
-        "bert",
-        pytest.param(
-            "llama",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="exporter/families/llama.py plan_layer counts the unit it keeps in an emptied layer "
-                "as removed (report says 4 of 4 KV groups / 96 of 96 neurons removed while 1 is kept)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("family", ["bert", "llama"])
 def test_removed_counts_match_the_compact_shapes_of_emptied_layers(family: str) -> None:
     """The report's per-reason counts must add up to the units that are actually gone."""
     s = shape_of(family)

@@ -78,16 +78,13 @@ def plan_layer(layer: nn.Module, index: int, hd: int) -> LayerPlan:
     removed: dict[str, int] = {}
     notes: list[str] = []
     kv_kept: list[int] = []
+    group_reason: dict[int, str] = {}
     for j in range(n_kv):
         group = q_dead[j * g : (j + 1) * g]
         if group.all():
-            removed["kv groups: all query heads have zero o_proj columns"] = (
-                removed.get("kv groups: all query heads have zero o_proj columns", 0) + 1
-            )
+            group_reason[j] = "kv groups: all query heads have zero o_proj columns"
         elif v_zero[j]:
-            removed["kv groups: zero value rows (value bias folded)"] = (
-                removed.get("kv groups: zero value rows (value bias folded)", 0) + 1
-            )
+            group_reason[j] = "kv groups: zero value rows (value bias folded)"
         else:
             kv_kept.append(j)
             dead_inside = [j * g + i for i in range(g) if group[i]]
@@ -98,21 +95,26 @@ def plan_layer(layer: nn.Module, index: int, hd: int) -> LayerPlan:
                 )
     if not kv_kept:
         kv_kept = [0]
+        del group_reason[0]
         notes.append(
             "all KV groups dead: group 0 kept as a zero unit (o_proj columns zeroed, constants folded)"
         )
+    for reason in group_reason.values():
+        removed[reason] = removed.get(reason, 0) + 1
     heads_kept = [j * g + i for j in kv_kept for i in range(g)]
 
     mlp = layer.mlp
     dead, constant, _ = _mlp_state(mlp)
     neurons_kept = [j for j in range(mlp.gate_proj.out_features) if not dead[j]]
-    if int((dead & ~constant).sum()):
-        removed["ffn neurons: zero (no contribution)"] = int((dead & ~constant).sum())
-    if int(constant.sum()):
-        removed["ffn neurons: constant act(b_gate)*b_up (folded)"] = int(constant.sum())
+    removed_dead, removed_constant = dead & ~constant, constant.clone()
     if not neurons_kept:
         neurons_kept = [0]
+        removed_dead[0] = removed_constant[0] = False
         notes.append("all FFN neurons dead: neuron 0 kept as a zero unit (down_proj column zeroed)")
+    if int(removed_dead.sum()):
+        removed["ffn neurons: zero (no contribution)"] = int(removed_dead.sum())
+    if int(removed_constant.sum()):
+        removed["ffn neurons: constant act(b_gate)*b_up (folded)"] = int(removed_constant.sum())
 
     attn_fold = _attention_fold(layer, hd)
     mlp_fold = _mlp_fold(mlp)
