@@ -38,6 +38,7 @@ import onnxruntime as ort
 from exporter import quantize_cpu
 from exporter.calibration import CalibrationData
 from exporter.errors import InputError, ValidationError
+from exporter.external_data import save_onnx
 from exporter.quantize_outliers import SUFFIX, channel_max, split_outliers
 from exporter.quantize_sensitivity import SWITCH_INPUT, search, switchable_model
 from exporter.ranges import DEFAULT_PERCENTILE, METHODS, collect_ranges
@@ -162,7 +163,7 @@ def _tensorrt_variant(
         candidates, lambda ex: judge.search_cosine(build(ex), fake_quant=True), config, sweep
     )
     final = build(frozenset(sensitivity.excluded))
-    onnx.save(final, str(out), save_as_external_data=final.ByteSize() > 1_500_000_000)
+    save_onnx(final, out)
     cosine = judge.heldout_cosine(final, fake_quant=True)
     pass_report = build.report.to_json()  # type: ignore[attr-defined]
     report["tensorrt"] = {
@@ -258,7 +259,7 @@ def _outlier_split(
             return source, treated
         model = split_outliers(onnx.load(str(source)), chosen, config.cpu_outlier_channels)
         path = tmp / "cpu_split.onnx"
-        onnx.save(model, str(path))
+        save_onnx(model, path)
         return path, (treated - chosen.keys()) | {n + SUFFIX for n in chosen}
 
     split.splittable = lambda names: [n for n in names if n in splittable]  # type: ignore[attr-defined]

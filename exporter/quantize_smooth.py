@@ -21,6 +21,7 @@ import onnx
 from onnx import numpy_helper
 
 from exporter.calibration import CalibrationData
+from exporter.external_data import save_onnx
 from exporter.ranges import _passes, _session_with_outputs
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def smooth(
     for init in unused:
         model.graph.initializer.remove(init)
     path = tmp / "smoothed.onnx"
-    onnx.save(model, str(path))
+    save_onnx(model, path)
     return path, {"alpha": alpha, "outlier_ratio": OUTLIER_RATIO, "smoothed": smoothed}
 
 

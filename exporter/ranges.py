@@ -26,6 +26,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from exporter.calibration import CalibrationData
+from exporter.external_data import save_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def _session_with_outputs(
         if name not in existing:
             proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     path = tmp / "calibrate.onnx"
-    onnx.save(proto, str(path), save_as_external_data=proto.ByteSize() > 1_500_000_000)
+    save_onnx(proto, path)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
