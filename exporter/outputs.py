@@ -21,13 +21,13 @@ def check_output_dir(out: Path, force: bool) -> None:
         raise InputError(out, "output path exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise InputError(out, "output folder is not empty (pass --force to replace it)")
-    parent = out.resolve().parent
-    if parent.exists() and not parent.is_dir():
-        raise InputError(out, f"parent {parent} is not a folder")
-    if not parent.is_dir():
-        raise InputError(out, f"parent folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(out, f"parent folder {parent} is not writable")
+    ancestor = out.resolve().parent  # missing parents are created (like mkdir -p) by staged_output
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(out, f"{ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK):
+        raise InputError(out, f"folder {ancestor} is not writable")
 
 
 @contextlib.contextmanager
@@ -35,6 +35,7 @@ def staged_output(out: Path) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out`, on error it is removed."""
     parent = out.resolve().parent
     try:
+        parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
     except OSError as exc:
         raise InputError(out, f"cannot create a folder in {parent}: {exc.strerror}") from exc
