@@ -19,6 +19,9 @@ from exporter.errors import BackendUnavailableError, InputError
 logger = logging.getLogger(__name__)
 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+# ONNX Runtime fusions that measured slower on this CPU: SkipLayerNormalization ran 0.86-0.94x the
+# speed of Add + LayerNormalization on all-MiniLM-L6-v2 (1x128 and 8x128, 2 threads). See README.
+DISABLED_OPTIMIZERS: tuple[str, ...] = ("SkipLayerNormFusion",)
 
 # ONNX Runtime's type strings (NodeArg.type) -> numpy dtypes.
 _ORT_DTYPES: dict[str, np.dtype] = {
@@ -62,6 +65,7 @@ class OnnxRuntimeRunner(Runner):
         providers: Sequence[str] | None = None,
         optimization_level: str = "all",
         spinning: bool = True,
+        disabled_optimizers: Sequence[str] = DISABLED_OPTIMIZERS,
     ) -> None:
         """`spinning=False` stops ORT's idle threads from busy-waiting between runs: needed when ORT
         shares the cores with other runners (interleaved benchmarks), where spinning steals their time."""
@@ -77,6 +81,7 @@ class OnnxRuntimeRunner(Runner):
         self.providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
         self.optimization_level = optimization_level
         self.spinning = spinning
+        self.disabled_optimizers = list(disabled_optimizers)
         self._session: Any = None
         self._inputs: list[TensorSpec] | None = None
         self._outputs: list[TensorSpec] | None = None
@@ -111,7 +116,10 @@ class OnnxRuntimeRunner(Runner):
             )
         try:
             self._session = ort.InferenceSession(
-                str(self.path), sess_options=self._session_options(), providers=self.providers
+                str(self.path),
+                sess_options=self._session_options(),
+                providers=self.providers,
+                disabled_optimizers=self.disabled_optimizers,
             )
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise InputError(self.path, f"ONNX Runtime cannot load it: {exc}") from exc

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,9 +30,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from exporter import external_data
 from exporter.errors import InputError, ValidationError
-from exporter.onnx_export import EXPORTER
+from exporter.onnx_export import EXPORTER, torchscript_export
 from exporter.tolerances import tolerance
 
 logger = logging.getLogger(__name__)
@@ -238,25 +236,9 @@ def export_decoder_with_past(model: nn.Module, path: Path, *, opset: int = 17) -
     inputs, outputs, axes = io_names(len(shapes))
     wrapper = DecoderWithPastForExport(model).eval()
     trace_feeds = example_feeds(shapes, vocab_size, batch=2, past=3, seq=4)
-    large = external_data.needs_external_data(model)
-    with (
-        external_data.export_target(path, large) as target,
-        eager_attention(model),
-        warnings.catch_warnings(),
-        torch.no_grad(),
-    ):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapper,
-            tuple(torch.from_numpy(trace_feeds[name]) for name in inputs),
-            str(target),
-            input_names=inputs,
-            output_names=outputs,
-            dynamic_axes=axes,
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+    args = tuple(torch.from_numpy(trace_feeds[name]) for name in inputs)
+    with eager_attention(model):
+        torchscript_export(wrapper, args, path, inputs, outputs, axes, opset)
     with torch.no_grad():
         max_error = validate_decoder(wrapper, path, shapes, vocab_size)
     logger.info(

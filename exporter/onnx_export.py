@@ -112,18 +112,34 @@ def export_to_onnx(
     args = tuple(example[name] for name in inputs)
     large = external_data.needs_external_data(wrapper)
     path.parent.mkdir(parents=True, exist_ok=True)
+    torchscript_export(wrapper, args, path, inputs, outputs, dynamic_axes, opset)
+    logger.info("exported %s (opset %d, %s%s)", path, opset, EXPORTER, ", external data" if large else "")
+    return path
+
+
+def torchscript_export(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+    opset: int,
+) -> Path:
+    """The one call of torch.onnx.export (the TorchScript exporter, see EXPORTER_REASON); a model over
+    the protobuf limit comes out as `path` + one `<name>.data` file (exporter/external_data.py)."""
+    large = external_data.needs_external_data(module)
     with external_data.export_target(path, large) as target, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            wrapper.eval(),
+            module.eval(),
             args,
             str(target),
-            input_names=inputs,
-            output_names=outputs,
+            input_names=input_names,
+            output_names=output_names,
             dynamic_axes=dynamic_axes,
             opset_version=opset,
             do_constant_folding=True,
             dynamo=False,
         )
-    logger.info("exported %s (opset %d, %s%s)", path, opset, EXPORTER, ", external data" if large else "")
     return path

@@ -36,11 +36,17 @@ def _attrs(node: onnx.NodeProto) -> dict:
 def test_bert_onnxruntime_fuses_every_layer():
     _, out, report = _optimized("bert", "onnxruntime")
     ops = gm.op_histogram(out)
-    assert (ops["Attention"], ops["SkipLayerNormalization"], ops["BiasGelu"], ops["LayerNormalization"]) == (
+    # SkipLayerNormalization is deliberately not fused on the CPU target (measured slower; see pipeline.py)
+    assert (
+        ops["Attention"],
+        ops.get("SkipLayerNormalization", 0),
+        ops["BiasGelu"],
+        ops["LayerNormalization"],
+    ) == (
         2,
-        4,
+        0,
         2,
-        1,
+        5,
     )
     assert not [op for op in DECOMPOSED if op in ops]
     heads = [_attrs(n)["num_heads"] for n in out.graph.node if n.op_type == "Attention"]
@@ -65,9 +71,9 @@ def test_decoder_onnxruntime_fuses_every_layer(name):
     ops = gm.op_histogram(out)
     assert (
         ops["GroupQueryAttention"],
-        ops["SkipSimplifiedLayerNormalization"],
+        ops.get("SkipSimplifiedLayerNormalization", 0),
         ops["SimplifiedLayerNormalization"],
-    ) == (2, 4, 1)
+    ) == (2, 0, 5)
     assert not [op for op in DECOMPOSED if op in ops]
     heads = [
         (_attrs(n)["num_heads"], _attrs(n)["kv_num_heads"])

@@ -24,6 +24,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from engines.onnxruntime_runner import DISABLED_OPTIMIZERS
+
 THREADS = 2
 
 
@@ -62,12 +64,15 @@ def build(tmp: Path):  # type: ignore[no-untyped-def]
     return tokenizer, wrapper, report
 
 
-def session(path: Path) -> ort.InferenceSession:
+def session(path: Path, disabled_optimizers: tuple[str, ...] = ()) -> ort.InferenceSession:
+    """Ours runs as engines.OnnxRuntimeRunner runs it (DISABLED_OPTIMIZERS); the others as ORT's defaults."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # interleaved with PyTorch
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled_optimizers)
+    )
 
 
 def main() -> None:
@@ -84,7 +89,10 @@ def main() -> None:
         }
         print(f"our pipeline: {report.seconds:.2f} s, fusions {fused}, missed {len(report.missed)}")
         print("ops after:", {k: v for k, v in report.op_counts_after.items() if v})
-        variants = {name: session(tmp / f"{name}.onnx") for name in ("ours", "ort_optimizer", "plain")}
+        variants = {
+            name: session(tmp / f"{name}.onnx", DISABLED_OPTIMIZERS if name == "ours" else ())
+            for name in ("ours", "ort_optimizer", "plain")
+        }
         for batch in (1, 8):
             enc = tokenizer(
                 sentences(batch), padding="max_length", max_length=128, truncation=True, return_tensors="np"
