@@ -27,6 +27,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from engines.onnxruntime_runner import DISABLED_OPTIMIZERS
 from exporter.calibration import CalibrationData, load_calibration
 from exporter.onnx_export import EncoderForExport, export_to_onnx
 from exporter.quantize import QuantConfig, quantize, token_cosines
@@ -59,7 +60,7 @@ def main() -> None:
         "(b) ORT fp32, plain export": _ort_runner(plain, args.threads),
         "(c) ORT quantize_dynamic": _ort_runner(_dynamic(plain, work), args.threads),
         "(d) ORT quantize_static QDQ": _ort_runner(_static(plain, work, data), args.threads),
-        "ours: model.int8.cpu.onnx": _ort_runner(Path(ours), args.threads),
+        "ours: model.int8.cpu.onnx": _ort_runner(Path(ours), args.threads, DISABLED_OPTIMIZERS),
     }
     cosines = _cosines(runners, data)
     times = {b: _interleaved(runners, data, b, args.rounds) for b in args.batches}
@@ -142,13 +143,16 @@ def _torch_runner(model: torch.nn.Module):  # type: ignore[no-untyped-def]
     return run
 
 
-def _ort_runner(path: Path, threads: int):  # type: ignore[no-untyped-def]
+def _ort_runner(path: Path, threads: int, disabled: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+    """Baselines run with ORT's defaults; ours as engines.OnnxRuntimeRunner runs it (`disabled`)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     # no spin-waiting: a spinning ORT pool would steal the cores from the variant timed next
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled)
+    )
     return lambda feeds: session.run(None, feeds)[0]
 
 
