@@ -24,8 +24,8 @@ import onnx
 import torch
 
 from engines.selection import BackendChoice, select_backend
-from exporter import quantize_cpu, stage_report, stage_table
 from exporter import report as report_io
+from exporter import stage_report, stage_table
 from exporter.compact import save_compact
 from exporter.config import ExportConfig
 from exporter.decoder_export import TASK as DECODER_TASK
@@ -47,7 +47,6 @@ from exporter.onnx_export import (
     input_names_for,
 )
 from exporter.outputs import check_output_dir, staged_output
-from exporter.quantize import CPU_FILE
 from exporter.restructure import restructure
 from exporter.validate import Comparison, check, compare_all
 from graph_passes.pipeline import optimize
@@ -220,23 +219,9 @@ class _Run:
     def _int8(
         self, md: ModelDir, feeds: dict[str, np.ndarray], reference: dict[str, np.ndarray], work: Path
     ) -> None:
-        """INT8 artifacts, gated on held-out accuracy vs fp32 and compared with the PyTorch reference."""
-        if self._task(md) == DECODER_TASK:
-            path = work / CPU_FILE
-            quantize_cpu.build(self.artifacts["exported"], path, frozenset())
-            self.report["int8"] = {
-                "cpu": {"file": path.name, "scheme": "dynamic u8 activations x per-channel s8 weights"},
-                "not_done": "calibrated Q/DQ for TensorRT is not built for KV-cache decoders yet",
-            }
-            self.artifacts["int8_cpu"] = path
-            self._check(
-                "int8_cpu",
-                reference,
-                self._onnx_outputs(md, path, feeds),
-                self._real_tokens(md, feeds),
-                "int8",
-            )
-            return
+        """INT8 artifacts, gated on held-out accuracy vs fp32 and compared with the PyTorch reference.
+        KV-cache decoders are calibrated on prefills and also get greedy agreement vs the fp32 model."""
+        decoder = self._task(md) == DECODER_TASK
         result, section = run_int8_stage(
             self.artifacts["exported"],
             work,
@@ -246,16 +231,23 @@ class _Run:
             input_names=list(feeds),
             sequence_length=self._seq_len(md),
             vocab_size=md.config.vocab_size,
+            decoder_with_past=decoder,
         )
         self.report["int8"] = section
         self.artifacts["int8"] = result.tensorrt_path
-        real = {"last_hidden_state": feeds["attention_mask"].astype(bool)}  # INT8 is judged on real tokens
+        token_output = "logits" if decoder else "last_hidden_state"
+        real = {token_output: feeds["attention_mask"].astype(bool)}  # INT8 is judged on real tokens
+        gate = "int8" if decoder else None  # encoders: gated on held-out cosine inside quantize
         trt_outputs = self._onnx_outputs(md, result.tensorrt_path, feeds)
-        self._check("int8_tensorrt", reference, trt_outputs, real, None)
+        self._check("int8_tensorrt", reference, trt_outputs, real, gate)
         if result.cpu_path is not None:
             self.artifacts["int8_cpu"] = result.cpu_path
-            cpu_outputs = _onnxruntime_outputs(result.cpu_path, feeds, optimized=True)
-            self._check("int8_cpu", reference, cpu_outputs, real, None)
+            run = _decoder_prefill_outputs if decoder else _onnxruntime_outputs
+            self._check("int8_cpu", reference, run(result.cpu_path, feeds, optimized=True), real, gate)
+        if decoder:
+            for variant, path in (("tensorrt", result.tensorrt_path), ("cpu", result.cpu_path)):
+                if path is not None:
+                    section[variant].update(_decoder_int8_quality(self.artifacts["onnx"], path, feeds))
 
     def _onnx_outputs(self, md: ModelDir, path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._task(md) == DECODER_TASK:
@@ -336,16 +328,36 @@ def _onnxruntime_outputs(
     return dict(zip(names, session.run(names, feeds)))
 
 
-def _decoder_prefill_outputs(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Logits of a prefill with an empty past, ONNX Runtime optimizations off."""
+def _decoder_prefill_outputs(
+    path: Path, feeds: dict[str, np.ndarray], optimized: bool = False
+) -> dict[str, np.ndarray]:
+    """Logits of a prefill with an empty past, ONNX Runtime optimizations off unless `optimized`."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     decoder = CachedDecoder(session)
     decoder.reset(feeds["input_ids"].shape[0], feeds["attention_mask"])
     return {"logits": decoder.forward(feeds["input_ids"])}
+
+
+def _decoder_int8_quality(
+    fp32: Path, int8: Path, feeds: dict[str, np.ndarray], prompts: int = 2, new_tokens: int = 16
+) -> dict[str, Any]:
+    """Greedy agreement and logit cosine of the INT8 decoder vs the fp32 optimized model over a short
+    generation from the first validation prompts (real tokens only, at most 16), both as ORT runs them."""
+    import onnxruntime as ort
+
+    from exporter.generation import greedy_agreement
+
+    rows = [ids[mask.astype(bool)][:16] for ids, mask in zip(feeds["input_ids"], feeds["attention_mask"])]
+    reference, candidate = (
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32, int8)
+    )
+    quality = greedy_agreement(reference, candidate, rows[:prompts], max_new_tokens=new_tokens)
+    return {**quality, "quality_vs": "fp32 model.onnx (greedy agreement teacher-forced on its tokens)"}
 
 
 def _config_json(config: ExportConfig) -> dict[str, Any]:

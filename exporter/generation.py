@@ -155,3 +155,56 @@ def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float, top
     probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
     return np.array([rng.choice(probs.shape[-1], p=row) for row in probs], dtype=np.int64)
+
+
+def greedy_agreement(
+    reference: Any, candidate: Any, prompts: list[np.ndarray], *, max_new_tokens: int = 16
+) -> dict[str, float | int]:
+    """How closely `candidate` (e.g. an INT8 decoder) follows `reference` (its fp32 model) in generation.
+
+    For each prompt (1-D token ids, run at batch 1 so no padding is involved) the reference generates
+    greedily; both models then score that same sequence in one prefill, and at every new-token position
+    we compare: `greedy_agreement` is the fraction where the candidate's argmax is the reference's token
+    (teacher-forced, so one early miss does not count against every later step), `logit_mean_cosine` /
+    `logit_min_cosine` the cosine of the two logit vectors. Free-running generation is also reported:
+    `free_running_agreement` (same token at the same step when each model generates on its own) and
+    `mean_identical_prefix` (new tokens before the first difference).
+    """
+    hits, free_hits, cosines, prefixes, steps = 0, 0, [], [], 0
+    for prompt in prompts:
+        ids = np.asarray(prompt, dtype=np.int64)[None, :]
+        ref_tokens = generate(reference, ids, max_new_tokens=max_new_tokens)
+        cand_tokens = generate(candidate, ids, max_new_tokens=max_new_tokens)
+        new_ref = ref_tokens[0, ids.shape[1] :]
+        new_cand = cand_tokens[0, ids.shape[1] :]
+        same = new_ref == new_cand[: len(new_ref)]
+        free_hits += int(same.sum())
+        prefixes.append(int(np.argmin(same)) if not same.all() else len(same))
+        ref_logits = _scored(reference, ref_tokens[:, :-1])[0, ids.shape[1] - 1 :]
+        cand_logits = _scored(candidate, ref_tokens[:, :-1])[0, ids.shape[1] - 1 :]
+        hits += int((cand_logits.argmax(axis=-1) == new_ref).sum())
+        cosines.append(_row_cosines(ref_logits, cand_logits))
+        steps += len(new_ref)
+    cosine = np.concatenate(cosines)
+    return {
+        "prompts": len(prompts),
+        "new_tokens": steps,
+        "greedy_agreement": hits / steps,
+        "free_running_agreement": free_hits / steps,
+        "mean_identical_prefix": float(np.mean(prefixes)),
+        "logit_mean_cosine": float(cosine.mean()),
+        "logit_min_cosine": float(cosine.min()),
+    }
+
+
+def _scored(session_or_runner: Any, tokens: np.ndarray) -> np.ndarray:
+    """Logits of every position of `tokens` from one prefill with an empty cache."""
+    decoder = CachedDecoder(session_or_runner)
+    decoder.reset(tokens.shape[0])
+    return decoder.forward(tokens)
+
+
+def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return (a * b).sum(axis=-1) / np.maximum(norms, 1e-30)

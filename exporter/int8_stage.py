@@ -18,6 +18,7 @@ from typing import Any
 
 import onnx
 
+from exporter import decoder_calibration
 from exporter.calibration import load_calibration
 from exporter.config import ExportConfig
 from exporter.external_data import save_onnx
@@ -37,8 +38,10 @@ def run_int8_stage(
     input_names: list[str],
     sequence_length: int,
     vocab_size: int,
+    decoder_with_past: bool = False,
 ) -> tuple[QuantResult, dict[str, Any]]:
-    """Quantize the exported compact fp32 graph; returns the result and the report section."""
+    """Quantize the exported compact fp32 graph; returns the result and the report section.
+    `decoder_with_past`: calibrate on prefills (position ids and empty pasts added to the token ids)."""
     with tempfile.TemporaryDirectory() as tmp:
         cleaned, cleanup = optimize(onnx.load(str(exported)), "tensorrt", stages=("cleanup",), family=family)
         cleaned_path = Path(tmp) / "model.cleaned.onnx"
@@ -53,6 +56,8 @@ def run_int8_stage(
             seed=config.seed,
             vocab_size=vocab_size,
         )
+        if decoder_with_past:
+            calibration = decoder_calibration.for_decoder(calibration, cleaned_path)
         quant_config = QuantConfig(min_cosine=config.accuracy_target)
         if config.calibration_method:
             quant_config.method = config.calibration_method

@@ -145,3 +145,42 @@ def test_task_on_an_encoder_is_refused(model_dir_factory, tmp_path) -> None:
         export_engine(
             model_dir_factory("bert"), tmp_path / "out", dataclasses.replace(FP32, task="text-generation")
         )
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_int8_decoder_reports_greedy_agreement_and_logit_cosine(family, model_dir_factory, tmp_path) -> None:
+    masks, _ = family_masks(family)
+    config = dataclasses.replace(FP32, precision="int8", calibration="random")
+    result = export_engine(model_dir_factory(family, masks=masks), tmp_path / "out", config)
+    cpu = result.report["int8"]["cpu"]
+    assert cpu["prompts"] == 2 and cpu["new_tokens"] == 32
+    assert 0.0 <= cpu["free_running_agreement"] <= 1.0
+    # measured 0.94 (llama) / 1.0 (qwen2), logit cosine 0.9994 / 0.9997: dynamic INT8 keeps the fp32 tokens
+    assert cpu["greedy_agreement"] >= 0.85, cpu
+    assert cpu["logit_min_cosine"] <= cpu["logit_mean_cosine"]
+    assert cpu["logit_mean_cosine"] >= 0.99, cpu
+    assert (tmp_path / "out" / "model.int8.cpu.onnx").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_int8_decoder_gets_calibrated_qdq_for_tensorrt(family, model_dir_factory, tmp_path) -> None:
+    """model.int8.onnx for a KV-cache decoder: Q/DQ from prefill calibration on token ids (.npz), gated."""
+    masks, _ = family_masks(family)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(8, 33, size=40)
+    mask = (np.arange(32)[None, :] < lengths[:, None]).astype(np.int64)
+    npz = tmp_path / "tokens.npz"
+    np.savez(npz, input_ids=rng.integers(1, 128, size=(40, 32)) * mask, attention_mask=mask)
+    config = dataclasses.replace(FP32, precision="int8", calibration=str(npz))
+    result = export_engine(model_dir_factory(family, masks=masks), tmp_path / "out", config)
+    int8 = result.report["int8"]
+    assert int8["calibration"]["source"] == str(npz)
+    assert int8["calibration"]["shapes"]["past_key_values.1.key"] == [3, 0, 8]  # layer 1's pruned width
+    assert int8["gate"]["passed"]
+    ops = [n.op_type for n in onnx.load(tmp_path / "out" / "model.int8.onnx").graph.node]
+    assert ops.count("QuantizeLinear") >= 8 and ops.count("DequantizeLinear") >= 8
+    # measured (this .npz): logit cosine 0.998 (llama) / 0.9993 (qwen2), greedy agreement 0.94 / 1.0
+    assert int8["tensorrt"]["logit_mean_cosine"] >= 0.99, int8["tensorrt"]
+    assert int8["tensorrt"]["greedy_agreement"] >= 0.75, int8["tensorrt"]
+    assert result.report["validation"]["int8_tensorrt"][0]["mean_cosine"] >= 0.99
+    assert result.report["engine"]["tensorrt_onnx"] == "model.int8.onnx"
