@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -174,7 +174,9 @@ class _Run:
     ) -> None:
         """The backend's pass pipeline on the exported graph -> model.onnx, checked like the export.
         With `--sparsity enforce` the weights change on purpose: the error is reported, not gated."""
-        target = "tensorrt" if self.choice.name == "tensorrt" else "onnxruntime"
+        target: Literal["tensorrt", "onnxruntime"] = (
+            "tensorrt" if self.choice.name == "tensorrt" else "onnxruntime"
+        )
         optimized, pipeline = optimize(
             onnx.load(str(self.artifacts["exported"])),
             target,
