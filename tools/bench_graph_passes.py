@@ -2,8 +2,8 @@
 
 all-MiniLM-L6-v2 with real weights, real English sentences (pydoc_data topics), ONNX Runtime CPU and
 torch both on 2 threads, batch 1x128 and 8x128. Variants are interleaved round by round in one process
-(other jobs share the 2 cores) and medians are reported, with the max |diff| of each ONNX variant vs
-PyTorch on the same batch.
+(other jobs share the 2 cores), in a new seeded random order every round, and medians are reported, with the max
+|diff| of each ONNX variant vs PyTorch on the same batch.
 
     HF_HUB_OFFLINE=1 python tools/bench_graph_passes.py [--rounds 30]
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -110,8 +111,14 @@ def main() -> None:
             runs["pytorch_eager"] = eager
             diffs = {name: float(np.abs(fn() - ref).max()) for name, fn in runs.items()}  # also warms up
             times: dict[str, list[float]] = {name: [] for name in runs}
+            order, shuffler = list(runs), random.Random(0)
             for _ in range(args.rounds):
-                for name, fn in runs.items():
+                # A new (seeded) order every round: in a fixed order the variant right after PyTorch eager
+                # paid for torch's threads still busy (measured: the same ORT session took 15% longer at
+                # 1x128 there than after another ORT run), so no variant may keep one predecessor.
+                shuffler.shuffle(order)
+                for name in order:
+                    fn = runs[name]
                     start = time.perf_counter()
                     fn()
                     times[name].append((time.perf_counter() - start) * 1e3)
