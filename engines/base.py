@@ -30,6 +30,9 @@ class Runner(abc.ABC):
     """Base runner. Subclasses implement `_activate`, `_deactivate`, `_infer`, and the specs."""
 
     backend: str = "?"
+    # Filled by `_activate` in runners that learn their I/O from the loaded artifact.
+    _inputs: list[TensorSpec] | None = None
+    _outputs: list[TensorSpec] | None = None
 
     def __init__(self) -> None:
         self._active = False
@@ -50,12 +53,16 @@ class Runner(abc.ABC):
         return None
 
     @property
-    @abc.abstractmethod
-    def input_specs(self) -> list[TensorSpec]: ...
+    def input_specs(self) -> list[TensorSpec]:
+        if self._inputs is None:
+            raise RuntimeError(f"{type(self).__name__}: input specs are known after __enter__")
+        return self._inputs
 
     @property
-    @abc.abstractmethod
-    def output_specs(self) -> list[TensorSpec]: ...
+    def output_specs(self) -> list[TensorSpec]:
+        if self._outputs is None:
+            raise RuntimeError(f"{type(self).__name__}: output specs are known after __enter__")
+        return self._outputs
 
     @abc.abstractmethod
     def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...

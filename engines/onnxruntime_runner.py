@@ -140,18 +140,6 @@ class OnnxRuntimeRunner(Runner):
             raise RuntimeError(f"{type(self).__name__} is not active: use it as a context manager")
         return self._session
 
-    @property
-    def input_specs(self) -> list[TensorSpec]:
-        if self._inputs is None:
-            raise RuntimeError(f"{type(self).__name__}: input specs are known after __enter__")
-        return self._inputs
-
-    @property
-    def output_specs(self) -> list[TensorSpec]:
-        if self._outputs is None:
-            raise RuntimeError(f"{type(self).__name__}: output specs are known after __enter__")
-        return self._outputs
-
     def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self._require_session()
         names = [spec.name for spec in self.output_specs]

@@ -104,18 +104,6 @@ class TensorRTRunner(Runner):
         self._runtime = None
         self._stream = None
 
-    @property
-    def input_specs(self) -> list[TensorSpec]:
-        if self._inputs is None:
-            raise RuntimeError(f"{type(self).__name__}: input specs are known after __enter__")
-        return self._inputs
-
-    @property
-    def output_specs(self) -> list[TensorSpec]:
-        if self._outputs is None:
-            raise RuntimeError(f"{type(self).__name__}: output specs are known after __enter__")
-        return self._outputs
-
     def validate_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
         super().validate_feeds(feeds)
         for name, (lo, hi) in self._profile.items():

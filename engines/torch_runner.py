@@ -47,10 +47,6 @@ class TorchRunner(Runner):
         self._saved_threads: int | None = None
 
     @property
-    def input_specs(self) -> list[TensorSpec]:
-        return list(self._inputs)
-
-    @property
     def output_specs(self) -> list[TensorSpec]:
         """Names and dtype only: a module does not declare its output ranks, so shapes are left empty."""
         return [TensorSpec(name, np.dtype(np.float32), ()) for name in self.output_names]

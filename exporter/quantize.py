@@ -39,9 +39,9 @@ from exporter import quantize_cpu
 from exporter.calibration import CalibrationData
 from exporter.errors import InputError, ValidationError
 from exporter.external_data import save_onnx
-from exporter.quantize_outliers import SUFFIX, channel_max, split_outliers
+from exporter.quantize_outliers import SUFFIX, split_outliers
 from exporter.quantize_sensitivity import SWITCH_INPUT, search, switchable_model
-from exporter.ranges import DEFAULT_PERCENTILE, METHODS, collect_ranges
+from exporter.ranges import DEFAULT_PERCENTILE, METHODS, channel_max, collect_ranges
 from exporter.tolerances import tolerance
 from graph_passes.insert_qdq import Exclusions, InsertQDQ, activation_tensors, plan
 

@@ -8,30 +8,12 @@ stay wholly in fp32 keeps almost all of its work on the integer kernels.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from exporter.calibration import CalibrationData
-from exporter.ranges import _passes, _session_with_outputs
-
 DEFAULT_CHANNELS = 8
 SUFFIX = "/outlier_fp32"
-
-
-def channel_max(
-    model: onnx.ModelProto, tensors: list[str], data: CalibrationData, tmp: Path, limit: int | None
-) -> dict[str, np.ndarray]:
-    """max |x| per last-axis channel of each tensor over the calibration samples."""
-    session = _session_with_outputs(model, tensors, tmp)
-    result: dict[str, np.ndarray] = {}
-    for outputs in _passes(session, tensors, data, limit, "outlier channels"):
-        for name, value in outputs.items():
-            m = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
-            result[name] = np.maximum(result[name], m) if name in result else m
-    return result
 
 
 def split_outliers(

@@ -22,7 +22,7 @@ from onnx import numpy_helper
 
 from exporter.calibration import CalibrationData
 from exporter.external_data import save_onnx
-from exporter.ranges import _passes, _session_with_outputs
+from exporter.ranges import channel_max as collect_channel_max
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def smooth(
     for node in model.graph.node:
         if node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
             consumers[node.input[0]].append(node)
-    channel_max = _channel_max(model, list(consumers), data, tmp, config.num_samples)
+    channel_max = collect_channel_max(model, list(consumers), data, tmp, config.num_samples, "smoothing")
     smoothed = []
     for tensor, nodes in consumers.items():
         act = channel_max[tensor]
@@ -66,16 +66,6 @@ def smooth(
     path = tmp / "smoothed.onnx"
     save_onnx(model, path)
     return path, {"alpha": alpha, "outlier_ratio": OUTLIER_RATIO, "smoothed": smoothed}
-
-
-def _channel_max(model, tensors, data, tmp, limit):  # type: ignore[no-untyped-def]
-    session = _session_with_outputs(model, tensors, tmp)
-    result: dict[str, np.ndarray] = {}
-    for outputs in _passes(session, tensors, data, limit, "smoothing: channel max"):
-        for name, value in outputs.items():
-            m = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
-            result[name] = np.maximum(result[name], m) if name in result else m
-    return result
 
 
 def _apply(model, tensor, nodes, weights, s, inits) -> None:  # type: ignore[no-untyped-def]

@@ -173,3 +173,22 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     return copy
+
+
+def channel_max(
+    model: onnx.ModelProto,
+    tensors: list[str],
+    data: CalibrationData,
+    tmp: Path,
+    limit: int | None,
+    desc: str = "channel max",
+) -> dict[str, np.ndarray]:
+    """max |x| per last-axis channel of each tensor over the calibration samples (used by the
+    outlier-channel split and by SmoothQuant's scale migration)."""
+    session = _session_with_outputs(model, tensors, tmp)
+    result: dict[str, np.ndarray] = {}
+    for outputs in _passes(session, tensors, data, limit, desc):
+        for name, value in outputs.items():
+            m = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+            result[name] = np.maximum(result[name], m) if name in result else m
+    return result
