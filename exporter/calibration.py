@@ -39,6 +39,11 @@ class CalibrationData:
     heldout: dict[str, np.ndarray]
     batch: int
     source: str
+    # Further feed groups per split ("calibration" / "heldout") over the same samples in the same order,
+    # each with its own shapes: a KV-cache decoder's decode steps, whose past grows by one per step, cannot
+    # share one array with the prefill. `batches` yields the main feeds' batches, then each group's.
+    groups: dict[str, list[dict[str, np.ndarray]]] = dataclasses.field(default_factory=dict)
+    group_batch: int | None = None  # samples per feed in the groups (None: `batch`)
 
     @property
     def num_calibration(self) -> int:
@@ -52,11 +57,21 @@ class CalibrationData:
         self, split: str = "calibration", limit: int | None = None
     ) -> Iterator[dict[str, np.ndarray]]:
         """Feeds of `batch` samples from `split` ("calibration" or "heldout"), the first `limit` samples."""
-        feeds = self.calibration if split == "calibration" else self.heldout
-        total = min(_count(feeds), limit) if limit else _count(feeds)
-        for start in range(0, total, self.batch):
-            stop = min(start + self.batch, total)
-            yield {name: array[start:stop] for name, array in feeds.items()}
+        for feeds, batch in self._groups(split):
+            total = min(_count(feeds), limit) if limit else _count(feeds)
+            for start in range(0, total, batch):
+                stop = min(start + batch, total)
+                yield {name: array[start:stop] for name, array in feeds.items()}
+
+    def num_batches(self, split: str = "calibration", limit: int | None = None) -> int:
+        """How many feeds `batches(split, limit)` yields (all groups)."""
+        counts = [(_count(feeds), batch) for feeds, batch in self._groups(split)]
+        return sum(-(-(min(c, limit) if limit else c) // batch) for c, batch in counts)
+
+    def _groups(self, split: str) -> list[tuple[dict[str, np.ndarray], int]]:
+        main = self.calibration if split == "calibration" else self.heldout
+        extra = self.groups.get(split, [])
+        return [(main, self.batch)] + [(feeds, self.group_batch or self.batch) for feeds in extra]
 
     def describe(self) -> dict[str, object]:
         return {
@@ -65,6 +80,15 @@ class CalibrationData:
             "heldout_samples": self.num_heldout,
             "batch": self.batch,
             "shapes": {name: list(a.shape[1:]) for name, a in self.calibration.items()},
+            **(
+                {
+                    "group_shapes": [
+                        {n: list(a.shape[1:]) for n, a in g.items()} for g in self.groups["calibration"]
+                    ]
+                }
+                if self.groups.get("calibration")
+                else {}
+            ),
         }
 
 

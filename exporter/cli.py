@@ -57,6 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="activation range method (default: the measured best, see README)",
     )
     p.add_argument(
+        "--cpu-int8-weights",
+        choices=["auto", "full", "reduced"],
+        default="auto",
+        help="weights of model.int8.cpu.onnx: 8-bit (full) or 7-bit (reduced, for CPUs without VNNI whose "
+        "u8 x s8 kernel saturates); auto: by this CPU (default: auto)",
+    )
+    p.add_argument(
+        "--calibration-decode-steps",
+        type=int,
+        help="KV-cache decoders: decode steps (past fed back) calibrated after each prefill; 0: prefills "
+        "only (default: 0, measured: see README)",
+    )
+    p.add_argument(
         "--accuracy-target",
         type=float,
         default=0.99,
@@ -97,6 +110,8 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
         calibration=args.calibration,
         calibration_samples=args.calibration_samples,
         calibration_method=args.calibration_method,
+        calibration_decode_steps=args.calibration_decode_steps,
+        cpu_int8_weights=args.cpu_int8_weights,
         accuracy_target=args.accuracy_target,
         sequence_length=args.sequence_length,
         batch_size=args.batch_size,

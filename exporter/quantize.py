@@ -37,6 +37,7 @@ import onnxruntime as ort
 
 from exporter import quantize_cpu
 from exporter.calibration import CalibrationData
+from exporter.cpu_features import WEIGHT_RANGES, WeightRange, reduce_weight_range
 from exporter.errors import InputError, ValidationError
 from exporter.external_data import save_onnx
 from exporter.quantize_outliers import SUFFIX, split_outliers
@@ -79,6 +80,8 @@ class QuantConfig:
     cpu_outlier_channels: int = 4
     num_heads: int = 0  # for ONNX Runtime's Attention fusion in the CPU variant (0: detect from the graph)
     hidden_size: int = 0
+    # CPU file's weights: 8-bit ("full"), 7-bit ("reduced") or by this CPU's integer kernel ("auto")
+    cpu_weight_range: WeightRange = "auto"
 
     def exclusions(self) -> Exclusions:
         return Exclusions.of(self.exclude_names, self.exclude_op_types, self.exclude_regex)
@@ -88,6 +91,10 @@ class QuantConfig:
             raise InputError("--calibration-method", f"unknown method {self.method!r}; choose from {METHODS}")
         if not 0.0 < self.min_cosine <= 1.0:
             raise InputError("--int8-min-cosine", f"must be in (0, 1], got {self.min_cosine}")
+        if self.cpu_weight_range not in WEIGHT_RANGES:
+            raise InputError(
+                "--cpu-int8-weights", f"choose from {WEIGHT_RANGES}, got {self.cpu_weight_range!r}"
+            )
 
 
 @dataclasses.dataclass
@@ -197,11 +204,13 @@ def _cpu_variant(
     candidates = [n for n in quantizable if n not in user_excluded]
 
     split = _outlier_split(source, candidates, tmp, config, judge.data)
+    reduce_range, range_reason = reduce_weight_range(config.cpu_weight_range)
 
     def build(treated: frozenset[str]) -> Path:
         """Quantize all but `treated`: those get the outlier split (if possible) or stay in fp32."""
         model_path, fp32_nodes = split(treated)
-        return quantize_cpu.build(model_path, tmp / "cpu_candidate.onnx", fp32_nodes | user_excluded)
+        excluded = fp32_nodes | user_excluded
+        return quantize_cpu.build(model_path, tmp / "cpu_candidate.onnx", excluded, reduce_range)
 
     layers = quantize_cpu.layer_inputs(source, candidates)
     sweep = lambda names: judge.sweep(switchable_model(onnx.load(str(source)), layers, None), candidates)  # noqa: E731
@@ -212,6 +221,8 @@ def _cpu_variant(
         "file": out.name,
         "scheme": "dynamic per-tensor u8 activations x per-channel s8 weights (ONNX Runtime quantize_dynamic)",
         "fusion": fusion,
+        "weight_bits": 7 if reduce_range else 8,
+        "weight_bits_reason": range_reason,
         "quantized": [n for n in candidates if n not in sensitivity.excluded],
         "user_excluded": sorted(user_excluded),
         "auto_excluded": sensitivity.excluded,

@@ -78,8 +78,9 @@ def layer_inputs(model_path: Path, names: list[str]) -> dict[str, dict[str, int 
     return layers
 
 
-def build(model_path: Path, out_path: Path, excluded: frozenset[str]) -> Path:
-    """Dynamic INT8 (per-channel s8 weights, u8 per-row activations at run time) except `excluded` nodes."""
+def build(model_path: Path, out_path: Path, excluded: frozenset[str], reduce_range: bool = False) -> Path:
+    """Dynamic INT8 (per-channel s8 weights, u8 per-row activations at run time) except `excluded` nodes.
+    `reduce_range`: 7-bit weights, for CPUs whose u8 x s8 kernel saturates (exporter/cpu_features.py)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
@@ -87,6 +88,7 @@ def build(model_path: Path, out_path: Path, excluded: frozenset[str]) -> Path:
         str(out_path),
         op_types_to_quantize=list(CPU_QUANT_OPS),
         per_channel=True,
+        reduce_range=reduce_range,
         weight_type=QuantType.QInt8,
         nodes_to_exclude=sorted(excluded),
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},

@@ -141,8 +141,7 @@ def _absmax(array: np.ndarray) -> float:
 
 def _passes(session, names, data, limit, desc):  # type: ignore[no-untyped-def]
     """One pass over the calibration batches, yielding {tensor name: values} per batch."""
-    total = -(-min(data.num_calibration, limit or data.num_calibration) // data.batch)
-    batches = data.batches("calibration", limit)
+    batches, total = data.batches("calibration", limit), data.num_batches("calibration", limit)
     for feeds in tqdm(batches, total=total, desc=desc, disable=not sys.stderr.isatty()):
         yield dict(zip(names, session.run(names, _feeds_for(session, feeds)), strict=True))
 

@@ -8,9 +8,12 @@ one packed QKV GEMM instead of three, and the score/softmax/context loop in one 
 
 Head counts are per layer: h is read from the layer's own Reshape target ([B, S, -1, h]) and n = width
 of Wq / h, so head-pruned layers (8 heads in layer 0, 5 in layer 1) each get their own `num_heads`.
-The additive mask value is passed through unchanged as `attention_bias` ([B or 1, 1, S, S]), so no
-assumption is made about how it was built. It must be 4-D; a head dimension other than 1 / num_heads
-cannot come out of HF's mask builders and ONNX Runtime rejects it at load time rather than misreading it. When Q/K/V weights are not constants (e.g. Q/DQ-quantized
+The mask: when it is the exporter's padding mask, `(1 - float(m[:, None, None, :])) · NEG` of a 2-D
+[B, S] graph input `m` (exporter.onnx_export.additive_padding_mask), the kernel gets `m` itself as its
+2-D `mask_index` (MultiHeadAttention: `key_padding_mask`) with `mask_filter_value = NEG`: the kernel then
+adds exactly NEG at padded keys, the same numbers, and the mask arithmetic leaves the graph. Any other
+additive mask is passed through unchanged as `attention_bias`, which ONNX Runtime requires to be
+[B or 1, 1 or num_heads, S, S]; other shapes are left unfused with that reason. When Q/K/V weights are not constants (e.g. Q/DQ-quantized
 weights after INT8 insertion), the projections are left in the graph (keeping their Q/DQ) and only
 the attention core becomes `MultiHeadAttention(q, k, v, attention_bias=mask, num_heads=n, scale)`.
 """
@@ -18,6 +21,7 @@ the attention core becomes `MultiHeadAttention(q, k, v, attention_bias=mask, num
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -52,6 +56,47 @@ def linear_parts(value: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray | No
     if bias is not None and bias.shape[0] != weight.shape[1]:
         return None
     return node.inputs[0], weight, bias
+
+
+def _is_unsqueeze(node: ir.Node | None) -> bool:
+    return node is not None and node.op_type == "Unsqueeze"
+
+
+def padding_mask_source(mask: ir.Value) -> tuple[ir.Value, float] | None:
+    """(m, NEG) if `mask` is Mul(Sub(1, Cast(Unsqueeze(Unsqueeze(m)))), NEG) of a 2-D graph input m that
+    puts it on axes 0 and 3 (i.e. m[:, None, None, :]), else None."""
+    node = mask.producer()
+    if node is None or node.op_type != "Mul" or len(node.inputs) != 2:
+        return None
+    negative = scalar_value(node.inputs[1])
+    sub = node.inputs[0].producer()
+    if negative is None or negative > -1e4 or sub is None or sub.op_type != "Sub":
+        return None
+    if scalar_value(sub.inputs[0]) != 1.0:
+        return None
+    cast = sub.inputs[1].producer()
+    if cast is None or cast.op_type != "Cast":
+        return None
+    value, axes = cast.inputs[0], []
+    while value is not None and _is_unsqueeze(value.producer()):
+        axes.append(constant_array(value.producer().inputs[1]))
+        value = value.producer().inputs[0]
+    if value is None or not value.is_graph_input() or value.shape is None or value.shape.rank() != 2:
+        return None
+    if _unsqueezed(["batch", "key"], axes[::-1]) != ["batch", 1, 1, "key"]:  # m[:, None, None, :]
+        return None
+    return value, negative
+
+
+def _unsqueezed(layout: list, steps: list[np.ndarray | None]) -> list | None:
+    """`layout` after Unsqueezes with these axes, in the order applied (None: an axis not constant)."""
+    for axes in steps:
+        if axes is None:
+            return None
+        rank = len(layout) + axes.size
+        for axis in sorted(int(a) % rank for a in axes.reshape(-1)):
+            layout = [*layout[:axis], 1, *layout[axis:]]
+    return layout
 
 
 class EncoderAttentionFusion(pattern.RewriteRuleClassBase):
@@ -93,6 +138,8 @@ class EncoderAttentionFusion(pattern.RewriteRuleClassBase):
             or (mask.shape[1] not in (1, None) and not isinstance(mask.shape[1], ir.SymbolicDim))
         ):
             return result.fail("additive mask is not 4-D [B or 1, 1, S, S]", mask)
+        if padding_mask_source(mask) is None and mask.shape[2] == 1:
+            return result.fail("additive mask broadcasts over query rows and is not a 2-D padding mask", mask)
         return result
 
     def rewrite(self, op, q_lin, k_lin, v_lin, shape_q, scale, mask, **_):  # type: ignore[no-untyped-def]
@@ -100,6 +147,11 @@ class EncoderAttentionFusion(pattern.RewriteRuleClassBase):
         num_heads = q_lin.shape[-1] // head_size
         factor = scalar_value(scale)
         factor = factor if self._scale_op == "mul" else 1.0 / factor
+        source = padding_mask_source(mask)
+        masks: dict[str, Any] = {"bias": mask, "index": None, "attrs": {}}
+        if source is not None:
+            index = op.Cast(source[0], to=ir.DataType.INT32)
+            masks = {"bias": None, "index": index, "attrs": {"mask_filter_value": source[1]}}
         parts = [linear_parts(v) for v in (q_lin, k_lin, v_lin)]
         if all(parts) and len({id(p[0]) for p in parts}) == 1:
             x = parts[0][0]
@@ -110,16 +162,26 @@ class EncoderAttentionFusion(pattern.RewriteRuleClassBase):
                 x,
                 op.Constant(value=ir.tensor(weights)),
                 op.Constant(value=ir.tensor(np.concatenate(biases).astype(np.float32))),
+                masks["index"],
                 None,
-                None,
-                mask,
+                masks["bias"],
                 num_heads=num_heads,
                 scale=factor,
                 qkv_hidden_sizes=[width, width, width],
                 _domain="com.microsoft",
+                **masks["attrs"],
             )
         return op.MultiHeadAttention(
-            q_lin, k_lin, v_lin, None, None, mask, num_heads=num_heads, scale=factor, _domain="com.microsoft"
+            q_lin,
+            k_lin,
+            v_lin,
+            None,
+            masks["index"],
+            masks["bias"],
+            num_heads=num_heads,
+            scale=factor,
+            _domain="com.microsoft",
+            **masks["attrs"],
         )
 
 

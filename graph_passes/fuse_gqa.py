@@ -15,8 +15,9 @@ rotary module) sliced to their first h/2 columns; the check verifies they are bu
 so the two halves agree. The mask (causal + padding, additive) is passed as attention_bias, so padded
 keys stay masked. On fully padded query rows (left padding) HF's eager softmax averages over every key
 while GQA also applies its causal mask: those rows' outputs differ, and they are padding.
-Not matched: graphs with a KV cache (K/V concatenated with past_key_values) or per-batch position ids;
-they keep the unfused attention and the report says why.
+Not matched: per-batch position ids (the report says why), and graphs with a KV cache (K/V
+concatenated with past_key_values), which graph_passes/fuse_gqa_kv_cache.py fuses with rotary kept
+outside the kernel.
 """
 
 from __future__ import annotations
@@ -29,16 +30,18 @@ from onnxscript.rewriter import pattern
 from graph_passes._rules import RewriteRulesPass, constant_array, head_size_from_reshape, scalar_value
 
 
-def _rotary(op, t, cos_u, sin_u, tag: str):  # type: ignore[no-untyped-def]
+def rotary_pattern(op, t, cos_u, sin_u, tag: str, output: str | None = None):  # type: ignore[no-untyped-def]
+    """t·cos + rotate_half(t)·sin as the exporter writes it; `output` names the result for the rule."""
     var = {name: pattern.Var(f"{tag}_{name}") for name in ("zero", "half1", "axes1", "steps1")}
     var |= {name: pattern.Var(f"{tag}_{name}") for name in ("half2", "end", "axes2", "steps2")}
     first = op.Slice(t, var["zero"], var["half1"], var["axes1"], var["steps1"])
     second = op.Slice(t, var["half2"], var["end"], var["axes2"], var["steps2"])
     rotated = op.Concat(op.Neg(second), first, axis=-1)
-    return op.Add(op.Mul(t, cos_u), op.Mul(rotated, sin_u))
+    outputs = {"_outputs": [output]} if output else {}
+    return op.Add(op.Mul(t, cos_u), op.Mul(rotated, sin_u), **outputs)
 
 
-def _repeat_kv(op, t, repeat: bool, tag: str):  # type: ignore[no-untyped-def]
+def repeat_kv_pattern(op, t, repeat: bool, tag: str):  # type: ignore[no-untyped-def]
     if not repeat:
         return t
     expanded = op.Expand(op.Unsqueeze(t, pattern.Var(f"{tag}_axes")), pattern.Var(f"{tag}_shape"))
@@ -78,6 +81,24 @@ def duplicated_halves(table: ir.Value) -> bool:
     )
 
 
+def layer_heads(
+    q_lin: ir.Value, k_lin: ir.Value, v_lin: ir.Value, reshapes: Sequence[ir.Value]
+) -> tuple[int, int, int] | str:
+    """(n_q, n_kv, head size) from the projection widths and the Reshape targets, or why not."""
+    head_sizes = {head_size_from_reshape(s) for s in reshapes}
+    if len(head_sizes) != 1 or None in head_sizes:
+        return "head size is not the same static value in the Q/K/V reshapes"
+    head = head_sizes.pop()
+    assert head is not None
+    widths = [v.shape[-1] if v.shape is not None else None for v in (q_lin, k_lin, v_lin)]
+    if not all(isinstance(w, int) and w % head == 0 for w in widths) or widths[1] != widths[2]:
+        return f"Q/K/V widths {widths} are unknown or not multiples of head size {head}"
+    n_q, n_kv = int(widths[0]) // head, int(widths[1]) // head  # type: ignore[arg-type]
+    if n_kv == 0 or n_q % n_kv:
+        return f"{n_q} query heads are not a multiple of {n_kv} key/value heads"
+    return n_q, n_kv, head
+
+
 class DecoderGqaFusion(pattern.RewriteRuleClassBase):
     def __init__(self, name: str, repeat: bool) -> None:
         # remove_nodes=False: the exporter reads shapes of intermediate values (Shape of the rotated K
@@ -107,10 +128,10 @@ class DecoderGqaFusion(pattern.RewriteRuleClassBase):
         q = op.Transpose(op.Reshape(q_lin, shape_q, _allow_other_attributes=True), perm=[0, 2, 1, 3])
         k = op.Transpose(op.Reshape(k_lin, shape_k, _allow_other_attributes=True), perm=[0, 2, 1, 3])
         v = op.Transpose(op.Reshape(v_lin, shape_v, _allow_other_attributes=True), perm=[0, 2, 1, 3])
-        q = _rotary(op, q, cos_u, sin_u, "q")
-        k = _rotary(op, k, cos_u, sin_u, "k")
-        k = _repeat_kv(op, k, self._repeat, "k_rep")
-        v = _repeat_kv(op, v, self._repeat, "v_rep")
+        q = rotary_pattern(op, q, cos_u, sin_u, "q")
+        k = rotary_pattern(op, k, cos_u, sin_u, "k")
+        k = repeat_kv_pattern(op, k, self._repeat, "k_rep")
+        v = repeat_kv_pattern(op, v, self._repeat, "v_rep")
         scores = op.Mul(op.MatMul(q, op.Transpose(k, perm=[0, 1, 3, 2])), scale)
         probs = op.Softmax(op.Add(scores, mask), _outputs=["probs"])
         context = op.Transpose(op.MatMul(probs, v), perm=[0, 2, 1, 3])
@@ -124,17 +145,12 @@ class DecoderGqaFusion(pattern.RewriteRuleClassBase):
             return result.fail("Softmax is not over the key axis")
         if scalar_value(scale) is None:
             return result.fail("attention scale is not a constant scalar", scale)
-        head_sizes = {head_size_from_reshape(s) for s in (shape_q, shape_k, shape_v)}
-        if len(head_sizes) != 1 or None in head_sizes:
-            return result.fail("head size is not the same static value in the Q/K/V reshapes")
-        head = head_sizes.pop()
-        widths = [v.shape[-1] if v.shape is not None else None for v in (q_lin, k_lin, v_lin)]
-        if not all(isinstance(w, int) and w % head == 0 for w in widths) or widths[1] != widths[2]:
-            return result.fail(f"Q/K/V widths {widths} are unknown or not multiples of head size {head}")
+        heads = layer_heads(q_lin, k_lin, v_lin, (shape_q, shape_k, shape_v))
+        if isinstance(heads, str):
+            return result.fail(heads)
+        head = heads[2]
         if head % 16:
             return result.fail(f"head size {head}: ONNX Runtime's GroupQueryAttention needs a multiple of 16")
-        if (widths[0] // head) % (widths[1] // head):
-            return result.fail("query heads are not a multiple of key/value heads")
         for table in (cos, sin):
             if (
                 table.shape is None

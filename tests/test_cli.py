@@ -25,14 +25,15 @@ def test_flags_reach_the_config() -> None:
         ["m", "-o", "o", "--precision", "fp32", "--backend", "onnxruntime", "--calibration", "random",
          "--calibration-samples", "7", "--accuracy-target", "0.95", "--strict-fusion", "--sparsity", "off",
          "--no-benchmark", "--threads", "3", "--allow-pickle", "--seed", "5", "--sequence-length", "64",
-         "--task", "text-generation", "--calibration-method", "mse", "--batch-size", "4"]
+         "--task", "text-generation", "--calibration-method", "mse", "--batch-size", "4",
+         "--calibration-decode-steps", "3", "--cpu-int8-weights", "reduced"]
     )  # fmt: skip
     config = config_from_args(args)
     expected = ExportConfig(
         precision="fp32", backend="onnxruntime", calibration="random", calibration_samples=7,
         accuracy_target=0.95, strict_fusion=True, sparsity="off", benchmark=False, benchmark_threads=3,
         allow_pickle=True, seed=5, sequence_length=64, task="text-generation", calibration_method="mse",
-        batch_size=4,
+        batch_size=4, calibration_decode_steps=3, cpu_int8_weights="reduced",
     )  # fmt: skip
     assert config == expected
     defaults = config_from_args(build_parser().parse_args(["m", "-o", "o"]))

@@ -74,3 +74,142 @@ def test_calibration_feeds_are_prefills_of_each_layers_width(tmp_path):
     decoder = CachedDecoder(session)
     decoder.reset(2, mask)
     np.testing.assert_allclose(logits, decoder.forward(feeds["input_ids"]), rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------ decode-step calibration feeds
+
+STEPS = 3
+LENGTHS = [12, 10, 9, 5, 3, 12]  # > 2 * STEPS real tokens: teacher forcing; the rest: greedy
+
+
+@pytest.fixture(scope="module")
+def pruned_llama(tmp_path_factory):
+    """Tiny Llama, layer 1 pruned to 3 of 4 KV heads (a lost group): per-layer KV widths differ."""
+    path = tmp_path_factory.mktemp("pruned_llama") / "decoder_model.onnx"
+    manifest = export_decoder_with_past(build_pruned_model("llama", seed=3), path)
+    return path, manifest
+
+
+def _token_data(lengths, seq_len=12, batch=4, seed=0, vocab=(1, 128)):
+    from exporter.calibration import CalibrationData
+
+    rng = np.random.default_rng(seed)
+    mask = (np.arange(seq_len)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+    feeds = {"input_ids": rng.integers(*vocab, size=mask.shape) * mask, "attention_mask": mask}
+    return CalibrationData(feeds, {k: v[:2] for k, v in feeds.items()}, batch, "test")
+
+
+@pytest.mark.parametrize("step_batch_factor", [1, 16])  # decode steps in chunks of 4 + 2 samples, or one
+def test_decode_step_feeds_follow_the_prefill_per_layer_width(pruned_llama, step_batch_factor, monkeypatch):
+    """Step j: one token per sample, pasts [samples, n_kv_i, L + j, head_dim] of each layer's own width,
+    positions continuing from the prefill; teacher-forced rows feed the held-back tokens and reproduce
+    the full-sample prefill's logits, greedy rows feed the fp32 argmax."""
+    from exporter import decoder_calibration
+    from exporter.decoder_calibration import for_decoder
+
+    monkeypatch.setattr(decoder_calibration, "STEP_BATCH_FACTOR", step_batch_factor)
+
+    path, manifest = pruned_llama
+    data = _token_data(LENGTHS)
+    decoded = for_decoder(data, path, decode_steps=STEPS)
+    ids, lengths = data.calibration["input_ids"], np.array(LENGTHS)
+    teacher = lengths > 2 * STEPS
+    assert (decoded.calibration["attention_mask"].sum(1) == np.where(teacher, lengths - STEPS, lengths)).all()
+    assert len({layer.n_kv for layer in manifest.layers}) > 1
+    session = reference_session(path)
+    full = session.run(["logits"], for_decoder(data, path, decode_steps=0).calibration)[0]
+    last = full[np.arange(len(lengths)), lengths - 1]
+    steps = decoded.groups["calibration"]
+    assert len(steps) == STEPS and len(decoded.groups["heldout"]) == STEPS
+    for j, feeds in enumerate(steps):
+        for i, layer in enumerate(manifest.layers):
+            for kind in ("key", "value"):
+                shape = feeds[f"past_key_values.{i}.{kind}"].shape
+                assert shape == (len(lengths), layer.n_kv, 12 + j, layer.head_dim), (j, i, shape)
+        assert feeds["input_ids"].shape == (len(lengths), 1) and feeds["attention_mask"].shape[1] == 13 + j
+        position = np.where(teacher, lengths - STEPS + j, lengths + j)
+        assert (feeds["position_ids"][:, 0] == position).all(), (j, feeds["position_ids"])
+        token = feeds["input_ids"][:, 0]
+        assert (token[teacher] == ids[teacher, lengths[teacher] - STEPS + j]).all()
+        assert (token[~teacher] == last[~teacher].argmax(-1)).all()
+        logits = session.run(["logits"], feeds)[0][:, 0]
+        want = full[teacher, lengths[teacher] - STEPS + j]
+        error = np.abs(logits[teacher] - want)
+        assert error.max() <= 1e-4, f"step {j}: max abs error {error.max():.3e} vs the full prefill"
+        last = logits
+    for name in ("past_key_values.0.key", "past_key_values.1.value"):  # views of one array: no K copies
+        assert np.shares_memory(steps[0][name], steps[-1][name])
+
+
+def test_calibration_batches_cover_every_group():
+    data = _token_data(LENGTHS, batch=4)
+    data.groups = {"calibration": [{"x": np.zeros((6, 1, 3))}, {"x": np.zeros((6, 1, 4))}]}
+    shapes = [next(iter(b.values())).shape for b in data.batches("calibration")]
+    assert shapes == [(4, 12), (2, 12), (4, 1, 3), (2, 1, 3), (4, 1, 4), (2, 1, 4)]
+    assert data.num_batches("calibration") == 6
+    assert [next(iter(b.values())).shape[0] for b in data.batches("calibration", limit=3)] == [3, 3, 3]
+    assert data.describe()["group_shapes"] == [{"x": [1, 3]}, {"x": [1, 4]}]
+    data.group_batch = 5  # decode steps: more samples per feed than the prefill batch
+    assert [next(iter(b.values())).shape[0] for b in data.batches("calibration")] == [4, 2, 5, 1, 5, 1]
+    assert data.num_batches("calibration") == 6
+
+
+def test_ranges_include_decode_step_activations(tmp_path):
+    """A planted token (one huge embedding channel, amplified by layer 0's norm) occurs only as the last
+    token of each sample, so with decode-step calibration only a decode step sees it: the ranges grow
+    when the decode-step groups are collected and equal the full-sample prefill's (same token, same
+    position), and stay small if the groups were ignored."""
+    import dataclasses
+
+    import onnx_ir as ir
+    import torch
+
+    from exporter.decoder_calibration import for_decoder
+    from exporter.ranges import collect_ranges
+    from graph_passes.insert_qdq import activation_tensors, plan
+
+    planted, channel = 127, 5
+    model = build_pruned_model("llama", seed=3)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[planted] = 0.0
+        model.model.embed_tokens.weight[planted, channel] = 50.0
+        model.model.layers[0].input_layernorm.weight[channel] = 20.0
+    path = tmp_path / "decoder_model.onnx"
+    export_decoder_with_past(model, path)
+    data = _token_data([12, 11, 10, 9, 12, 8], vocab=(1, planted))
+    rows = np.arange(6)
+    data.calibration["input_ids"][rows, data.calibration["attention_mask"].sum(1) - 1] = planted
+    names = activation_tensors(plan(ir.load(str(path))))
+    decoded = for_decoder(data, path, decode_steps=2)
+    with_steps = collect_ranges(path, names, decoded, "max")
+    ignored = collect_ranges(path, names, dataclasses.replace(decoded, groups={}), "max")
+    full_prefill = collect_ranges(path, names, for_decoder(data, path, decode_steps=0), "max")
+    ratio = {n: with_steps[n] / max(ignored[n], 1e-12) for n in names}
+    grown = max(ratio, key=ratio.get)
+    assert ratio[grown] > 3, ratio
+    assert with_steps[grown] == pytest.approx(full_prefill[grown], rel=1e-3)
+
+
+def test_int8_stage_calibrates_decode_steps_and_reports_them(pruned_llama, tmp_path):
+    from exporter.config import ExportConfig
+    from exporter.errors import InputError
+    from exporter.int8_stage import run_int8_stage
+
+    path, _ = pruned_llama
+    config = ExportConfig(calibration="random", calibration_samples=8, calibration_decode_steps=2)
+    kwargs = dict(
+        family="llama",
+        tokenizer_path=None,
+        input_names=["input_ids", "attention_mask"],
+        sequence_length=16,
+        vocab_size=128,
+        decoder_with_past=True,
+    )
+    _, section = run_int8_stage(path, tmp_path / "out", config, **kwargs)
+    assert section["decoder_calibration"]["decode_steps"] == 2
+    steps = section["calibration"]["group_shapes"]
+    assert [s["past_key_values.1.key"] for s in steps] == [[3, 16, 8], [3, 17, 8]]  # layer 1: 3 KV heads
+    assert [s["input_ids"] for s in steps] == [[1], [1]]
+    with pytest.raises(InputError, match="--calibration-decode-steps"):
+        bad = ExportConfig(calibration="random", calibration_samples=8, calibration_decode_steps=-1)
+        run_int8_stage(path, tmp_path / "bad", bad, **kwargs)

@@ -9,7 +9,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from graph_passes.fold_residual_bias import FoldResidualBias
+from graph_passes.fuse_attention import FuseAttention
 from graph_passes.fuse_bias_gelu import FuseBiasGelu
+from graph_passes.fuse_embed_layernorm import FuseEmbedLayerNorm
 from graph_passes.fuse_gelu import FuseGelu
 from graph_passes.fuse_layernorm import FuseLayerNorm
 from graph_passes.fuse_matmul_bias import FuseMatMulBias
@@ -186,3 +189,65 @@ def test_matmul_bias_needs_a_constant_bias():
     model.graph.input.append(onnx.helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [16]))
     _, report = _fused(FuseMatMulBias(), model)
     assert report.counts == {}
+
+
+# ----------------------------------------------------------------------------- EmbedLayerNormalization
+def _cleaned_bert() -> onnx.ModelProto:
+    from graph_passes.pipeline import optimize
+
+    return optimize(gm.bert_onnx(), "onnxruntime", stages=("cleanup",), family="bert")[0]
+
+
+def test_embed_layernorm_counts_idempotence_and_numeric():
+    model = _cleaned_bert()
+    once, report = gm.apply_pass(FuseEmbedLayerNorm(), model)
+    counts = {"EmbedLayerNormalization": 1, "Gather": -3, "Add": -2, "LayerNormalization": -1, "Cast": 3}
+    assert report.counts == counts | {"applied": 1}
+    twice, again = gm.apply_pass(FuseEmbedLayerNorm(), once)
+    assert again.counts == {} and gm.op_histogram(twice) == gm.op_histogram(once)
+    feeds = gm.bert_example(batch=3, seq=9)
+    feeds["token_type_ids"][1, 4:] = 1  # both type rows are read
+    gm.assert_same_outputs(model, once, feeds)
+
+
+def test_embed_layernorm_needs_constant_tables():
+    model = _cleaned_bert()
+    name = next(i.name for i in model.graph.initializer if "token_type_embeddings" in i.name)
+    table = next(i for i in model.graph.initializer if i.name == name)
+    model.graph.initializer.remove(table)
+    model.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, table.dims))
+    _, report = gm.apply_pass(FuseEmbedLayerNorm(), model)
+    assert "EmbedLayerNormalization" not in report.counts
+    assert any("not a constant 2-D weight" in d["reason"] for d in report.details)
+
+
+# ----------------------------------------------------------------------------- residual-bias folding
+def _fused_bert_without_fold() -> onnx.ModelProto:
+    """The bert test model after every onnxruntime fusion except the fold itself."""
+    from graph_passes.pipeline import optimize
+
+    cleaned = optimize(gm.bert_onnx(), "onnxruntime", stages=("cleanup",), family="bert")[0]
+    for graph_pass in (FuseLayerNorm(), FuseEmbedLayerNorm(), FuseGelu(), FuseBiasGelu(), FuseAttention()):
+        cleaned = gm.apply_pass(graph_pass, cleaned)[0]
+    return cleaned
+
+
+def test_fold_residual_bias_counts_idempotence_and_numeric():
+    model = _fused_bert_without_fold()
+    once, report = gm.apply_pass(FoldResidualBias(), model)
+    assert report.counts == {"Add": -4, "folded": 4}  # 2 layers x (attention output, FFN output)
+    twice, again = gm.apply_pass(FoldResidualBias(), once)
+    assert again.counts == {} and gm.op_histogram(twice) == gm.op_histogram(once)
+    feeds = gm.bert_example(batch=3, seq=9)
+    feeds["attention_mask"][1, :3] = 0
+    gm.assert_same_outputs(model, once, feeds)
+
+
+def test_fold_residual_bias_leaves_a_residual_that_is_also_an_output():
+    model = _fused_bert_without_fold()
+    norm = next(n for n in model.graph.node if n.op_type == "EmbedLayerNormalization")
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info(norm.output[0], onnx.TensorProto.FLOAT, None)
+    )
+    _, report = gm.apply_pass(FoldResidualBias(), model)
+    assert report.counts == {"Add": -3, "folded": 3}  # layer 0's attention residual keeps its Add

@@ -4,12 +4,19 @@ Variants, run interleaved in one process at the same thread count, medians over 
 - PyTorch eager fp32 with its own DynamicCache (the reference; eager attention, as exported),
 - the same with PyTorch's SDPA attention (transformers' default attention),
 - ONNX fp32 exported by `export_decoder_with_past`, on ONNX Runtime CPU (all graph optimizations),
+- the same after our onnxruntime pass pipeline without the KV-cache attention fusion (RMSNorm fused,
+  attention left as MatMul/Softmax: model.onnx as the export wrote it before that fusion),
+- the same after the full onnxruntime pipeline: attention fused into GroupQueryAttention per layer
+  (graph_passes/fuse_gqa_kv_cache.py; what the export writes as model.onnx now),
 - ONNX INT8 from ONNX Runtime's `quantize_dynamic` (per-channel s8 weights of every MatMul, lm_head
-  included; u8 activations quantized at run time), via `exporter.quantize_cpu.build`: a first INT8
-  number until the project's calibrated Q/DQ pass handles decoders.
+  included; u8 activations quantized at run time), via `exporter.quantize_cpu.build`, on the exported
+  graph: the export's model.int8.cpu.onnx is built this way, from the cleaned, unfused graph,
+- the same quantization applied to the fused fp32 graph (a bench-only variant: the export's INT8
+  stage does not run the onnxruntime fusions).
 Every variant is fed the same tokens (the PyTorch greedy continuation), so each does the same work.
 INT8 accuracy vs ONNX fp32: logit cosine and top-1 agreement per decode step under those forced
-tokens, and agreement of its own free-running greedy tokens with fp32's.
+tokens, and agreement of its own free-running greedy tokens with fp32's. The fused fp32 graph: max
+abs logit error vs the exported one and whether its free-running greedy tokens are the same.
 
   OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python tools/bench_decoder.py --threads 2 --prompt 128 --new 64
 
@@ -23,22 +30,33 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from exporter.decoder_export import export_decoder_with_past
+from exporter.external_data import save_onnx
 from exporter.generation import CachedDecoder, generate
+from graph_passes import pipeline
+from graph_passes.fuse_gqa_kv_cache import FuseGroupQueryAttentionKvCache
 
 Step = Callable[[np.ndarray], np.ndarray]  # new token ids -> logits of those tokens
+FP32 = "ONNX fp32 (ORT CPU)"
+UNFUSED = "ONNX fp32, our passes, attention unfused (ORT CPU)"
+FUSED = "ONNX fp32, our passes + GroupQueryAttention (ORT CPU)"
+INT8 = "ONNX INT8 dynamic (ORT CPU)"
+FUSED_INT8 = "ONNX INT8 dynamic on the GQA-fused graph (ORT CPU)"
 
 
 def build_model(args: argparse.Namespace) -> LlamaForCausalLM:
@@ -88,6 +106,35 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
     build(fp32_path, int8_path, excluded=frozenset())
 
 
+@contextmanager
+def fusion_without(excluded: type) -> Iterator[None]:
+    """The onnxruntime fusion stage with one pass left out, for the duration of the block."""
+    stages = pipeline.PIPELINES["onnxruntime"]
+    factory = stages["fusion"]
+    stages["fusion"] = lambda: [p for p in factory() if not isinstance(p, excluded)]
+    log = logging.getLogger(pipeline.__name__)
+    level = log.level
+    log.setLevel(logging.ERROR)  # the missed fusion is the point here, not a warning
+    try:
+        yield
+    finally:
+        stages["fusion"] = factory
+        log.setLevel(level)
+
+
+def optimized(fp32_path: Path, out_path: Path, *, kv_cache_gqa: bool) -> dict[str, int]:
+    """Our onnxruntime pipeline on the exported decoder, with or without the KV-cache GQA fusion."""
+    model = onnx.load(str(fp32_path))
+    if kv_cache_gqa:
+        out, report = pipeline.optimize(model, "onnxruntime", family="llama", strict_fusion=True)
+    else:
+        with fusion_without(FuseGroupQueryAttentionKvCache):
+            out, report = pipeline.optimize(model, "onnxruntime", family="llama")
+    save_onnx(out, out_path)
+    ops = report.op_counts_after
+    return {op: ops.get(op, 0) for op in ("GroupQueryAttention", "Softmax", "SimplifiedLayerNormalization")}
+
+
 def session(path: Path, threads: int, spinning: bool) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -110,6 +157,37 @@ def timed_run(runner, tokens: np.ndarray, prompt: int) -> tuple[float, float, li
     return middle - start, end - middle, logits
 
 
+def paired_ratios(
+    base: ort.InferenceSession, other: ort.InferenceSession, feeds: dict[str, np.ndarray], pairs: int
+) -> tuple[float, float, float]:
+    """Median ms of `base`, of `other`, and median of per-pair time ratios base/other, one call each
+    per pair in alternating order: load changes on a shared machine hit both members of a pair."""
+    base_ms, other_ms = [], []
+    for i in range(pairs):
+        for name, sess in (("b", base), ("o", other)) if i % 2 else (("o", other), ("b", base)):
+            start = time.perf_counter()
+            sess.run(None, feeds)
+            (base_ms if name == "b" else other_ms).append((time.perf_counter() - start) * 1e3)
+    ratios = [a / b for a, b in zip(base_ms, other_ms)]
+    return statistics.median(base_ms), statistics.median(other_ms), statistics.median(ratios)
+
+
+def step_feeds(tokens: np.ndarray, past_length: int, new: int, manifest) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
+    """Feeds of one call: `new` tokens after a (random) cache of `past_length`."""
+    batch = tokens.shape[0]
+    rng = np.random.default_rng(1)
+    feeds = {
+        "input_ids": tokens[:, past_length : past_length + new],
+        "attention_mask": np.ones((batch, past_length + new), dtype=np.int64),
+        "position_ids": np.tile(np.arange(past_length, past_length + new), (batch, 1)),
+    }
+    for i in range(len(manifest.layers)):
+        for kv in ("key", "value"):
+            shape = manifest.past_shape(i, batch, past_length)
+            feeds[f"past_key_values.{i}.{kv}"] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b)))
 
@@ -126,6 +204,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64, help="decode steps")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pairs", type=int, default=101, help="alternating single-call pairs per phase")
     parser.add_argument("--ort-spinning", action="store_true", help="let ORT's thread pool spin between runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -140,11 +219,22 @@ def main() -> None:
     tokens = tokens.numpy()
     assert tokens.shape[1] == args.prompt + args.new, tokens.shape
     with tempfile.TemporaryDirectory() as tmp:
-        fp32_path, int8_path = Path(tmp) / "decoder_model.onnx", Path(tmp) / "decoder_model_int8.onnx"
-        manifest = export_decoder_with_past(model, fp32_path)
-        quantize_int8(fp32_path, int8_path)
-        sessions = {"ONNX fp32 (ORT CPU)": session(fp32_path, args.threads, args.ort_spinning)}
-        sessions["ONNX INT8 dynamic (ORT CPU)"] = session(int8_path, args.threads, args.ort_spinning)
+        files = {name: Path(tmp) / f"{name}.onnx" for name in ("fp32", "int8", "ours", "fused", "fused_int8")}
+        manifest = export_decoder_with_past(model, files["fp32"])
+        quantize_int8(files["fp32"], files["int8"])
+        print("our passes without KV GQA:", optimized(files["fp32"], files["ours"], kv_cache_gqa=False))
+        print("our passes with KV GQA:   ", optimized(files["fp32"], files["fused"], kv_cache_gqa=True))
+        quantize_int8(files["fused"], files["fused_int8"])
+        variants = {
+            FP32: "fp32",
+            UNFUSED: "ours",
+            FUSED: "fused",
+            INT8: "int8",
+            FUSED_INT8: "fused_int8",
+        }
+        sessions = {
+            name: session(files[key], args.threads, args.ort_spinning) for name, key in variants.items()
+        }
         runners = {"PyTorch eager fp32 + cache": TorchCached(model)}
         sdpa = copy.deepcopy(model)
         sdpa.set_attn_implementation("sdpa")
@@ -152,13 +242,26 @@ def main() -> None:
         runners.update({name: CachedDecoder(s) for name, s in sessions.items()})
         times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in runners}
         logits: dict[str, list[np.ndarray]] = {}
-        timed_run(runners["ONNX fp32 (ORT CPU)"], tokens, args.prompt)  # warm-up
+        for runner in runners.values():
+            timed_run(runner, tokens, args.prompt)  # warm-up
+        order = list(runners)
         for _ in range(args.repeats):
-            for name, runner in runners.items():
+            rng.shuffle(order)  # a fixed order penalises whichever variant runs right after PyTorch
+            for name in order:
+                runner = runners[name]
                 prefill, decode, logits[name] = timed_run(runner, tokens, args.prompt)
                 times[name][0].append(prefill)
                 times[name][1].append(decode)
         report(args, manifest, times, logits, sessions, prompt)
+        print(f"paired single calls, alternating, {args.pairs} pairs (median ms; ratio = unfused / fused):")
+        for phase, past, new in (("prefill", 0, args.prompt), ("decode", args.prompt + args.new // 2, 1)):
+            feeds = step_feeds(tokens, past, new, manifest)
+            for fused, unfused in ((FUSED, UNFUSED), (FUSED_INT8, INT8)):
+                base, other, ratio = paired_ratios(sessions[unfused], sessions[fused], feeds, args.pairs)
+                print(
+                    f"  {phase} (past {past}, {new} new): {unfused} {base:.2f} ms, {fused} {other:.2f} ms, "
+                    f"speed-up {ratio:.2f}x"
+                )
 
 
 def report(args, manifest, times, logits, sessions, prompt) -> None:  # type: ignore[no-untyped-def]
@@ -180,20 +283,38 @@ def report(args, manifest, times, logits, sessions, prompt) -> None:  # type: ig
             f"| {name} | {args.batch * args.prompt / p:.0f} | {args.batch * steps / d:.1f} "
             f"| {base_prefill / p:.2f} | {base_decode / d:.2f} |"
         )
-    fp32, int8 = logits["ONNX fp32 (ORT CPU)"], logits["ONNX INT8 dynamic (ORT CPU)"]
+    for name in (FUSED, FUSED_INT8):
+        base = UNFUSED if name == FUSED else INT8
+        ratios = [
+            statistics.median(a / b for a, b in zip(times[base][phase], times[name][phase]))
+            for phase in (0, 1)
+        ]
+        print(
+            f"{name} vs {base}, median of per-round speed ratios: prefill {ratios[0]:.2f}x, decode {ratios[1]:.2f}x"
+        )
+    fp32 = logits[FP32]
     torch_max = max(float(np.abs(a - b).max()) for a, b in zip(fp32, logits[reference]))
-    cosines = [cosine(a[row], b[row]) for a, b in zip(fp32, int8) for row in range(a.shape[0])]
-    top1 = np.mean([(a.argmax(-1) == b.argmax(-1)).mean() for a, b in zip(fp32, int8)])
-    free_fp32 = generate(sessions["ONNX fp32 (ORT CPU)"], prompt, max_new_tokens=args.new)
-    free_int8 = generate(sessions["ONNX INT8 dynamic (ORT CPU)"], prompt, max_new_tokens=args.new)
-    same = free_fp32[:, args.prompt :] == free_int8[:, args.prompt :]
-    first_diff = int(np.argmin(same[0])) if not same[0].all() else args.new
+    fused_max = max(float(np.abs(a - b).max()) for a, b in zip(fp32, logits[FUSED]))
     print(f"ONNX fp32 vs PyTorch: max abs logit error {torch_max:.2e} over all steps")
+    free = {
+        name: generate(sessions[name], prompt, max_new_tokens=args.new)
+        for name in (FP32, FUSED, INT8, FUSED_INT8)
+    }
     print(
-        f"INT8 vs fp32 (forced tokens): mean logit cosine {np.mean(cosines):.4f} (min {np.min(cosines):.4f}), "
-        f"top-1 agreement {top1:.3f}; free greedy: {same.mean():.3f} of tokens equal, first divergence "
-        f"at step {first_diff} of {args.new}"
+        f"fused GQA vs exported fp32: max abs logit error {fused_max:.2e} over all steps; free greedy tokens "
+        f"{'identical' if (free[FUSED] == free[FP32]).all() else 'DIFFERENT'}"
     )
+    for name in (INT8, FUSED_INT8):
+        int8 = logits[name]
+        cosines = [cosine(a[row], b[row]) for a, b in zip(fp32, int8) for row in range(a.shape[0])]
+        top1 = np.mean([(a.argmax(-1) == b.argmax(-1)).mean() for a, b in zip(fp32, int8)])
+        same = free[FP32][:, args.prompt :] == free[name][:, args.prompt :]
+        first_diff = int(np.argmin(same[0])) if not same[0].all() else args.new
+        print(
+            f"{name} vs fp32 (forced tokens): mean logit cosine {np.mean(cosines):.4f} "
+            f"(min {np.min(cosines):.4f}), top-1 agreement {top1:.3f}; free greedy: {same.mean():.3f} of "
+            f"tokens equal, first divergence at step {first_diff} of {args.new}"
+        )
 
 
 if __name__ == "__main__":

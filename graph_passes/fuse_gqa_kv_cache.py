@@ -1,0 +1,190 @@
+"""Decoder self-attention with a KV cache (onnxruntime target) -> com.microsoft GroupQueryAttention.
+
+Identity (Llama / Qwen2 eager attention, one layer of the decoder-with-past graph of
+exporter/decoder_export.py; P = past length, S = new tokens, T = P + S):
+    q, k, v   = projections reshaped/transposed to [B, n_q | n_kv, S, h]
+    q, k      = rotary(q), rotary(k)                    (the graph's own, from position_ids)
+    present_k = Concat(past_key, k, axis=-2)            present_v = Concat(past_value, v, axis=-2)
+    out       = reshape(softmax(scale · q·repeat_kv(present_k)ᵀ + mask) · repeat_kv(present_v), [B, S, n_q·h])
+which is, with q and k flattened back to [B, S, n·h] (Transpose + Reshape after the rotary) and v the
+projection output itself,
+    out, present_k, present_v = GroupQueryAttention(q, k, v, past_key, past_value,
+        seqlens_k = T - 1 (every row), total_sequence_length = T, attention_bias = mask,
+        query_seqlens = S (every row), num_heads = n_q, kv_num_heads = n_kv, scale, do_rotary = 0)
+so `present.{i}.key|value` keep their names and are written by the kernel (ONNX Runtime 1.32 schema).
+
+Why rotary stays outside the kernel: the graph computes it from the position_ids input, so any
+positions (left padding in batched generation) stay exact; the kernel's own rotary derives them from
+seqlens_k (or, for a first prompt, from position_ids' first element only). Why seqlens_k is the
+physical T - 1 for every row rather than each row's real length: the kernel takes row b's past as
+its first seqlens_k[b] + 1 - S slots (it assumes right padding); with the physical length it reads
+the whole cache, the new keys land at P..T-1 where Concat put them, and padding is masked by the
+graph's own additive mask passed as attention_bias.
+Why query_seqlens: without it the kernel refuses a step with past, batch > 1 and S > 1 ("batch_size
+must be 1 when sequence_length > 1 and past context is given"); with S for every row the chunk has no
+padding and the result is that of the plain call.
+
+Causality: the kernel (causal=1, its default) keeps key j for query row i iff j <= P + i, which is
+HF's causal rule for the same physical layout; the mask adds the same restriction plus padding, so
+every real (non-padding) query row gets HF's result. Query rows that are entirely padding (left
+padding during prefill) attend to nothing: HF's softmax then averages all T keys while the kernel
+averages keys 0..P+i. Those rows, and the cache entries later layers compute from them, differ;
+every later query masks them out, so the logits of real tokens are unchanged. (causal=0 would make
+those rows agree too — measured equal everywhere — but the schema requires causal=1 with
+query_seqlens.)
+
+Per-layer heads: h from the layer's Reshape target, n_q / n_kv from the q / k projection widths, and
+the past inputs' static shapes must agree, so a layer pruned to its own KV width fuses with its own
+counts. Not matched (the report says why): non-constant scale, head counts that disagree, a mask
+that is not 4-D, a Concat not on the sequence axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter._basics import MatchResult
+
+from graph_passes._rules import RewriteRulesPass, scalar_value
+from graph_passes.fuse_gqa import layer_heads, repeat_kv_pattern, rotary_pattern
+
+_BNSH = [0, 2, 1, 3]
+
+
+class CachedGqaFusion(pattern.RewriteRuleClassBase):
+    def __init__(self, name: str, repeat: bool) -> None:
+        # remove_nodes=False: Shape nodes outside the block read the presents and the transposed
+        # Q/K (repeat_kv's Expand target, rotate_half's split point); matched nodes that end up
+        # unused are removed by the dead-node sweep right after.
+        super().__init__(name, remove_nodes=False)
+        self._repeat = repeat
+
+    def pattern(
+        self,
+        op,
+        q_lin,
+        k_lin,
+        v_lin,
+        shape_q,
+        shape_k,
+        shape_v,
+        shape_o,
+        cos_u,
+        sin_u,
+        past_k,
+        past_v,
+        scale,
+        mask,
+    ):  # type: ignore[no-untyped-def]
+        q = op.Transpose(op.Reshape(q_lin, shape_q, _allow_other_attributes=True), perm=_BNSH)
+        k = op.Transpose(op.Reshape(k_lin, shape_k, _allow_other_attributes=True), perm=_BNSH)
+        v = op.Transpose(op.Reshape(v_lin, shape_v, _allow_other_attributes=True), perm=_BNSH)
+        q = rotary_pattern(op, q, cos_u, sin_u, "q", output="q_rot")
+        k = rotary_pattern(op, k, cos_u, sin_u, "k", output="k_rot")
+        present_k = op.Concat(past_k, k, _allow_other_attributes=True, _outputs=["present_k"])
+        present_v = op.Concat(past_v, v, _allow_other_attributes=True, _outputs=["present_v"])
+        keys = repeat_kv_pattern(op, present_k, self._repeat, "k_rep")
+        values = repeat_kv_pattern(op, present_v, self._repeat, "v_rep")
+        scores = op.Mul(op.MatMul(q, op.Transpose(keys, perm=[0, 1, 3, 2])), scale)
+        probs = op.Softmax(op.Add(scores, mask), _outputs=["probs"])
+        context = op.Transpose(op.MatMul(probs, values), perm=_BNSH)
+        return op.Reshape(context, shape_o, _allow_other_attributes=True), present_k, present_v
+
+    def check(  # type: ignore[override]
+        self, context, q_lin, k_lin, v_lin, shape_q, shape_k, shape_v, past_k, past_v, scale, mask, **vs
+    ) -> MatchResult:
+        result = MatchResult()
+        if vs["probs"].producer().attributes.get_int("axis", -1) not in (-1, 3):
+            return result.fail("Softmax is not over the key axis")
+        for present in (vs["present_k"], vs["present_v"]):
+            if present.producer().attributes.get_int("axis", 0) not in (-2, 2):
+                return result.fail("past and new keys/values are not concatenated on the sequence axis")
+        if scalar_value(scale) is None:
+            return result.fail("attention scale is not a constant scalar", scale)
+        heads = layer_heads(q_lin, k_lin, v_lin, (shape_q, shape_k, shape_v))
+        if isinstance(heads, str):
+            return result.fail(heads)
+        _, n_kv, head = heads
+        for past in (past_k, past_v):
+            dims = list(past.shape) if past.shape is not None else None
+            if dims is None or len(dims) != 4 or dims[1] != n_kv or dims[3] != head:
+                return result.fail(
+                    f"past {past.name} has shape {dims}, expected [batch, {n_kv}, past, {head}] "
+                    f"from the projections",
+                    past,
+                )
+        if mask.shape is None or mask.shape.rank() != 4:
+            return result.fail("additive mask is not 4-D [batch, 1, new, total]", mask)
+        if mask.shape[1] not in (1, None) and not isinstance(mask.shape[1], ir.SymbolicDim):
+            return result.fail(
+                "additive mask has a head axis other than 1 (ONNX Runtime: [B, 1, S, T])", mask
+            )
+        if mask.shape[2] == 1 and (q_lin.shape is None or q_lin.shape[1] != 1):
+            return result.fail(
+                "additive mask broadcasts over query rows (the kernel wants [B, 1, S, T])", mask
+            )
+        return result
+
+    def rewrite(self, op, q_lin, k_lin, v_lin, shape_q, past_k, past_v, scale, mask, q_rot, k_rot, **_):  # type: ignore[no-untyped-def]
+        n_q, n_kv, _head = layer_heads(q_lin, k_lin, v_lin, (shape_q,))  # type: ignore[misc]
+        flat = op.Constant(value_ints=[0, 0, -1])
+        query = op.Reshape(op.Transpose(q_rot, perm=_BNSH), flat)
+        key = op.Reshape(op.Transpose(k_rot, perm=_BNSH), flat)
+        batch, seq, total = sequence_lengths(op, q_lin, past_k)
+        seqlens_k = op.Cast(
+            op.Expand(op.Sub(total, op.Constant(value_ints=[1])), batch), to=ir.DataType.INT32
+        )
+        query_seqlens = op.Cast(op.Expand(seq, batch), to=ir.DataType.INT32)
+        return op.GroupQueryAttention(
+            query,
+            key,
+            v_lin,
+            past_k,
+            past_v,
+            seqlens_k,
+            op.Cast(op.Squeeze(total), to=ir.DataType.INT32),
+            None,
+            None,
+            None,
+            mask,
+            None,
+            None,
+            None,
+            None,
+            None,
+            query_seqlens,
+            num_heads=n_q,
+            kv_num_heads=n_kv,
+            scale=scalar_value(scale),
+            do_rotary=0,
+            _domain="com.microsoft",
+            _outputs=3,
+        )
+
+
+def sequence_lengths(op, q_lin: ir.Value, past_k: ir.Value):  # type: ignore[no-untyped-def]
+    """(batch, new tokens, total tokens) as 1-element int64 tensors.
+
+    From the graph's `input_ids` [B, S] and `attention_mask` [B, T] inputs when it has them (the
+    decoder-with-past contract; any other T would already fail the graph's mask Add): the same values
+    in every layer, so common-subexpression elimination keeps one copy for all layers (eight
+    per-layer copies cost 5 % of a decode step, measured). Else from this layer's q and past."""
+    graph = q_lin.graph
+    inputs = {v.name: v for v in graph.inputs if v.shape is not None and v.shape.rank() == 2} if graph else {}
+    if "input_ids" in inputs and "attention_mask" in inputs:
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        return op.Shape(ids, start=0, end=1), op.Shape(ids, start=1, end=2), op.Shape(mask, start=1, end=2)
+    seq = op.Shape(q_lin, start=1, end=2)
+    return op.Shape(q_lin, start=0, end=1), seq, op.Add(op.Shape(past_k, start=2, end=3), seq)
+
+
+class FuseGroupQueryAttentionKvCache(RewriteRulesPass):
+    name = "fuse-gqa-kv-cache"
+
+    def rules(self) -> Sequence[pattern.RewriteRule]:
+        return [
+            CachedGqaFusion.rule("CachedGQA[repeat_kv]", repeat=True),
+            CachedGqaFusion.rule("CachedGQA[same_heads]", repeat=False),
+        ]
