@@ -76,6 +76,10 @@ class QuantConfig:
     auto_exclude: bool = True
     cpu_variant: bool = True
     cpu_fusion: bool = False  # ORT's Attention fusion + QAttention measured slower than the unfused graph
+    # Our onnxruntime-target fusions (graph_passes) before the CPU variant, for this family (None: off).
+    # Set for KV-cache decoders by exporter/int8_stage.py: GroupQueryAttention is not quantized, the
+    # projections around it are, and the fused file is faster (measured there).
+    cpu_graph_passes_family: str | None = None
     # sensitive CPU layers: this many outlier input channels go to a thin fp32 MatMul (0: whole layer fp32)
     cpu_outlier_channels: int = 4
     num_heads: int = 0  # for ONNX Runtime's Attention fusion in the CPU variant (0: detect from the graph)
@@ -284,12 +288,16 @@ def _search(candidates, evaluate, config, sweep):  # type: ignore[no-untyped-def
 
 
 def _fused_or_plain(fp32: Path, tmp: Path, judge: Judge, config: QuantConfig) -> tuple[Path, dict[str, Any]]:
-    """ORT's transformer fusions if they fire and keep fp32 outputs within tolerance, else the plain graph."""
-    if not config.cpu_fusion:
+    """Our onnxruntime-target fusions (`cpu_graph_passes_family`) or ORT's transformer fusions
+    (`cpu_fusion`) if they keep fp32 outputs within tolerance, else the plain graph."""
+    if not config.cpu_fusion and not config.cpu_graph_passes_family:
         return fp32, {"applied": False, "reason": "disabled"}
     fused = tmp / "fused.onnx"
     try:
-        ops = quantize_cpu.fuse_transformer(fp32, fused, config.num_heads, config.hidden_size)
+        if config.cpu_graph_passes_family:
+            ops = _our_fusions(fp32, fused, config.cpu_graph_passes_family)
+        else:
+            ops = quantize_cpu.fuse_transformer(fp32, fused, config.num_heads, config.hidden_size)
     except Exception as exc:  # a fusion failure costs speed, not correctness: report it and go on
         return fp32, {"applied": False, "reason": f"fusion failed: {exc}"}
     max_abs = judge.max_abs_vs_reference(fused)
@@ -301,6 +309,15 @@ def _fused_or_plain(fp32: Path, tmp: Path, judge: Judge, config: QuantConfig) ->
             "ops": ops,
         }
     return fused, {"applied": True, "ops": ops, "max_abs_vs_fp32": max_abs}
+
+
+def _our_fusions(fp32: Path, out: Path, family: str) -> dict[str, int]:
+    """graph_passes' onnxruntime pipeline (cleanup + fusion, no sparsity tags) on `fp32`; op counts after."""
+    from graph_passes.pipeline import optimize
+
+    model, report = optimize(onnx.load(str(fp32)), "onnxruntime", family=family, sparsity="off")
+    save_onnx(model, out)
+    return {op: count for op, count in report.op_counts_after.items() if count}
 
 
 def _user_excluded(model_path: Path, exclusions: Exclusions) -> frozenset[str]:

@@ -159,7 +159,12 @@ def test_int8_decoder_reports_greedy_agreement_and_logit_cosine(family, model_di
     assert cpu["greedy_agreement"] >= 0.85, cpu
     assert cpu["logit_min_cosine"] <= cpu["logit_mean_cosine"]
     assert cpu["logit_mean_cosine"] >= 0.99, cpu
-    assert (tmp_path / "out" / "model.int8.cpu.onnx").exists()
+    # quantized from our fused graph: GroupQueryAttention per layer, its projections on integer kernels
+    assert cpu["fusion"]["applied"] and cpu["fusion"]["max_abs_vs_fp32"] <= 1e-4, cpu["fusion"]
+    ops = [n.op_type for n in onnx.load(tmp_path / "out" / "model.int8.cpu.onnx").graph.node]
+    layers = len(json.loads((tmp_path / "out" / "decoder_manifest.json").read_text())["layers"])
+    assert ops.count("GroupQueryAttention") == layers and "Softmax" not in ops
+    assert ops.count("DynamicQuantizeLinear") + ops.count("DynamicQuantizeMatMul") > 0
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

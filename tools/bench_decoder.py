@@ -103,7 +103,11 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
 
         quantize_dynamic(str(fp32_path), str(int8_path), per_channel=True, weight_type=QuantType.QInt8)
         return
-    build(fp32_path, int8_path, excluded=frozenset())
+    from exporter.cpu_features import reduce_weight_range
+
+    reduce_range, why = reduce_weight_range("auto")  # as the export decides: 7-bit where u8 x s8 saturates
+    print(why)
+    build(fp32_path, int8_path, excluded=frozenset(), reduce_range=reduce_range)
 
 
 @contextmanager
