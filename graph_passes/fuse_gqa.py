@@ -81,6 +81,33 @@ def duplicated_halves(table: ir.Value) -> bool:
     )
 
 
+def rotary_problem(cos: ir.Value, sin: ir.Value, head: int, vs: dict) -> str | None:
+    """Why the matched rotary (`rotary_pattern` for tags "q" and "k", tables `cos` / `sin` of rank 3) is
+    not HF's non-interleaved rotate_half rotary over the whole head, or None if it is."""
+    for table in (cos, sin):
+        if table.shape is None or table.shape.rank() != 3 or table.shape[2] != head:
+            return f"rotary table is not [batch or 1, S, {head}]"
+        if not duplicated_halves(table):
+            return "rotary table is not built as cos/sin(concat(f, f))"
+    for tag in ("q", "k"):
+        const = {
+            name: constant_array(vs[f"{tag}_{name}"])
+            for name in ("zero", "axes1", "axes2", "steps1", "steps2")
+        }
+        if any(a is None for a in const.values()) or const["zero"].reshape(-1).tolist() != [0]:
+            return "rotate_half slices do not start at 0"
+        for name in ("axes1", "axes2"):
+            if const[name].reshape(-1).tolist() not in ([3], [-1]):
+                return "rotate_half slices are not over the last axis"
+        if const["steps1"].reshape(-1).tolist() != [1] or const["steps2"].reshape(-1).tolist() != [1]:
+            return "rotate_half slices do not have step 1"
+        if not (
+            is_half_of_last_dim(vs[f"{tag}_half1"], head) and is_half_of_last_dim(vs[f"{tag}_half2"], head)
+        ):
+            return "rotate_half does not split the head at head_size / 2"
+    return None
+
+
 def layer_heads(
     q_lin: ir.Value, k_lin: ir.Value, v_lin: ir.Value, reshapes: Sequence[ir.Value]
 ) -> tuple[int, int, int] | str:
@@ -152,32 +179,11 @@ class DecoderGqaFusion(pattern.RewriteRuleClassBase):
         if head % 16:
             return result.fail(f"head size {head}: ONNX Runtime's GroupQueryAttention needs a multiple of 16")
         for table in (cos, sin):
-            if (
-                table.shape is None
-                or table.shape.rank() != 3
-                or table.shape[0] != 1
-                or table.shape[2] != head
-            ):
+            if table.shape is None or table.shape.rank() != 3 or table.shape[0] != 1:
                 return result.fail("rotary table is not [1, S, head_size] (per-batch positions?)", table)
-            if not duplicated_halves(table):
-                return result.fail("rotary table is not built as cos/sin(concat(f, f))", table)
-        for tag in ("q", "k"):
-            const = {
-                name: constant_array(vs[f"{tag}_{name}"])
-                for name in ("zero", "axes1", "axes2", "steps1", "steps2")
-            }
-            if any(a is None for a in const.values()) or const["zero"].reshape(-1).tolist() != [0]:
-                return result.fail("rotate_half slices do not start at 0")
-            for name in ("axes1", "axes2"):
-                if const[name].reshape(-1).tolist() not in ([3], [-1]):
-                    return result.fail("rotate_half slices are not over the last axis")
-            if const["steps1"].reshape(-1).tolist() != [1] or const["steps2"].reshape(-1).tolist() != [1]:
-                return result.fail("rotate_half slices do not have step 1")
-            if not (
-                is_half_of_last_dim(vs[f"{tag}_half1"], head)
-                and is_half_of_last_dim(vs[f"{tag}_half2"], head)
-            ):
-                return result.fail("rotate_half does not split the head at head_size / 2")
+        problem = rotary_problem(cos, sin, head, vs)
+        if problem:
+            return result.fail(problem)
         if mask.shape is None or mask.shape.rank() != 4:
             return result.fail("additive mask is not 4-D", mask)
         return result

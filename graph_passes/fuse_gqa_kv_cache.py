@@ -47,8 +47,8 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchResult
 
-from graph_passes._rules import RewriteRulesPass, scalar_value
-from graph_passes.fuse_gqa import layer_heads, repeat_kv_pattern, rotary_pattern
+from graph_passes._rules import RewriteRulesPass, constant_array, scalar_value
+from graph_passes.fuse_gqa import layer_heads, repeat_kv_pattern, rotary_pattern, rotary_problem
 
 _BNSH = [0, 2, 1, 3]
 
@@ -71,13 +71,16 @@ class CachedGqaFusion(pattern.RewriteRuleClassBase):
         shape_k,
         shape_v,
         shape_o,
-        cos_u,
-        sin_u,
+        cos,
+        sin,
+        cos_axes,
+        sin_axes,
         past_k,
         past_v,
         scale,
         mask,
     ):  # type: ignore[no-untyped-def]
+        cos_u, sin_u = op.Unsqueeze(cos, cos_axes), op.Unsqueeze(sin, sin_axes)
         q = op.Transpose(op.Reshape(q_lin, shape_q, _allow_other_attributes=True), perm=_BNSH)
         k = op.Transpose(op.Reshape(k_lin, shape_k, _allow_other_attributes=True), perm=_BNSH)
         v = op.Transpose(op.Reshape(v_lin, shape_v, _allow_other_attributes=True), perm=_BNSH)
@@ -93,7 +96,21 @@ class CachedGqaFusion(pattern.RewriteRuleClassBase):
         return op.Reshape(context, shape_o, _allow_other_attributes=True), present_k, present_v
 
     def check(  # type: ignore[override]
-        self, context, q_lin, k_lin, v_lin, shape_q, shape_k, shape_v, past_k, past_v, scale, mask, **vs
+        self,
+        context,
+        q_lin,
+        k_lin,
+        v_lin,
+        shape_q,
+        shape_k,
+        shape_v,
+        past_k,
+        past_v,
+        scale,
+        mask,
+        cos,
+        sin,
+        **vs,
     ) -> MatchResult:
         result = MatchResult()
         if vs["probs"].producer().attributes.get_int("axis", -1) not in (-1, 3):
@@ -107,6 +124,12 @@ class CachedGqaFusion(pattern.RewriteRuleClassBase):
         if isinstance(heads, str):
             return result.fail(heads)
         _, n_kv, head = heads
+        for axes in (vs["cos_axes"], vs["sin_axes"]):
+            if (constant_array(axes) is None) or constant_array(axes).reshape(-1).tolist() != [1]:
+                return result.fail("rotary tables are not unsqueezed at the head axis", axes)
+        problem = rotary_problem(cos, sin, head, vs)
+        if problem:
+            return result.fail(problem)
         for past in (past_k, past_v):
             dims = list(past.shape) if past.shape is not None else None
             if dims is None or len(dims) != 4 or dims[1] != n_kv or dims[3] != head:
@@ -127,12 +150,14 @@ class CachedGqaFusion(pattern.RewriteRuleClassBase):
             )
         return result
 
-    def rewrite(self, op, q_lin, k_lin, v_lin, shape_q, past_k, past_v, scale, mask, q_rot, k_rot, **_):  # type: ignore[no-untyped-def]
-        n_q, n_kv, _head = layer_heads(q_lin, k_lin, v_lin, (shape_q,))  # type: ignore[misc]
-        flat = op.Constant(value_ints=[0, 0, -1])
-        query = op.Reshape(op.Transpose(q_rot, perm=_BNSH), flat)
-        key = op.Reshape(op.Transpose(k_rot, perm=_BNSH), flat)
+    def rewrite(self, op, q_lin, k_lin, v_lin, shape_q, past_k, past_v, scale, mask, cos, sin, **_):  # type: ignore[no-untyped-def]
+        n_q, n_kv, head = layer_heads(q_lin, k_lin, v_lin, (shape_q,))  # type: ignore[misc]
         batch, seq, total = sequence_lengths(op, q_lin, past_k)
+        caches, positions = per_token_rotary(op, cos, sin, head, batch, seq)
+        query, key = (
+            op.RotaryEmbedding(x, positions, *caches, num_heads=n, interleaved=0, _domain="com.microsoft")
+            for x, n in ((q_lin, n_q), (k_lin, n_kv))
+        )
         seqlens_k = op.Cast(
             op.Expand(op.Sub(total, op.Constant(value_ints=[1])), batch), to=ir.DataType.INT32
         )
@@ -162,6 +187,21 @@ class CachedGqaFusion(pattern.RewriteRuleClassBase):
             _domain="com.microsoft",
             _outputs=3,
         )
+
+
+def per_token_rotary(op, cos: ir.Value, sin: ir.Value, head: int, batch: ir.Value, seq: ir.Value):  # type: ignore[no-untyped-def]
+    """((cos_cache, sin_cache), position_ids) for com.microsoft.RotaryEmbedding that give every token the
+    graph's own row: the tables' first halves [B or 1, S, h/2] flattened to [rows, h/2], and position ids
+    0..rows-1 laid out as [B or 1, S] and broadcast to [B, S]."""
+    half = head // 2
+    zero, stop, last = (op.Constant(value_ints=[n]) for n in (0, half, -1))
+    caches = tuple(
+        op.Reshape(op.Slice(t, zero, stop, last), op.Constant(value_ints=[-1, half])) for t in (cos, sin)
+    )
+    rows = op.Squeeze(op.Shape(caches[0], start=0, end=1), op.Constant(value_ints=[0]))
+    ids = op.Range(op.Constant(value_int=0), rows, op.Constant(value_int=1))
+    laid_out = op.Reshape(ids, op.Concat(op.Constant(value_ints=[-1]), seq, axis=0))
+    return caches, op.Expand(laid_out, op.Concat(batch, seq, axis=0))
 
 
 def sequence_lengths(op, q_lin: ir.Value, past_k: ir.Value):  # type: ignore[no-untyped-def]

@@ -101,6 +101,19 @@ def test_one_gqa_per_layer_with_the_layers_own_heads(case):
     assert presents == {f"present.{i}.{kv}" for i in range(3) for kv in ("key", "value")}
 
 
+def test_rotary_becomes_two_kernels_per_layer_fed_by_one_shared_table(case):
+    """q and k each go through com.microsoft.RotaryEmbedding (num_heads = the layer's own); the rotate_half
+    arithmetic and the Q/K transposes leave the graph; after CSE every layer reads one cos/sin cache and
+    one position-id tensor (the graph's per-token rows, computed once from position_ids)."""
+    ops = op_histogram(case.pipelined)
+    assert ops["RotaryEmbedding"] == 6 and "Neg" not in ops, ops
+    nodes = [n for n in case.pipelined.graph.node if n.op_type == "RotaryEmbedding"]
+    heads = [a.i for n in nodes for a in n.attribute if a.name == "num_heads"]
+    assert sorted(heads) == sorted(n for q, kv in HEADS for n in (q, kv))
+    assert len({tuple(n.input[1:]) for n in nodes}) == 1
+    assert ops.get("Transpose", 0) == 0, ops
+
+
 def test_lengths_are_computed_once_for_all_layers(case):
     """seqlens_k / total / query_seqlens come from input_ids and attention_mask: after the pipeline's
     common-subexpression elimination every layer's GroupQueryAttention reads the same three values."""
