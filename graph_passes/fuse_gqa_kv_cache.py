@@ -6,17 +6,23 @@ exporter/decoder_export.py; P = past length, S = new tokens, T = P + S):
     q, k      = rotary(q), rotary(k)                    (the graph's own, from position_ids)
     present_k = Concat(past_key, k, axis=-2)            present_v = Concat(past_value, v, axis=-2)
     out       = reshape(softmax(scale · q·repeat_kv(present_k)ᵀ + mask) · repeat_kv(present_v), [B, S, n_q·h])
-which is, with q and k flattened back to [B, S, n·h] (Transpose + Reshape after the rotary) and v the
-projection output itself,
-    out, present_k, present_v = GroupQueryAttention(q, k, v, past_key, past_value,
+which is, with q and k rotated by com.microsoft.RotaryEmbedding on the projection outputs themselves
+([B, S, n·h], so the Reshape/Transpose pairs leave the graph) and v the projection output,
+    query = RotaryEmbedding(q_lin, ids, cos_cache, sin_cache, num_heads = n_q)     (key: k_lin, n_kv)
+    out, present_k, present_v = GroupQueryAttention(query, key, v, past_key, past_value,
         seqlens_k = T - 1 (every row), total_sequence_length = T, attention_bias = mask,
         query_seqlens = S (every row), num_heads = n_q, kv_num_heads = n_kv, scale, do_rotary = 0)
 so `present.{i}.key|value` keep their names and are written by the kernel (ONNX Runtime 1.32 schema).
 
-Why rotary stays outside the kernel: the graph computes it from the position_ids input, so any
-positions (left padding in batched generation) stay exact; the kernel's own rotary derives them from
-seqlens_k (or, for a first prompt, from position_ids' first element only). Why seqlens_k is the
-physical T - 1 for every row rather than each row's real length: the kernel takes row b's past as
+Rotary, exactly: the graph computes one cos/sin row per token from the position_ids input (any rope
+scaling folded in); the rule checks they are cos/sin(concat(f, f)) and that rotate_half splits the head in
+halves, then hands RotaryEmbedding those very rows: first halves flattened to a [B·S, h/2] cache, and
+position ids 0..B·S-1 laid out as [B, S], so token (b, s) reads row b·S + s, its own. Any positions stay
+exact (left padding in batched generation included); GroupQueryAttention's own rotary (do_rotary=1)
+would derive them from seqlens_k instead. The cache and ids are the same values in every layer, so
+common-subexpression elimination computes them once.
+
+Why seqlens_k is the physical T - 1 for every row rather than each row's real length: the kernel takes row b's past as
 its first seqlens_k[b] + 1 - S slots (it assumes right padding); with the physical length it reads
 the whole cache, the new keys land at P..T-1 where Concat put them, and padding is masked by the
 graph's own additive mask passed as attention_bias.
@@ -36,7 +42,9 @@ query_seqlens.)
 Per-layer heads: h from the layer's Reshape target, n_q / n_kv from the q / k projection widths, and
 the past inputs' static shapes must agree, so a layer pruned to its own KV width fuses with its own
 counts. Not matched (the report says why): non-constant scale, head counts that disagree, a mask
-that is not 4-D, a Concat not on the sequence axis.
+that is not [B, 1, S, T], a Concat not on the sequence axis, a rotary that is not rotate_half over the
+whole head (partial or interleaved rotary). The attention must be causal (Llama, Mistral, Qwen2 are):
+the kernel applies causality itself.
 """
 
 from __future__ import annotations

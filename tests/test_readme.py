@@ -25,3 +25,13 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys) -> None:
     out = capsys.readouterr().out
     assert "->" in out and "onnx" in out
     assert (tmp_path / "out" / "api-demo" / "model.onnx").exists()
+
+
+def test_every_cli_flag_is_in_the_readme_usage() -> None:
+    """The README's usage block lists every export-engine flag (it cannot drift from the parser)."""
+    from exporter.cli import build_parser
+
+    usage = README.read_text().split("## Usage", 1)[1].split("```", 2)[1]
+    flags = [f for a in build_parser()._actions for f in a.option_strings if f.startswith("--")]
+    missing = [f for f in flags if f not in ("--help", "--version") and f not in usage]
+    assert not missing, f"README usage lacks {missing}"
