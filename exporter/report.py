@@ -22,6 +22,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"- Backend: **{backend.get('name')}**: {backend.get('reason')}"]
         for name, why in backend.get("skipped", {}).items():
             lines += [f"  - {name} skipped: {why}"]
+    cpu_int8 = report.get("int8", {}).get("cpu", {})
+    if "weight_bits_reason" in cpu_int8:
+        lines += [f"- INT8 CPU file: {cpu_int8['weight_bits_reason']}"]
     lines.append("")
     if report.get("stages_md"):
         lines += [

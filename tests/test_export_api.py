@@ -159,6 +159,10 @@ def test_int8_decoder_reports_greedy_agreement_and_logit_cosine(family, model_di
     assert cpu["greedy_agreement"] >= 0.85, cpu
     assert cpu["logit_min_cosine"] <= cpu["logit_mean_cosine"]
     assert cpu["logit_mean_cosine"] >= 0.99, cpu
+    assert (
+        cpu["weight_bits"] in (7, 8)
+        and f"INT8 CPU file: {cpu['weight_bits']}-bit weights" in (tmp_path / "out" / "report.md").read_text()
+    )
     # quantized from our fused graph: GroupQueryAttention per layer, its projections on integer kernels
     assert cpu["fusion"]["applied"] and cpu["fusion"]["max_abs_vs_fp32"] <= 1e-4, cpu["fusion"]
     ops = [n.op_type for n in onnx.load(tmp_path / "out" / "model.int8.cpu.onnx").graph.node]
