@@ -435,6 +435,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"engine-bench: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a backend failing at run time (e.g. ONNX Runtime refusing the feeds): one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"engine-bench: error: {type(exc).__name__}: {first}", file=sys.stderr)
+        return 1
     return 0
 
 

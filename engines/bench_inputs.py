@@ -9,6 +9,11 @@ EmbedLayerNormalization) or else from a `config.json` beside the model.
 
 Dimensions: a symbolic dimension takes its value from `--shapes` (by name, so giving `input_ids:8x128`
 also sizes `attention_mask`), else batch 1 on axis 0 and sequence 128 on other axes.
+
+KV-cache decoders (exporter/decoder_export.py names: `past_sequence_length`, `total_sequence_length`):
+the past is empty unless `--shapes` sizes a past input (a prefill of `sequence_length` tokens by default;
+`--shapes=input_ids:1x1,past_key_values.0.key:1xKx128xH` times one decode step after 128 tokens), the
+attention mask covers past + new tokens, and `position_ids` continue from the past, as generation feeds them.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ DEFAULT_BATCH = 1
 DEFAULT_SEQUENCE = 128
 _PASSTHROUGH_OPS = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
 _TABLE_OPS = {"DequantizeLinear", "Identity", "Cast"}
+PAST, TOTAL, NEW = "past_sequence_length", "total_sequence_length", "sequence_length"
 
 
 def parse_shapes(spec: str, flag: str = "--shapes") -> dict[str, tuple[int, ...]]:
@@ -56,6 +62,10 @@ def resolve_shapes(
     if unknown:
         raise InputError("--shapes", f"unknown input(s) {unknown}; the model's inputs are {sorted(known)}")
     named = _symbolic_values(specs, shapes)
+    if any(PAST in spec.shape for spec in specs):  # a KV-cache decoder: lengths that agree
+        named.setdefault(PAST, 0)
+        named.setdefault(TOTAL, named[PAST] + named.get(NEW, DEFAULT_SEQUENCE))
+        named.setdefault(NEW, named[TOTAL] - named[PAST])
     resolved = {}
     for spec in specs:
         if spec.name in shapes:
@@ -108,6 +118,9 @@ def make_feeds(
             feeds[spec.name] = rng.integers(0, vocab_size, size=shape).astype(spec.dtype)
         elif spec.name == "attention_mask" or spec.dtype == np.bool_:
             feeds[spec.name] = np.ones(shape, dtype=spec.dtype)
+        elif spec.name == "position_ids" and len(shape) == 2 and "attention_mask" in shapes:
+            start = shapes["attention_mask"][-1] - shape[1]  # after the past, as generation continues
+            feeds[spec.name] = np.broadcast_to(np.arange(start, start + shape[1]), shape).astype(spec.dtype)
         elif np.issubdtype(spec.dtype, np.floating):
             feeds[spec.name] = rng.uniform(-1.0, 1.0, size=shape).astype(spec.dtype)
         else:

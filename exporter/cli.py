@@ -124,13 +124,23 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
     )
 
 
+def _not_ort_preprocessing_advice(record: logging.LogRecord) -> bool:
+    """ONNX Runtime's quantizer logs "Please consider (to run) pre-processing before quantization" on every
+    call (dozens per export): the advice is its shape inference, which our cleanup stage already runs."""
+    return not record.getMessage().startswith(
+        ("Please consider to run pre-processing", "Please consider pre-processing")
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.WARNING if args.quiet or args.json else logging.INFO,
+        level=logging.ERROR if args.quiet else logging.WARNING if args.json else logging.INFO,
         format="export-engine: %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_not_ort_preprocessing_advice)
     if not args.debug:  # library deprecation chatter is not the user's problem
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)

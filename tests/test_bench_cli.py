@@ -237,3 +237,57 @@ def test_copied_model_keeps_its_own_name(tiny_onnx: Path, tmp_path: Path) -> Non
     (tmp_path / "a").mkdir()
     copy = shutil.copy(tiny_onnx, tmp_path / "a" / "model.onnx")
     assert bench_cli._display_names([tiny_onnx, Path(copy)]) == [str(tiny_onnx), str(copy)]
+
+
+def _decoder_specs() -> list:
+    from engines.base import TensorSpec
+
+    i64 = np.dtype(np.int64)
+    return [
+        TensorSpec("input_ids", i64, ("batch_size", "sequence_length")),
+        TensorSpec("attention_mask", i64, ("batch_size", "total_sequence_length")),
+        TensorSpec("position_ids", i64, ("batch_size", "sequence_length")),
+        TensorSpec(
+            "past_key_values.0.key", np.dtype(np.float32), ("batch_size", 4, "past_sequence_length", 8)
+        ),
+        TensorSpec(
+            "past_key_values.1.key", np.dtype(np.float32), ("batch_size", 2, "past_sequence_length", 8)
+        ),
+    ]
+
+
+def test_kv_cache_decoder_defaults_are_a_consistent_prefill() -> None:
+    specs = _decoder_specs()
+    shapes = bench_inputs.resolve_shapes(specs, {})
+    assert shapes["input_ids"] == (1, 128) and shapes["attention_mask"] == (1, 128)
+    assert shapes["past_key_values.0.key"] == (1, 4, 0, 8) and shapes["past_key_values.1.key"] == (1, 2, 0, 8)
+    feeds = bench_inputs.make_feeds(specs, shapes, VOCAB)
+    assert feeds["position_ids"].tolist() == [list(range(128))]
+
+
+def test_kv_cache_decoder_decode_step_from_one_past_shape() -> None:
+    """One past input sized in --shapes sizes every layer's past (its own KV heads), the mask covers past +
+    new tokens and the positions continue after the past."""
+    specs = _decoder_specs()
+    shapes = bench_inputs.resolve_shapes(specs, {"input_ids": (2, 1), "past_key_values.0.key": (2, 4, 64, 8)})
+    assert shapes["attention_mask"] == (2, 65) and shapes["past_key_values.1.key"] == (2, 2, 64, 8)
+    feeds = bench_inputs.make_feeds(specs, shapes, VOCAB)
+    assert feeds["position_ids"].tolist() == [[64], [64]]
+
+
+def test_a_real_decoder_runs_and_a_run_time_failure_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from test_decoder_export import build_pruned_model
+
+    from exporter.decoder_export import export_decoder_with_past
+
+    path = tmp_path / "decoder_model.onnx"
+    export_decoder_with_past(build_pruned_model("llama", seed=1), path)
+    code, out, _ = run([str(path), *FAST, "--shapes=input_ids:1x1,past_key_values.0.key:1x4x16x8"], capsys)
+    assert code == 0 and "attention_mask:1x17" in out, out
+    bad = "--shapes=input_ids:1x1,attention_mask:1x3,past_key_values.0.key:1x4x16x8"  # mask shorter than the past
+    code, out, err = run([str(path), *FAST, bad], capsys)
+    assert code == 1 and "Traceback" not in err
+    ours = [line for line in err.splitlines() if line.startswith("engine-bench:")]
+    assert len(ours) == 1 and ours[0].startswith("engine-bench: error: "), err

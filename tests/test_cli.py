@@ -109,3 +109,16 @@ def test_backend_tensorrt_without_gpu_fails_cleanly(model_dir_factory, tmp_path,
     )
     assert code == 2 and "--backend tensorrt" in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.glob("*out*"))
+
+
+def test_quiet_int8_export_prints_nothing(model_dir_factory, tmp_path) -> None:
+    """--quiet: only errors. An INT8 export calls ONNX Runtime's quantizer dozens of times, which logs
+    pre-processing advice on every call; none of it reaches the user."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "exporter.cli", str(model_dir_factory("bert")), "-o", str(tmp_path / "out"),
+               "--calibration", "random", "--calibration-samples", "16", "--no-benchmark",
+               "--sequence-length", "16", "--quiet"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "" and done.stdout == "", (done.stdout, done.stderr)
+    assert (tmp_path / "out" / "model.int8.cpu.onnx").exists()
