@@ -30,15 +30,25 @@ from onnxscript.rewriter import pattern
 from graph_passes._rules import RewriteRulesPass, constant_array, head_size_from_reshape, scalar_value
 
 
-def rotary_pattern(op, t, cos_u, sin_u, tag: str, output: str | None = None):  # type: ignore[no-untyped-def]
-    """t·cos + rotate_half(t)·sin as the exporter writes it; `output` names the result for the rule."""
+def rotary_pattern(op, t, cos_u, sin_u, tag: str):  # type: ignore[no-untyped-def]
+    """t·cos + rotate_half(t)·sin as the exporter writes it (its slice bounds named `{tag}_*`)."""
     var = {name: pattern.Var(f"{tag}_{name}") for name in ("zero", "half1", "axes1", "steps1")}
     var |= {name: pattern.Var(f"{tag}_{name}") for name in ("half2", "end", "axes2", "steps2")}
     first = op.Slice(t, var["zero"], var["half1"], var["axes1"], var["steps1"])
     second = op.Slice(t, var["half2"], var["end"], var["axes2"], var["steps2"])
     rotated = op.Concat(op.Neg(second), first, axis=-1)
-    outputs = {"_outputs": [output]} if output else {}
-    return op.Add(op.Mul(t, cos_u), op.Mul(rotated, sin_u), **outputs)
+    return op.Add(op.Mul(t, cos_u), op.Mul(rotated, sin_u))
+
+
+def rotated_qkv_pattern(op, q_lin, k_lin, v_lin, shapes, cos, sin, cos_axes, sin_axes):  # type: ignore[no-untyped-def]
+    """HF Llama attention's head split ([B, S, n·h] -> [B, n, S, h]) and rotary of q and k, as exported:
+    (q, k, v) in [B, n, S, h]. `shapes`: the three Reshape targets."""
+    cos_u, sin_u = op.Unsqueeze(cos, cos_axes), op.Unsqueeze(sin, sin_axes)
+    q, k, v = (
+        op.Transpose(op.Reshape(x, shape, _allow_other_attributes=True), perm=[0, 2, 1, 3])
+        for x, shape in zip((q_lin, k_lin, v_lin), shapes)
+    )
+    return rotary_pattern(op, q, cos_u, sin_u, "q"), rotary_pattern(op, k, cos_u, sin_u, "k"), v
 
 
 def repeat_kv_pattern(op, t, repeat: bool, tag: str):  # type: ignore[no-untyped-def]
@@ -151,12 +161,8 @@ class DecoderGqaFusion(pattern.RewriteRuleClassBase):
         scale,
         mask,
     ):  # type: ignore[no-untyped-def]
-        cos_u, sin_u = op.Unsqueeze(cos, cos_axes), op.Unsqueeze(sin, sin_axes)
-        q = op.Transpose(op.Reshape(q_lin, shape_q, _allow_other_attributes=True), perm=[0, 2, 1, 3])
-        k = op.Transpose(op.Reshape(k_lin, shape_k, _allow_other_attributes=True), perm=[0, 2, 1, 3])
-        v = op.Transpose(op.Reshape(v_lin, shape_v, _allow_other_attributes=True), perm=[0, 2, 1, 3])
-        q = rotary_pattern(op, q, cos_u, sin_u, "q")
-        k = rotary_pattern(op, k, cos_u, sin_u, "k")
+        shapes = (shape_q, shape_k, shape_v)
+        q, k, v = rotated_qkv_pattern(op, q_lin, k_lin, v_lin, shapes, cos, sin, cos_axes, sin_axes)
         k = repeat_kv_pattern(op, k, self._repeat, "k_rep")
         v = repeat_kv_pattern(op, v, self._repeat, "v_rep")
         scores = op.Mul(op.MatMul(q, op.Transpose(k, perm=[0, 1, 3, 2])), scale)

@@ -56,7 +56,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchResult
 
 from graph_passes._rules import RewriteRulesPass, constant_array, scalar_value
-from graph_passes.fuse_gqa import layer_heads, repeat_kv_pattern, rotary_pattern, rotary_problem
+from graph_passes.fuse_gqa import layer_heads, repeat_kv_pattern, rotary_problem, rotated_qkv_pattern
 
 _BNSH = [0, 2, 1, 3]
 
@@ -88,12 +88,8 @@ class CachedGqaFusion(pattern.RewriteRuleClassBase):
         scale,
         mask,
     ):  # type: ignore[no-untyped-def]
-        cos_u, sin_u = op.Unsqueeze(cos, cos_axes), op.Unsqueeze(sin, sin_axes)
-        q = op.Transpose(op.Reshape(q_lin, shape_q, _allow_other_attributes=True), perm=_BNSH)
-        k = op.Transpose(op.Reshape(k_lin, shape_k, _allow_other_attributes=True), perm=_BNSH)
-        v = op.Transpose(op.Reshape(v_lin, shape_v, _allow_other_attributes=True), perm=_BNSH)
-        q = rotary_pattern(op, q, cos_u, sin_u, "q", output="q_rot")
-        k = rotary_pattern(op, k, cos_u, sin_u, "k", output="k_rot")
+        shapes = (shape_q, shape_k, shape_v)
+        q, k, v = rotated_qkv_pattern(op, q_lin, k_lin, v_lin, shapes, cos, sin, cos_axes, sin_axes)
         present_k = op.Concat(past_k, k, _allow_other_attributes=True, _outputs=["present_k"])
         present_v = op.Concat(past_v, v, _allow_other_attributes=True, _outputs=["present_v"])
         keys = repeat_kv_pattern(op, present_k, self._repeat, "k_rep")
