@@ -436,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"engine-bench: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # a backend failing at run time (e.g. ONNX Runtime refusing the feeds): one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = (str(exc).strip().splitlines() or [""])[0]
         print(f"engine-bench: error: {type(exc).__name__}: {first}", file=sys.stderr)
         return 1
     return 0

@@ -79,14 +79,10 @@ class CalibrationData:
             "calibration_samples": self.num_calibration,
             "heldout_samples": self.num_heldout,
             "batch": self.batch,
-            "shapes": {name: list(a.shape[1:]) for name, a in self.calibration.items()},
+            "shapes": _shapes(self.calibration),
             **(
-                {
-                    "group_shapes": [
-                        {n: list(a.shape[1:]) for n, a in g.items()} for g in self.groups["calibration"]
-                    ]
-                }
-                if self.groups.get("calibration")
+                {"group_shapes": [_shapes(g) for g in steps]}
+                if (steps := self.groups.get("calibration"))
                 else {}
             ),
         }
@@ -203,6 +199,11 @@ def _texts(source: str | Path | None) -> tuple[list[str], str]:
     if path.suffix == ".txt":
         return calibration_data.read_txt(path), str(path)
     raise InputError(path, f"unsupported calibration format {path.suffix!r} (expected .txt, .jsonl, .npz)")
+
+
+def _shapes(feeds: dict[str, np.ndarray]) -> dict[str, list[int]]:
+    """Per input, its shape after the sample axis."""
+    return {name: list(array.shape[1:]) for name, array in feeds.items()}
 
 
 def _count(feeds: dict[str, np.ndarray]) -> int:

@@ -23,7 +23,6 @@ ignored by attention, so a teacher-forced step computes what a prefill of the sa
 from __future__ import annotations
 
 import dataclasses
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +32,6 @@ import onnxruntime as ort
 from exporter.calibration import CalibrationData
 from exporter.decoder_export import positions_from_mask
 from exporter.errors import InputError
-
-logger = logging.getLogger(__name__)
 
 # Decode steps appended to every calibration sample by default: 0 (prefills only), by measurement
 # (tools/bench_decoder_calibration.py --prompts 32, model.int8.onnx vs fp32 over 512 generated tokens):
@@ -48,7 +45,7 @@ logger = logging.getLogger(__name__)
 DECODE_STEPS = 0
 STEP_INPUTS = ("input_ids", "attention_mask", "position_ids")
 # A decode step is one token per sample: run (and calibrate) this many times the prefill batch per call,
-# so per-call overhead does not dominate (llama-512, 128 samples x 128 tokens: see the README).
+# so per-call overhead does not dominate.
 STEP_BATCH_FACTOR = 16
 
 

@@ -29,17 +29,19 @@ from graph_passes.pipeline import optimize
 
 logger = logging.getLogger(__name__)
 
-# SmoothQuant stays on (QuantConfig's default) before the decoder's Q/DQ file (only activations whose channel max / median > 8), measured
-# with tools/bench_decoder_calibration.py --prompts 32 (512 generated tokens vs fp32): on llama-512 with
-# planted outlier channels after every RMSNorm (the pattern of trained LLMs), logit cosine 0.99394 -> 0.99867,
-# teacher-forced agreement 0.721 -> 0.871, layers kept high precision 12 -> 0, INT8 stage 448 -> 257 s.
-# On random-init models no activation passes the threshold (a no-op); forcing it on every MatMul input
-# ("smooth-all") hurt there (llama-512 .npz: cosine 0.99869 -> 0.99860, agreement 0.863 -> 0.816).
+# SmoothQuant stays on (QuantConfig's default) before the decoder's Q/DQ file (only activations whose
+# channel max / median > 8). Measured with tools/bench_decoder_calibration.py --prompts 32 (512 generated
+# tokens vs fp32): on llama-512 with planted outlier channels after every RMSNorm (the pattern of trained
+# LLMs), logit cosine 0.99394 -> 0.99867, teacher-forced agreement 0.721 -> 0.871, layers kept high
+# precision 12 -> 0, INT8 stage 448 -> 257 s. On random-init models no activation passes the threshold (a
+# no-op); forcing it on every MatMul input ("smooth-all") hurt there (llama-512 .npz: cosine 0.99869 ->
+# 0.99860, agreement 0.863 -> 0.816).
 DECODER_SMOOTHING = True
-# The decoder's CPU file is quantized from our onnxruntime-fused graph (GroupQueryAttention per layer, its
-# projections INT8): measured with tools/bench_decoder.py (llama-512, 8 layers, GQA 8:2, prompt 128, 64 new
-# tokens, 2 threads, AVX2 EPYC): vs dynamic INT8 of the unfused graph, prefill 1.08x and decode 1.18x faster
-# (median of per-round ratios), logit cosine vs fp32 unchanged (0.9962 both).
+# The decoder's CPU file is quantized from our onnxruntime-fused graph (RotaryEmbedding +
+# GroupQueryAttention per layer, its projections INT8). Measured with tools/bench_decoder.py (llama-512,
+# 8 layers, GQA 8:2, prompt 128, 64 new tokens, 2 threads, AVX2 EPYC, 7-bit weights): vs dynamic INT8 of
+# the unfused graph, prefill 1.08x and decode 1.47x faster (median of per-round ratios), logit cosine vs
+# fp32 unchanged (0.9976 both).
 DECODER_CPU_FUSION = True
 
 

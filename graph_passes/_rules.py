@@ -73,6 +73,16 @@ def head_size_from_reshape(shape: ir.Value) -> int | None:
     return last if last > 0 else None
 
 
+def attention_bias_problem(mask: ir.Value) -> str | None:
+    """Why `mask` cannot be ONNX Runtime's `attention_bias` ([B or 1, 1, S, T]: 4-D, head axis 1), or None."""
+    if mask.shape is None or mask.shape.rank() != 4:
+        return "additive mask is not 4-D [B or 1, 1, S, T]"
+    heads = mask.shape[1]
+    if heads not in (1, None) and not isinstance(heads, ir.SymbolicDim):
+        return f"additive mask has {heads} on its head axis; ONNX Runtime takes [B or 1, 1, S, T]"
+    return None
+
+
 def scalar_value(value: ir.Value | None) -> float | None:
     """A constant holding exactly one number, as a float; else None."""
     array = constant_array(value)

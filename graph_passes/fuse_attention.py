@@ -27,7 +27,13 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from graph_passes._rules import RewriteRulesPass, constant_array, head_size_from_reshape, scalar_value
+from graph_passes._rules import (
+    RewriteRulesPass,
+    attention_bias_problem,
+    constant_array,
+    head_size_from_reshape,
+    scalar_value,
+)
 
 
 def linear_parts(value: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray | None] | None:
@@ -132,12 +138,9 @@ class EncoderAttentionFusion(pattern.RewriteRuleClassBase):
             return result.fail("Q/K/V projection widths are unknown or differ")
         if next(iter(widths)) % head_size:
             return result.fail(f"projection width is not a multiple of the head size {head_size}")
-        if (
-            mask.shape is None
-            or mask.shape.rank() != 4
-            or (mask.shape[1] not in (1, None) and not isinstance(mask.shape[1], ir.SymbolicDim))
-        ):
-            return result.fail("additive mask is not 4-D [B or 1, 1, S, S]", mask)
+        problem = attention_bias_problem(mask)
+        if problem:
+            return result.fail(problem, mask)
         if padding_mask_source(mask) is None and mask.shape[2] == 1:
             return result.fail("additive mask broadcasts over query rows and is not a 2-D padding mask", mask)
         return result

@@ -16,8 +16,8 @@ so the two halves agree. The mask (causal + padding, additive) is passed as atte
 keys stay masked. On fully padded query rows (left padding) HF's eager softmax averages over every key
 while GQA also applies its causal mask: those rows' outputs differ, and they are padding.
 Not matched: per-batch position ids (the report says why), and graphs with a KV cache (K/V
-concatenated with past_key_values), which graph_passes/fuse_gqa_kv_cache.py fuses with rotary kept
-outside the kernel.
+concatenated with past_key_values), which graph_passes/fuse_gqa_kv_cache.py fuses (rotary as a separate
+RotaryEmbedding fed per-token rows, exact for any positions).
 """
 
 from __future__ import annotations
@@ -27,7 +27,13 @@ from collections.abc import Sequence
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from graph_passes._rules import RewriteRulesPass, constant_array, head_size_from_reshape, scalar_value
+from graph_passes._rules import (
+    RewriteRulesPass,
+    attention_bias_problem,
+    constant_array,
+    head_size_from_reshape,
+    scalar_value,
+)
 
 
 def rotary_pattern(op, t, cos_u, sin_u, tag: str):  # type: ignore[no-untyped-def]
@@ -190,8 +196,9 @@ class DecoderGqaFusion(pattern.RewriteRuleClassBase):
         problem = rotary_problem(cos, sin, head, vs)
         if problem:
             return result.fail(problem)
-        if mask.shape is None or mask.shape.rank() != 4:
-            return result.fail("additive mask is not 4-D", mask)
+        problem = attention_bias_problem(mask)
+        if problem:
+            return result.fail(problem, mask)
         return result
 
     def rewrite(self, op, q_lin, k_lin, v_lin, shape_q, cos, sin, scale, mask, **_):  # type: ignore[no-untyped-def]

@@ -55,7 +55,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchResult
 
-from graph_passes._rules import RewriteRulesPass, constant_array, scalar_value
+from graph_passes._rules import RewriteRulesPass, attention_bias_problem, constant_array, scalar_value
 from graph_passes.fuse_gqa import layer_heads, repeat_kv_pattern, rotary_problem, rotated_qkv_pattern
 
 _BNSH = [0, 2, 1, 3]
@@ -99,23 +99,7 @@ class CachedGqaFusion(pattern.RewriteRuleClassBase):
         context = op.Transpose(op.MatMul(probs, values), perm=_BNSH)
         return op.Reshape(context, shape_o, _allow_other_attributes=True), present_k, present_v
 
-    def check(  # type: ignore[override]
-        self,
-        context,
-        q_lin,
-        k_lin,
-        v_lin,
-        shape_q,
-        shape_k,
-        shape_v,
-        past_k,
-        past_v,
-        scale,
-        mask,
-        cos,
-        sin,
-        **vs,
-    ) -> MatchResult:
+    def check(self, context, q_lin, k_lin, v_lin, past_k, past_v, scale, mask, **vs) -> MatchResult:  # type: ignore[override]
         result = MatchResult()
         if vs["probs"].producer().attributes.get_int("axis", -1) not in (-1, 3):
             return result.fail("Softmax is not over the key axis")
@@ -124,14 +108,14 @@ class CachedGqaFusion(pattern.RewriteRuleClassBase):
                 return result.fail("past and new keys/values are not concatenated on the sequence axis")
         if scalar_value(scale) is None:
             return result.fail("attention scale is not a constant scalar", scale)
-        heads = layer_heads(q_lin, k_lin, v_lin, (shape_q, shape_k, shape_v))
+        heads = layer_heads(q_lin, k_lin, v_lin, (vs["shape_q"], vs["shape_k"], vs["shape_v"]))
         if isinstance(heads, str):
             return result.fail(heads)
         _, n_kv, head = heads
-        for axes in (vs["cos_axes"], vs["sin_axes"]):
-            if (constant_array(axes) is None) or constant_array(axes).reshape(-1).tolist() != [1]:
-                return result.fail("rotary tables are not unsqueezed at the head axis", axes)
-        problem = rotary_problem(cos, sin, head, vs)
+        for axes in (constant_array(vs["cos_axes"]), constant_array(vs["sin_axes"])):
+            if axes is None or axes.reshape(-1).tolist() != [1]:
+                return result.fail("rotary tables are not unsqueezed at the head axis")
+        problem = rotary_problem(vs["cos"], vs["sin"], head, vs)
         if problem:
             return result.fail(problem)
         for past in (past_k, past_v):
@@ -142,12 +126,9 @@ class CachedGqaFusion(pattern.RewriteRuleClassBase):
                     f"from the projections",
                     past,
                 )
-        if mask.shape is None or mask.shape.rank() != 4:
-            return result.fail("additive mask is not 4-D [batch, 1, new, total]", mask)
-        if mask.shape[1] not in (1, None) and not isinstance(mask.shape[1], ir.SymbolicDim):
-            return result.fail(
-                "additive mask has a head axis other than 1 (ONNX Runtime: [B, 1, S, T])", mask
-            )
+        problem = attention_bias_problem(mask)
+        if problem:
+            return result.fail(problem, mask)
         if mask.shape[2] == 1 and (q_lin.shape is None or q_lin.shape[1] != 1):
             return result.fail(
                 "additive mask broadcasts over query rows (the kernel wants [B, 1, S, T])", mask
