@@ -2,7 +2,7 @@
 
 The default corpus (`default_corpus.txt`, built by `build_default_corpus.py`) is prose from CPython's
 `pydoc_data.topics`: licence-clean English that ships with Python. Readers here only parse files;
-tokenization at the export's shapes is `exporter.calibration`'s job.
+tokenization at the export's shapes is `exporter.quantize.calibration`'s job.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.errors import InputError
+from export_errors import InputError
 
 DEFAULT_CORPUS = "default_corpus.txt"
 

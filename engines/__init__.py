@@ -11,7 +11,7 @@ from pathlib import Path
 
 from engines.base import Runner, TensorSpec
 from engines.selection import BackendChoice, select_backend, tensorrt_skip_reason
-from exporter.errors import BackendUnavailableError, InputError
+from export_errors import BackendUnavailableError, InputError
 
 __all__ = ["BackendChoice", "Runner", "TensorSpec", "load_runner", "select_backend"]
 
@@ -39,6 +39,6 @@ def load_runner(
     reason = tensorrt_skip_reason()
     if reason is not None:
         raise BackendUnavailableError(path, f"a TensorRT engine cannot run here: {reason}")
-    from engines.tensorrt_runner import TensorRTRunner
+    from engines.tensorrt.runner import TensorRTRunner
 
     return TensorRTRunner(path)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from exporter.errors import InputError
+from export_errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)

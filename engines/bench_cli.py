@@ -24,7 +24,7 @@ from typing import Any, NoReturn, TextIO
 import engines
 from engines import bench_inputs, benchmark, stats
 from engines.benchmark import BenchConfig, BenchResult, Variant
-from exporter.errors import ExportEngineError, InputError
+from export_errors import ExportEngineError, InputError
 
 logger = logging.getLogger(__name__)
 

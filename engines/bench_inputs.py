@@ -10,7 +10,7 @@ EmbedLayerNormalization) or else from a `config.json` beside the model.
 Dimensions: a symbolic dimension takes its value from `--shapes` (by name, so giving `input_ids:8x128`
 also sizes `attention_mask`), else batch 1 on axis 0 and sequence 128 on other axes.
 
-KV-cache decoders (exporter/decoder_export.py names: `past_sequence_length`, `total_sequence_length`):
+KV-cache decoders (exporter/export/decoder_with_past.py names: `past_sequence_length`, `total_sequence_length`):
 the past is empty unless `--shapes` sizes a past input (a prefill of `sequence_length` tokens by default;
 `--shapes=input_ids:1x1,past_key_values.0.key:1xKx128xH` times one decode step after 128 tokens), the
 attention mask covers past + new tokens, and `position_ids` continue from the past, as generation feeds them.
@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from engines.base import TensorSpec
-from exporter.errors import InputError
+from export_errors import InputError
 
 DEFAULT_BATCH = 1
 DEFAULT_SEQUENCE = 128

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from engines.base import Runner, TensorSpec
-from exporter.errors import BackendUnavailableError, InputError
+from export_errors import BackendUnavailableError, InputError
 
 logger = logging.getLogger(__name__)
 

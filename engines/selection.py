@@ -15,7 +15,7 @@ import dataclasses
 import importlib
 from typing import Any, Literal
 
-from exporter.errors import BackendUnavailableError
+from export_errors import BackendUnavailableError
 
 BackendName = Literal["auto", "tensorrt", "onnxruntime"]
 BACKENDS: tuple[str, ...] = ("auto", "tensorrt", "onnxruntime")

@@ -1,4 +1,6 @@
-"""Typed errors: the CLI turns these into one line and an exit code, never a traceback.
+"""Typed errors, on the bottom floor: every package (exporter, engines, graph_passes, calibration_data)
+imports them from here without reaching up. The CLIs turn them into one line and an exit code, never a
+traceback.
 
 `InputError` (exit 2) is the user's input being wrong: it always names the file (and the tensor
 or flag) and the problem. `ValidationError` (exit 1) is our output failing a numeric check:

@@ -15,7 +15,7 @@ _LAZY = {
     "export_engine": "exporter.api",
     "ExportResult": "exporter.api",
     "ExportConfig": "exporter.config",
-    "load_compact": "exporter.compact",
+    "load_compact": "exporter.restructure.compact",
 }
 
 

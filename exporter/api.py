@@ -24,21 +24,13 @@ import onnx
 import torch
 
 from engines.selection import BackendChoice, select_backend
-from exporter import report as report_io
-from exporter import stage_report, stage_table
-from exporter.compact import save_compact
+from export_errors import InputError
 from exporter.config import ExportConfig
-from exporter.decoder_export import TASK as DECODER_TASK
-from exporter.decoder_export import export_decoder_with_past
 from exporter.engine_stage import run_engine_stage
-from exporter.errors import InputError
-from exporter.external_data import save_onnx
-from exporter.families import family_for, is_decoder
-from exporter.generation import CachedDecoder
-from exporter.inputs import validation_feeds
-from exporter.int8_stage import run_int8_stage
-from exporter.model_dir import ModelDir, build_reference_model, load_model_dir
-from exporter.onnx_export import (
+from exporter.export.decoder_with_past import TASK as DECODER_TASK
+from exporter.export.decoder_with_past import export_decoder_with_past
+from exporter.export.external_data import save_onnx
+from exporter.export.torch_to_onnx import (
     EXPORTER,
     EXPORTER_REASON,
     CausalLMForExport,
@@ -46,9 +38,17 @@ from exporter.onnx_export import (
     export_to_onnx,
     input_names_for,
 )
+from exporter.model_dir.loader import ModelDir, build_reference_model, load_model_dir
 from exporter.outputs import check_output_dir, staged_output
-from exporter.restructure import restructure
-from exporter.validate import Comparison, check, compare_all
+from exporter.quantize.int8_stage import run_int8_stage
+from exporter.report import files as report_io
+from exporter.report import stage_report, stage_table
+from exporter.restructure.compact import save_compact
+from exporter.restructure.families import family_for, is_decoder
+from exporter.restructure.remove_dead import restructure
+from exporter.runtime.generation import CachedDecoder
+from exporter.validate.compare import Comparison, check, compare_all
+from exporter.validate.heldout_inputs import validation_feeds
 from graph_passes.pipeline import optimize
 
 logger = logging.getLogger(__name__)
@@ -308,7 +308,7 @@ def _wrapper(model: torch.nn.Module, md: ModelDir) -> torch.nn.Module:
 
 @torch.no_grad()
 def _torch_outputs(wrapper: torch.nn.Module, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from exporter.onnx_export import output_names_for
+    from exporter.export.torch_to_onnx import output_names_for
 
     outputs = wrapper(**{k: torch.from_numpy(v) for k, v in feeds.items()})
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
@@ -352,7 +352,7 @@ def _decoder_int8_quality(
     generation from the first validation prompts (real tokens only, at most 16), both as ORT runs them."""
     import onnxruntime as ort
 
-    from exporter.generation import greedy_agreement
+    from exporter.runtime.generation import greedy_agreement
 
     rows = [ids[mask.astype(bool)][:16] for ids, mask in zip(feeds["input_ids"], feeds["attention_mask"])]
     reference, candidate = (

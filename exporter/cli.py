@@ -14,8 +14,8 @@ import warnings
 from pathlib import Path
 from typing import NoReturn
 
+from export_errors import ExportEngineError
 from exporter.config import ExportConfig
-from exporter.errors import ExportEngineError
 
 
 class _Parser(argparse.ArgumentParser):

@@ -26,11 +26,11 @@ class ExportConfig:
     validation_samples: int = 8
     calibration: str | None = None  # path to .txt/.jsonl/.npz, "random", or None for the shipped corpus
     calibration_samples: int = 128
-    calibration_method: str | None = None  # None: the measured default of exporter.quantize
+    calibration_method: str | None = None  # None: the measured default of exporter.quantize.int8
     # KV-cache decoders: decode steps calibrated after each prefill (0: prefills only; None: the default
-    # of exporter.decoder_calibration)
+    # of exporter.quantize.decoder_calibration)
     calibration_decode_steps: int | None = None
-    # CPU INT8 file: 7-bit weights where ONNX Runtime's u8 x s8 kernel saturates (exporter/cpu_features.py)
+    # CPU INT8 file: 7-bit weights where ONNX Runtime's u8 x s8 kernel saturates (exporter/quantize/cpu_features.py)
     cpu_int8_weights: Literal["auto", "full", "reduced"] = "auto"
     accuracy_target: float = 0.99  # INT8 mean token cosine vs fp32 on held-out data
     # graph passes

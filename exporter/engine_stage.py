@@ -14,8 +14,8 @@ import onnx
 
 from engines.onnx_inputs import onnx_input_specs
 from engines.selection import BackendChoice
-from engines.tensorrt_builder import DEFAULT_MAX_BATCH, TensorRTBuildConfig, build_engine, prebuild_check
-from engines.tensorrt_profiles import default_profiles
+from engines.tensorrt.builder import DEFAULT_MAX_BATCH, TensorRTBuildConfig, build_engine, prebuild_check
+from engines.tensorrt.profiles import default_profiles
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from exporter.errors import InputError
+from export_errors import InputError
 
 
 def check_output_dir(out: Path, force: bool) -> None:

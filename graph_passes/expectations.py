@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import onnx_ir as ir
 
-from exporter.errors import InputError
+from export_errors import InputError
 from graph_passes._rules import layer_of, scalar_value
 from graph_passes.base import PassReport
 

@@ -9,7 +9,7 @@ one packed QKV GEMM instead of three, and the score/softmax/context loop in one 
 Head counts are per layer: h is read from the layer's own Reshape target ([B, S, -1, h]) and n = width
 of Wq / h, so head-pruned layers (8 heads in layer 0, 5 in layer 1) each get their own `num_heads`.
 The mask: when it is the exporter's padding mask, `(1 - float(m[:, None, None, :])) · NEG` of a 2-D
-[B, S] graph input `m` (exporter.onnx_export.additive_padding_mask), the kernel gets `m` itself as its
+[B, S] graph input `m` (exporter.export.torch_to_onnx.additive_padding_mask), the kernel gets `m` itself as its
 2-D `mask_index` (MultiHeadAttention: `key_padding_mask`) with `mask_filter_value = NEG`: the kernel then
 adds exactly NEG at padded keys, the same numbers, and the mask arithmetic leaves the graph. Any other
 additive mask is passed through unchanged as `attention_bias`, which ONNX Runtime requires to be

@@ -1,7 +1,7 @@
 """Decoder self-attention with a KV cache (onnxruntime target) -> com.microsoft GroupQueryAttention.
 
 Identity (Llama / Qwen2 eager attention, one layer of the decoder-with-past graph of
-exporter/decoder_export.py; P = past length, S = new tokens, T = P + S):
+exporter/export/decoder_with_past.py; P = past length, S = new tokens, T = P + S):
     q, k, v   = projections reshaped/transposed to [B, n_q | n_kv, S, h]
     q, k      = rotary(q), rotary(k)                    (the graph's own, from position_ids)
     present_k = Concat(past_key, k, axis=-2)            present_v = Concat(past_value, v, axis=-2)

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import onnx
 import onnx_ir as ir
 
-from exporter.errors import InputError, ValidationError
+from export_errors import InputError, ValidationError
 from graph_passes.base import GraphPass, PassReport, ReportedPassResult, op_counts
 from graph_passes.eliminate_common_subexpressions import EliminateCommonSubexpressions
 from graph_passes.expectations import compare, count_sites, expectations, family_kind, has_kv_cache

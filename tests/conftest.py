@@ -1,4 +1,4 @@
-"""Shared fixtures: seeded synthetic MODEL_DIRs written to temporary folders (see exporter/synthetic.py)."""
+"""Shared fixtures: seeded synthetic MODEL_DIRs written to temporary folders (see exporter/testing/synthetic.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture
 def model_dir_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """`make(family, **write_model_dir_kwargs) -> Path`: a fresh tiny MODEL_DIR per call."""
-    from exporter.synthetic import write_model_dir
+    from exporter.testing.synthetic import write_model_dir
 
     def make(family: str, **kwargs: object) -> Path:
         return write_model_dir(tmp_path_factory.mktemp(f"{family}_dir"), family, **kwargs)  # type: ignore[arg-type]
@@ -25,7 +25,7 @@ def model_dir_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[...,
 @pytest.fixture(scope="session")
 def minilm_demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo MODEL_DIR built once per session from the real all-MiniLM-L6-v2 weights."""
-    from exporter.synthetic import write_minilm_demo_dir
+    from exporter.testing.synthetic import write_minilm_demo_dir
 
     return write_minilm_demo_dir(tmp_path_factory.mktemp("minilm_demo"))
 

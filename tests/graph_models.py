@@ -4,7 +4,7 @@ Two kinds:
 - exported HF models (`bert_onnx`, `llama_onnx`, `qwen2_onnx`): tiny configs, seeded random weights,
   then *head- and FFN-pruned per layer* by slicing the Linear layers, so that layer 0 and layer 1
   have different head counts and FFN widths, exactly like a structurally pruned model. Exported with
-  exporter.onnx_export.export_to_onnx (TorchScript exporter, opset 17, eager attention).
+  exporter.export.torch_to_onnx.export_to_onnx (TorchScript exporter, opset 17, eager attention).
 - small hand-built graphs (`decomposed_layernorm_graph`, ...) with one decomposed pattern each, for the
   positive / negative tests of single passes.
 """
@@ -157,7 +157,7 @@ def decoder_example(batch: int = 2, seq: int = 7, seed: int = 1) -> dict[str, np
 def _export(wrapper, example: dict[str, np.ndarray]) -> onnx.ModelProto:  # type: ignore[no-untyped-def]
     import torch
 
-    from exporter.onnx_export import export_to_onnx
+    from exporter.export.torch_to_onnx import export_to_onnx
 
     tensors = {k: torch.from_numpy(v) for k, v in example.items()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,7 +167,7 @@ def _export(wrapper, example: dict[str, np.ndarray]) -> onnx.ModelProto:  # type
 
 @functools.cache
 def _bert_bytes() -> bytes:
-    from exporter.onnx_export import EncoderForExport
+    from exporter.export.torch_to_onnx import EncoderForExport
 
     wrapper = EncoderForExport(build_bert(), uses_token_type_ids=True, pooling=None)
     return _export(wrapper, bert_example()).SerializeToString()
@@ -175,7 +175,7 @@ def _bert_bytes() -> bytes:
 
 @functools.cache
 def _decoder_bytes(family: str) -> bytes:
-    from exporter.onnx_export import CausalLMForExport
+    from exporter.export.torch_to_onnx import CausalLMForExport
 
     return _export(CausalLMForExport(build_decoder(family)), decoder_example()).SerializeToString()
 
@@ -345,9 +345,9 @@ def assert_same_outputs(
     feeds: dict[str, np.ndarray],
     valid: np.ndarray | None = None,
 ) -> float:
-    """Every output of `rewritten` equals `original`'s within the fp32 tolerance (exporter/tolerances.py).
+    """Every output of `rewritten` equals `original`'s within the fp32 tolerance (exporter/validate/tolerances.py).
     `valid` ([B, S] bool) restricts the comparison to real (non-padding) token positions."""
-    from exporter.tolerances import tolerance
+    from exporter.validate.tolerances import tolerance
 
     bound = tolerance("fp32").max_abs
     worst = 0.0

@@ -280,7 +280,7 @@ def test_a_real_decoder_runs_and_a_run_time_failure_is_one_line(
 ) -> None:
     from test_decoder_export import build_pruned_model
 
-    from exporter.decoder_export import export_decoder_with_past
+    from exporter.export.decoder_with_past import export_decoder_with_past
 
     path = tmp_path / "decoder_model.onnx"
     export_decoder_with_past(build_pruned_model("llama", seed=1), path)

@@ -14,7 +14,7 @@ from engines import bench_cli, benchmark
 from engines.base import Runner, TensorSpec
 from engines.benchmark import BenchConfig, BenchResult, DeviceTimes, Iteration, Variant
 from engines.torch_runner import TorchRunner
-from exporter.errors import InputError
+from export_errors import InputError
 
 FAST = BenchConfig(warmup_ms=1, iterations=12, duration_s=0, avg_runs=4, percentiles=(50.0, 99.0))
 

@@ -11,8 +11,8 @@ import pytest
 
 import calibration_data
 from calibration_data.build_default_corpus import build
-from exporter.calibration import load_calibration
-from exporter.errors import InputError
+from export_errors import InputError
+from exporter.quantize.calibration import load_calibration
 
 NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 

@@ -12,7 +12,7 @@ import pytest
 
 from exporter.cli import build_parser, config_from_args, main
 from exporter.config import ExportConfig
-from exporter.synthetic import layer_param, row_mask
+from exporter.testing.synthetic import layer_param, row_mask
 
 
 def test_every_flag_has_help() -> None:

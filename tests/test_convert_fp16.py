@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from engines.onnxruntime_runner import OnnxRuntimeRunner
-from exporter.tolerances import tolerance
+from exporter.validate.tolerances import tolerance
 from graph_passes.convert_fp16 import FP16_MAX, ConvertFp16Pass, to_fp16
 
 HIDDEN = 16

@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from exporter import quantize_cpu
-from exporter.cpu_features import IntegerGemm, detect, reduce_weight_range
+from exporter.quantize import cpu_int8 as quantize_cpu
+from exporter.quantize.cpu_features import IntegerGemm, detect, reduce_weight_range
 
 AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse sse2 avx fma avx2\n"
 SPR = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw avx512_vnni amx_int8 amx_tile\n"

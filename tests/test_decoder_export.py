@@ -25,16 +25,16 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from exporter.decoder_export import (
+from export_errors import InputError
+from exporter.export.decoder_with_past import (
     DecoderManifest,
     LayerAttentionShape,
     export_decoder_with_past,
     layer_attention_shapes,
     tensorrt_profile,
 )
-from exporter.errors import InputError
-from exporter.generation import CachedDecoder
-from exporter.tolerances import tolerance
+from exporter.runtime.generation import CachedDecoder
+from exporter.validate.tolerances import tolerance
 
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -215,7 +215,7 @@ def test_tensorrt_profile_covers_prefill_and_decode():
 def test_restructured_masked_model_matches_masked_reference(family, tmp_path):
     """The issue's reference: a masked model (dead KV group by zero o_proj columns in layer 1, a zero
     value head in layer 2) made compact by `restructure`, exported with the cache, decoded step by step."""
-    from exporter.restructure import restructure
+    from exporter.restructure.remove_dead import restructure
 
     masked = build_pruned_model(family, pruning={})
     with torch.no_grad():

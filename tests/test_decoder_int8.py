@@ -1,4 +1,4 @@
-"""INT8 quality metrics of a KV-cache decoder (exporter.generation.greedy_agreement): exact on identical
+"""INT8 quality metrics of a KV-cache decoder (exporter.runtime.generation.greedy_agreement): exact on identical
 models, low on unrelated ones, so the numbers the export report carries can be trusted."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from test_decoder_export import build_pruned_model, reference_session
 
-from exporter.decoder_export import export_decoder_with_past
-from exporter.generation import generate, greedy_agreement
+from exporter.export.decoder_with_past import export_decoder_with_past
+from exporter.runtime.generation import generate, greedy_agreement
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_teacher_forced_agreement_counts_the_candidates_argmax(two_models):
     a, b = two_models
     prompt = PROMPTS[0][None, :]
     tokens = generate(a, prompt, max_new_tokens=8)
-    from exporter.generation import CachedDecoder
+    from exporter.runtime.generation import CachedDecoder
 
     decoder = CachedDecoder(b)
     decoder.reset(1)
@@ -55,9 +55,9 @@ def test_teacher_forced_agreement_counts_the_candidates_argmax(two_models):
 def test_calibration_feeds_are_prefills_of_each_layers_width(tmp_path):
     """The adapter adds position ids (as generation computes them) and empty pasts shaped per layer; the
     extended feeds run on the exported decoder and give the prefill logits of CachedDecoder."""
-    from exporter.calibration import load_calibration
-    from exporter.decoder_calibration import for_decoder
-    from exporter.generation import CachedDecoder
+    from exporter.quantize.calibration import load_calibration
+    from exporter.quantize.decoder_calibration import for_decoder
+    from exporter.runtime.generation import CachedDecoder
 
     path = tmp_path / "decoder_model.onnx"
     manifest = export_decoder_with_past(build_pruned_model("qwen2", seed=3), path)
@@ -91,7 +91,7 @@ def pruned_llama(tmp_path_factory):
 
 
 def _token_data(lengths, seq_len=12, batch=4, seed=0, vocab=(1, 128)):
-    from exporter.calibration import CalibrationData
+    from exporter.quantize.calibration import CalibrationData
 
     rng = np.random.default_rng(seed)
     mask = (np.arange(seq_len)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
@@ -104,8 +104,8 @@ def test_decode_step_feeds_follow_the_prefill_per_layer_width(pruned_llama, step
     """Step j: one token per sample, pasts [samples, n_kv_i, L + j, head_dim] of each layer's own width,
     positions continuing from the prefill; teacher-forced rows feed the held-back tokens and reproduce
     the full-sample prefill's logits, greedy rows feed the fp32 argmax."""
-    from exporter import decoder_calibration
-    from exporter.decoder_calibration import for_decoder
+    from exporter.quantize import decoder_calibration
+    from exporter.quantize.decoder_calibration import for_decoder
 
     monkeypatch.setattr(decoder_calibration, "STEP_BATCH_FACTOR", step_batch_factor)
 
@@ -164,8 +164,8 @@ def test_ranges_include_decode_step_activations(tmp_path):
     import onnx_ir as ir
     import torch
 
-    from exporter.decoder_calibration import for_decoder
-    from exporter.ranges import collect_ranges
+    from exporter.quantize.decoder_calibration import for_decoder
+    from exporter.quantize.ranges import collect_ranges
     from graph_passes.insert_qdq import activation_tensors, plan
 
     planted, channel = 127, 5
@@ -191,9 +191,9 @@ def test_ranges_include_decode_step_activations(tmp_path):
 
 
 def test_int8_stage_calibrates_decode_steps_and_reports_them(pruned_llama, tmp_path):
+    from export_errors import InputError
     from exporter.config import ExportConfig
-    from exporter.errors import InputError
-    from exporter.int8_stage import run_int8_stage
+    from exporter.quantize.int8_stage import run_int8_stage
 
     path, _ = pruned_llama
     config = ExportConfig(calibration="random", calibration_samples=8, calibration_decode_steps=2)

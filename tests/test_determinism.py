@@ -21,7 +21,14 @@ import pytest
 
 from exporter.api import export_engine
 from exporter.config import ExportConfig
-from exporter.synthetic import LoraSpec, gqa_group_masks, head_row_mask, layer_param, row_mask, tiny_config
+from exporter.testing.synthetic import (
+    LoraSpec,
+    gqa_group_masks,
+    head_row_mask,
+    layer_param,
+    row_mask,
+    tiny_config,
+)
 
 FP32 = {"precision": "fp32", "benchmark": False, "sequence_length": 32, "validation_samples": 4}
 # The product's default path (int8 once it lands), kept small.

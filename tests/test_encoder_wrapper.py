@@ -7,7 +7,7 @@ import graph_models as gm
 import pytest
 import torch
 
-from exporter.onnx_export import EncoderForExport, additive_padding_mask
+from exporter.export.torch_to_onnx import EncoderForExport, additive_padding_mask
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -15,8 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 from engines import load_runner
 from engines.base import Runner
 from engines.selection import tensorrt_skip_reason
-from exporter.errors import InputError
-from exporter.tolerances import tolerance
+from export_errors import InputError
+from exporter.validate.tolerances import tolerance
 
 FEATURES = 4
 TRT_SKIP = tensorrt_skip_reason()
@@ -63,7 +63,7 @@ def _write_onnx(directory: Path) -> Path:
 
 
 def _write_plan(directory: Path) -> Path:
-    from engines.tensorrt_builder import TensorRTBuildConfig, build_engine, profiles_from_shapes
+    from engines.tensorrt.builder import TensorRTBuildConfig, build_engine, profiles_from_shapes
 
     profile = profiles_from_shapes("x:1x1x4,ids:1x1", "x:2x5x4,ids:2x5", "x:4x16x4,ids:4x16")
     config = TensorRTBuildConfig(profiles=(profile,), fp16=False)

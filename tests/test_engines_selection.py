@@ -13,7 +13,7 @@ import engines
 import engines.selection as selection
 from engines import load_runner, select_backend
 from engines.onnxruntime_runner import OnnxRuntimeRunner
-from exporter.errors import BackendUnavailableError, InputError
+from export_errors import BackendUnavailableError, InputError
 from tests.test_engines_contract import _feeds, _model, _reference
 
 
@@ -112,7 +112,7 @@ def test_not_an_onnx_file_is_an_input_error(tmp_path) -> None:  # type: ignore[n
 
 def test_packages_import_without_tensorrt_or_onnxruntime() -> None:
     code = (
-        "import sys, engines, exporter, engines.tensorrt_builder, engines.tensorrt_runner\n"
+        "import sys, engines, exporter, engines.tensorrt.builder, engines.tensorrt.runner\n"
         "bad = [m for m in ('tensorrt', 'onnxruntime') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

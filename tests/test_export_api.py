@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from exporter.api import export_engine
-from exporter.compact import load_compact
 from exporter.config import ExportConfig
-from exporter.synthetic import (
+from exporter.restructure.compact import load_compact
+from exporter.testing.synthetic import (
     LoraSpec,
     gqa_group_masks,
     head_column_mask,
@@ -92,8 +92,8 @@ def test_outputs_written_and_compact_model_reloads(model_dir_factory, tmp_path) 
 
 def test_wrong_output_is_refused_not_warned(model_dir_factory, tmp_path, monkeypatch) -> None:
     """A restructure that silently dropped a folded constant must fail the export, leaving nothing."""
-    from exporter.errors import ValidationError
-    from exporter.families import bert
+    from export_errors import ValidationError
+    from exporter.restructure.families import bert
 
     masks, _ = family_masks("bert")
     model_dir = model_dir_factory("bert", masks=masks)
@@ -139,7 +139,7 @@ def test_causal_lm_task_decides_the_kv_cache(task, model_dir_factory, tmp_path) 
 
 
 def test_task_on_an_encoder_is_refused(model_dir_factory, tmp_path) -> None:
-    from exporter.errors import InputError
+    from export_errors import InputError
 
     with pytest.raises(InputError, match="--task"):
         export_engine(

@@ -14,12 +14,12 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from exporter import external_data
 from exporter.api import export_engine
 from exporter.config import ExportConfig
-from exporter.onnx_export import CausalLMForExport, export_to_onnx
-from exporter.synthetic import build_base_model, layer_param, row_mask
-from exporter.tolerances import tolerance
+from exporter.export import external_data
+from exporter.export.torch_to_onnx import CausalLMForExport, export_to_onnx
+from exporter.testing.synthetic import build_base_model, layer_param, row_mask
+from exporter.validate.tolerances import tolerance
 
 
 @pytest.fixture

@@ -22,14 +22,14 @@ from graph_models import apply_pass, op_histogram
 from test_decoder_export import build_pruned_model
 from test_generation import prompts, torch_greedy
 
-from exporter.decoder_export import (
+from exporter.export.decoder_with_past import (
     example_feeds,
     export_decoder_with_past,
     layer_attention_shapes,
     positions_from_mask,
 )
-from exporter.generation import generate
-from exporter.tolerances import tolerance
+from exporter.runtime.generation import generate
+from exporter.validate.tolerances import tolerance
 from graph_passes.fuse_gqa_kv_cache import FuseGroupQueryAttentionKvCache
 from graph_passes.pipeline import FusionNotAppliedError, optimize
 
@@ -261,7 +261,7 @@ def test_export_engine_default_task_fuses_attention_per_layer(model_dir_factory,
     """The export flow: default task (text-generation-with-past) on a tiny Llama that lost a KV group."""
     from exporter.api import export_engine
     from exporter.config import ExportConfig
-    from exporter.synthetic import gqa_group_masks, tiny_config
+    from exporter.testing.synthetic import gqa_group_masks, tiny_config
 
     masks = gqa_group_masks(tiny_config("llama"), "llama", 1, 2)
     config = ExportConfig(precision="fp32", benchmark=False, sequence_length=32, validation_samples=4)

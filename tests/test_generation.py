@@ -8,9 +8,9 @@ import torch
 from test_decoder_export import build_pruned_model, reference_session
 
 from engines.onnxruntime_runner import OnnxRuntimeRunner
-from exporter.decoder_export import export_decoder_with_past
-from exporter.errors import InputError
-from exporter.generation import generate
+from export_errors import InputError
+from exporter.export.decoder_with_past import export_decoder_with_past
+from exporter.runtime.generation import generate
 
 STEPS = 16
 

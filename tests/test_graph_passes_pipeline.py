@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from exporter.errors import InputError
+from export_errors import InputError
 from graph_passes.pipeline import FusionNotAppliedError, optimize
 
 DECOMPOSED = ("Erf", "Tanh", "Pow", "ReduceMean", "Sqrt", "Softmax")

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from exporter.errors import InputError
-from exporter.lora import merge_lora, read_adapter
-from exporter.model_dir import build_reference_model, load_model_dir, new_model
-from exporter.synthetic import LoraSpec, head_row_mask, layer_param, row_mask, write_model_dir
+from export_errors import InputError
+from exporter.model_dir.loader import build_reference_model, load_model_dir, new_model
+from exporter.model_dir.lora import merge_lora, read_adapter
+from exporter.testing.synthetic import LoraSpec, head_row_mask, layer_param, row_mask, write_model_dir
 
 PEFT = "base_model.model."
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from exporter.errors import InputError
-from exporter.masks import apply_masks_, combine, masks_from_zeros, split_prune_pairs, validate_mask
+from export_errors import InputError
+from exporter.model_dir.masks import apply_masks_, combine, masks_from_zeros, split_prune_pairs, validate_mask
 
 SHAPE = torch.Size([4, 3])
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from exporter.errors import InputError
-from exporter.masks import MASKS_FILE
-from exporter.model_dir import SUPPORTED_MODEL_TYPES, build_reference_model, load_model_dir
-from exporter.onnx_export import Pooling
-from exporter.synthetic import (
+from export_errors import InputError
+from exporter.model_dir.loader import SUPPORTED_MODEL_TYPES, build_reference_model, load_model_dir
+from exporter.model_dir.masks import MASKS_FILE
+from exporter.model_dir.pooling import Pooling
+from exporter.testing.synthetic import (
     LoraSpec,
     gqa_group_masks,
     head_column_mask,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from export_errors import InputError
 from exporter.api import export_engine
 from exporter.config import ExportConfig
-from exporter.errors import InputError
 
 FP32 = {"precision": "fp32", "benchmark": False, "sequence_length": 16, "validation_samples": 2}
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from export_errors import InputError
 from exporter import api, outputs
 from exporter.api import export_engine
 from exporter.cli import main as cli_main
 from exporter.config import ExportConfig
-from exporter.errors import InputError
-from exporter.synthetic import layer_param, row_mask
+from exporter.testing.synthetic import layer_param, row_mask
 
 FP32 = {"precision": "fp32", "benchmark": False, "sequence_length": 32, "validation_samples": 4}
 

@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from exporter.restructure import count_params, restructure
-from exporter.synthetic import broadcast_mask, build_base_model, head_span, layer_param
-from exporter.tolerances import tolerance
+from exporter.restructure.remove_dead import count_params, restructure
+from exporter.testing.synthetic import broadcast_mask, build_base_model, head_span, layer_param
+from exporter.validate.tolerances import tolerance
 
 TOL = tolerance("fp32").max_abs
 PROPERTY_SETTINGS = settings(
@@ -241,7 +241,7 @@ def test_qwen2_compact_equals_masked(case: MaskCase) -> None:
 
 def test_the_check_catches_a_dropped_constant(monkeypatch) -> None:
     """Negative control: a restructure that forgets a folded constant must fail `check_case`."""
-    from exporter.families import bert
+    from exporter.restructure.families import bert
 
     s = shape_of("bert")
     case = MaskCase()

@@ -11,9 +11,9 @@ import pytest
 from onnx import numpy_helper
 from quant_test_models import DIM, mlp_with_outlier
 
-from exporter.calibration import CalibrationData
-from exporter.errors import ValidationError
-from exporter.quantize import CPU_FILE, TENSORRT_FILE, QuantConfig, quantize, token_cosines
+from export_errors import ValidationError
+from exporter.quantize.calibration import CalibrationData
+from exporter.quantize.int8 import CPU_FILE, TENSORRT_FILE, QuantConfig, quantize, token_cosines
 
 OUTLIER_LAYER = "layer2/MatMul"
 

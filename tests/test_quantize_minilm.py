@@ -9,8 +9,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from exporter.calibration import load_calibration
-from exporter.quantize import QuantConfig, quantize
+from exporter.quantize.calibration import load_calibration
+from exporter.quantize.int8 import QuantConfig, quantize
 
 pytestmark = pytest.mark.slow
 INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
@@ -21,7 +21,7 @@ def test_minilm_int8_meets_the_bar(tmp_path: Path) -> None:
     import torch
     from transformers import BertModel
 
-    from exporter.onnx_export import EncoderForExport, export_to_onnx
+    from exporter.export.torch_to_onnx import EncoderForExport, export_to_onnx
 
     path = gt.get_model_path()
     model = BertModel.from_pretrained(path, attn_implementation="eager", add_pooling_layer=False)

@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 from quant_test_models import DIM, golden_block, golden_feeds, mlp_with_outlier
 
-from exporter.quantize_outliers import SUFFIX, split_outliers
+from exporter.quantize.outliers import SUFFIX, split_outliers
 
 
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -10,8 +10,8 @@ import onnxruntime as ort
 from quant_test_models import mlp_with_outlier
 from test_quantize import OUTLIER_LAYER, _data
 
-from exporter.quantize import QuantConfig, quantize
-from exporter.quantize_smooth import smooth
+from exporter.quantize.int8 import QuantConfig, quantize
+from exporter.quantize.smooth import smooth
 
 
 def _run(path: Path, x: np.ndarray) -> np.ndarray:

@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from exporter.calibration import CalibrationData
-from exporter.ranges import (
+from exporter.quantize.calibration import CalibrationData
+from exporter.quantize.ranges import (
     INT8_LEVELS,
     NUM_BINS,
     amax_from_histogram,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from exporter.synthetic import layer_param, row_mask, write_model_dir
+from exporter.testing.synthetic import layer_param, row_mask, write_model_dir
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

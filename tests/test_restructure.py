@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exporter.compact import load_compact, save_compact
-from exporter.restructure import count_params, restructure
-from exporter.synthetic import (
+from exporter.restructure.compact import load_compact, save_compact
+from exporter.restructure.remove_dead import count_params, restructure
+from exporter.testing.synthetic import (
     broadcast_mask,
     build_base_model,
     column_mask,
@@ -18,7 +18,7 @@ from exporter.synthetic import (
     layer_param,
     row_mask,
 )
-from exporter.tolerances import tolerance
+from exporter.validate.tolerances import tolerance
 
 TOL = tolerance("fp32").max_abs
 H, BERT_HD, BERT_FFN = 64, 16, 128

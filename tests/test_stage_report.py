@@ -17,9 +17,9 @@ from bench_models import HIDDEN, VOCAB, tiny_torch_encoder, write_tiny_encoder
 from engines.benchmark import BenchConfig
 from engines.onnxruntime_runner import OnnxRuntimeRunner
 from engines.torch_runner import TorchRunner
-from exporter import stage_report
-from exporter.stage_report import StageInfo, StageResult
-from exporter.tolerances import tolerance
+from exporter.report import stage_report
+from exporter.report.stage_report import StageInfo, StageResult
+from exporter.validate.tolerances import tolerance
 
 FAST = BenchConfig(warmup_ms=5, iterations=15, duration_s=0, avg_runs=5, percentiles=(90.0,))
 INPUTS = ["input_ids", "attention_mask", "token_type_ids"]

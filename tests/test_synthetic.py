@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from exporter.synthetic import (
+from exporter.testing.synthetic import (
     FAMILIES,
     LoraSpec,
     build_base_model,

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from engines.base import TensorSpec
 from engines.onnx_inputs import onnx_input_specs
-from engines.tensorrt_builder import (
+from engines.tensorrt.builder import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_SEQ,
     SPARSITY_COUNT_KEY,
@@ -26,9 +26,9 @@ from engines.tensorrt_builder import (
     profiles_from_shapes,
     sparse_weights_enabled,
 )
-from engines.tensorrt_config import precision_label, resolve_config
-from engines.tensorrt_profiles import OptimizationProfile, ShapeRange, check_profile, parse_shapes
-from exporter.errors import InputError
+from engines.tensorrt.config import precision_label, resolve_config
+from engines.tensorrt.profiles import OptimizationProfile, ShapeRange, check_profile, parse_shapes
+from export_errors import InputError
 
 BERT_INPUTS = [
     TensorSpec("input_ids", np.dtype("int64"), ("batch", "sequence")),

@@ -14,8 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from engines.onnxruntime_runner import OnnxRuntimeRunner
 from engines.selection import tensorrt_skip_reason
-from exporter.errors import InputError
-from exporter.tolerances import tolerance
+from export_errors import InputError
+from exporter.validate.tolerances import tolerance
 
 TRT_SKIP = tensorrt_skip_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(TRT_SKIP is not None, reason=f"TensorRT: {TRT_SKIP}")]
@@ -35,7 +35,7 @@ def _ort(path, feeds):  # type: ignore[no-untyped-def]
 
 def _qdq_matmul(k: int = 256, n: int = 256, sparse: bool = False) -> onnx.ModelProto:
     """x -> Q/DQ (symmetric int8) -> MatMul with DQ(int8 weights) -> y; optionally 2:4-sparse, tagged."""
-    from engines.tensorrt_builder import SPARSITY_NODE_KEY, SPARSITY_NODE_VALUE
+    from engines.tensorrt.builder import SPARSITY_NODE_KEY, SPARSITY_NODE_VALUE
 
     rng = np.random.default_rng(0)
     weight = rng.integers(-127, 128, size=(k, n)).astype(np.int8)
@@ -69,8 +69,8 @@ def _qdq_matmul(k: int = 256, n: int = 256, sparse: bool = False) -> onnx.ModelP
 
 def test_tiny_bert_fp16_engine_matches_onnxruntime(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from engines.onnx_inputs import onnx_input_specs
-    from engines.tensorrt_builder import TensorRTBuildConfig, build_engine, default_profiles
-    from engines.tensorrt_runner import TensorRTRunner
+    from engines.tensorrt.builder import TensorRTBuildConfig, build_engine, default_profiles
+    from engines.tensorrt.runner import TensorRTRunner
     from tests.graph_models import bert_example, bert_onnx
 
     onnx_path = tmp_path / "model.onnx"
@@ -90,8 +90,8 @@ def test_tiny_bert_fp16_engine_matches_onnxruntime(tmp_path) -> None:  # type: i
 
 
 def test_qdq_engine_is_int8_and_matches_onnxruntime(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from engines.tensorrt_builder import TensorRTBuildConfig, build_engine
-    from engines.tensorrt_runner import TensorRTRunner
+    from engines.tensorrt.builder import TensorRTBuildConfig, build_engine
+    from engines.tensorrt.runner import TensorRTRunner
 
     onnx_path = tmp_path / "qdq.onnx"
     onnx.save(_qdq_matmul(), onnx_path)
@@ -105,7 +105,7 @@ def test_qdq_engine_is_int8_and_matches_onnxruntime(tmp_path) -> None:  # type: 
 
 
 def test_timing_cache_is_written_and_reused(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from engines.tensorrt_builder import TensorRTBuildConfig, build_engine
+    from engines.tensorrt.builder import TensorRTBuildConfig, build_engine
 
     onnx_path = tmp_path / "qdq.onnx"
     onnx.save(_qdq_matmul(), onnx_path)
@@ -118,8 +118,8 @@ def test_timing_cache_is_written_and_reused(tmp_path) -> None:  # type: ignore[n
 
 
 def test_foreign_engine_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from engines.tensorrt_builder import TensorRTBuildConfig, build_engine
-    from engines.tensorrt_runner import TensorRTRunner
+    from engines.tensorrt.builder import TensorRTBuildConfig, build_engine
+    from engines.tensorrt.runner import TensorRTRunner
 
     onnx_path = tmp_path / "qdq.onnx"
     onnx.save(_qdq_matmul(), onnx_path)
@@ -134,7 +134,7 @@ def test_foreign_engine_is_refused(tmp_path) -> None:  # type: ignore[no-untyped
 def test_sparse_weights_are_reported(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import torch
 
-    from engines.tensorrt_builder import TensorRTBuildConfig, build_engine
+    from engines.tensorrt.builder import TensorRTBuildConfig, build_engine
 
     onnx_path = tmp_path / "sparse.onnx"
     onnx.save(_qdq_matmul(1024, 1024, sparse=True), onnx_path)

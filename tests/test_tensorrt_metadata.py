@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from engines.tensorrt_builder import GpuInfo, check_engine_compat, engine_metadata, profiles_from_shapes
-from engines.tensorrt_log import parse_sparsity_log
-from engines.tensorrt_metadata import metadata_path_for, read_metadata, write_metadata
-from exporter.errors import InputError
+from engines.tensorrt.builder import GpuInfo, check_engine_compat, engine_metadata, profiles_from_shapes
+from engines.tensorrt.log import parse_sparsity_log
+from engines.tensorrt.metadata import metadata_path_for, read_metadata, write_metadata
+from export_errors import InputError
 
 A100 = GpuInfo("NVIDIA A100-SXM4-40GB", "8.0")
 PROFILE = profiles_from_shapes("input_ids:1x1", "input_ids:8x128", "input_ids:32x512")

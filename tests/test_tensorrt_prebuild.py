@@ -7,9 +7,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.tensorrt_builder import prebuild_check, prepare_onnx
-from engines.tensorrt_config import TensorRTBuildConfig
-from exporter.errors import InputError
+from engines.tensorrt.builder import prebuild_check, prepare_onnx
+from engines.tensorrt.config import TensorRTBuildConfig
+from export_errors import InputError
 
 
 def _qdq_model(

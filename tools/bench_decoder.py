@@ -9,7 +9,7 @@ Variants, run interleaved in one process at the same thread count, medians over 
 - the same after the full onnxruntime pipeline: attention fused into GroupQueryAttention per layer
   (graph_passes/fuse_gqa_kv_cache.py; what the export writes as model.onnx now),
 - ONNX INT8 from ONNX Runtime's `quantize_dynamic` (per-channel s8 weights of every MatMul, lm_head
-  included; u8 activations quantized at run time), via `exporter.quantize_cpu.build`, on the exported
+  included; u8 activations quantized at run time), via `exporter.quantize.cpu_int8.build`, on the exported
   graph: the export's model.int8.cpu.onnx is built this way, from the cleaned, unfused graph,
 - the same quantization applied to the fused fp32 graph (a bench-only variant: the export's INT8
   stage does not run the onnxruntime fusions).
@@ -45,9 +45,9 @@ import onnxruntime as ort
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from exporter.decoder_export import export_decoder_with_past
-from exporter.external_data import save_onnx
-from exporter.generation import CachedDecoder, generate
+from exporter.export.decoder_with_past import export_decoder_with_past
+from exporter.export.external_data import save_onnx
+from exporter.runtime.generation import CachedDecoder, generate
 from graph_passes import pipeline
 from graph_passes.fuse_gqa_kv_cache import FuseGroupQueryAttentionKvCache
 
@@ -97,13 +97,13 @@ class TorchCached:
 def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
     """The project's CPU INT8 variant (ORT dynamic quantization, per-channel s8 weights) when present."""
     try:
-        from exporter.quantize_cpu import build
+        from exporter.quantize.cpu_int8 import build
     except ImportError:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(str(fp32_path), str(int8_path), per_channel=True, weight_type=QuantType.QInt8)
         return
-    from exporter.cpu_features import reduce_weight_range
+    from exporter.quantize.cpu_features import reduce_weight_range
 
     reduce_range, why = reduce_weight_range("auto")  # as the export decides: 7-bit where u8 x s8 saturates
     print(why)

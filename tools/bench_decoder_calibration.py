@@ -1,14 +1,14 @@
 """Decoder INT8 calibration, measured (issue 9): prefill-only vs prefill + decode steps, SmoothQuant off/on.
 
 Each model is exported once (fp32, KV cache); then every variant quantizes that same graph through the
-export's own INT8 stage (`exporter.int8_stage.run_int8_stage`) and `model.int8.onnx` (the Q/DQ file for
-TensorRT, run here by ONNX Runtime) is compared with the fp32 export by `exporter.generation.greedy_agreement`
+export's own INT8 stage (`exporter.quantize.int8_stage.run_int8_stage`) and `model.int8.onnx` (the Q/DQ file for
+TensorRT, run here by ONNX Runtime) is compared with the fp32 export by `exporter.runtime.generation.greedy_agreement`
 over `--prompts` prompts x `--new` tokens: teacher-forced and free-running greedy agreement, logit cosine.
 Also printed: the held-out cosine of the gate, layers kept in high precision, activations smoothed, and
 seconds (decode-step feed construction, whole INT8 stage). `--all-quantized` turns the sensitivity search
 off, so the numbers show the ranges alone (the gate may then fail; the file is measured anyway).
 
-Models: `tiny-llama` / `tiny-qwen2` (exporter/synthetic.py, pruned as the export tests prune them: a lost
+Models: `tiny-llama` / `tiny-qwen2` (exporter/testing/synthetic.py, pruned as the export tests prune them: a lost
 KV group, FFN rows; tiny char tokenizer) and `llama-512` (random-init Llama as tools/bench_decoder.py:
 hidden 512, 8 layers, GQA 8:2; vocabulary of the MiniLM tokenizer, whose English tokens make the `npz`
 calibration); `llama-512-outliers`: the same with a few 30x outlier channels after every RMSNorm (the
@@ -35,15 +35,16 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from exporter import decoder_calibration, int8_stage, quantize_smooth
+from export_errors import ValidationError
 from exporter.api import export_engine
-from exporter.calibration import tokenize
 from exporter.config import ExportConfig
-from exporter.decoder_export import export_decoder_with_past
-from exporter.errors import ValidationError
-from exporter.generation import greedy_agreement
-from exporter.quantize import QuantConfig
-from exporter.synthetic import gqa_group_masks, layer_param, row_mask, tiny_config, write_model_dir
+from exporter.export.decoder_with_past import export_decoder_with_past
+from exporter.model_dir.tokenizer import tokenize
+from exporter.quantize import decoder_calibration, int8_stage
+from exporter.quantize import smooth as quantize_smooth
+from exporter.quantize.int8 import QuantConfig
+from exporter.runtime.generation import greedy_agreement
+from exporter.testing.synthetic import gqa_group_masks, layer_param, row_mask, tiny_config, write_model_dir
 
 # name -> (decode steps, smoothing, SmoothQuant outlier ratio). "smooth" is SmoothQuant as the encoder path
 # runs it (only activations whose channel max / median > 8); "smooth-all" migrates every MatMul input.

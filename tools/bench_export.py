@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from exporter.api import export_engine
 from exporter.config import ExportConfig
-from exporter.synthetic import write_minilm_demo_dir
+from exporter.testing.synthetic import write_minilm_demo_dir
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ import onnxruntime as ort
 import torch
 
 from engines.onnxruntime_runner import DISABLED_OPTIMIZERS
-from exporter.onnx_export import EncoderForExport, export_to_onnx
+from exporter.export.torch_to_onnx import EncoderForExport, export_to_onnx
 
 THREADS = 2
 # ours: our pipeline; ort_optimizer: onnxruntime.transformers.optimizer with its defaults, and with its

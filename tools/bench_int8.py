@@ -3,7 +3,7 @@
 Variants, all on the same model and the same real English inputs (held-out samples of the default corpus):
   (a) PyTorch fp32 eager; (b) ONNX Runtime fp32 of the plain export; (c) ORT quantize_dynamic of the plain
   export (ORT defaults); (d) ORT quantize_static QDQ of the plain export (ORT defaults, same calibration
-  samples); ours: model.int8.cpu.onnx from exporter.quantize.
+  samples); ours: model.int8.cpu.onnx from exporter.quantize.int8.
 Runs are interleaved (one run of each variant per round) and medians reported, because other processes share
 the CPU; each variant's mean token cosine is vs (a) on the held-out samples.
 
@@ -28,9 +28,9 @@ import onnxruntime as ort
 import torch
 
 from engines.onnxruntime_runner import DISABLED_OPTIMIZERS
-from exporter.calibration import CalibrationData, load_calibration
-from exporter.onnx_export import EncoderForExport, export_to_onnx
-from exporter.quantize import QuantConfig, quantize, token_cosines
+from exporter.export.torch_to_onnx import EncoderForExport, export_to_onnx
+from exporter.quantize.calibration import CalibrationData, load_calibration
+from exporter.quantize.int8 import QuantConfig, quantize, token_cosines
 
 INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 
@@ -54,7 +54,7 @@ def main() -> None:
         return
     start = time.perf_counter()
     ours = args.int8 or quantize(plain, work / "int8", data, QuantConfig(method=args.method)).cpu_path
-    print(f"exporter.quantize: {time.perf_counter() - start:.0f} s")
+    print(f"exporter.quantize.int8: {time.perf_counter() - start:.0f} s")
     runners = {
         "(a) PyTorch fp32 eager": _torch_runner(torch_model),
         "(b) ORT fp32, plain export": _ort_runner(plain, args.threads),
@@ -72,8 +72,8 @@ def _compare_methods(plain: Path, data: CalibrationData) -> None:
     import onnx
     import onnx_ir as ir
 
-    from exporter.quantize import Judge
-    from exporter.ranges import METHODS, collect_ranges
+    from exporter.quantize.int8 import Judge
+    from exporter.quantize.ranges import METHODS, collect_ranges
     from graph_passes.insert_qdq import InsertQDQ, activation_tensors, plan
 
     proto = onnx.load(str(plain))
@@ -96,14 +96,14 @@ def _args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--int8",
-        help="an existing model.int8.cpu.onnx, e.g. from export-engine (default: run exporter.quantize)",
+        help="an existing model.int8.cpu.onnx, e.g. from export-engine (default: run exporter.quantize.int8)",
     )
     parser.add_argument("--work", help="folder for the exported models (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--method", default="mse", help="calibration method for exporter.quantize")
+    parser.add_argument("--method", default="mse", help="calibration method for exporter.quantize.int8")
     parser.add_argument(
         "--methods",
         action="store_true",
@@ -122,7 +122,7 @@ def _torch_model(model_dir: Path) -> EncoderForExport:
     """The fp32 PyTorch model: a MODEL_DIR with pruning masks / a LoRA adapter is masked and merged as the
     exporter's reference does; a plain Hugging Face folder is loaded as is."""
     if (model_dir / "pruning_masks.safetensors").exists() or (model_dir / "adapter").is_dir():
-        from exporter.model_dir import build_reference_model, load_model_dir
+        from exporter.model_dir.loader import build_reference_model, load_model_dir
 
         adapter = model_dir / "adapter" if (model_dir / "adapter").is_dir() else None
         model = build_reference_model(load_model_dir(model_dir, adapter=adapter))

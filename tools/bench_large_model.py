@@ -94,7 +94,7 @@ def write_model_dir(model_dir: Path, args: argparse.Namespace) -> dict[str, floa
 
 def masks(config) -> dict:  # type: ignore[no-untyped-def]
     """One GQA group in every other layer; a quarter of every layer's FFN neurons (gate rows)."""
-    from exporter.synthetic import gqa_group_masks, layer_param, row_mask
+    from exporter.testing.synthetic import gqa_group_masks, layer_param, row_mask
 
     found = {}
     ffn, hidden = config.intermediate_size, config.hidden_size
@@ -150,7 +150,7 @@ class StageHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if record.name == "exporter.api" and record.msg == "%s ...":
             self.sampler.set_stage(str(record.args[0]) if record.args else "?")  # type: ignore[index]
-        elif record.name == "exporter.onnx_export" or record.name == "exporter.external_data":
+        elif record.name == "exporter.export.torch_to_onnx" or record.name == "exporter.export.external_data":
             self.sampler.set_stage(f"after {record.name.rsplit('.', 1)[1]}")
 
 
@@ -230,9 +230,9 @@ def build_reference_by_assignment() -> None:
     from transformers.initialization import no_init_weights
 
     from exporter import api
-    from exporter import masks as masks_io
-    from exporter.lora import merge_lora
-    from exporter.model_dir import new_model
+    from exporter.model_dir import masks as masks_io
+    from exporter.model_dir.loader import new_model
+    from exporter.model_dir.lora import merge_lora
 
     @torch.no_grad()
     def build(md):  # type: ignore[no-untyped-def]
@@ -271,10 +271,10 @@ def free_torch_model_after_export() -> None:
 
 def save_large_protos_with_external_data() -> None:
     """Variant measuring the proposal that every `onnx.save` of the pipeline goes through
-    exporter.external_data.save_onnx (one fixed-name data file over the limit)."""
+    exporter.export.external_data.save_onnx (one fixed-name data file over the limit)."""
     import onnx
 
-    from exporter import external_data
+    from exporter.export import external_data
 
     def save(model, path, *args, **kwargs):  # type: ignore[no-untyped-def]
         external_data.save_onnx(model, Path(path))
@@ -284,13 +284,13 @@ def save_large_protos_with_external_data() -> None:
 
 
 def skip_external_initializers_in_prebuild_check() -> str:
-    """engines/tensorrt_checks.py reads every initializer with numpy_helper.to_array, which cannot find
+    """engines/tensorrt/checks.py reads every initializer with numpy_helper.to_array, which cannot find
     external data (it resolves it from the working directory). Q/DQ scales and zero points, all it
     needs, are always inline: skip external tensors. Remove once the checks do this themselves."""
     import onnx
     from onnx import numpy_helper
 
-    from engines import tensorrt_checks
+    from engines.tensorrt import checks as tensorrt_checks
 
     probe = onnx.TensorProto(
         name="probe", data_type=onnx.TensorProto.FLOAT, dims=[1], data_location=onnx.TensorProto.EXTERNAL
@@ -312,7 +312,7 @@ def skip_external_initializers_in_prebuild_check() -> str:
         return values
 
     tensorrt_checks._constants = constants  # type: ignore[assignment]
-    return "engines.tensorrt_checks._constants patched to skip external initializers"
+    return "engines.tensorrt.checks._constants patched to skip external initializers"
 
 
 # ------------------------------------------------------------------------------------------------ driver

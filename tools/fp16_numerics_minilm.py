@@ -20,7 +20,8 @@ import onnx_ir as ir
 from transformers import AutoModel, AutoTokenizer
 
 from engines.onnxruntime_runner import OnnxRuntimeRunner
-from exporter.onnx_export import EncoderForExport, Pooling, export_to_onnx
+from exporter.export.torch_to_onnx import EncoderForExport, export_to_onnx
+from exporter.model_dir.pooling import Pooling
 from graph_passes.convert_fp16 import ConvertFp16Pass
 
 out = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/fp16_minilm")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from exporter.synthetic import write_minilm_demo_dir
+from exporter.testing.synthetic import write_minilm_demo_dir
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:

@@ -24,8 +24,8 @@ import onnx
 
 from engines.onnx_inputs import onnx_input_specs
 from engines.selection import tensorrt_skip_reason
-from engines.tensorrt_checks import BuildProblem, prebuild_check
-from engines.tensorrt_config import (
+from engines.tensorrt.checks import BuildProblem, prebuild_check
+from engines.tensorrt.config import (
     SPARSITY_COUNT_KEY,
     SPARSITY_NODE_KEY,
     SPARSITY_NODE_VALUE,
@@ -36,16 +36,16 @@ from engines.tensorrt_config import (
     resolve_config,
     sparse_weights_enabled,
 )
-from engines.tensorrt_log import SparsityReport, parse_sparsity_log
-from engines.tensorrt_metadata import GpuInfo, check_engine_compat, engine_metadata, write_metadata
-from engines.tensorrt_profiles import (
+from engines.tensorrt.log import SparsityReport, parse_sparsity_log
+from engines.tensorrt.metadata import GpuInfo, check_engine_compat, engine_metadata, write_metadata
+from engines.tensorrt.profiles import (
     OptimizationProfile,
     ShapeRange,
     check_profile,
     default_profiles,
     profiles_from_shapes,
 )
-from exporter.errors import BackendUnavailableError, ExportEngineError, InputError
+from export_errors import BackendUnavailableError, ExportEngineError, InputError
 
 if TYPE_CHECKING:
     import tensorrt

@@ -20,8 +20,8 @@ from typing import Any
 
 import onnx
 
-from engines.tensorrt_profiles import OptimizationProfile
-from exporter.errors import InputError
+from engines.tensorrt.profiles import OptimizationProfile
+from export_errors import InputError
 
 # The 2:4 sparsity tags written by the graph pass that checks weights (one place for the names).
 SPARSITY_NODE_KEY = "sparsity_2to4"  # node metadata_props: key -> SPARSITY_NODE_VALUE

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from engines.tensorrt_profiles import OptimizationProfile
-from exporter.errors import InputError
+from engines.tensorrt.profiles import OptimizationProfile
+from export_errors import InputError
 
 METADATA_FORMAT = 1
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from engines.base import TensorSpec
-from exporter.errors import InputError
+from export_errors import InputError
 
 Shape = tuple[int, ...]
 

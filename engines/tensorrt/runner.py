@@ -21,8 +21,8 @@ import numpy as np
 
 from engines.base import Runner, TensorSpec
 from engines.selection import tensorrt_skip_reason
-from engines.tensorrt_metadata import check_engine_compat, read_metadata
-from exporter.errors import BackendUnavailableError, InputError
+from engines.tensorrt.metadata import check_engine_compat, read_metadata
+from export_errors import BackendUnavailableError, InputError
 
 if TYPE_CHECKING:
     import tensorrt
@@ -40,7 +40,7 @@ def _torch_dtype(dtype: np.dtype) -> Any:
 
 
 class TensorRTRunner(Runner):
-    """Runs a TensorRT `.plan` built by `engines.tensorrt_builder.build_engine` (profile 0)."""
+    """Runs a TensorRT `.plan` built by `engines.tensorrt.builder.build_engine` (profile 0)."""
 
     backend = "tensorrt"
 
@@ -63,7 +63,7 @@ class TensorRTRunner(Runner):
         import tensorrt as trt
         import torch
 
-        from engines.tensorrt_builder import current_gpu
+        from engines.tensorrt.builder import current_gpu
 
         if not self.plan_path.is_file():
             raise InputError(self.plan_path, "no such engine file")

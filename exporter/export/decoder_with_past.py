@@ -30,9 +30,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from exporter.errors import InputError, ValidationError
-from exporter.onnx_export import EXPORTER, torchscript_export
-from exporter.tolerances import tolerance
+from export_errors import InputError, ValidationError
+from exporter.export.torch_to_onnx import EXPORTER, torchscript_export
+from exporter.validate.tolerances import tolerance
 
 logger = logging.getLogger(__name__)
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from exporter import external_data
+from exporter.export import external_data
+from exporter.model_dir.pooling import Pooling
 
 logger = logging.getLogger(__name__)
 
@@ -27,14 +27,6 @@ EXPORTER_REASON = (
     "TorchScript exporter (dynamo=False): its graph ran ~25% faster in ONNX Runtime than the dynamo "
     "export on all-MiniLM-L6-v2 at 8x128, and the fusion patterns target it"
 )
-
-
-@dataclass(frozen=True)
-class Pooling:
-    """sentence-transformers pooling: mean over unmasked tokens (or CLS), optional L2 normalisation."""
-
-    mode: str = "mean"  # "mean" | "cls" | "max"
-    normalize: bool = False
 
 
 class EncoderForExport(nn.Module):
@@ -117,7 +109,7 @@ def export_to_onnx(
     """Export `wrapper` (an `EncoderForExport` or `CausalLMForExport`) with dynamic batch/sequence axes.
 
     Weights over the protobuf limit go to one `<path name>.data` file beside `path` (see
-    exporter/external_data.py); ONNX Runtime and onnx.load find it from the model's folder."""
+    exporter/export/external_data.py); ONNX Runtime and onnx.load find it from the model's folder."""
     path = Path(path)
     inputs = input_names_for(wrapper)
     outputs = output_names_for(wrapper)
@@ -142,7 +134,7 @@ def torchscript_export(
     opset: int,
 ) -> Path:
     """The one call of torch.onnx.export (the TorchScript exporter, see EXPORTER_REASON); a model over
-    the protobuf limit comes out as `path` + one `<name>.data` file (exporter/external_data.py)."""
+    the protobuf limit comes out as `path` + one `<name>.data` file (exporter/export/external_data.py)."""
     large = external_data.needs_external_data(module)
     with external_data.export_target(path, large) as target, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

@@ -2,7 +2,7 @@
 
 A MODEL_DIR is a Hugging Face model folder (config.json + safetensors, optionally sharded; tokenizer
 and sentence-transformers pooling optional), pruning masks in one of three forms (see
-exporter/masks.py) and optionally a PEFT LoRA adapter in `adapter/`. The reference is
+exporter/model_dir/masks.py) and optionally a PEFT LoRA adapter in `adapter/`. The reference is
 effective weight = (W + scaling·B·A) ⊙ mask: merge first (the adapter is shaped for the unpruned
 dimensions), then mask.
 
@@ -15,22 +15,25 @@ pickles (.bin/.pt) only with `allow_pickle=True`, and then with `torch.load(weig
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import pickle
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from exporter import masks as masks_io
-from exporter.errors import InputError
-from exporter.lora import Adapter, LoraMerge, check_adapter, merge_lora, read_adapter
-from exporter.onnx_export import Pooling
+from export_errors import InputError
+from exporter.model_dir import masks as masks_io
+from exporter.model_dir.files import (
+    one_line,
+    read_json,
+    read_weights,
+)
+from exporter.model_dir.lora import Adapter, LoraMerge, check_adapter, merge_lora, read_adapter
+from exporter.model_dir.pooling import Pooling, read_pooling
+from exporter.model_dir.tokenizer import find_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +42,6 @@ DECODER_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_MODEL_TYPES = ENCODER_MODEL_TYPES + DECODER_MODEL_TYPES
 
 CONFIG_FILE = "config.json"
-SAFETENSORS_FILE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-PICKLE_FILES = ("pytorch_model.bin", "model.bin", "model.pt", "pytorch_model.pt")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
 ADAPTER_DIR = "adapter"
 MaskSource = str  # "pruning_masks.safetensors" | "torch.nn.utils.prune" | "zeros-in-weights" | "none"
 
@@ -99,7 +97,7 @@ def load_model_dir(path: str | Path, adapter: Path | None = None, allow_pickle: 
         masks=masks,
         mask_source=source,
         adapter_path=adapter_path,
-        tokenizer_path=path if any((path / f).exists() for f in TOKENIZER_FILES) else None,
+        tokenizer_path=find_tokenizer(path),
         pooling=read_pooling(path),
         adapter=lora,
         ignored_tensors=ignored,
@@ -127,30 +125,12 @@ def read_config(path: Path) -> PretrainedConfig:
     return config
 
 
-def read_json(file: Path, expect: type = dict) -> Any:
-    """Parsed JSON of the expected top-level type, or an InputError naming the file."""
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(file, f"not valid JSON ({exc})") from exc
-    if not isinstance(data, expect):
-        raise InputError(file, f"not a JSON {'object' if expect is dict else 'list'}")
-    return data
-
-
 def build_skeleton(config: PretrainedConfig, where: Path) -> nn.Module:
     """A meta-device model (shapes, names, module types; no memory) to check every input against."""
     try:
         return new_model(config, device="meta")
     except Exception as exc:  # inconsistent configs fail deep inside model code
         raise InputError(where, f"cannot build a {config.model_type} model from it: {one_line(exc)}") from exc
-
-
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception's message on one line (library messages often span several), shortened."""
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    text = text or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def new_model(config: PretrainedConfig, device: str | None = None, initialize: bool = True) -> nn.Module:
@@ -173,75 +153,6 @@ def new_model(config: PretrainedConfig, device: str | None = None, initialize: b
 
 
 # ----------------------------------------------------------------------------------------------- weights
-
-
-def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one safetensors file, or an InputError if it is truncated or corrupt."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not file.exists():
-        raise InputError(file, "missing")
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise InputError(file, f"cannot read safetensors (truncated or corrupt?): {one_line(exc)}") from exc
-
-
-def read_pickle_weights(file: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    """A .bin/.pt state dict, only when allowed, and only through torch.load(weights_only=True)."""
-    if not allow_pickle:
-        raise InputError(
-            file,
-            "pickle checkpoint refused (unpickling can run code): pass --allow-pickle (allow_pickle=True) to "
-            "load it with torch.load(weights_only=True), or convert it to safetensors",
-        )
-    try:
-        state = torch.load(str(file), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise InputError(
-            file, "not loadable with weights_only=True (corrupt, or holds objects besides tensors)"
-        ) from exc
-    except Exception as exc:  # torch.load raises many types on bad files
-        raise InputError(file, f"cannot load with torch.load(weights_only=True): {one_line(exc)}") from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(file, "not a state dict (name -> tensor)")
-    return state
-
-
-def read_weights(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], Path]:
-    """The checkpoint's tensors (all shards) and the file to name in errors."""
-    if (path / SAFETENSORS_INDEX).exists():
-        return read_sharded(path / SAFETENSORS_INDEX, read_safetensors), path / SAFETENSORS_INDEX
-    if (path / SAFETENSORS_FILE).exists():
-        return read_safetensors(path / SAFETENSORS_FILE), path / SAFETENSORS_FILE
-    if (path / PICKLE_INDEX).exists():
-        load = lambda f: read_pickle_weights(f, allow_pickle)  # noqa: E731
-        return read_sharded(path / PICKLE_INDEX, load), path / PICKLE_INDEX
-    for name in PICKLE_FILES:
-        if (path / name).exists():
-            return read_pickle_weights(path / name, allow_pickle), path / name
-    raise InputError(path, f"no weights: expected {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}")
-
-
-def read_sharded(index_file: Path, load: Any) -> dict[str, torch.Tensor]:
-    """Tensors of every shard listed by a HF index; each listed tensor must be in its shard."""
-    weight_map = read_json(index_file).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise InputError(index_file, "no 'weight_map' (tensor name -> shard file)")
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        if not (index_file.parent / shard).exists():
-            raise InputError(index_file.parent / shard, f"shard listed in {index_file.name} is missing")
-        tensors.update(load(index_file.parent / shard))
-    absent = [name for name in weight_map if name not in tensors]
-    if absent:
-        raise InputError(
-            weight_map[absent[0]], f"tensor {absent[0]!r} listed in {index_file.name} is not in it"
-        )
-    return tensors
 
 
 class NameMap:
@@ -347,39 +258,6 @@ def find_adapter(path: Path, adapter: Path | None) -> Path | None:
         return adapter
     default = path / ADAPTER_DIR
     return default if default.is_dir() else None
-
-
-def read_pooling(path: Path) -> Pooling | None:
-    """sentence-transformers pooling from modules.json + its Pooling folder's config.json, else None."""
-    if not (path / "modules.json").exists():
-        return None
-    modules = read_json(path / "modules.json", expect=list)
-    if not all(isinstance(m, dict) for m in modules):
-        raise InputError(path / "modules.json", "not a JSON list of modules")
-    types = [str(m.get("type", "")) for m in modules]
-    pooling = next((m for m in modules if str(m.get("type", "")).endswith("Pooling")), None)
-    if pooling is None:
-        return None
-    file = path / str(pooling.get("path", "")) / CONFIG_FILE
-    if not file.exists():
-        raise InputError(file, "missing: modules.json names a Pooling module but its config.json is absent")
-    return Pooling(
-        mode=pooling_mode(read_json(file), file), normalize=any(t.endswith("Normalize") for t in types)
-    )
-
-
-def pooling_mode(config: Mapping[str, Any], where: Path) -> str:
-    """ "mean" | "cls" | "max" from a sentence-transformers Pooling config (old flags or new `pooling_mode`)."""
-    if "pooling_mode" in config:
-        mode = str(config["pooling_mode"])
-    else:
-        flags = [k for k, v in config.items() if k.startswith("pooling_mode_") and v is True]
-        if len(flags) != 1:
-            raise InputError(where, f"expected exactly one pooling mode flag set, found {flags}")
-        mode = flags[0].removeprefix("pooling_mode_").removesuffix("_token").removesuffix("_tokens")
-    if mode not in ("mean", "cls", "max"):
-        raise InputError(where, f"pooling mode {mode!r} is not supported (mean, cls, max)")
-    return mode
 
 
 # ---------------------------------------------------------------------------------------- the reference

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from exporter.errors import InputError
+from export_errors import InputError
+from exporter.model_dir.files import one_line, read_pickle_weights, read_safetensors
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -64,8 +65,6 @@ class LoraMerge:
 def read_adapter(path: Path, allow_pickle: bool = False) -> Adapter:
     """Read `adapter_config.json` (must be LoRA) and the adapter tensors, or raise an InputError."""
     from peft import LoraConfig
-
-    from exporter.model_dir import read_pickle_weights, read_safetensors
 
     if not path.is_dir():
         raise InputError(path, "adapter folder not found")
@@ -204,8 +203,6 @@ def merge_lora(model: nn.Module, adapter: Adapter) -> tuple[nn.Module, LoraMerge
     Raises an InputError if any stored LoRA tensor did not load (PEFT would only warn)."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
-
-    from exporter.model_dir import one_line
 
     config = _merge_config(adapter.config, model)
     with warnings.catch_warnings():

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from exporter.errors import InputError
+from export_errors import InputError
+from exporter.model_dir.files import read_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,6 @@ def read_mask_file(
     normalize: Callable[[str], str | None],
 ) -> dict[str, torch.Tensor]:
     """Masks from a `pruning_masks.safetensors`, keyed by the model's parameter names, validated."""
-    from exporter.model_dir import read_safetensors
 
     masks: dict[str, torch.Tensor] = {}
     for raw_name, mask in read_safetensors(path).items():

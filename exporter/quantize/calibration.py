@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 
 import calibration_data
-from exporter.errors import InputError
+from export_errors import InputError
+from exporter.model_dir.tokenizer import tokenize
 
 logger = logging.getLogger(__name__)
 
 RANDOM = "random"
 DEFAULT_NUM_SAMPLES = 256
 DEFAULT_HELDOUT = 64
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
 
 
 @dataclasses.dataclass
@@ -114,35 +114,6 @@ def load_calibration(
         texts = [texts[i] for i in sorted(keep)]  # tokenize only what is used
         feeds = tokenize(texts, tokenizer_path, input_names, seq_len, where=source)
     return split(feeds, num_samples, num_heldout, batch, name, seed)
-
-
-def tokenize(
-    texts: list[str],
-    tokenizer_path: str | Path | None,
-    input_names: list[str],
-    seq_len: int,
-    where: str | Path | None = None,
-) -> dict[str, np.ndarray]:
-    """Tokenize `texts` with the model's tokenizer, padded and truncated to `seq_len`, int64."""
-    if tokenizer_path is None or not any(Path(tokenizer_path, f).exists() for f in _TOKENIZER_FILES):
-        raise InputError(
-            where or "--calibration",
-            f"the model at {tokenizer_path} has no tokenizer, so text cannot be tokenized: pass --calibration "
-            "FILE.npz (arrays named as the model inputs) or --calibration random (poor ranges)",
-        )
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
-    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
-    feeds = {}
-    for name in input_names:
-        if name in encoded:
-            feeds[name] = encoded[name].astype(np.int64)
-        elif name == "token_type_ids":
-            feeds[name] = np.zeros_like(encoded["input_ids"], dtype=np.int64)
-        else:
-            raise InputError(where or "--calibration", f"the tokenizer does not produce model input {name!r}")
-    return feeds
 
 
 def random_feeds(

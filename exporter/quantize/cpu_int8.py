@@ -80,7 +80,7 @@ def layer_inputs(model_path: Path, names: list[str]) -> dict[str, dict[str, int 
 
 def build(model_path: Path, out_path: Path, excluded: frozenset[str], reduce_range: bool = False) -> Path:
     """Dynamic INT8 (per-channel s8 weights, u8 per-row activations at run time) except `excluded` nodes.
-    `reduce_range`: 7-bit weights, for CPUs whose u8 x s8 kernel saturates (exporter/cpu_features.py)."""
+    `reduce_range`: 7-bit weights, for CPUs whose u8 x s8 kernel saturates (exporter/quantize/cpu_features.py)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(

@@ -1,6 +1,6 @@
 """Calibration feeds for the KV-cache decoder: prefills, and the decode steps that follow them.
 
-`exporter.calibration.load_calibration` yields `input_ids` / `attention_mask` (tokenized text, a token-id
+`exporter.quantize.calibration.load_calibration` yields `input_ids` / `attention_mask` (tokenized text, a token-id
 `.npz`, or random ids). The decoder-with-past graph also takes `position_ids` and one past key/value per
 layer. A prefill gets positions from the mask (as generation computes them, via `positions_from_mask`)
 and empty pasts of each layer's own shape `[samples, n_kv_i, 0, head_dim]`, read from the exported graph so
@@ -29,9 +29,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from exporter.calibration import CalibrationData
-from exporter.decoder_export import positions_from_mask
-from exporter.errors import InputError
+from export_errors import InputError
+from exporter.export.decoder_with_past import positions_from_mask
+from exporter.quantize.calibration import CalibrationData
 
 # Decode steps appended to every calibration sample by default: 0 (prefills only), by measurement
 # (tools/bench_decoder_calibration.py --prompts 32, model.int8.onnx vs fp32 over 512 generated tokens):

@@ -6,15 +6,15 @@
   the Q/DQ semantics. Its accuracy is measured by running it in ONNX Runtime with optimizations off, which
   executes the Q/DQ arithmetic exactly (fake quantization).
 - `model.int8.cpu.onnx` (ONNX Runtime CPU): dynamic u8 activations x per-channel s8 weights
-  (exporter/quantize_cpu.py), which ORT runs with integer kernels; its accuracy is measured as ORT runs it.
+  (exporter/quantize/cpu_int8.py), which ORT runs with integer kernels; its accuracy is measured as ORT runs it.
 
-For each artifact the automatic sensitivity search (exporter/quantize_sensitivity.py) ranks every layer by the
+For each artifact the automatic sensitivity search (exporter/quantize/sensitivity.py) ranks every layer by the
 error it causes when quantized alone (one switchable fake-quant graph, one session), then treats the worst
 ones until mean token cosine vs fp32 reaches the target (with a margin, on calibration samples): in the
 TensorRT file a treated layer stays in high precision; in the CPU file its few outlier input channels go to a
-thin fp32 MatMul and the rest stays INT8 (exporter/quantize_outliers.py). The gate then checks the target on
+thin fp32 MatMul and the rest stays INT8 (exporter/quantize/outliers.py). The gate then checks the target on
 the held-out samples and raises `ValidationError` with the numbers if it is missed. SmoothQuant-style
-migration (exporter/quantize_smooth.py) is applied before the TensorRT variant (measured: fewer layers kept in
+migration (exporter/quantize/smooth.py) is applied before the TensorRT variant (measured: fewer layers kept in
 high precision). Every decision and the rule behind it goes into `QuantResult.report`.
 """
 
@@ -35,15 +35,15 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from exporter import quantize_cpu
-from exporter.calibration import CalibrationData
-from exporter.cpu_features import WEIGHT_RANGES, WeightRange, reduce_weight_range
-from exporter.errors import InputError, ValidationError
-from exporter.external_data import save_onnx
-from exporter.quantize_outliers import SUFFIX, split_outliers
-from exporter.quantize_sensitivity import SWITCH_INPUT, search, switchable_model
-from exporter.ranges import DEFAULT_PERCENTILE, METHODS, channel_max, collect_ranges
-from exporter.tolerances import tolerance
+from export_errors import InputError, ValidationError
+from exporter.export.external_data import save_onnx
+from exporter.quantize import cpu_int8 as quantize_cpu
+from exporter.quantize.calibration import CalibrationData
+from exporter.quantize.cpu_features import WEIGHT_RANGES, WeightRange, reduce_weight_range
+from exporter.quantize.outliers import SUFFIX, split_outliers
+from exporter.quantize.ranges import DEFAULT_PERCENTILE, METHODS, channel_max, collect_ranges
+from exporter.quantize.sensitivity import SWITCH_INPUT, search, switchable_model
+from exporter.validate.tolerances import tolerance
 from graph_passes.insert_qdq import Exclusions, InsertQDQ, activation_tensors, plan
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class QuantConfig:
     cpu_variant: bool = True
     cpu_fusion: bool = False  # ORT's Attention fusion + QAttention measured slower than the unfused graph
     # Our onnxruntime-target fusions (graph_passes) before the CPU variant, for this family (None: off).
-    # Set for KV-cache decoders by exporter/int8_stage.py: GroupQueryAttention is not quantized, the
+    # Set for KV-cache decoders by exporter/quantize/int8_stage.py: GroupQueryAttention is not quantized, the
     # projections around it are, and the fused file is faster (measured there).
     cpu_graph_passes_family: str | None = None
     # sensitive CPU layers: this many outlier input channels go to a thin fp32 MatMul (0: whole layer fp32)
@@ -129,7 +129,7 @@ def quantize(
     with tempfile.TemporaryDirectory() as tmp:
         source = fp32_onnx
         if config.smoothing:
-            from exporter.quantize_smooth import smooth
+            from exporter.quantize.smooth import smooth
 
             source, report["smoothing"] = smooth(fp32_onnx, Path(tmp), calibration, config)
         trt_cosine = _tensorrt_variant(source, out_dir / TENSORRT_FILE, calibration, config, judge, report)
@@ -250,7 +250,7 @@ def _outlier_split(
     source: Path, candidates: list[str], tmp: Path, config: QuantConfig, data: CalibrationData
 ):  # type: ignore[no-untyped-def]
     """`split(treated) -> (model path, nodes to keep fp32)`: treated MatMuls get the outlier-channel split
-    (exporter/quantize_outliers.py) when `config.cpu_outlier_channels` > 0, the rest stay fp32."""
+    (exporter/quantize/outliers.py) when `config.cpu_outlier_channels` > 0, the rest stay fp32."""
     base = onnx.load(str(source))
     inputs = {n.name: n.input[0] for n in base.graph.node if n.name in candidates}
     inits = {i.name: len(i.dims) for i in base.graph.initializer}

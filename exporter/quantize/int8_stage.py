@@ -6,7 +6,7 @@ ranges and breaks static quantization (onnxruntime #8770), so only cleanup runs 
 
 Two artifacts: `model.int8.onnx` (Q/DQ for TensorRT, standard ops) and `model.int8.cpu.onnx` (what
 ONNX Runtime's integer kernels run fast on a CPU). Both are gated on held-out accuracy by
-exporter/quantize.py; here they are also compared with the PyTorch reference for the report.
+exporter/quantize/int8.py; here they are also compared with the PyTorch reference for the report.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from typing import Any
 
 import onnx
 
-from exporter import decoder_calibration
-from exporter.calibration import CalibrationData, load_calibration
+from export_errors import InputError
 from exporter.config import ExportConfig
-from exporter.errors import InputError
-from exporter.external_data import save_onnx
-from exporter.quantize import QuantConfig, QuantResult, quantize
+from exporter.export.external_data import save_onnx
+from exporter.quantize import decoder_calibration
+from exporter.quantize.calibration import CalibrationData, load_calibration
+from exporter.quantize.int8 import QuantConfig, QuantResult, quantize
 from graph_passes.pipeline import optimize
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def run_int8_stage(
     """Quantize the exported compact fp32 graph; returns the result and the report section.
     `decoder_with_past`: calibrate on prefills (position ids and empty pasts added to the token ids)
     followed by `config.calibration_decode_steps` decode steps with the past fed back
-    (exporter/decoder_calibration.py). `smoothing`: SmoothQuant migration before the Q/DQ file (None: the
+    (exporter/quantize/decoder_calibration.py). `smoothing`: SmoothQuant migration before the Q/DQ file (None: the
     measured default for the model kind)."""
     with tempfile.TemporaryDirectory() as tmp:
         cleaned, cleanup = optimize(onnx.load(str(exported)), "tensorrt", stages=("cleanup",), family=family)

@@ -25,8 +25,8 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
-from exporter.calibration import CalibrationData
-from exporter.external_data import save_onnx
+from exporter.export.external_data import save_onnx
+from exporter.quantize.calibration import CalibrationData
 
 logger = logging.getLogger(__name__)
 

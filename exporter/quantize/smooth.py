@@ -20,9 +20,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from exporter.calibration import CalibrationData
-from exporter.external_data import save_onnx
-from exporter.ranges import channel_max as collect_channel_max
+from exporter.export.external_data import save_onnx
+from exporter.quantize.calibration import CalibrationData
+from exporter.quantize.ranges import channel_max as collect_channel_max
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ Why one function times all stages: single latencies on a shared machine drift by
 from minute to minute, but stages timed round-robin in one process (engines.benchmark) see the same
 noise, so the *ratios* between stages hold. Accuracy is measured on the same feeds against the
 reference outputs: max abs error over every output both sides have, and the mean cosine over rows
-(tokens) of the primary output's last axis, the statistic INT8 is judged by (exporter/tolerances.py).
+(tokens) of the primary output's last axis, the statistic INT8 is judged by (exporter/validate/tolerances.py).
 """
 
 from __future__ import annotations

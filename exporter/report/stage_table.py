@@ -17,8 +17,8 @@ from torch import nn
 
 from engines.onnxruntime_runner import OnnxRuntimeRunner
 from engines.torch_runner import TorchRunner
-from exporter import stage_report
-from exporter.stage_report import StageInfo, StageResult
+from exporter.report import stage_report
+from exporter.report.stage_report import StageInfo, StageResult
 
 # stage name -> (artifact key, validation check, note)
 STAGES: tuple[tuple[str, str, str | None, str], ...] = (

@@ -17,9 +17,9 @@ import safetensors.torch
 import transformers
 from torch import nn
 
-from exporter.errors import InputError
-from exporter.plan import LayerShapes, RestructurePlan
-from exporter.restructure import resize_to_plan
+from export_errors import InputError
+from exporter.restructure.plan import LayerShapes, RestructurePlan
+from exporter.restructure.remove_dead import resize_to_plan
 
 SHAPES_FILE = "compact_shapes.json"
 WEIGHTS_FILE = "model.safetensors"

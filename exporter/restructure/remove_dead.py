@@ -2,7 +2,7 @@
 
 `restructure(model)` mutates the masked+merged reference model into the compact one and returns
 the plan. `resize_to_plan(model, shapes)` allocates a fresh model's compact shapes so a saved
-compact model can be reloaded (see exporter/compact.py).
+compact model can be reloaded (see exporter/restructure/compact.py).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import logging
 import torch
 from torch import nn
 
-from exporter.families import family_for
-from exporter.plan import LayerShapes, RestructurePlan
+from exporter.restructure.families import family_for
+from exporter.restructure.plan import LayerShapes, RestructurePlan
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from exporter.decoder_export import positions_from_mask
-from exporter.errors import InputError
+from export_errors import InputError
+from exporter.export.decoder_with_past import positions_from_mask
 
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
 _ORT_FLOATS = {"tensor(float16)": np.dtype(np.float16)}  # numpy dtype of a float past; float32 otherwise

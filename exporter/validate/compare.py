@@ -2,7 +2,7 @@
 
 Statistics per output: max abs error (and where it is), mean abs error, and mean cosine over the
 last axis (per token for hidden states / logits). `check` raises ValidationError with the numbers
-when a bound from exporter/tolerances.py is broken: never warn and carry on.
+when a bound from exporter/validate/tolerances.py is broken: never warn and carry on.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from exporter.errors import ValidationError
-from exporter.tolerances import tolerance
+from export_errors import ValidationError
+from exporter.validate.tolerances import tolerance
 
 
 @dataclasses.dataclass

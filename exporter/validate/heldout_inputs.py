@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 import calibration_data
-from exporter.calibration import tokenize
+from exporter.model_dir.tokenizer import tokenize
 
 
 def validation_feeds(

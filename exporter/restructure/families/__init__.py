@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from exporter.errors import InputError
-from exporter.families import bert, llama
+from export_errors import InputError
+from exporter.restructure.families import bert, llama
 
 FAMILIES: tuple[ModuleType, ...] = (bert, llama)
 

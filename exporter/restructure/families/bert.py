@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from exporter.families._linear import (
+from exporter.restructure.families._linear import (
     bias_or_zeros,
     empty_linear,
     head_slices,
@@ -25,7 +25,7 @@ from exporter.families._linear import (
     zero_cols,
     zero_rows,
 )
-from exporter.plan import LayerPlan, LayerShapes
+from exporter.restructure.plan import LayerPlan, LayerShapes
 
 MODEL_TYPES = ("bert", "roberta")
 

@@ -1,0 +1,6 @@
+"""Stage 3, export: the compact PyTorch model -> ONNX with dynamic axes.
+
+Enters: the compact model and example feeds. Leaves: `model.exported.onnx` (`torch_to_onnx` for encoders
+and cache-less causal LMs; `decoder_with_past` for causal LMs with a KV cache and its `DecoderManifest`),
+written with one external-data file when over the protobuf limit (`external_data`).
+"""

@@ -1,0 +1,7 @@
+"""Stage 5, quantize: the fp32 ONNX -> INT8 files, one per backend, each gated on held-out accuracy.
+
+Enters: the exported fp32 graph, calibration data (`calibration`, `decoder_calibration`), the config.
+Leaves: `model.int8.onnx` (Q/DQ for TensorRT: `ranges`, `smooth`, `sensitivity`, `int8`) and
+`model.int8.cpu.onnx` (ONNX Runtime's integer kernels: `cpu_int8`, `outliers`, with the weight range
+chosen by `cpu_features`), and the report section (`int8_stage` orders it all).
+"""

@@ -1,0 +1,7 @@
+"""Stage 2, restructure: the masked+merged reference -> the compact model, dead structure removed.
+
+Enters: the reference `nn.Module` (masks applied, LoRA merged). Leaves: the same module mutated into
+smaller dense layers (`remove_dead.restructure`), the `plan.RestructurePlan` saying what was kept and
+removed per layer, and the compact model saved and reloadable (`compact`). Per-architecture knowledge
+lives in `families/` (a registry keyed by `model_type`).
+"""
