@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +40,7 @@ from exporter.export.torch_to_onnx import (
     input_names_for,
 )
 from exporter.model_dir.loader import ModelDir, build_reference_model, load_model_dir
+from exporter.model_dir.tokenizer import load_tokenizer, padding_side_for
 from exporter.outputs import check_output_dir, staged_output
 from exporter.quantize.int8_stage import run_int8_stage
 from exporter.report import files as report_io
@@ -114,7 +116,7 @@ class _Run:
             merge = md.lora_merge
             self.report["model"]["lora_merged_modules"] = len(merge.merged_modules) if merge else 0
             self.report["model"]["lora_max_abs_delta"] = merge.max_abs_delta if merge else 0.0
-            wrapper = _wrapper(model, md)
+            wrapper = _wrapper(model, md, self._task(md))
             feeds = self._feeds(md, wrapper)
             reference = _torch_outputs(wrapper, feeds)
         # the PyTorch stage of the stage table is the uncompacted reference: keep a copy to time it
@@ -124,6 +126,7 @@ class _Run:
             self._check("compact_pytorch", reference, _torch_outputs(wrapper, feeds))
             plan.save(work / "restructure_plan.json")
             save_compact(model, plan, work / "compact_model")
+            self._carry_generation_config(md, work)
             self.report["restructure"] = _restructure_json(plan)
         with self.stage("export"):
             self._export(md, wrapper, model, feeds, reference, work)
@@ -234,6 +237,7 @@ class _Run:
             sequence_length=self._seq_len(md),
             vocab_size=md.config.vocab_size,
             decoder_with_past=decoder,
+            padding_side=padding_side_for(md.is_decoder),
         )
         self.report["int8"] = section
         self.artifacts["int8"] = result.tensorrt_path
@@ -273,9 +277,26 @@ class _Run:
 
     def _feeds(self, md: ModelDir, wrapper: torch.nn.Module) -> dict[str, np.ndarray]:
         names = input_names_for(wrapper)
+        side = padding_side_for(md.is_decoder)
+        if md.tokenizer_path is not None:
+            _, padding = load_tokenizer(md.tokenizer_path, side)
+            self.report["model"]["tokenizer_padding"] = padding.to_json()
         return validation_feeds(
-            names, md.tokenizer_path, md.config.vocab_size, self.config.validation_samples, self._seq_len(md)
+            names,
+            md.tokenizer_path,
+            md.config.vocab_size,
+            self.config.validation_samples,
+            self._seq_len(md),
+            padding_side=side,
         )
+
+    def _carry_generation_config(self, md: ModelDir, work: Path) -> None:
+        """MODEL_DIR/generation_config.json (eos ids, sampling defaults) into OUT_DIR and compact_model/."""
+        if md.generation_config_path is None:
+            return
+        for folder in (work, work / "compact_model"):
+            shutil.copy2(md.generation_config_path, folder / md.generation_config_path.name)
+        self.artifacts["generation_config"] = work / md.generation_config_path.name
 
     def _seq_limit(self, md: ModelDir) -> int:
         return min(512, int(getattr(md.config, "max_position_embeddings", 512)))
@@ -299,9 +320,11 @@ class _Run:
         return comparisons
 
 
-def _wrapper(model: torch.nn.Module, md: ModelDir) -> torch.nn.Module:
+def _wrapper(model: torch.nn.Module, md: ModelDir, task: str) -> torch.nn.Module:
+    """The module the reference runs (and encoders / cache-less decoders export). The KV-cache decoder's
+    reference counts positions over real tokens, as its generation does with left-padded prompts."""
     if is_decoder(md.model_type):
-        return CausalLMForExport(model).eval()
+        return CausalLMForExport(model, positions_from_mask=task == DECODER_TASK).eval()
     uses_types = getattr(md.config, "type_vocab_size", 0) > 0
     return EncoderForExport(model, uses_types, md.pooling).eval()
 

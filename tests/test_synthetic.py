@@ -21,7 +21,12 @@ from exporter.testing.synthetic import (
     write_model_dir,
 )
 
-TARGETS = {"bert": ("query", "value"), "llama": ("q_proj", "up_proj"), "qwen2": ("v_proj", "down_proj")}
+TARGETS = {
+    "bert": ("query", "value"),
+    "llama": ("q_proj", "up_proj"),
+    "qwen2": ("v_proj", "down_proj"),
+    "mistral": ("k_proj", "gate_proj"),
+}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -32,7 +37,7 @@ def test_base_model_is_seeded_with_nonzero_biases(family: str) -> None:
     assert not torch.equal(sa[layer_param(family, 0, "up")], sc[layer_param(family, 0, "up")])
     biases = [v for k, v in sa.items() if k.endswith("bias")]
     assert all(v.abs().min() > 0 for v in biases)
-    assert len(biases) > 0 or family == "llama"
+    assert len(biases) > 0 or family in ("llama", "mistral")
     assert a.config._attn_implementation == "eager"
 
 

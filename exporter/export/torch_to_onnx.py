@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from exporter.export import external_data
+from exporter.export.rope import traceable_rotary
 from exporter.model_dir.pooling import Pooling
 
 logger = logging.getLogger(__name__)
@@ -80,14 +81,26 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -
 
 
 class CausalLMForExport(nn.Module):
-    """Wraps an HF causal LM: (input_ids, attention_mask) -> logits, without a KV cache."""
+    """Wraps an HF causal LM: (input_ids, attention_mask) -> logits, without a KV cache.
 
-    def __init__(self, model: nn.Module) -> None:
+    `positions_from_mask`: position ids counted over real tokens only (cumsum of the mask - 1), as HF
+    `generate` and the KV-cache decoder compute them, so a left-padded row gets the logits generation
+    would. This is the reference of the decoder-with-past export, whose prompts are padded on the left;
+    without it HF counts positions from the first (padded) slot."""
+
+    def __init__(self, model: nn.Module, positions_from_mask: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.positions_from_mask = positions_from_mask
 
     def forward(self, input_ids, attention_mask):  # type: ignore[no-untyped-def]
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        kwargs = {}
+        if self.positions_from_mask:
+            positions = attention_mask.long().cumsum(-1) - 1
+            kwargs["position_ids"] = positions.masked_fill(attention_mask == 0, 1)
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
+        ).logits
 
 
 def input_names_for(wrapper: nn.Module) -> list[str]:
@@ -134,9 +147,16 @@ def torchscript_export(
     opset: int,
 ) -> Path:
     """The one call of torch.onnx.export (the TorchScript exporter, see EXPORTER_REASON); a model over
-    the protobuf limit comes out as `path` + one `<name>.data` file (exporter/export/external_data.py)."""
+    the protobuf limit comes out as `path` + one `<name>.data` file (exporter/export/external_data.py).
+    Rotary embeddings whose frequencies change at run time are traced from the positions
+    (exporter/export/rope.py)."""
     large = external_data.needs_external_data(module)
-    with external_data.export_target(path, large) as target, warnings.catch_warnings(), torch.no_grad():
+    with (
+        external_data.export_target(path, large) as target,
+        warnings.catch_warnings(),
+        torch.no_grad(),
+        traceable_rotary(module),  # dynamic-NTK RoPE from each call's positions (exporter/export/rope.py)
+    ):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module.eval(),

@@ -42,6 +42,7 @@ DECODER_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_MODEL_TYPES = ENCODER_MODEL_TYPES + DECODER_MODEL_TYPES
 
 CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"  # carried into OUT_DIR as is (eos ids, sampling defaults)
 ADAPTER_DIR = "adapter"
 MaskSource = str  # "pruning_masks.safetensors" | "torch.nn.utils.prune" | "zeros-in-weights" | "none"
 
@@ -60,6 +61,9 @@ class ModelDir:
     tokenizer_path: Path | None
     pooling: Pooling | None
     adapter: Adapter | None = None
+    generation_config_path: Path | None = (
+        None  # MODEL_DIR/generation_config.json, checked to be a JSON object
+    )
     ignored_tensors: list[str] = field(default_factory=list)  # checkpoint tensors the model has no place for
     lora_merge: LoraMerge | None = None  # filled by build_reference_model
 
@@ -100,6 +104,7 @@ def load_model_dir(path: str | Path, adapter: Path | None = None, allow_pickle: 
         tokenizer_path=find_tokenizer(path),
         pooling=read_pooling(path),
         adapter=lora,
+        generation_config_path=find_generation_config(path),
         ignored_tensors=ignored,
     )
 
@@ -258,6 +263,15 @@ def find_adapter(path: Path, adapter: Path | None) -> Path | None:
         return adapter
     default = path / ADAPTER_DIR
     return default if default.is_dir() else None
+
+
+def find_generation_config(path: Path) -> Path | None:
+    """MODEL_DIR/generation_config.json if present (a JSON object, else an InputError), else None."""
+    file = path / GENERATION_CONFIG_FILE
+    if not file.exists():
+        return None
+    read_json(file)
+    return file
 
 
 # ---------------------------------------------------------------------------------------- the reference

@@ -98,8 +98,10 @@ def load_calibration(
     num_heldout: int = DEFAULT_HELDOUT,
     seed: int = 0,
     vocab_size: int | None = None,
+    padding_side: str | None = None,
 ) -> CalibrationData:
     """Load, tokenize and split calibration samples: `num_samples` for calibration, `num_heldout` held out.
+    Text is padded on `padding_side` (None: the tokenizer's own; causal LMs pass "left").
 
     Fewer samples than asked: the held-out split gets a quarter of them (at least one sample each way).
     """
@@ -112,7 +114,7 @@ def load_calibration(
         texts, name = _texts(source)
         keep = np.random.default_rng(seed).permutation(len(texts))[: num_samples + num_heldout]
         texts = [texts[i] for i in sorted(keep)]  # tokenize only what is used
-        feeds = tokenize(texts, tokenizer_path, input_names, seq_len, where=source)
+        feeds = tokenize(texts, tokenizer_path, input_names, seq_len, where=source, padding_side=padding_side)
     return split(feeds, num_samples, num_heldout, batch, name, seed)
 
 

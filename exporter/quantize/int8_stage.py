@@ -57,12 +57,14 @@ def run_int8_stage(
     vocab_size: int,
     decoder_with_past: bool = False,
     smoothing: bool | None = None,
+    padding_side: str | None = None,
 ) -> tuple[QuantResult, dict[str, Any]]:
     """Quantize the exported compact fp32 graph; returns the result and the report section.
     `decoder_with_past`: calibrate on prefills (position ids and empty pasts added to the token ids)
     followed by `config.calibration_decode_steps` decode steps with the past fed back
     (exporter/quantize/decoder_calibration.py). `smoothing`: SmoothQuant migration before the Q/DQ file (None: the
-    measured default for the model kind)."""
+    measured default for the model kind). `padding_side`: where calibration text is padded (None: the
+    tokenizer's own; causal LMs pad on the left, as generation does)."""
     with tempfile.TemporaryDirectory() as tmp:
         cleaned, cleanup = optimize(onnx.load(str(exported)), "tensorrt", stages=("cleanup",), family=family)
         cleaned_path = Path(tmp) / "model.cleaned.onnx"
@@ -76,6 +78,7 @@ def run_int8_stage(
             num_samples=config.calibration_samples,
             seed=config.seed,
             vocab_size=vocab_size,
+            padding_side=padding_side,
         )
         decoder_report = None
         if decoder_with_past:

@@ -25,9 +25,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import prune
-from transformers import BertConfig, LlamaConfig, PretrainedConfig, Qwen2Config
+from transformers import BertConfig, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
 
-FAMILIES = ("bert", "llama", "qwen2")
+FAMILIES = ("bert", "llama", "qwen2", "mistral")
+TokenizerStyle = Literal["wordpiece", "llama3", "sentencepiece"]
 MaskForm = Literal["file", "torch_prune", "zeros"]
 
 WEIGHT_STD = 0.1
@@ -55,7 +56,7 @@ PARAM_NAMES: dict[str, dict[str, str]] = {
         "down": "model.layers.{i}.mlp.down_proj",
     },
 }
-PARAM_NAMES["qwen2"] = PARAM_NAMES["llama"]
+PARAM_NAMES["qwen2"] = PARAM_NAMES["mistral"] = PARAM_NAMES["llama"]
 
 
 def layer_param(family: str, layer: int, role: str, kind: str = "weight") -> str:
@@ -78,8 +79,10 @@ class LoraSpec:
     b_std: float = LORA_B_STD
 
 
-def tiny_config(family: str) -> PretrainedConfig:
-    """The tiny config of `family` ("bert", "llama" with GQA 8q/4kv heads, "qwen2" = same with q/k/v biases)."""
+def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
+    """The tiny config of `family` ("bert", "llama" with GQA 8q/4kv heads, "qwen2" = same with q/k/v biases,
+    "mistral" = llama's shape with a sliding window of 8 tokens); `overrides` replace config fields (e.g.
+    `rope_scaling`, `tie_word_embeddings`, `vocab_size`)."""
     if family == "bert":
         bert_shape: dict[str, Any] = dict(
             hidden_size=64,
@@ -91,7 +94,7 @@ def tiny_config(family: str) -> PretrainedConfig:
             max_position_embeddings=128,
             attn_implementation="eager",
         )
-        return BertConfig(**bert_shape)
+        return BertConfig(**{**bert_shape, **overrides})
     decoder_shape: dict[str, Any] = {
         "hidden_size": 64,
         "num_attention_heads": 8,
@@ -104,10 +107,13 @@ def tiny_config(family: str) -> PretrainedConfig:
         "tie_word_embeddings": False,
         "attn_implementation": "eager",
     }
+    decoder_shape.update(overrides)
     if family == "llama":
         return LlamaConfig(**decoder_shape)
     if family == "qwen2":
         return Qwen2Config(**decoder_shape)
+    if family == "mistral":
+        return MistralConfig(**{"sliding_window": 8, **decoder_shape})
     raise ValueError(f"unknown synthetic family {family!r}; choose one of {FAMILIES}")
 
 
@@ -137,9 +143,12 @@ def randomize_(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def build_base_model(family: str, seed: int = 0) -> nn.Module:
-    """A tiny model of `family` with seeded random weights, fp32, eval mode."""
-    return randomize_(model_from_config(tiny_config(family)), seed).eval()
+def build_base_model(family: str, seed: int = 0, **overrides: Any) -> nn.Module:
+    """A tiny model of `family` (config fields replaced by `overrides`) with seeded random weights, fp32, eval."""
+    model = randomize_(model_from_config(tiny_config(family, **overrides)), seed).eval()
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # randomize_ drew the two tables separately; the tied model holds one
+    return model
 
 
 # ----------------------------------------------------------------------------------------------- masks
@@ -208,26 +217,45 @@ def write_model_dir(
     mask_form: MaskForm = "file",
     lora: LoraSpec | None = None,
     shards: int = 1,
-    tokenizer: bool = False,
+    tokenizer: bool | TokenizerStyle = False,
+    config_overrides: Mapping[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    generation_config: bool = False,
 ) -> Path:
     """Write a seeded tiny MODEL_DIR of `family` at `path` and return it.
 
     `masks` maps state-dict names to 0/1 masks (full or broadcastable shape). The adapter, if any,
-    is made for the unpruned base (as the contract says: merge first, then mask).
+    is made for the unpruned base (as the contract says: merge first, then mask). `tokenizer`: True or
+    "wordpiece" (a tiny BERT vocabulary), or a real-style tokenizer without a pad token ("llama3":
+    byte-level BPE; "sentencepiece": Llama 2 / Mistral style BPE with byte fallback); those need a
+    vocabulary of at least `REAL_STYLE_VOCAB` (set by default). `dtype`: the weights are stored in it
+    (bf16 / fp16 like real checkpoints; the seeded values are drawn in fp32 and rounded).
+    `generation_config`: write a generation_config.json with the tokenizer's bos/eos ids.
     """
     path = fresh_dir(path)
-    model = build_base_model(family, seed)
+    overrides = dict(config_overrides or {})
+    if tokenizer in ("llama3", "sentencepiece"):
+        overrides.setdefault("vocab_size", REAL_STYLE_VOCAB)
+    model = build_base_model(family, seed, **overrides)
     config = model.config
     assert isinstance(config, PretrainedConfig)
+    if dtype != torch.float32:
+        config.dtype = dtype  # what real checkpoints say in config.json ("torch_dtype" before transformers 5)
     config.save_pretrained(path)
     if lora is not None:
         write_lora_adapter(model, path / "adapter", lora, seed=seed + 1)
     state = masked_state_dict(model, dict(masks or {}), mask_form)
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # tied checkpoints store the embedding table once
     if masks and mask_form == "file":
         save_file({k: v.contiguous() for k, v in masks.items()}, str(path / "pruning_masks.safetensors"))
-    write_weights(path, state, shards)
-    if tokenizer:
+    write_weights(path, {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, shards)
+    if tokenizer in (True, "wordpiece"):
         write_tiny_tokenizer(path, config.vocab_size)
+    elif tokenizer:
+        write_real_style_tokenizer(path, tokenizer, config.vocab_size)  # type: ignore[arg-type]
+    if generation_config:
+        write_generation_config(path)
     return path
 
 
@@ -316,6 +344,81 @@ def write_tiny_tokenizer(path: Path, vocab_size: int) -> None:
     vocab = (specials + chars + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"])[:vocab_size]
     vocab += [f"[unused{i}]" for i in range(vocab_size - len(vocab))]
     BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}).save_pretrained(str(path))
+
+
+REAL_STYLE_VOCAB = 384  # 256 bytes + specials + alphabet / merges: a byte-level tokenizer needs over 256
+_REAL_STYLE_SPECIALS = {
+    # style -> (bos, eos, unk, tokenizer_class as the hub folders say)
+    "llama3": ("<|begin_of_text|>", "<|end_of_text|>", None, "PreTrainedTokenizerFast"),
+    "sentencepiece": ("<s>", "</s>", "<unk>", "LlamaTokenizer"),
+}
+
+
+def write_real_style_tokenizer(
+    path: Path, style: Literal["llama3", "sentencepiece"], vocab_size: int
+) -> None:
+    """A tokenizer shaped like the ones Llama / Mistral checkpoints ship, trained with the `tokenizers`
+    library on the shipped English corpus and saved with transformers' `PreTrainedTokenizerFast`:
+    tokenizer.json + tokenizer_config.json with bos/eos (and unk) and **no pad token**, a BOS prepended
+    by the post-processor. "llama3": byte-level BPE (GPT-2 style pre-tokenizer, every byte a token).
+    "sentencepiece": Llama 2 / Mistral style BPE over "▁"-marked words with byte fallback (<0x00>..<0xFF>
+    at ids 3..258, as in their vocabularies); its tokenizer_config names `LlamaTokenizer`, which pads on
+    the left by default."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    import calibration_data
+
+    bos, eos, unk, tokenizer_class = _REAL_STYLE_SPECIALS[style]
+    if style == "llama3":
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        specials = [bos, eos]
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        backend = Tokenizer(models.BPE(unk_token=unk, byte_fallback=True, fuse_unk=True))
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        backend.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+        specials = [unk, bos, eos] + [f"<0x{i:02X}>" for i in range(256)]
+        alphabet = []  # the corpus's most frequent characters (limit below); the rest fall back to bytes
+    limit = len(alphabet) or 64
+    if vocab_size < len(specials) + limit + 8:
+        raise ValueError(
+            f"a {style} tokenizer needs a vocabulary of at least {REAL_STYLE_VOCAB}, got {vocab_size}"
+        )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=alphabet,
+        limit_alphabet=limit,
+        show_progress=False,
+    )
+    backend.train_from_iterator(calibration_data.default_corpus()[:2000], trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, backend.token_to_id(bos))]
+    )
+    specials_kwargs = {"bos_token": bos, "eos_token": eos, **({"unk_token": unk} if unk else {})}
+    PreTrainedTokenizerFast(tokenizer_object=backend, **specials_kwargs).save_pretrained(str(path))
+    config_file = path / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text())
+    tokenizer_config.update({"tokenizer_class": tokenizer_class, "add_bos_token": True})
+    config_file.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
+def write_generation_config(path: Path) -> None:
+    """generation_config.json as checkpoints ship it: bos/eos ids (from the folder's tokenizer if any)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    bos, eos = 1, 2
+    if (path / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    GenerationConfig(
+        bos_token_id=bos, eos_token_id=eos, do_sample=True, temperature=0.6, top_p=0.9
+    ).save_pretrained(str(path))
 
 
 # ------------------------------------------------------------------------------------ the demo folder

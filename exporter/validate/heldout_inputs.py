@@ -21,11 +21,13 @@ def validation_feeds(
     samples: int,
     seq_len: int,
     seed: int = 0,
+    padding_side: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """`samples` rows of `seq_len` tokens, with some padding so attention masks are exercised."""
+    """`samples` rows of `seq_len` tokens, with some padding so attention masks are exercised; text is
+    padded on `padding_side` (None: the tokenizer's own; see exporter/model_dir/tokenizer.py)."""
     if tokenizer_path is not None:
         texts = calibration_data.default_corpus()[-samples:]
-        return tokenize(texts, tokenizer_path, input_names, seq_len)
+        return tokenize(texts, tokenizer_path, input_names, seq_len, padding_side=padding_side)
     rng = np.random.default_rng(seed)
     lengths = rng.integers(max(1, seq_len // 2), seq_len + 1, size=samples)
     lengths[0] = seq_len
