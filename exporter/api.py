@@ -47,6 +47,7 @@ from exporter.report import files as report_io
 from exporter.report import stage_report, stage_table
 from exporter.restructure.compact import save_compact
 from exporter.restructure.families import family_for, is_decoder
+from exporter.restructure.flops import FORMULA as FLOPS_FORMULA
 from exporter.restructure.remove_dead import restructure
 from exporter.runtime.generation import CachedDecoder
 from exporter.validate.compare import Comparison, check, compare_all
@@ -406,6 +407,10 @@ def _restructure_json(plan: Any) -> dict[str, Any]:
         "params_after": plan.params_after,
         "params_removed": plan.params_before - plan.params_after,
         "removed_totals": plan.removed_totals(),
+        "sublayers_removed": {str(layer): names for layer, names in plan.sublayers_removed().items()},
+        "flops_per_token": plan.flops_per_token(),
+        "flops_saved_by_sublayer_removal": plan.flops_saved_by_sublayer_removal(),
+        "flops_formula": FLOPS_FORMULA,
         "layers": [
             {
                 "layer": layer.layer,
@@ -413,6 +418,7 @@ def _restructure_json(plan: Any) -> dict[str, Any]:
                 "kv_heads": layer.shapes.kv_heads,
                 "ffn": layer.shapes.ffn,
                 "removed": layer.removed,
+                "sublayers_removed": layer.sublayers_removed,
                 "notes": layer.notes,
                 "params_before": layer.params_before,
                 "params_after": layer.params_after,

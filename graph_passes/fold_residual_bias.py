@@ -11,6 +11,10 @@ weights and bias; `MatMul` + `BiasGelu`: the FFN's first linear), gets b·V subt
 ONNX Runtime has no fast CPU kernel for "MatMul + bias + residual" (its SkipLayerNormalization measured
 slower than Add + LayerNorm here), so removing the Add's pass over [B, S, H] is what is left to gain.
 Anything else reading r (a graph output, a non-constant weight, Q/DQ) leaves that sublayer as it is.
+
+A sublayer the restructure removed whole (exporter/restructure/families/sublayers.py) leaves
+`LayerNorm(r + c)` with a constant c: when nothing but that Add reads r, the same identity with no
+consumer to correct moves c into r's beta (r' = LayerNorm(..., beta + c) = r + c) and the Add goes.
 Changed constants are new initializers: CSE may have shared the old ones between layers.
 """
 
@@ -68,8 +72,8 @@ class FoldResidualBias(GraphPass):
     def apply(self, model: ir.Model, report: PassReport) -> None:
         graph, folded = model.graph, 0
         for node in list(graph):
-            if node.op_type == "Add" and node.domain == "" and self._fold(graph, node):
-                folded += 1
+            if node.op_type == "Add" and node.domain == "":
+                folded += self._fold(graph, node) or self._fold_constant(graph, node)
         if folded:
             common_passes.RemoveUnusedNodesPass()(model)  # the replaced betas and biases
             report.counts = {"Add": -folded, "folded": folded}
@@ -96,5 +100,35 @@ class FoldResidualBias(GraphPass):
                 holder.replace_input_with(index, new_bias)
             residual_add.replace_input_with(i, matmul.outputs[0])
             graph.remove(bias_add, safe=True)
+            return True
+        return False
+
+    def _fold_constant(self, graph: ir.Graph, add: ir.Node) -> bool:
+        """Add(r, c), c a constant 1-D vector, r a norm's output read by nothing else: c into its beta."""
+        for i in (0, 1):
+            skip, constant = add.inputs[i], constant_array(add.inputs[1 - i])
+            norm = skip.producer() if skip is not None else None
+            if constant is None or constant.ndim != 1 or norm is None:
+                continue
+            if (norm.domain, norm.op_type) not in _NORMS or skip is not norm.outputs[0]:
+                continue
+            beta_index = _NORMS[(norm.domain, norm.op_type)]
+            if len(norm.inputs) <= beta_index or norm.inputs[beta_index] is None:
+                continue
+            beta = constant_array(norm.inputs[beta_index])
+            if (
+                beta is None
+                or beta.shape != constant.shape
+                or len(skip.uses()) != 1
+                or skip.is_graph_output()
+            ):
+                continue
+            if add.outputs[0].is_graph_output():
+                continue
+            norm.replace_input_with(
+                beta_index, _new_constant(graph, norm, norm.inputs[beta_index], beta + constant)
+            )
+            ir.convenience.replace_all_uses_with(add.outputs[0], skip)
+            graph.remove(add, safe=True)
             return True
         return False

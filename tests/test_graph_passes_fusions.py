@@ -243,6 +243,41 @@ def test_fold_residual_bias_counts_idempotence_and_numeric():
     gm.assert_same_outputs(model, once, feeds)
 
 
+def _norm_then_constant_then_norm(hidden: int = 16) -> onnx.ModelProto:
+    """What a removed post-norm sublayer leaves: LayerNorm(LayerNorm(x) + c) (restructure sublayers)."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        gm._init(name, rng.normal(size=hidden).astype(np.float32))
+        for name in ("gamma1", "beta1", "c", "gamma2", "beta2")
+    ]
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma1", "beta1"], ["r"], axis=-1, epsilon=1e-5),
+        helper.make_node("Add", ["r", "c"], ["h"]),
+        helper.make_node("LayerNormalization", ["h", "gamma2", "beta2"], ["y"], axis=-1, epsilon=1e-5),
+    ]
+    return gm._model(nodes, [gm._f32("x", [2, 5, hidden])], [gm._f32("y", [2, 5, hidden])], inits)
+
+
+def test_fold_residual_bias_moves_a_removed_sublayers_constant_into_the_previous_norm():
+    model = _norm_then_constant_then_norm()
+    once, report = gm.apply_pass(FoldResidualBias(), model)
+    assert report.counts == {"Add": -1, "folded": 1}
+    assert gm.op_histogram(once) == {"LayerNormalization": 2}
+    twice, again = gm.apply_pass(FoldResidualBias(), once)
+    assert again.counts == {} and gm.op_histogram(twice) == gm.op_histogram(once)
+    x = np.random.default_rng(1).normal(size=(2, 5, 16)).astype(np.float32)
+    gm.assert_same_outputs(model, once, {"x": x})
+
+
+def test_fold_residual_bias_keeps_the_constant_when_the_norm_output_is_read_elsewhere():
+    model = _norm_then_constant_then_norm()
+    model.graph.output.append(onnx.helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, None))
+    _, report = gm.apply_pass(FoldResidualBias(), model)
+    assert report.counts == {}
+
+
 def test_fold_residual_bias_leaves_a_residual_that_is_also_an_output():
     model = _fused_bert_without_fold()
     norm = next(n for n in model.graph.node if n.op_type == "EmbedLayerNormalization")

@@ -5,7 +5,8 @@ has more parameters than before except for a bias added to hold a folded constan
 Masks drawn per layer: FFN neurons by input rows (BERT: intermediate rows, biases kept so GELU(b) is
 folded; decoders: gate or up rows) and by output columns; heads by output-projection columns or by
 value rows (decoders: value rows of a KV head, i.e. its whole GQA group; qwen2's value bias is
-folded); whole GQA groups; a whole layer's attention or FFN emptied; plus query/key rows that kill no
+folded); whole GQA groups; a whole layer's attention or FFN emptied (the sublayer is then removed, its
+constant kept); plus query/key rows that kill no
 unit (uniform attention) and must not be removed. The expected compact shapes are computed here from
 the masks alone, independently of the planner. In memory only: no disk, no ONNX.
 """
@@ -141,7 +142,7 @@ def draw_attention(draw: st.DrawFn, s: Shape, layer: int, case: MaskCase) -> tup
         case.kill_rows(name(role), (width, s.hidden), head_span([row_head], s.head_dim))
     dead_groups = set(v_rows) | set(whole_groups)
     dead_groups |= {g for g in range(s.kv_heads) if set(range(g * s.group, (g + 1) * s.group)) <= set(o_cols)}
-    kv_kept = max(1, s.kv_heads - len(dead_groups))
+    kv_kept = s.kv_heads - len(dead_groups)  # 0: the attention sublayer is removed
     case.description.append(f"L{layer}: o cols {o_cols}, v rows {v_rows}, groups {whole_groups}")
     if s.family == "bert":  # one query head per "group": each head is its own unit
         return kv_kept, None  # type: ignore[return-value]
@@ -164,7 +165,7 @@ def draw_ffn(draw: st.DrawFn, s: Shape, layer: int, case: MaskCase) -> int:
         case.kill_cols(name("down"), (s.hidden, s.ffn), cols)
     dead |= set(cols)
     case.description.append(f"L{layer}: ffn dead {len(dead)}")
-    return max(1, s.ffn - len(dead))
+    return s.ffn - len(dead)  # 0: the FFN sublayer is removed
 
 
 # ------------------------------------------------------------------------------------------- checking
@@ -250,10 +251,11 @@ def test_the_check_catches_a_dropped_constant(monkeypatch) -> None:
     real_apply = bert.apply_layer
 
     def forget_bias(layer, plan, hd):  # type: ignore[no-untyped-def]
-        real_apply(layer, plan, hd)
+        layer = real_apply(layer, plan, hd)
         if plan.layer == 0:
             with torch.no_grad():
                 layer.output.dense.bias.zero_()
+        return layer
 
     monkeypatch.setattr(bert, "apply_layer", forget_bias)
     with pytest.raises(AssertionError, match="max abs err"):

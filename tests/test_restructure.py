@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from exporter.restructure.compact import load_compact, save_compact
+from exporter.restructure.families.sublayers import CompactDecoderLayer, RemovedBertAttention
 from exporter.restructure.remove_dead import count_params, restructure
 from exporter.testing.synthetic import (
     broadcast_mask,
@@ -98,16 +99,24 @@ def test_bert_heads_by_output_columns_and_by_value_rows_with_bias() -> None:
     assert plan.layers[1].shapes.ffn == BERT_FFN - 100
 
 
-def test_bert_emptied_layer_keeps_one_zero_unit_and_its_constants() -> None:
+def test_bert_emptied_layer_loses_both_sublayers_and_keeps_their_constants() -> None:
     model = build_base_model("bert")
     masks = {
         layer_param("bert", 1, "o"): head_column_mask((H, H), range(4), BERT_HD),
         layer_param("bert", 1, "up"): row_mask((BERT_FFN, H), range(BERT_FFN)),
     }
     removed, plan = assert_same_function(model, masks)
-    assert plan.layers[1].shapes.heads == 1 and plan.layers[1].shapes.ffn == 1
-    assert removed == bert_head_params(3) + bert_neuron_params(BERT_FFN - 1)
+    assert plan.layers[1].shapes.heads == 0 and plan.layers[1].shapes.ffn == 0
+    assert plan.layers[1].sublayers_removed == ["attention", "mlp"]
+    # every head and neuron goes; each output bias becomes the residual constant of the same size
+    assert removed == bert_head_params(4) + bert_neuron_params(BERT_FFN)
+    layer = model.encoder.layer[1]
+    assert isinstance(layer.attention, RemovedBertAttention) and isinstance(
+        layer.intermediate, torch.nn.Identity
+    )
+    assert layer.output.residual_bias is not None  # GELU(b1)·W2 folded: it is what the LayerNorm needs
     assert len(plan.layers[1].notes) == 2
+    assert plan.layers[0].sublayers_removed == []
 
 
 def decoder_group_params(family: str, groups: int) -> int:
@@ -150,14 +159,45 @@ def test_qwen2_value_rows_with_bias_fold_into_a_new_o_proj_bias() -> None:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_decoder_emptied_attention_and_mlp(family: str) -> None:
+def test_decoder_emptied_attention_and_mlp_are_removed(family: str) -> None:
     model = build_base_model(family)
     masks = {
         layer_param(family, 1, "o"): head_column_mask((H, 64), range(8), DEC_HD),
         layer_param(family, 0, "down"): column_mask((H, DEC_FFN), range(DEC_FFN)),
     }
     _, plan = assert_same_function(model, masks)
-    assert plan.layers[1].shapes.kv_heads == 1 and plan.layers[0].shapes.ffn == 1
+    assert (plan.layers[1].shapes.heads, plan.layers[1].shapes.kv_heads) == (0, 0)
+    assert plan.layers[0].shapes.ffn == 0
+    assert plan.sublayers_removed() == {0: ["mlp"], 1: ["attention"]}
+    first, second = model.model.layers
+    assert isinstance(first, CompactDecoderLayer) and first.mlp is None and first.mlp_residual_bias is None
+    assert (
+        isinstance(second, CompactDecoderLayer)
+        and second.self_attn is None
+        and second.input_layernorm is None
+    )
+    assert first.self_attn.layer_idx == 0  # the only attention left writes cache slot 0
+    # FLOPs: the removed attention's projections and context term, and the removed gated MLP
+    attention = 2 * H * DEC_HD * (2 * 8 + 2 * 4)
+    assert plan.layers[1].flops_saved_by_sublayer_removal == {
+        "fixed": attention,
+        "per_context_token": 4 * 8 * DEC_HD,
+    }
+    assert plan.layers[0].flops_saved_by_sublayer_removal == {
+        "fixed": 2 * H * DEC_FFN * 3,
+        "per_context_token": 0,
+    }
+
+
+def test_qwen2_removed_attention_keeps_its_folded_value_bias_for_the_residual() -> None:
+    """Every KV group value-dead: the attention outputs W_o·b_v for every token, added to the residual."""
+    model = build_base_model("qwen2")
+    _, plan = assert_same_function(
+        model, {layer_param("qwen2", 0, "v"): head_row_mask((32, H), range(4), DEC_HD)}
+    )
+    assert plan.layers[0].sublayers_removed == ["attention"]
+    assert model.model.layers[0].attn_residual_bias is not None
+    assert model.model.layers[1].self_attn.layer_idx == 0
 
 
 @pytest.mark.parametrize("family", ["bert", "llama", "qwen2"])
@@ -180,6 +220,25 @@ def test_compact_model_reloads_exactly(family: str, tmp_path) -> None:
     if family == "qwen2":
         masks[layer_param(family, 1, "v")] = head_row_mask((32, H), [0], DEC_HD)
     _, plan = assert_same_function(model, masks)
+    save_compact(model, plan, tmp_path)
+    reloaded = load_compact(tmp_path)
+    assert count_params(reloaded) == count_params(model)
+    assert torch.equal(outputs(reloaded), outputs(model))
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "qwen2"])
+def test_compact_model_with_removed_sublayers_reloads_exactly(family: str, tmp_path) -> None:
+    """Layer 0 loses its attention (value rows: qwen2 / BERT keep a constant), layer 1 its FFN."""
+    model = build_base_model(family)
+    hd = BERT_HD if family == "bert" else DEC_HD
+    kv_width = model.get_parameter(layer_param(family, 0, "v")).shape[0]
+    ffn = model.config.intermediate_size
+    masks = {
+        layer_param(family, 0, "v"): head_row_mask((kv_width, H), range(kv_width // hd), hd),
+        layer_param(family, 1, "up"): row_mask((ffn, H), range(ffn)),
+    }
+    _, plan = assert_same_function(model, masks)
+    assert plan.sublayers_removed() == {0: ["attention"], 1: ["mlp"]}
     save_compact(model, plan, tmp_path)
     reloaded = load_compact(tmp_path)
     assert count_params(reloaded) == count_params(model)

@@ -36,7 +36,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             "![stages](stages.png)",
             "",
         ]
-    lines += _restructure(report.get("restructure"))
+    lines += _restructure(report.get("restructure"), report.get("config", {}).get("sequence_length", 128))
     lines += _validation(report.get("validation", {}))
     lines += _graph_passes(report.get("graph_passes"))
     for section in report.get("extra_sections_md", []):
@@ -45,7 +45,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _restructure(restructure: dict[str, Any] | None) -> list[str]:
+def _restructure(restructure: dict[str, Any] | None, context: int = 128) -> list[str]:
     if not restructure:
         return []
     before, after = restructure["params_before"], restructure["params_after"]
@@ -54,6 +54,7 @@ def _restructure(restructure: dict[str, Any] | None) -> list[str]:
         "",
         f"Parameters: {before:,} -> {after:,} ({100.0 * (before - after) / max(before, 1):.1f}% removed)",
         "",
+        *_flops_lines(restructure, context),
         "| layer | heads | kv heads | ffn | params before | params after | removed | notes |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -66,6 +67,35 @@ def _restructure(restructure: dict[str, Any] | None) -> list[str]:
             f"| {layer['params_after']:,} | {removed} | {notes} |"
         )
     return [*lines, ""]
+
+
+def _flops(count: dict[str, int], context: int) -> str:
+    at = count["fixed"] + count["per_context_token"] * context
+    return f"{count['fixed']:,} + {count['per_context_token']:,}·T ({at:,} at T = {context})"
+
+
+def _flops_lines(restructure: dict[str, Any], context: int) -> list[str]:
+    """FLOPs per token of the layers before / after, and the whole sublayers removed with what they saved."""
+    if "flops_per_token" not in restructure:
+        return []
+    total = restructure["flops_per_token"]
+    lines = [
+        f"FLOPs per token of the layers (T = context tokens attended to): {_flops(total['before'], context)} "
+        f"-> {_flops(total['after'], context)}",
+        "",
+    ]
+    removed = restructure.get("sublayers_removed") or {}
+    if removed:
+        gone = "; ".join(f"layer {layer}: {' and '.join(names)}" for layer, names in removed.items())
+        saved = _flops(restructure["flops_saved_by_sublayer_removal"], context)
+        lines += [
+            f"Whole sublayers removed (every unit dead; no projections, no attention or KV cache): {gone}. "
+            f"FLOPs per token they saved: {saved}.",
+            "",
+        ]
+    if restructure.get("flops_formula"):
+        lines += [restructure["flops_formula"], ""]
+    return lines
 
 
 def _validation(validation: dict[str, Any]) -> list[str]:

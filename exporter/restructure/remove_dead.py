@@ -33,10 +33,14 @@ def plan_restructure(model: nn.Module) -> RestructurePlan:
 
 @torch.no_grad()
 def apply_plan(model: nn.Module, plan: RestructurePlan) -> None:
+    """Fold and slice every layer; a layer that loses a whole sublayer may be replaced by the family."""
     family = family_for(model.config.model_type)
-    for layer, layer_plan in zip(family.layers(model), plan.layers):
-        family.apply_layer(layer, layer_plan, plan.head_dim)
-        layer_plan.params_after = family.layer_params(layer)
+    for index, (layer, layer_plan) in enumerate(zip(family.layers(model), plan.layers)):
+        compact = family.apply_layer(layer, layer_plan, plan.head_dim) or layer  # None: changed in place
+        if compact is not layer:
+            family.set_layer(model, index, compact)
+        layer_plan.params_after = family.layer_params(compact)
+    family.finish_model(model)
     plan.params_after = count_params(model)
 
 
@@ -45,11 +49,16 @@ def restructure(model: nn.Module) -> RestructurePlan:
     plan = plan_restructure(model)
     apply_plan(model, plan)
     logger.info("restructure: %d -> %d parameters", plan.params_before, plan.params_after)
+    for index, sublayers in plan.sublayers_removed().items():
+        logger.info("restructure: layer %d: %s removed (every unit dead)", index, " and ".join(sublayers))
     return plan
 
 
 def resize_to_plan(model: nn.Module, shapes: list[LayerShapes], head_dim: int) -> None:
     """Allocate per-layer compact shapes on a freshly built model (before load_state_dict)."""
     family = family_for(model.config.model_type)
-    for layer, layer_shapes in zip(family.layers(model), shapes):
-        family.resize_layer(layer, layer_shapes, head_dim)
+    for index, (layer, layer_shapes) in enumerate(zip(family.layers(model), shapes)):
+        compact = family.resize_layer(layer, layer_shapes, head_dim) or layer
+        if compact is not layer:
+            family.set_layer(model, index, compact)
+    family.finish_model(model)

@@ -1,9 +1,12 @@
 """Registry of architecture families, keyed by Hugging Face `model_type`.
 
-A family is one small module with: MODEL_TYPES, `layers(model)`, `head_dim(model)`,
-`plan_layer(layer, index, head_dim) -> LayerPlan`, `apply_layer(layer, plan, head_dim)` (fold then
-slice), `resize_layer(layer, shapes, head_dim)` (allocate compact shapes for reloading) and
-`layer_params(layer)`. Adding a family = adding a module here and to FAMILIES.
+A family is one small module with: MODEL_TYPES, `layers(model)`, `set_layer(model, index, layer)`,
+`head_dim(model)`, `plan_layer(layer, index, head_dim) -> LayerPlan`, `apply_layer(layer, plan, head_dim)
+-> layer` (fold then slice; the returned layer replaces the old one when a whole sublayer is gone),
+`resize_layer(layer, shapes, head_dim) -> layer` (allocate compact shapes for reloading),
+`finish_model(model)` (model-level bookkeeping, e.g. KV-cache slots) and `layer_params(layer)`.
+Layers with a whole sublayer removed are built from `sublayers`. Adding a family = adding a module here
+and to FAMILIES.
 """
 
 from __future__ import annotations
