@@ -12,8 +12,11 @@ also sizes `attention_mask`), else batch 1 on axis 0 and sequence 128 on other a
 
 KV-cache decoders (exporter/export/decoder_with_past.py names: `past_sequence_length`, `total_sequence_length`):
 the past is empty unless `--shapes` sizes a past input (a prefill of `sequence_length` tokens by default;
-`--shapes=input_ids:1x1,past_key_values.0.key:1xKx128xH` times one decode step after 128 tokens), the
-attention mask covers past + new tokens, and `position_ids` continue from the past, as generation feeds them.
+`--shapes=input_ids:1x1,past_key_values.0.key:1xKx128xH` times one decode step after 128 tokens; any one
+past input sizes them all, so a model whose layer 0 lost its attention, and with it `past_key_values.0.*`,
+takes the first past it has), the attention mask covers past + new tokens, and `position_ids` continue
+from the past, as generation feeds them. Only the pasts the model has are fed (the decoder manifest's
+`cache_layers`).
 """
 
 from __future__ import annotations

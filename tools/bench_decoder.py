@@ -185,7 +185,7 @@ def step_feeds(tokens: np.ndarray, past_length: int, new: int, manifest) -> dict
         "attention_mask": np.ones((batch, past_length + new), dtype=np.int64),
         "position_ids": np.tile(np.arange(past_length, past_length + new), (batch, 1)),
     }
-    for i in range(len(manifest.layers)):
+    for i in manifest.cache_layers:
         for kv in ("key", "value"):
             shape = manifest.past_shape(i, batch, past_length)
             feeds[f"past_key_values.{i}.{kv}"] = rng.standard_normal(shape).astype(np.float32)
@@ -271,7 +271,7 @@ def main() -> None:
 def report(args, manifest, times, logits, sessions, prompt) -> None:  # type: ignore[no-untyped-def]
     print(
         f"model: llama hidden {args.hidden}, {args.layers} layers, GQA 8/2, vocab {args.vocab}, "
-        f"{sum(layer.n_kv for layer in manifest.layers)} KV heads total; batch {args.batch}, "
+        f"{sum(layer.n_kv for layer in manifest.layers if layer is not None)} KV heads total; batch {args.batch}, "
         f"prompt {args.prompt}, {args.new} new tokens; {args.threads} threads; median of {args.repeats}; "
         f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, ORT spinning {args.ort_spinning}"

@@ -9,6 +9,10 @@ structural pruning layer i has its own `n_kv_i` (k_proj.out_features // head_dim
 still says the original count. Here the shapes are read from each layer's projections, checked
 for consistency, exported as static head counts, and recorded in a `DecoderManifest`.
 
+A layer whose attention the restructure removed (every KV group dead) has no past and no present: the
+names keep the layer's own index (`past_key_values.{i}.*` only for the layers in
+`DecoderManifest.cache_layers`), and the manifest's `layers[i]` is None for the others.
+
 Exporter: TorchScript (`dynamo=False`), as in `onnx_export` (the fusions target its graph). A
 wrapper rebuilds a transformers `DynamicCache` from the flat past tensors, so the model's own
 forward (rotary, causal+padding mask, eager GQA attention) is what gets traced: the ONNX computes
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,7 @@ from transformers import DynamicCache
 
 from export_errors import InputError, ValidationError
 from exporter.export.torch_to_onnx import EXPORTER, torchscript_export
+from exporter.restructure.families.llama import renumber_cache_slots
 from exporter.validate.tolerances import tolerance
 
 logger = logging.getLogger(__name__)
@@ -61,11 +66,17 @@ class LayerAttentionShape:
         return self.n_q // self.n_kv
 
 
+def cache_layers(shapes: tuple[LayerAttentionShape | None, ...]) -> tuple[int, ...]:
+    """Indices of the layers that carry a KV cache (those that kept an attention), in order."""
+    return tuple(i for i, shape in enumerate(shapes) if shape is not None)
+
+
 @dataclasses.dataclass(frozen=True)
 class DecoderManifest:
-    """What the exported decoder expects: per-layer KV shapes ([batch, n_kv, past, head_dim]) and names."""
+    """What the exported decoder expects: per-layer KV shapes ([batch, n_kv, past, head_dim]) and names;
+    `layers[i]` is None for a layer without attention (no past, no present)."""
 
-    layers: tuple[LayerAttentionShape, ...]
+    layers: tuple[LayerAttentionShape | None, ...]
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     dynamic_axes: dict[str, dict[int, str]]
@@ -77,14 +88,24 @@ class DecoderManifest:
     exporter: str = EXPORTER
     validation_max_abs_error: float | None = None
 
+    @property
+    def cache_layers(self) -> tuple[int, ...]:
+        """The layers with a `past_key_values.{i}.*` input and a `present.{i}.*` output."""
+        return cache_layers(self.layers)
+
     def past_shape(self, layer: int, batch: int, past_length: int) -> tuple[int, int, int, int]:
         shape = self.layers[layer]
+        if shape is None:
+            raise InputError(
+                f"layer {layer}", "has no attention (removed by the restructure), so no KV cache"
+            )
         return batch, shape.n_kv, past_length, shape.head_dim
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the lead saves it beside the ONNX)."""
         data = dataclasses.asdict(self)
-        data["layers"] = [dataclasses.asdict(layer) for layer in self.layers]
+        data["layers"] = [None if layer is None else dataclasses.asdict(layer) for layer in self.layers]
+        data["cache_layers"] = list(self.cache_layers)
         data["dynamic_axes"] = {
             name: {str(k): v for k, v in axes.items()} for name, axes in self.dynamic_axes.items()
         }
@@ -103,9 +124,13 @@ def decoder_layers(model: Any) -> nn.ModuleList:
     return layers
 
 
-def layer_attention_shapes(model: Any) -> tuple[LayerAttentionShape, ...]:
-    """Per-layer (n_q, n_kv, head_dim) read from the projections' widths, not from config.json."""
-    return tuple(_attention_shape(layer.self_attn, i) for i, layer in enumerate(decoder_layers(model)))
+def layer_attention_shapes(model: Any) -> tuple[LayerAttentionShape | None, ...]:
+    """Per-layer (n_q, n_kv, head_dim) read from the projections' widths, not from config.json; None
+    for a layer whose attention the restructure removed."""
+    return tuple(
+        None if getattr(layer, "self_attn", None) is None else _attention_shape(layer.self_attn, i)
+        for i, layer in enumerate(decoder_layers(model))
+    )
 
 
 def _attention_shape(attn: Any, index: int) -> LayerAttentionShape:
@@ -135,17 +160,19 @@ class DecoderWithPastForExport(nn.Module):
 
     The flat past is turned back into a `DynamicCache` so the HF forward runs unchanged; the
     cache's layers after the forward are the presents (past concatenated with the new keys/values).
+    The cache holds one entry per layer that kept an attention, in layer order (the restructure numbers
+    their `layer_idx` so: `renumber_cache_slots`); removed attentions never touch it.
     """
 
     def __init__(self, model: Any) -> None:
         super().__init__()
         self.model = model
-        self.num_layers = len(decoder_layers(model))
+        self.cache_layers = renumber_cache_slots(model)
 
     def forward(self, input_ids, attention_mask, position_ids, *past):  # type: ignore[no-untyped-def]
         cache = DynamicCache()
-        for i in range(self.num_layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
+        for slot in range(len(self.cache_layers)):
+            cache.update(past[2 * slot], past[2 * slot + 1], slot)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -157,8 +184,9 @@ class DecoderWithPastForExport(nn.Module):
         return (out.logits, *presents)
 
 
-def io_names(num_layers: int) -> tuple[list[str], list[str], dict[str, dict[int, str]]]:
-    """Input names, output names and dynamic axes of the decoder-with-past ONNX."""
+def io_names(layers: int | Sequence[int]) -> tuple[list[str], list[str], dict[str, dict[int, str]]]:
+    """Input names, output names and dynamic axes of the decoder-with-past ONNX: a past and a present
+    for each layer in `layers` (the cache layers; an int n means layers 0..n-1)."""
     inputs = ["input_ids", "attention_mask", "position_ids"]
     outputs = ["logits"]
     axes: dict[str, dict[int, str]] = {
@@ -167,7 +195,7 @@ def io_names(num_layers: int) -> tuple[list[str], list[str], dict[str, dict[int,
         "position_ids": {0: "batch_size", 1: "sequence_length"},
         "logits": {0: "batch_size", 1: "sequence_length"},
     }
-    for i in range(num_layers):
+    for i in range(layers) if isinstance(layers, int) else layers:
         for name in past_names(i):
             inputs.append(name)
             axes[name] = {0: "batch_size", 2: "past_sequence_length"}
@@ -185,7 +213,7 @@ def positions_from_mask(attention_mask: np.ndarray, sequence_length: int) -> np.
 
 
 def example_feeds(
-    shapes: tuple[LayerAttentionShape, ...],
+    shapes: tuple[LayerAttentionShape | None, ...],
     vocab_size: int,
     batch: int,
     past: int,
@@ -205,6 +233,8 @@ def example_feeds(
         "position_ids": positions_from_mask(mask, seq),
     }
     for i, shape in enumerate(shapes):
+        if shape is None:
+            continue
         for name in past_names(i):
             feeds[name] = rng.standard_normal((batch, shape.n_kv, past, shape.head_dim)).astype(np.float32)
     return feeds
@@ -232,8 +262,14 @@ def export_decoder_with_past(model: nn.Module, path: Path, *, opset: int = 17) -
     path = Path(path)
     hf: Any = model  # an HF PreTrainedModel: attributes mypy cannot see on nn.Module
     shapes = layer_attention_shapes(hf)
+    if not cache_layers(shapes):
+        raise InputError(
+            "pruning masks",
+            "every layer's attention is dead (all KV groups masked): the model has no attention left, so "
+            "there is no KV cache to export; it cannot use context (each token's logits depend on it alone)",
+        )
     vocab_size = int(hf.get_output_embeddings().out_features)
-    inputs, outputs, axes = io_names(len(shapes))
+    inputs, outputs, axes = io_names(cache_layers(shapes))
     wrapper = DecoderWithPastForExport(model).eval()
     trace_feeds = example_feeds(shapes, vocab_size, batch=2, past=3, seq=4)
     args = tuple(torch.from_numpy(trace_feeds[name]) for name in inputs)
@@ -242,10 +278,11 @@ def export_decoder_with_past(model: nn.Module, path: Path, *, opset: int = 17) -
     with torch.no_grad():
         max_error = validate_decoder(wrapper, path, shapes, vocab_size)
     logger.info(
-        "exported decoder with past %s (opset %d, %d layers, max abs error %.2e)",
+        "exported decoder with past %s (opset %d, %d layers, %d with a KV cache, max abs error %.2e)",
         path,
         opset,
         len(shapes),
+        len(cache_layers(shapes)),
         max_error,
     )
     return DecoderManifest(
@@ -262,7 +299,10 @@ def export_decoder_with_past(model: nn.Module, path: Path, *, opset: int = 17) -
 
 
 def validate_decoder(
-    wrapper: DecoderWithPastForExport, path: Path, shapes: tuple[LayerAttentionShape, ...], vocab_size: int
+    wrapper: DecoderWithPastForExport,
+    path: Path,
+    shapes: tuple[LayerAttentionShape | None, ...],
+    vocab_size: int,
 ) -> float:
     """ORT (graph optimizations off) vs PyTorch on a prefill with an empty past and a padded decode
     step, shapes other than the traced ones. Raises ValidationError beyond the fp32 tolerance."""
@@ -316,7 +356,7 @@ def tensorrt_profile(
             "attention_mask": (batch, min(p + s, max_total)),
             "position_ids": (batch, s),
         }
-        for i in range(len(manifest.layers)):
+        for i in manifest.cache_layers:
             for name in past_names(i):
                 shapes[name] = manifest.past_shape(i, batch, p)
         profile[level] = shapes

@@ -3,7 +3,8 @@
 Works on an `onnxruntime.InferenceSession` or on any active `engines.base.Runner` (`infer(feeds)`,
 `input_specs`). The KV head count and head size of every layer's past are read from the model's
 own input shapes (static in the export), so a model pruned to different widths per layer needs no
-config: the empty past of the prefill is built to each layer's shape.
+config: the empty past of the prefill is built to each layer's shape, and a layer whose attention the
+restructure removed simply has no past input (the cache is whatever `past_key_values.*` the model has).
 
 Greedy decoding picks the first maximum (as torch.argmax does), so on equal logits the tokens
 match PyTorch's `generate(do_sample=False)`. Sampling draws from a numpy Generator seeded by `seed`:
