@@ -105,13 +105,19 @@ def test_half_precision_shards_are_read_in_their_dtype(model_dir_factory, tmp_pa
     """Shards stay in their dtype when read (no fp32 copy of the checkpoint); the reference upcasts
     into the fp32 model it is built in, and the export matches it."""
     src = model_dir_factory(
-        "llama", dtype=dtype, shards=2, masks={layer_param("llama", 1, "gate"): row_mask((96, 64), range(30))}
+        "llama",
+        dtype=dtype,
+        shards=2,
+        masks={layer_param("llama", 1, "gate"): row_mask((96, 64), range(30))},
+        mask_form="zeros",
+        lora=LoraSpec(("q_proj", "gate_proj")),
     )
     md = load_model_dir(src)
     assert {t.dtype for t in md.weights.values()} == {dtype}
+    assert md.mask_source == "zeros-in-weights" and {m.dtype for m in md.masks.values()} == {torch.bool}
     weights = {k: v.clone() for k, v in md.weights.items()}
     model = build_reference_model(md)
-    name = layer_param("llama", 0, "q")
+    name = layer_param("llama", 0, "k")  # neither adapted nor masked: the stored values, upcast
     assert torch.equal(model.get_parameter(name), weights[name].float())
     result = export_engine(src, tmp_path / "out", ExportConfig(precision="fp32", benchmark=False, force=True))
     assert result.report["validation"]["onnx_fp32"][0]["max_abs"] <= TOL

@@ -5,7 +5,7 @@ broadcastable to it, e.g. `[out, 1]` for rows); (b) torch.nn.utils.prune's `<nam
 `<name>_mask` pairs inside the weights; (c) zeros already multiplied into the weights.
 
 A mask is kept as a float 0/1 tensor *viewed* at the parameter's full shape (`torch.broadcast_to`,
-so a row mask costs one column of memory). The reference semantics are
+so a row mask costs one column of memory); masks read from zeros in the weights are bool. The reference semantics are
 effective weight = (W + scaling·B·A) ⊙ mask: masks are applied after the LoRA merge, which is why
 form (c) still yields masks, since an adapter would otherwise revive the zeroed entries.
 """
@@ -109,12 +109,13 @@ def split_prune_pairs(
 def masks_from_zeros(
     weights: Mapping[str, torch.Tensor], linear_weights: Iterable[str]
 ) -> dict[str, torch.Tensor]:
-    """Form (c): a mask for every linear weight holding exact zeros (kept zero after a LoRA merge)."""
+    """Form (c): a mask for every linear weight holding exact zeros (kept zero after a LoRA merge).
+    Bool, one byte per entry: an fp32 mask would be twice the size of the bf16 weight it masks."""
     masks = {}
     for name in linear_weights:
         weight = weights.get(name)
         if weight is not None and not bool(weight.all()):
-            masks[name] = (weight != 0).to(torch.float32)
+            masks[name] = weight != 0
     return masks
 
 
