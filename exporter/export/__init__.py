@@ -2,5 +2,6 @@
 
 Enters: the compact model and example feeds. Leaves: `model.exported.onnx` (`torch_to_onnx` for encoders
 and cache-less causal LMs; `decoder_with_past` for causal LMs with a KV cache and its `DecoderManifest`),
-written with one external-data file when over the protobuf limit (`external_data`).
+written with one external-data file when over the protobuf limit (`external_data`). Rotary embeddings
+whose frequencies change at run time (dynamic NTK) are traced from the positions (`rope`).
 """
