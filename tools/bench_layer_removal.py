@@ -111,7 +111,9 @@ def main() -> None:
         f"decode steps; {args.threads} threads; median of {args.repeats} interleaved rounds; load average "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
-    print(f"| variant | KV caches | layer FLOPs/token at T={context} | prefill tok/s | decode tok/s | decode x |")
+    print(
+        f"| variant | KV caches | layer FLOPs/token at T={context} | prefill tok/s | decode tok/s | decode x |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     reference = statistics.median(times["unpruned"][1])
     for name, (prefill, decode) in times.items():
