@@ -1,7 +1,8 @@
 """Which backend runs here, and why the others were skipped.
 
-`auto` picks TensorRT when a real TensorRT imports and a CUDA GPU is present, else ONNX Runtime
-on the CPU. The reasons are kept (`BackendChoice.skipped`) so the CLI can print them and write
+`auto` picks TensorRT when a real TensorRT imports and a CUDA GPU is present, else the CPU, where the
+export then chooses the CPU engine by measurement (engines/cpu_selection.py: ONNX Runtime, always
+present, or OpenVINO where installed); `openvino` asks for OpenVINO's candidates only. The reasons are kept (`BackendChoice.skipped`) so the CLI can print them and write
 them into report.json: a fallback is always said, never silent.
 
 "A real TensorRT": the `tensorrt-stubs` package installs a `tensorrt/` folder holding only
@@ -17,8 +18,8 @@ from typing import Any, Literal
 
 from export_errors import BackendUnavailableError
 
-BackendName = Literal["auto", "tensorrt", "onnxruntime"]
-BACKENDS: tuple[str, ...] = ("auto", "tensorrt", "onnxruntime")
+BackendName = Literal["auto", "tensorrt", "onnxruntime", "openvino"]
+BACKENDS: tuple[str, ...] = ("auto", "tensorrt", "onnxruntime", "openvino")
 INSTALL_HINT = 'pip install "export-engine[tensorrt]" on a machine with an NVIDIA GPU'
 
 
@@ -71,6 +72,17 @@ def select_backend(requested: BackendName | str = "auto") -> BackendChoice:
         return BackendChoice(
             "onnxruntime", "requested with --backend onnxruntime", {"tensorrt": "not requested"}
         )
+    if requested == "openvino":
+        from engines.openvino_runner import openvino_unavailable_reason
+
+        why_not_ov = openvino_unavailable_reason()
+        if why_not_ov is not None:
+            raise BackendUnavailableError("--backend openvino", why_not_ov)
+        return BackendChoice(
+            "openvino",
+            "requested with --backend openvino",
+            {"tensorrt": "not requested", "onnxruntime": "not requested"},
+        )
     why_not_trt = tensorrt_skip_reason()
     if requested == "tensorrt":
         if why_not_trt is not None:
@@ -82,4 +94,8 @@ def select_backend(requested: BackendName | str = "auto") -> BackendChoice:
         return BackendChoice(
             "tensorrt", "auto: TensorRT imports and a CUDA GPU is present", {"onnxruntime": "TensorRT chosen"}
         )
-    return BackendChoice("onnxruntime", "auto: TensorRT cannot run here", {"tensorrt": why_not_trt})
+    return BackendChoice(
+        "onnxruntime",
+        "auto: TensorRT cannot run here; the CPU engine is chosen by measurement (report: engine.cpu)",
+        {"tensorrt": why_not_trt},
+    )

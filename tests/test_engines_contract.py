@@ -1,6 +1,7 @@
 """One contract for every runner: specs, outputs vs a numpy reference, exact validation messages,
 context-manager behaviour, nothing touched before `__enter__`. Parametrized over every backend;
-the TensorRT case skips here with the reason (no TensorRT, no GPU) and runs on a GPU machine."""
+the TensorRT case skips here with the reason (no TensorRT, no GPU) and runs on a GPU machine; the
+OpenVINO case skips with its reason where OpenVINO is not installed."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from engines import load_runner
 from engines.base import Runner
+from engines.openvino_runner import openvino_unavailable_reason
 from engines.selection import tensorrt_skip_reason
 from export_errors import InputError
 from exporter.validate.tolerances import tolerance
 
 FEATURES = 4
 TRT_SKIP = tensorrt_skip_reason()
+OV_SKIP = openvino_unavailable_reason()
 WEIGHT = np.random.default_rng(0).normal(size=(FEATURES, 3)).astype(np.float32)
 
 
@@ -72,6 +75,11 @@ def _write_plan(directory: Path) -> Path:
 
 BACKENDS = [
     pytest.param(("onnxruntime", _write_onnx), id="onnxruntime"),
+    pytest.param(
+        ("openvino", _write_onnx),
+        id="openvino",
+        marks=pytest.mark.skipif(OV_SKIP is not None, reason=f"OpenVINO: {OV_SKIP}"),
+    ),
     pytest.param(
         ("tensorrt", _write_plan),
         id="tensorrt",

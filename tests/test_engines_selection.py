@@ -77,7 +77,9 @@ def test_load_runner_by_suffix(tmp_path, monkeypatch) -> None:  # type: ignore[n
     assert isinstance(runner, OnnxRuntimeRunner) and runner.threads == 1
     with runner:
         assert runner.infer(_feeds())["y"].shape == (2, 5, 3)
-    with pytest.raises(InputError, match=r"a \.onnx file runs on onnxruntime, not on --backend tensorrt"):
+    with pytest.raises(
+        InputError, match=r"a \.onnx file runs on onnxruntime or openvino, not on --backend tensorrt"
+    ):
         load_runner(path, backend="tensorrt")
     with pytest.raises(InputError, match=r"unknown artifact type '\.bin'"):
         load_runner(tmp_path / "model.bin")
