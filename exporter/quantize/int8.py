@@ -6,7 +6,8 @@
   the Q/DQ semantics. Its accuracy is measured by running it in ONNX Runtime with optimizations off, which
   executes the Q/DQ arithmetic exactly (fake quantization).
 - `model.int8.cpu.onnx` (ONNX Runtime CPU): dynamic u8 activations x per-channel s8 weights
-  (exporter/quantize/cpu_int8.py), which ORT runs with integer kernels; its accuracy is measured as ORT runs it.
+  (exporter/quantize/cpu_int8.py), which ORT runs with integer kernels, and embedding tables INT8 per row
+  (exporter/quantize/embeddings.py); its accuracy is measured as ORT runs it.
 
 For each artifact the automatic sensitivity search (exporter/quantize/sensitivity.py) ranks every layer by the
 error it causes when quantized alone (one switchable fake-quant graph, one session), then treats the worst
@@ -40,6 +41,7 @@ from exporter.export.external_data import save_onnx
 from exporter.quantize import cpu_int8 as quantize_cpu
 from exporter.quantize.calibration import CalibrationData
 from exporter.quantize.cpu_features import WEIGHT_RANGES, WeightRange, reduce_weight_range
+from exporter.quantize.embeddings import QuantizedTable, quantize_embeddings
 from exporter.quantize.outliers import SUFFIX, split_outliers
 from exporter.quantize.ranges import DEFAULT_PERCENTILE, METHODS, channel_max, collect_ranges
 from exporter.quantize.sensitivity import SWITCH_INPUT, search, switchable_model
@@ -86,6 +88,8 @@ class QuantConfig:
     hidden_size: int = 0
     # CPU file's weights: 8-bit ("full"), 7-bit ("reduced") or by this CPU's integer kernel ("auto")
     cpu_weight_range: WeightRange = "auto"
+    # CPU file's embedding tables INT8 per row (exporter/quantize/embeddings.py); False keeps them fp32
+    cpu_embeddings_int8: bool = True
 
     def exclusions(self) -> Exclusions:
         return Exclusions.of(self.exclude_names, self.exclude_op_types, self.exclude_regex)
@@ -108,6 +112,7 @@ class QuantResult:
     report: dict[str, Any]
     cosine: float  # held-out mean token cosine vs fp32 of the TensorRT artifact (as ORT executes its Q/DQ)
     cpu_cosine: float | None = None
+    openvino_path: Path | None = None  # model.int8.openvino.onnx (exporter/quantize/int8_stage.py)
 
 
 def quantize(
@@ -141,7 +146,8 @@ def quantize(
         TENSORRT_FILE: "TensorRT (explicit Q/DQ, symmetric s8, static ranges)",
         **(
             {
-                CPU_FILE: "ONNX Runtime CPU (dynamic u8 activations x per-channel s8 weights; sensitive layers split)"
+                CPU_FILE: "ONNX Runtime CPU (dynamic u8 activations x per-channel s8 weights; sensitive layers split; "
+                "embeddings INT8 per row)"
             }
             if cpu_path
             else {}
@@ -219,7 +225,13 @@ def _cpu_variant(
     layers = quantize_cpu.layer_inputs(source, candidates)
     sweep = lambda names: judge.sweep(switchable_model(onnx.load(str(source)), layers, None), candidates)  # noqa: E731
     sensitivity = _search(candidates, lambda ex: judge.search_cosine(build(ex)), config, sweep)
-    shutil.copyfile(build(frozenset(sensitivity.excluded)), out)
+    final = build(frozenset(sensitivity.excluded))
+    tables: list[QuantizedTable] = []
+    if config.cpu_embeddings_int8:
+        model, tables = quantize_embeddings(onnx.load(str(final)))
+        save_onnx(model, out)
+    else:
+        shutil.copyfile(final, out)
     cosine = judge.heldout_cosine(out)
     report["cpu"] = {
         "file": out.name,
@@ -238,6 +250,7 @@ def _cpu_variant(
             split(frozenset(sensitivity.excluded))[1] - {n + SUFFIX for n in sensitivity.excluded}
         ),
         "sensitivity": sensitivity.to_json(),
+        "embeddings": [t.to_json() for t in tables],
         "heldout_cosine": cosine,
         "ort_optimized_graph_ops": quantize_cpu.integer_kernel_counts(out),
         "seconds": time.perf_counter() - start,
