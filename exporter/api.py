@@ -2,13 +2,15 @@
 
 Stages, in order (each timed in the report):
   load -> reference (LoRA merged by PEFT, masks applied) -> restructure (fold + slice, checked in
-  PyTorch) -> export (ONNX, checked on ONNX Runtime) -> graph passes -> INT8 -> engine -> stage table.
+  PyTorch) -> export (ONNX, checked on ONNX Runtime) -> graph passes -> INT8 -> engine -> CPU engine
+  candidates (where TensorRT does not serve) -> stage table (the candidates timed in it) -> CPU engine choice.
 Every check compares with the masked+merged PyTorch reference and raises on failure: an export that
 "succeeds" with wrong outputs is the failure this tool exists to prevent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -24,9 +26,13 @@ import numpy as np
 import onnx
 import torch
 
+from engines import bench_inputs, cpu_selection
+from engines.base import Runner
 from engines.selection import BackendChoice, select_backend
 from export_errors import InputError
+from exporter import cpu_engine_stage
 from exporter.config import ExportConfig
+from exporter.cpu_engine_stage import CpuEngineStage
 from exporter.engine_stage import run_engine_stage
 from exporter.export.decoder_with_past import TASK as DECODER_TASK
 from exporter.export.decoder_with_past import export_decoder_with_past
@@ -73,6 +79,7 @@ def export_engine(
     out = Path(output_dir)
     check_output_dir(out, config.force)
     choice = select_backend(config.backend)  # --backend tensorrt where it cannot run: refused before any work
+    _check_cpu_engine_flag(config, choice)  # so is a --cpu-engine that cannot run here
     run = _Run(Path(model_dir), config, choice)
     with staged_output(out) as work:
         run.execute(work)
@@ -140,9 +147,15 @@ class _Run:
         with self.stage("engine"):
             engine_onnx = self.artifacts.get("int8", self.artifacts["onnx"])
             self.report["engine"] = run_engine_stage(self.choice, engine_onnx, self._seq_limit(md))
-        if uncompacted is not None:
-            with self.stage("stage_table"):
-                self._stage_table(uncompacted, feeds, reference, work)
+        with contextlib.ExitStack() as stack:
+            cpu = self._cpu_candidates(md, feeds, reference, stack)
+            rows = None
+            if uncompacted is not None:
+                with self.stage("stage_table"):
+                    rows = self._stage_table_rows(uncompacted, feeds, reference, cpu)
+            chosen = self._choose_cpu_engine(md, cpu, rows, feeds, stack) if cpu is not None else None
+        if rows is not None:
+            self._render_stage_table(rows, chosen, feeds, work)
         report_io.write(work, self.report)
 
     def _export(
@@ -198,14 +211,14 @@ class _Run:
     def _stage_table_wanted(self, md: ModelDir) -> bool:
         return self.config.benchmark and self._task(md) != DECODER_TASK
 
-    def _stage_table(
+    def _stage_table_rows(
         self,
         uncompacted: torch.nn.Module,
         feeds: dict[str, np.ndarray],
         reference: dict[str, np.ndarray],
-        work: Path,
-    ) -> None:
-        rows = stage_table.measure(
+        cpu: CpuEngineStage | None,
+    ) -> list[stage_report.StageResult]:
+        return stage_table.measure(
             uncompacted,
             list(reference),
             self.artifacts,
@@ -213,14 +226,99 @@ class _Run:
             self.report["validation"],
             self.config.benchmark_threads,
             self.config.benchmark_iterations,
+            extra=cpu_engine_stage.extra_rows(cpu) if cpu is not None else None,
         )
+
+    def _render_stage_table(
+        self,
+        rows: list[stage_report.StageResult],
+        chosen: cpu_selection.Choice | None,
+        feeds: dict[str, np.ndarray],
+        work: Path,
+    ) -> None:
+        if chosen is not None:  # the CPU engine's row says so
+            row_name = cpu_engine_stage.candidate_row(chosen.name)
+            rows = [
+                dataclasses.replace(r, note=f"{r.note}; **the CPU engine** (chosen: {chosen.name})")
+                if r.name == row_name
+                else r
+                for r in rows
+            ]
         self.report["stages"] = stage_report.to_json(rows)
         self.report["stages"]["timing"] = (
-            f"batch 1 x {feeds['input_ids'].shape[1]}, {self.config.benchmark_threads} threads, interleaved; "
-            "accuracy on all validation samples vs the PyTorch reference"
+            f"batch 1 x {feeds['input_ids'].shape[1]}, {self.config.benchmark_threads} threads, interleaved, "
+            f"{self.config.benchmark_iterations} rounds; accuracy on all validation samples vs the PyTorch reference"
         )
         self.report["stages_md"] = stage_report.render_markdown(rows)
         stage_report.write_chart(rows, work / "stages.png")
+
+    def _cpu_candidates(
+        self,
+        md: ModelDir,
+        feeds: dict[str, np.ndarray],
+        reference: dict[str, np.ndarray],
+        stack: contextlib.ExitStack,
+    ) -> CpuEngineStage | None:
+        """Where the CPU serves: the applicable candidates, opened and judged (their accuracy checks)."""
+        if self.choice.name == "tensorrt":
+            return None
+        with self.stage("cpu_engine"):
+            cpu = cpu_engine_stage.plan(self.artifacts, self.config.backend, self.config.cpu_engine)
+            decoder = self._task(md) == DECODER_TASK
+            token_output = "logits" if decoder else "last_hidden_state"
+            real = {token_output: feeds["attention_mask"].astype(bool)}
+
+            def outputs(runner: Runner) -> dict[str, np.ndarray]:
+                return _decoder_prefill_with(runner, feeds) if decoder else runner.infer(feeds)
+
+            cpu_engine_stage.open_and_judge(
+                cpu,
+                stack,
+                self.config.benchmark_threads,
+                reference,
+                outputs,
+                real,
+                self.report["validation"],
+                self.config.accuracy_target,
+            )
+        return cpu
+
+    def _choose_cpu_engine(
+        self,
+        md: ModelDir,
+        cpu: CpuEngineStage,
+        rows: list[stage_report.StageResult] | None,
+        feeds: dict[str, np.ndarray],
+        stack: contextlib.ExitStack,
+    ) -> cpu_selection.Choice:
+        threads = self.config.benchmark_threads
+        latencies: dict[str, float] | None = None
+        if rows is not None:
+            by_row = {r.name: r.latency_median_ms for r in rows}
+            latencies = {
+                a.candidate.name: by_row[cpu_engine_stage.candidate_row(a.candidate.name)]
+                for a in cpu.applicable
+                if cpu_engine_stage.candidate_row(a.candidate.name) in by_row
+            }
+            timing = "latency: the stage table's interleaved rounds (batch 1 x the validation length)"
+        elif self.config.benchmark and self._task(md) == DECODER_TASK:
+            with self.stage("cpu_engine_timing"):
+                latencies = cpu_engine_stage.time_decoder_candidates(
+                    cpu,
+                    stack,
+                    threads,
+                    lambda runner: _decoder_timing_feeds(runner, feeds, md.config.vocab_size),
+                )
+            timing = (
+                f"latency: prefill of {feeds['input_ids'].shape[1]} tokens + "
+                f"{cpu_engine_stage.DECODE_STEPS_RANKED} x one decode step after it, batch 1, interleaved"
+            )
+        else:
+            timing = "not timed (--no-benchmark): the default order decides among candidates that pass"
+        chosen = cpu_engine_stage.choose_engine(cpu, latencies)
+        self.report["engine"]["cpu"] = cpu_engine_stage.report_section(cpu, chosen, threads, timing)
+        logger.info("CPU engine: %s on %s (%s)", chosen.name, chosen.chosen.path.name, chosen.reason)
+        return chosen
 
     def _int8(
         self, md: ModelDir, feeds: dict[str, np.ndarray], reference: dict[str, np.ndarray], work: Path
@@ -239,9 +337,12 @@ class _Run:
             vocab_size=md.config.vocab_size,
             decoder_with_past=decoder,
             padding_side=padding_side_for(md.is_decoder),
+            openvino_file=self.choice.name != "tensorrt" and self.config.backend != "onnxruntime",
         )
         self.report["int8"] = section
         self.artifacts["int8"] = result.tensorrt_path
+        if result.openvino_path is not None:
+            self.artifacts["int8_openvino"] = result.openvino_path
         token_output = "logits" if decoder else "last_hidden_state"
         real = {token_output: feeds["attention_mask"].astype(bool)}  # INT8 is judged on real tokens
         gate = "int8" if decoder else None  # encoders: gated on held-out cosine inside quantize
@@ -367,6 +468,52 @@ def _decoder_prefill_outputs(
     decoder = CachedDecoder(session)
     decoder.reset(feeds["input_ids"].shape[0], feeds["attention_mask"])
     return {"logits": decoder.forward(feeds["input_ids"])}
+
+
+def _decoder_prefill_with(runner: Runner, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Logits of a prefill with an empty past, on any runner (a CPU engine candidate)."""
+    decoder = CachedDecoder(runner)
+    decoder.reset(feeds["input_ids"].shape[0], feeds["attention_mask"])
+    return {"logits": decoder.forward(feeds["input_ids"])}
+
+
+def _decoder_timing_feeds(
+    runner: Runner, feeds: dict[str, np.ndarray], vocab_size: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Batch 1: a prefill of the validation length, and one decode step after that many tokens."""
+    specs = runner.input_specs
+    seq = feeds["input_ids"].shape[1]
+    past = next(s for s in specs if s.name.startswith("past_key_values."))
+    prefill = bench_inputs.resolve_shapes(specs, {"input_ids": (1, seq)})
+    decode_shape = (1, int(past.shape[1]), seq, int(past.shape[3]))
+    decode = bench_inputs.resolve_shapes(specs, {"input_ids": (1, 1), past.name: decode_shape})
+    return (
+        bench_inputs.make_feeds(specs, prefill, vocab_size),
+        bench_inputs.make_feeds(specs, decode, vocab_size),
+    )
+
+
+def _check_cpu_engine_flag(config: ExportConfig, choice: BackendChoice) -> None:
+    """`--cpu-engine` names a candidate that can run here, on a CPU path, with this precision."""
+    if config.cpu_engine is None:
+        return
+    if choice.name == "tensorrt":
+        raise InputError(
+            "--cpu-engine", f"{config.cpu_engine}: TensorRT serves here (--backend {config.backend})"
+        )
+    from engines.openvino_runner import openvino_unavailable_reason
+
+    keys = {"exported", "onnx"} | (
+        {"int8", "int8_cpu", "int8_openvino"} if config.precision == "int8" else set()
+    )
+    restrict = config.backend if config.backend in ("onnxruntime", "openvino") else "auto"
+    cpu_selection.applicable(
+        dict.fromkeys(keys, Path()),
+        unavailable={"onnxruntime": None, "openvino": openvino_unavailable_reason()},
+        flags=cpu_selection.cpu_flags(),
+        backend=restrict,
+        pinned=config.cpu_engine,
+    )
 
 
 def _decoder_int8_quality(

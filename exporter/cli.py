@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import NoReturn
 
+from engines.cpu_selection import NAMES as CPU_ENGINES
 from export_errors import ExportEngineError
 from exporter.config import ExportConfig
 
@@ -40,9 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.add_argument(
         "--backend",
-        choices=["auto", "tensorrt", "onnxruntime"],
+        choices=["auto", "tensorrt", "onnxruntime", "openvino"],
         default="auto",
-        help="auto: TensorRT when it imports and a CUDA GPU is present, else ONNX Runtime CPU",
+        help="auto: TensorRT when it imports and a CUDA GPU is present, else the fastest CPU engine that "
+        "passes its accuracy gate, chosen by measurement; onnxruntime / openvino: that CPU runtime's candidates only",
+    )
+    p.add_argument(
+        "--cpu-engine",
+        choices=list(CPU_ENGINES),
+        help="pin the CPU engine instead of choosing it by measurement (it must still pass its accuracy gate)",
     )
     p.add_argument(
         "--task",
@@ -106,6 +113,7 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
         adapter=args.adapter,
         force=args.force,
         backend=args.backend,
+        cpu_engine=args.cpu_engine,
         task=args.task,
         calibration=args.calibration,
         calibration_samples=args.calibration_samples,

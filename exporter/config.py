@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 Precision = Literal["int8", "fp32"]
-Backend = Literal["auto", "tensorrt", "onnxruntime"]
+Backend = Literal["auto", "tensorrt", "onnxruntime", "openvino"]
 
 
 @dataclasses.dataclass
@@ -18,6 +18,8 @@ class ExportConfig:
     adapter: Path | None = None  # PEFT LoRA adapter folder (default: MODEL_DIR/adapter if present)
     force: bool = False  # replace a non-empty OUT_DIR
     backend: Backend = "auto"
+    # pin the CPU engine instead of choosing it by measurement (engines/cpu_selection.py NAMES)
+    cpu_engine: str | None = None
     task: str | None = None  # causal LMs: "text-generation-with-past" (default) or "text-generation"
     opset: int = 17
     # validation / calibration shapes
@@ -39,7 +41,7 @@ class ExportConfig:
     # benchmarking of every stage (report's stage table)
     benchmark: bool = True
     benchmark_threads: int = 2
-    benchmark_iterations: int = 20
+    benchmark_iterations: int = 30  # interleaved rounds of the stage table (and the CPU engine's candidates)
     # safety
     allow_pickle: bool = False  # .bin/.pt checkpoints (loaded with weights_only=True)
     seed: int = 0

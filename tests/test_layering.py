@@ -34,7 +34,7 @@ EXPORTER_FLOORS: list[tuple[str, ...]] = [
     ("exporter.export",),
     ("exporter.quantize",),
     ("exporter.runtime", "exporter.report"),
-    ("exporter.engine_stage", "exporter.outputs"),
+    ("exporter.engine_stage", "exporter.cpu_engine_stage", "exporter.outputs"),
     ("exporter.api",),
     ("exporter.cli", "exporter"),
 ]

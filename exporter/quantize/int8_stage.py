@@ -6,7 +6,9 @@ ranges and breaks static quantization (onnxruntime #8770), so only cleanup runs 
 
 Two artifacts: `model.int8.onnx` (Q/DQ for TensorRT, standard ops) and `model.int8.cpu.onnx` (what
 ONNX Runtime's integer kernels run fast on a CPU). Both are gated on held-out accuracy by
-exporter/quantize/int8.py; here they are also compared with the PyTorch reference for the report.
+exporter/quantize/int8.py; here they are also compared with the PyTorch reference for the report. Where
+OpenVINO is installed, a third: `model.int8.openvino.onnx`, the Q/DQ file as OpenVINO runs it best
+(exporter/quantize/openvino_int8.py), a candidate for the CPU engine (engines/cpu_selection.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from exporter.export.external_data import save_onnx
 from exporter.quantize import decoder_calibration
 from exporter.quantize.calibration import CalibrationData, load_calibration
 from exporter.quantize.int8 import QuantConfig, QuantResult, quantize
+from exporter.quantize.openvino_int8 import OPENVINO_FILE, build_openvino_file
 from graph_passes.pipeline import optimize
 
 logger = logging.getLogger(__name__)
@@ -58,13 +61,15 @@ def run_int8_stage(
     decoder_with_past: bool = False,
     smoothing: bool | None = None,
     padding_side: str | None = None,
+    openvino_file: bool = False,
 ) -> tuple[QuantResult, dict[str, Any]]:
     """Quantize the exported compact fp32 graph; returns the result and the report section.
     `decoder_with_past`: calibrate on prefills (position ids and empty pasts added to the token ids)
     followed by `config.calibration_decode_steps` decode steps with the past fed back
     (exporter/quantize/decoder_calibration.py). `smoothing`: SmoothQuant migration before the Q/DQ file (None: the
     measured default for the model kind). `padding_side`: where calibration text is padded (None: the
-    tokenizer's own; causal LMs pad on the left, as generation does)."""
+    tokenizer's own; causal LMs pad on the left, as generation does). `openvino_file`: also write
+    `model.int8.openvino.onnx` where OpenVINO is installed (the CPU engine's candidate)."""
     with tempfile.TemporaryDirectory() as tmp:
         cleaned, cleanup = optimize(onnx.load(str(exported)), "tensorrt", stages=("cleanup",), family=family)
         cleaned_path = Path(tmp) / "model.cleaned.onnx"
@@ -101,6 +106,7 @@ def run_int8_stage(
     )
     save_onnx(fused, result.tensorrt_path)
     section = {
+        **({"openvino": _openvino_file(result, work)} if openvino_file else {}),
         **result.report,
         "order": ["restructure", "cleanup", "calibrate (unfused)", "Q/DQ + sensitivity", "target fusion"],
         "cleanup_passes": cleanup.to_json(),
@@ -108,6 +114,20 @@ def run_int8_stage(
         **({"decoder_calibration": decoder_report} if decoder_report else {}),
     }
     return result, section
+
+
+def _openvino_file(result: QuantResult, work: Path) -> dict[str, Any]:
+    """The OpenVINO variant of the Q/DQ file, where OpenVINO can run it (else the reason, and no file)."""
+    from engines.openvino_runner import openvino_unavailable_reason
+
+    reason = openvino_unavailable_reason()
+    if reason is not None:
+        return {"file": None, "reason": reason}
+    start = time.perf_counter()
+    result.openvino_path = work / OPENVINO_FILE
+    return build_openvino_file(result.tensorrt_path, result.openvino_path) | {
+        "seconds": time.perf_counter() - start
+    }
 
 
 def _decoder_calibration(

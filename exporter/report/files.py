@@ -26,6 +26,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if "weight_bits_reason" in cpu_int8:
         lines += [f"- INT8 CPU file: {cpu_int8['weight_bits_reason']}"]
     lines.append("")
+    lines += _cpu_engine(report.get("engine", {}).get("cpu"))
     if report.get("stages_md"):
         lines += [
             "## Stages",
@@ -43,6 +44,32 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [section, ""]
     lines += _timings(report.get("timings_s", {}))
     return "\n".join(lines) + "\n"
+
+
+def _cpu_engine(cpu: dict[str, Any] | None) -> list[str]:
+    """The CPU engine chosen by measurement, and every candidate with its numbers and why it lost."""
+    if not cpu:
+        return []
+    lines = [
+        "## CPU engine",
+        "",
+        f"**{cpu['candidate']}**: {cpu['engine']} on `{cpu['file']}` ({cpu['precision']}): {cpu['reason']}.",
+        f"CPU: {cpu['cpu']}; {cpu['threads']} threads; {cpu['timing']}.",
+        "",
+        "| candidate | engine | file | latency ms | cosine | max abs err | gate | chosen | why not |",
+        "|---|---|---|---:|---:|---:|---|---|---|",
+    ]
+    for row in cpu["candidates"]:
+        latency = "—" if row["latency_ms"] is None else f"{row['latency_ms']:.2f}"
+        cosine = "—" if row["cosine"] is None else f"{row['cosine']:.5f}"
+        max_abs = "—" if row["max_abs_err"] is None else f"{row['max_abs_err']:.2e}"
+        gate = ("passed: " if row["passed_gate"] else "failed: ") + row["gate"] if row["gate"] else "—"
+        lines.append(
+            f"| {row['name']} | {row['engine']} | `{row['file']}` | {latency} | {cosine} | {max_abs} | {gate} "
+            f"| {'**yes**' if row['chosen'] else ''} | {row['why_not'] or ''} |"
+        )
+    lines += [f"- {name} not measured: {why}" for name, why in cpu.get("skipped", {}).items()]
+    return [*lines, ""]
 
 
 def _restructure(restructure: dict[str, Any] | None, context: int = 128) -> list[str]:

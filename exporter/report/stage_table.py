@@ -1,8 +1,13 @@
 """The export's stage table: every stage side by side, timed interleaved in one process.
 
 Latency: median and p90 at batch 1 x the validation sequence length, all stages round-robin (so the
-ratios hold on a noisy machine). Accuracy: taken from the export's own validation section (all
+ratios hold on a noisy machine), a fixed budget of rounds (`ExportConfig.benchmark_iterations`) so the
+table costs the export little time. Accuracy: taken from the export's own validation section (all
 validation samples, real tokens for INT8), so the table and the gates agree by construction.
+
+The CPU engine's candidates that are not already a stage (OpenVINO on its files, engines/cpu_selection.py)
+join the same round-robin as extra rows (`ExtraStage`): their latencies are the ones the choice is made on,
+measured once, beside the stages.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from engines.base import Runner
 from engines.onnxruntime_runner import OnnxRuntimeRunner
 from engines.torch_runner import TorchRunner
 from exporter.report import stage_report
@@ -35,6 +41,20 @@ STAGES: tuple[tuple[str, str, str | None, str], ...] = (
 )
 
 
+# Warm-up per row, then a fixed number of interleaved rounds (no minimum duration).
+WARMUP_MS = 100.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtraStage:
+    """A row beside the stages: an active runner (opened by the caller), its info and its validation key."""
+
+    name: str
+    runner: Runner
+    info: StageInfo
+    check: str
+
+
 def measure(
     reference_wrapper: nn.Module,
     output_names: list[str],
@@ -43,10 +63,15 @@ def measure(
     validation: dict[str, list[dict[str, Any]]],
     threads: int,
     iterations: int,
+    extra: list[ExtraStage] | None = None,
 ) -> list[StageResult]:
-    """Time every available stage on one sample of `feeds`; accuracy from `validation`."""
+    """Time every available stage (and the `extra` rows) on one sample of `feeds`; accuracy from
+    `validation`."""
     timing_feeds = {name: array[:1] for name, array in feeds.items()}
-    config = dataclasses.replace(stage_report.REPORT_CONFIG, iterations=iterations)
+    config = dataclasses.replace(
+        stage_report.REPORT_CONFIG, warmup_ms=WARMUP_MS, iterations=iterations, duration_s=0.0
+    )
+    checks = {name: check for name, _, check, _ in STAGES} | {e.name: e.check for e in extra or []}
     with contextlib.ExitStack() as stack:
         runners: list[tuple[str, Any]] = []
         info: dict[str, StageInfo] = {}
@@ -59,13 +84,17 @@ def measure(
                 runner = TorchRunner(reference_wrapper, list(feeds), output_names, threads=threads)
             runners.append((name, stack.enter_context(runner)))
             info[name] = StageInfo(path=artifacts.get(key), note=note)
+        for row in extra or []:
+            runners.append((row.name, row.runner))
+            info[row.name] = row.info
         reference = runners[0][1].infer(timing_feeds)
         rows = stage_report.measure_stages(runners, timing_feeds, reference, info=info, config=config)
-    return [_with_validation(row, validation) for row in rows]
+    return [_with_validation(row, validation, checks.get(row.name)) for row in rows]
 
 
-def _with_validation(row: StageResult, validation: dict[str, list[dict[str, Any]]]) -> StageResult:
-    check = next((c for name, _, c, _ in STAGES if name == row.name), None)
+def _with_validation(
+    row: StageResult, validation: dict[str, list[dict[str, Any]]], check: str | None
+) -> StageResult:
     if check is None:
         return dataclasses.replace(row, cosine=1.0, max_abs_err=0.0)
     comparisons = validation.get(check, [])

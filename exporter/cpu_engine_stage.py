@@ -1,0 +1,232 @@
+"""The CPU engine stage: every applicable candidate measured, the fastest passing one chosen.
+
+Where TensorRT does not serve, the export measures the candidates of engines/cpu_selection.py:
+- accuracy on the export's validation inputs against the PyTorch reference, each as *its* runtime
+  computes it, judged by its precision's gate (INT8/INT4: mean token cosine >= `--accuracy-target` on
+  real tokens, the INT8 gate; fp32: the fp32 tolerance; bf16: the bf16 row of the tolerance table).
+  ONNX Runtime's candidates reuse the export's own checks of their files (`int8_cpu`, `optimized_fp32`),
+  the others are run here and recorded beside them (`validation["cpu:<candidate>"]`);
+- latency at the export's shapes: candidates that are already stages of the stage table take their
+  row, the others join the stage table's one interleaved measurement as extra rows
+  (exporter/report/stage_table.py). Without a stage table (`--no-benchmark`), nothing is timed and the
+  default order decides; KV-cache decoders (no stage table) are timed here on a fixed small budget: a
+  prefill of the validation length and one decode step after it, ranked by prefill + 64 decode steps.
+
+The choice goes to `report["engine"]["cpu"]` (engine, file, precision, the candidates table, why
+each other lost): what `engine-bench OUT_DIR` and the runtime open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines import benchmark, load_runner, stats
+from engines.base import Runner
+from engines.benchmark import BenchConfig, Variant
+from engines.cpu_selection import (
+    Applicable,
+    Choice,
+    Measurement,
+    applicable,
+    choose,
+    cpu_flags,
+    cpu_kind,
+)
+from engines.openvino_runner import openvino_unavailable_reason
+from exporter.report.stage_report import StageInfo
+from exporter.report.stage_table import ExtraStage
+from exporter.validate.compare import Comparison, compare_all
+from exporter.validate.tolerances import tolerance
+
+logger = logging.getLogger(__name__)
+
+# Candidates whose file the export already checks (and times, as a stage): (validation key, stage row).
+EXPORT_CHECKS: dict[str, tuple[str, str]] = {
+    "onnxruntime-int8": ("int8_cpu", "int8 CPU"),
+    "onnxruntime-fp32": ("optimized_fp32", "onnx fp32 optimized"),
+}
+DECODE_STEPS_RANKED = 64  # decoders: rank by the time of a prefill + this many decode steps
+DECODER_TIMING = BenchConfig(warmup_ms=50.0, iterations=10, duration_s=0.0, avg_runs=1, percentiles=(90.0,))
+
+# outputs (candidate name -> outputs on the validation feeds), for the caller's model kind
+Outputs = Callable[[Runner], dict[str, np.ndarray]]
+
+
+@dataclasses.dataclass
+class CpuEngineStage:
+    """What applies here, the open runners of the candidates measured here, and their accuracy."""
+
+    applicable: list[Applicable]
+    skipped: dict[str, str]
+    flags: frozenset[str]
+    pinned: str | None
+    runners: dict[str, Runner] = dataclasses.field(default_factory=dict)
+    accuracy: dict[str, tuple[list[Comparison], bool, str]] = dataclasses.field(default_factory=dict)
+    errors: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def plan(
+    artifacts: Mapping[str, Path], backend: str, pinned: str | None, flags: frozenset[str] | None = None
+) -> CpuEngineStage:
+    """The candidates to measure on this machine (backend: the export's `--backend`)."""
+    flags = cpu_flags() if flags is None else flags
+    unavailable = {"onnxruntime": None, "openvino": openvino_unavailable_reason()}
+    restrict = backend if backend in ("onnxruntime", "openvino") else "auto"
+    found, skipped = applicable(
+        artifacts, unavailable=unavailable, flags=flags, backend=restrict, pinned=pinned
+    )
+    return CpuEngineStage(found, skipped, flags, pinned)
+
+
+def gate(precision: str, comparisons: list[Comparison], accuracy_target: float) -> tuple[bool, str]:
+    """(passed, the gate in words) for a candidate of `precision`, every output judged."""
+    if precision in ("int8", "int4"):
+        return all(c.mean_cosine >= accuracy_target for c in comparisons), (
+            f"mean token cosine >= {accuracy_target} ({precision}, --accuracy-target)"
+        )
+    tol = tolerance(precision)
+    ok = all(
+        (tol.max_abs is None or c.max_abs <= tol.max_abs)
+        and (tol.min_mean_cosine is None or c.mean_cosine >= tol.min_mean_cosine)
+        for c in comparisons
+    )
+    words = [f"max abs err <= {tol.max_abs:g}" if tol.max_abs is not None else ""]
+    words.append(f"mean cosine >= {tol.min_mean_cosine}" if tol.min_mean_cosine is not None else "")
+    return ok, f"{', '.join(w for w in words if w)} ({precision} tolerance)"
+
+
+def open_and_judge(
+    stage: CpuEngineStage,
+    stack: contextlib.ExitStack,
+    threads: int,
+    reference: Mapping[str, np.ndarray],
+    outputs: Outputs,
+    token_masks: Mapping[str, np.ndarray] | None,
+    validation: dict[str, list[dict[str, Any]]],
+    accuracy_target: float,
+) -> None:
+    """Open (in `stack`) and judge every candidate the export has not already checked; reuse the export's
+    checks for the others. Results go into `stage.accuracy`, and `validation["cpu:<name>"]`."""
+    for app in stage.applicable:
+        name, cand = app.candidate.name, app.candidate
+        if name in EXPORT_CHECKS and EXPORT_CHECKS[name][0] in validation:
+            comparisons = [Comparison(**c) for c in validation[EXPORT_CHECKS[name][0]]]
+            stage.accuracy[name] = (comparisons, *gate(cand.precision, comparisons, accuracy_target))
+            continue
+        try:
+            runner = stack.enter_context(
+                load_runner(app.path, threads=threads, spinning=False, **_options(app))
+            )
+            comparisons = compare_all(reference, outputs(runner), token_masks)
+        except Exception as exc:  # a runtime that cannot load or run a file loses, with the reason
+            stage.errors[name] = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            logger.warning("CPU engine candidate %s could not run: %s", name, stage.errors[name])
+            continue
+        stage.runners[name] = runner
+        validation[f"cpu:{name}"] = [c.to_json() for c in comparisons]
+        stage.accuracy[name] = (comparisons, *gate(cand.precision, comparisons, accuracy_target))
+
+
+def extra_rows(stage: CpuEngineStage) -> list[ExtraStage]:
+    """The candidates measured here, as rows for the stage table's interleaved timing."""
+    by_name = {app.candidate.name: app for app in stage.applicable}
+    return [
+        ExtraStage(
+            name,
+            runner,
+            StageInfo(path=by_name[name].path, note=f"CPU engine candidate: {by_name[name].candidate.note}"),
+            f"cpu:{name}",
+        )
+        for name, runner in stage.runners.items()
+    ]
+
+
+def candidate_row(name: str) -> str:
+    """The stage-table row that holds a candidate's latency."""
+    return EXPORT_CHECKS[name][1] if name in EXPORT_CHECKS else name
+
+
+def time_decoder_candidates(
+    stage: CpuEngineStage,
+    stack: contextlib.ExitStack,
+    threads: int,
+    prefill: Callable[[Runner], tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+) -> dict[str, float]:
+    """KV-cache decoders: each candidate's prefill feeds and one decode step after it (`prefill(runner)`
+    gives both), timed interleaved on a fixed budget; the score is prefill + 64 decode steps, in ms."""
+    runners = dict(stage.runners)
+    for app in stage.applicable:
+        name = app.candidate.name
+        if name not in runners and name not in stage.errors:
+            runners[name] = stack.enter_context(
+                load_runner(app.path, threads=threads, spinning=False, **_options(app))
+            )
+    variants = []
+    for name, runner in runners.items():
+        prefill_feeds, decode_feeds = prefill(runner)
+        variants += [
+            Variant(f"{name}:prefill", runner, prefill_feeds),
+            Variant(f"{name}:decode", runner, decode_feeds),
+        ]
+    results = {
+        r.name: stats.median(sorted(it.latency_ms for it in r.iterations))
+        for r in benchmark.run_interleaved(variants, DECODER_TIMING)
+    }
+    return {
+        name: results[f"{name}:prefill"] + DECODE_STEPS_RANKED * results[f"{name}:decode"] for name in runners
+    }
+
+
+def choose_engine(stage: CpuEngineStage, latencies: Mapping[str, float] | None) -> Choice:
+    """The choice over every applicable candidate, from its accuracy and (if timed) latency."""
+    measured = []
+    for app in stage.applicable:
+        name = app.candidate.name
+        if name in stage.errors:
+            measured.append(
+                Measurement(app.candidate, app.path, None, None, None, False, "", stage.errors[name])
+            )
+            continue
+        comparisons, passed, words = stage.accuracy[name]
+        latency = None if latencies is None else latencies.get(name)
+        measured.append(
+            Measurement(
+                app.candidate,
+                app.path,
+                latency,
+                min(c.mean_cosine for c in comparisons),
+                max(c.max_abs for c in comparisons),
+                passed,
+                words,
+            )
+        )
+    return choose(measured, stage.pinned)
+
+
+def report_section(stage: CpuEngineStage, choice: Choice, threads: int, timing: str) -> dict[str, Any]:
+    """report["engine"]["cpu"]: the one place that says which CPU engine serves this export."""
+    chosen = choice.chosen
+    return {
+        "candidate": choice.name,
+        "engine": chosen.candidate.engine,
+        "file": chosen.path.name,
+        "precision": chosen.candidate.precision,
+        "engine_precision": chosen.candidate.engine_precision,
+        "threads": threads,
+        "reason": choice.reason,
+        "cpu": cpu_kind(stage.flags),
+        "timing": timing,
+        "candidates": choice.rows(),
+        "skipped": stage.skipped,
+    }
+
+
+def _options(app: Applicable) -> dict[str, Any]:
+    return app.candidate.runner_options()

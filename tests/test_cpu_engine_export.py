@@ -1,0 +1,191 @@
+"""The CPU engine chosen by measurement, end to end on a tiny encoder: candidates measured as stage-table
+rows, each judged by its gate, the choice in report.json / report.md, `--cpu-engine` and `--backend
+openvino`, and the recorded choice opened again (engines.cpu_selection.chosen_runner). Also the files
+it rests on: INT8 embedding tables and the OpenVINO variant of the Q/DQ file. OpenVINO cases skip with
+the reason where it is not installed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from engines import load_runner
+from engines.cpu_selection import chosen_runner
+from engines.openvino_runner import openvino_unavailable_reason
+from export_errors import InputError
+from exporter.api import export_engine
+from exporter.config import ExportConfig
+from exporter.quantize.embeddings import quantize_embeddings, quantize_rows
+from exporter.quantize.openvino_int8 import weight_only_int8
+
+OV_SKIP = openvino_unavailable_reason()
+needs_openvino = pytest.mark.skipif(OV_SKIP is not None, reason=f"OpenVINO: {OV_SKIP}")
+SMALL = {"sequence_length": 32, "validation_samples": 4, "calibration_samples": 8, "benchmark_iterations": 5}
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from exporter.testing.synthetic import write_model_dir
+
+    return write_model_dir(tmp_path_factory.mktemp("bert_dir"), "bert", tokenizer=True)
+
+
+@pytest.fixture(scope="module")
+def default_export(bert_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    return export_engine(bert_dir, tmp_path_factory.mktemp("cpu_engine") / "out", ExportConfig(**SMALL))
+
+
+def test_the_export_measures_every_candidate_and_records_the_fastest_passing(default_export) -> None:  # type: ignore[no-untyped-def]
+    report = json.loads((default_export.output_dir / "report.json").read_text())
+    cpu = report["engine"]["cpu"]
+    rows = {row["name"]: row for row in cpu["candidates"]}
+    expected = {"onnxruntime-int8", "onnxruntime-fp32"} | (
+        {"openvino-int8", "openvino-fp32"} if OV_SKIP is None else set()
+    )
+    assert set(rows) == expected
+    passing = [row for row in rows.values() if row["passed_gate"]]
+    fastest = min(passing, key=lambda row: row["latency_ms"])
+    assert cpu["candidate"] == fastest["name"] and rows[cpu["candidate"]]["chosen"]
+    assert (cpu["engine"], cpu["file"]) == (fastest["engine"], fastest["file"])
+    assert (default_export.output_dir / cpu["file"]).is_file()
+    for row in rows.values():
+        assert row["latency_ms"] > 0 and 0.99 <= row["cosine"] <= 1.0 + 1e-9
+        assert row["chosen"] or row["why_not"].startswith("slower: ")
+    assert rows["onnxruntime-int8"]["gate"].startswith("mean token cosine >= 0.99")
+    assert rows["onnxruntime-fp32"]["gate"].startswith("max abs err <= 0.0001")
+    # the same numbers as the stage table's rows: one measurement
+    stages = {s["name"]: s for s in report["stages"]["stages"]}
+    assert rows["onnxruntime-int8"]["latency_ms"] == stages["int8 CPU"]["latency_median_ms"]
+    assert rows["onnxruntime-fp32"]["latency_ms"] == stages["onnx fp32 optimized"]["latency_median_ms"]
+    if OV_SKIP is None:
+        assert rows["openvino-int8"]["file"] == "model.int8.openvino.onnx"
+        assert rows["openvino-int8"]["latency_ms"] == stages["openvino-int8"]["latency_median_ms"]
+        assert "cpu:openvino-int8" in report["validation"]
+    else:
+        assert "openvino is not available" in cpu["skipped"]["openvino-int8"]
+    chosen_stage = next(s for s in report["stages"]["stages"] if "**the CPU engine**" in s["note"])
+    assert chosen_stage["latency_median_ms"] == rows[cpu["candidate"]]["latency_ms"]
+    md = (default_export.output_dir / "report.md").read_text()
+    assert "## CPU engine" in md and f"**{cpu['candidate']}**" in md
+    assert "| candidate | engine | file | latency ms | cosine | max abs err | gate | chosen | why not |" in md
+
+
+def test_the_recorded_choice_opens_and_computes_the_model(default_export) -> None:  # type: ignore[no-untyped-def]
+    out = default_export.output_dir
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 100, size=(2, 16))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    reference = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    want = reference.run(["last_hidden_state"], feeds)[0]
+    with chosen_runner(out, threads=1) as runner:
+        got = runner.infer(feeds)["last_hidden_state"]
+    cos = np.sum(got * want, -1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+    assert cos.mean() > 0.99
+    with pytest.raises(InputError, match="no CPU engine recorded"):
+        chosen_runner(out / "compact_model")
+
+
+def test_no_benchmark_takes_the_default_order(bert_dir: Path, tmp_path: Path) -> None:
+    result = export_engine(bert_dir, tmp_path / "out", ExportConfig(**SMALL, benchmark=False))
+    cpu = result.report["engine"]["cpu"]
+    assert cpu["reason"].startswith("not timed (--no-benchmark)")
+    assert all(row["latency_ms"] is None for row in cpu["candidates"])
+    assert cpu["candidate"] == ("openvino-int8" if OV_SKIP is None else "onnxruntime-int8")
+
+
+def test_cpu_engine_pins_the_choice(bert_dir: Path, tmp_path: Path) -> None:
+    config = ExportConfig(**SMALL, precision="fp32", benchmark=False, cpu_engine="onnxruntime-fp32")
+    cpu = export_engine(bert_dir, tmp_path / "out", config).report["engine"]["cpu"]
+    assert cpu["candidate"] == "onnxruntime-fp32" and [r["name"] for r in cpu["candidates"]] == [
+        "onnxruntime-fp32"
+    ]
+    assert cpu["reason"].startswith("pinned with --cpu-engine onnxruntime-fp32")
+    with pytest.raises(InputError, match="--cpu-engine: onnxruntime-int8 cannot run here: no int8 file"):
+        export_engine(
+            bert_dir,
+            tmp_path / "refused",
+            ExportConfig(**SMALL, precision="fp32", cpu_engine="onnxruntime-int8"),
+        )
+    assert not (tmp_path / "refused").exists()  # refused before any work
+
+
+@needs_openvino
+def test_backend_openvino_measures_openvino_only(bert_dir: Path, tmp_path: Path) -> None:
+    config = ExportConfig(**SMALL, precision="fp32", backend="openvino")
+    result = export_engine(bert_dir, tmp_path / "out", config)
+    cpu = result.report["engine"]["cpu"]
+    assert cpu["engine"] == "openvino" and [r["name"] for r in cpu["candidates"]] == ["openvino-fp32"]
+    assert cpu["skipped"]["onnxruntime-fp32"] == "not requested (--backend openvino)"
+    assert result.report["backend"]["name"] == "openvino"
+
+
+def _table_model(vocab: int = 300, hidden: int = 256, tied: bool = False) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    table = (rng.normal(size=(vocab, hidden)) * rng.uniform(0.01, 3.0, size=(vocab, 1))).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["emb"], name="gather")]
+    outputs = [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["b", "s", hidden])]
+    if tied:  # an LM head reading the same table
+        nodes.append(helper.make_node("Gemm", ["emb2d", "table"], ["logits"], name="head", transB=1))
+        nodes.insert(1, helper.make_node("Reshape", ["emb", "shape"], ["emb2d"], name="flatten"))
+        outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", vocab]))
+    graph = helper.make_graph(
+        nodes,
+        "table",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+        outputs,
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.array([-1, hidden]), "shape")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_embedding_tables_are_int8_per_row(tmp_path: Path) -> None:
+    original = _table_model()
+    table = numpy_helper.to_array(original.graph.initializer[0])
+    model, done = quantize_embeddings(onnx.load_from_string(original.SerializeToString()))
+    assert [t.name for t in done] == ["table"] and done[0].bytes_after < done[0].bytes_before / 3.9
+    q, scale = quantize_rows(table)
+    # per-row scales: every row's error within half its own step (a per-table scale would crush small rows)
+    assert np.all(np.abs(q * scale - table) <= scale / 2 + 1e-7)
+    onnx.checker.check_model(model)
+    ids = np.array([[0, 5, 299, 17]], dtype=np.int64)
+    path = tmp_path / "q.onnx"
+    onnx.save(model, path)
+    runtimes = ["onnxruntime"] + (["openvino"] if OV_SKIP is None else [])
+    for backend in runtimes:
+        with load_runner(path, backend=backend, threads=1) as runner:
+            got = runner.infer({"ids": ids})["emb"]
+        np.testing.assert_allclose(got, (q * scale)[ids], rtol=1e-6, atol=1e-7, err_msg=backend)
+    # a table another node reads (a tied head) stays fp32
+    tied, done = quantize_embeddings(_table_model(tied=True))
+    assert done == [] and "table" in {t.name for t in tied.graph.initializer}
+
+
+def test_weight_only_int8_keeps_activations_float(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    weight = rng.normal(size=(64, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model, changed = weight_only_int8(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert changed == ["mm"] and [n.op_type for n in model.graph.node] == ["DequantizeLinear", "MatMul"]
+    path = tmp_path / "w8.onnx"
+    onnx.save(model, path)
+    x = rng.normal(size=(4, 64)).astype(np.float32)
+    scale = np.abs(weight).max(axis=0) / 127
+    for backend in ["onnxruntime"] + (["openvino"] if OV_SKIP is None else []):
+        with load_runner(path, backend=backend, threads=1) as runner:
+            got = runner.infer({"x": x})["y"]
+        # the error is the weights' rounding only: at most half a step per weight
+        assert np.all(
+            np.abs(got - x @ weight) <= np.abs(x) @ np.broadcast_to(scale / 2, weight.shape) + 1e-4
+        ), backend
