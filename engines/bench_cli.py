@@ -1,7 +1,9 @@
 """`engine-bench`: trtexec's benchmark, with trtexec's flag names and summary layout, on any backend.
 
     engine-bench model.onnx --shapes=input_ids:8x128,attention_mask:8x128
-    engine-bench OUT_DIR                       # every .onnx stage in an export folder, interleaved
+    engine-bench model.int8.onnx --backend openvino   # the same file on OpenVINO
+    engine-bench OUT_DIR                       # every .onnx stage in an export folder, interleaved,
+                                               # and the CPU engine candidates the export measured
     engine-bench --compare a.onnx b.onnx       # interleaved in one process, ratios to the first
 
 The CLI maps flags onto `BenchOptions` and calls `benchmark_models`; the printed summary follows
@@ -22,14 +24,23 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 import engines
-from engines import bench_inputs, benchmark, stats
+from engines import bench_inputs, benchmark, cpu_selection, stats
 from engines.benchmark import BenchConfig, BenchResult, Variant
 from export_errors import ExportEngineError, InputError
 
 logger = logging.getLogger(__name__)
 
-# An export folder's stages in pipeline order: compact fp32 export, optimized graph, INT8 (TensorRT Q/DQ), INT8 (CPU).
-STAGE_ORDER = ("model.exported.onnx", "model.onnx", "model.int8.onnx", "model.int8.cpu.onnx")
+# An export folder's stages in pipeline order: compact fp32 export, optimized graph, INT8 (TensorRT Q/DQ), INT8 (CPU),
+# INT8 for OpenVINO.
+STAGE_ORDER = (
+    "model.exported.onnx",
+    "model.onnx",
+    "model.int8.onnx",
+    "model.int8.cpu.onnx",
+    "model.int8.openvino.onnx",
+)
+# Files only one runtime reads as intended (with --backend auto).
+FILE_BACKENDS = {"model.int8.openvino.onnx": "openvino"}
 ENQUEUE_BOUND_THRESHOLD = 0.8  # trtexec's kENQUEUE_BOUND_REPORTING_THRESHOLD
 
 
@@ -43,6 +54,74 @@ class BenchOptions:
     threads: int | None = None
     load_inputs: Path | None = None
     seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One variant to time: a file on a backend ("auto": by suffix), OpenVINO's precision hint, a label."""
+
+    path: Path
+    backend: str = "auto"
+    precision: str | None = None
+    label: str | None = None
+
+
+def model_targets(targets: Sequence[str | Path], backend: str = "auto") -> list[Target]:
+    """`model_paths`, each on `backend`. With `auto`, an export folder's OpenVINO file runs on OpenVINO, and
+    the folder also brings the CPU engine candidates its report.json measured (`engine.cpu.candidates`:
+    runtime, file, precision), the chosen one marked."""
+    found: list[Target] = []
+    for target in map(Path, targets):
+        paths = model_paths([target])
+        if target.is_dir() and backend == "auto":
+            found += _with_cpu_candidates(
+                target, [Target(p, FILE_BACKENDS.get(p.name, "auto")) for p in paths]
+            )
+        else:
+            found += [Target(p, backend) for p in paths]
+    return found
+
+
+def _with_cpu_candidates(out_dir: Path, found: list[Target]) -> list[Target]:
+    from engines.openvino_runner import openvino_unavailable_reason
+
+    cpu = cpu_selection.recorded_choice(out_dir)
+    why_not_ov = openvino_unavailable_reason()
+    if why_not_ov is not None:  # the OpenVINO file and candidates are left out, and that is said
+        dropped = [t for t in found if _resolved(t) == "openvino"]
+        if dropped or (cpu and any(r["engine"] == "openvino" for r in cpu.get("candidates", []))):
+            logger.warning("engine-bench: OpenVINO variants left out: %s", why_not_ov)
+        found = [t for t in found if _resolved(t) != "openvino"]
+    if not cpu:
+        return found
+    for row in cpu.get("candidates", []):
+        if row.get("error") or (row["engine"] == "openvino" and why_not_ov is not None):
+            continue
+        path = out_dir / row["file"]
+        label = f"{row['file']} [{row['name']}]" + (" (chosen CPU engine)" if row.get("chosen") else "")
+        target = Target(
+            path, row["engine"], row.get("engine_precision") if row["engine"] == "openvino" else None, label
+        )
+        same = next(
+            (
+                i
+                for i, t in enumerate(found)
+                if t.path == path and _resolved(t) == row["engine"] and t.precision == target.precision
+            ),
+            None,
+        )
+        if same is None:
+            found.append(target)
+        else:
+            found[same] = target
+    return found
+
+
+def _resolved(target: Target) -> str:
+    if target.backend != "auto":
+        return target.backend
+    readers = engines.READERS.get(target.path.suffix, ("?",))
+    return readers[0]
 
 
 def model_paths(targets: Sequence[str | Path]) -> list[Path]:
@@ -85,26 +164,44 @@ def _feeds_for(path: Path, runner: Any, options: BenchOptions) -> dict[str, Any]
 
 
 def benchmark_models(
-    paths: Sequence[Path], options: BenchOptions, progress: benchmark.Progress | None = None
+    targets: Sequence[Path | Target], options: BenchOptions, progress: benchmark.Progress | None = None
 ) -> list[BenchResult]:
     """Load every model, make (or load) its feeds, and time them all interleaved in this process."""
-    names = _display_names(paths)
+    found = [t if isinstance(t, Target) else Target(t, options.backend) for t in targets]
+    names = _display_names(found)
     with contextlib.ExitStack() as stack:
         variants = []
-        for name, path in zip(names, paths):
+        for name, target in zip(names, found):
+            path = target.path
             runner = stack.enter_context(
                 # interleaved variants share the cores: an idle ORT pool spinning would slow the others
                 engines.load_runner(
-                    path, backend=options.backend, threads=options.threads, spinning=len(paths) == 1
+                    path,
+                    backend=target.backend,
+                    threads=options.threads,
+                    spinning=len(found) == 1,
+                    precision=target.precision,
                 )
             )
             variants.append(Variant(name, runner, _feeds_for(path, runner, options)))
         return benchmark.run_interleaved(variants, options.config, progress)
 
 
-def _display_names(paths: Sequence[Path]) -> list[str]:
-    names = [p.name for p in paths]
-    return names if len(set(names)) == len(names) else [str(p) for p in paths]
+def _display_names(items: Sequence[Path | Target]) -> list[str]:
+    targets = [t if isinstance(t, Target) else Target(t) for t in items]
+    names = [t.label or _name(t, t.path.name) for t in targets]
+    if len(set(names)) == len(names):
+        return names
+    return [t.label or _name(t, str(t.path)) for t in targets]
+
+
+def _name(target: Target, base: str) -> str:
+    """The file name, with the runtime where it is not the suffix's default (`model.int8.onnx [openvino]`)."""
+    backend = _resolved(target)
+    default = engines.READERS.get(target.path.suffix, ("?",))[0]
+    if backend == default and target.precision is None:
+        return base
+    return f"{base} [{backend}{'-' + target.precision if target.precision else ''}]"
 
 
 # ---------------------------------------------------------------- printing (trtexec's layout)
@@ -225,12 +322,13 @@ def comparison_lines(results: Sequence[BenchResult]) -> list[str]:
 
 
 def report_dict(
-    results: Sequence[BenchResult], paths: Sequence[Path], options: BenchOptions
+    results: Sequence[BenchResult], targets: Sequence[Path | Target], options: BenchOptions
 ) -> dict[str, Any]:
     """The `--exportJson` / `--json` document."""
     ref = results[0].latency().median
     variants = []
-    for result, path in zip(results, paths):
+    for result, target in zip(results, targets):
+        path = target.path if isinstance(target, Target) else target
         entry = result.to_dict() | {"path": str(path), "medianRatioToFirst": result.latency().median / ref}
         entry["warnings"] = warning_lines(result)
         variants.append(entry)
@@ -311,9 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exportJson", type=Path, metavar="FILE", help="write the performance summary as JSON")
     p.add_argument(
         "--backend",
-        choices=("auto", "onnxruntime", "tensorrt"),
+        choices=("auto", "onnxruntime", "openvino", "tensorrt"),
         default="auto",
-        help="runtime: auto (.onnx -> ONNX Runtime, .plan -> TensorRT), onnxruntime or tensorrt",
+        help="runtime: auto (.onnx -> ONNX Runtime, .xml -> OpenVINO, .plan -> TensorRT; an export folder "
+        "adds the CPU engine candidates its report measured), onnxruntime, openvino or tensorrt",
     )
     p.add_argument(
         "--threads", type=int, metavar="N", help="intra-op threads (ONNX Runtime); default: runtime's"
@@ -384,9 +483,9 @@ def _progress_bar(args: argparse.Namespace) -> tuple[Callable[[float], None] | N
 
 
 def _print_text(
-    results: Sequence[BenchResult], paths: Sequence[Path], args: argparse.Namespace, out: TextIO
+    results: Sequence[BenchResult], targets: Sequence[Target], args: argparse.Namespace, out: TextIO
 ) -> None:
-    for result, path in zip(results, paths):
+    for result, path in zip(results, (t.path for t in targets)):
         if len(results) > 1:
             print(f"=== {result.name} ===", file=out)
         if not args.quiet:
@@ -407,7 +506,7 @@ def run_cli(args: argparse.Namespace, out: TextIO) -> None:
     targets = ([args.path] if args.path else []) + list(args.compare)
     if not targets:
         raise InputError("engine-bench", "give a model (.onnx/.plan), an export folder, or --compare A B ...")
-    paths = model_paths(targets)
+    paths = model_targets(targets, options.backend)
     progress, close = _progress_bar(args)
     try:
         results = benchmark_models(paths, options, progress)
