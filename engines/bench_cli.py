@@ -102,19 +102,18 @@ def _with_cpu_candidates(out_dir: Path, found: list[Target]) -> list[Target]:
         target = Target(
             path, row["engine"], row.get("engine_precision") if row["engine"] == "openvino" else None, label
         )
-        same = next(
-            (
-                i
-                for i, t in enumerate(found)
-                if t.path == path and _resolved(t) == row["engine"] and t.precision == target.precision
-            ),
-            None,
-        )
+        same = next((i for i, t in enumerate(found) if _key(t) == _key(target)), None)
         if same is None:
             found.append(target)
         else:
             found[same] = target
     return found
+
+
+def _key(target: Target) -> tuple[Path, str, str | None]:
+    """What a variant runs: file, runtime and precision (OpenVINO's default precision is f32)."""
+    backend = _resolved(target)
+    return target.path, backend, (target.precision or "f32") if backend == "openvino" else None
 
 
 def _resolved(target: Target) -> str:

@@ -291,3 +291,64 @@ def test_a_real_decoder_runs_and_a_run_time_failure_is_one_line(
     assert code == 1 and "Traceback" not in err
     ours = [line for line in err.splitlines() if line.startswith("engine-bench:")]
     assert len(ours) == 1 and ours[0].startswith("engine-bench: error: "), err
+
+
+OV_SKIP = __import__("engines.openvino_runner", fromlist=["x"]).openvino_unavailable_reason()
+
+
+@pytest.mark.skipif(OV_SKIP is not None, reason=f"OpenVINO: {OV_SKIP}")
+def test_backend_openvino_runs_an_onnx_file(tiny_onnx: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run([str(tiny_onnx), "--backend", "openvino", *FAST, "--json"], capsys)
+    assert code == 0, err
+    variant = json.loads(out)["variants"][0]
+    assert variant["backend"] == "openvino" and variant["queries"] >= 20
+
+
+def test_out_dir_adds_the_cpu_engine_candidates_and_marks_the_chosen(tmp_path: Path) -> None:
+    for name in ("model.exported.onnx", "model.onnx", "model.int8.cpu.onnx", "model.int8.openvino.onnx"):
+        write_tiny_encoder(tmp_path / name)
+    rows = [
+        {
+            "name": "openvino-int8",
+            "engine": "openvino",
+            "file": "model.int8.openvino.onnx",
+            "engine_precision": "f32",
+            "chosen": True,
+        },
+        {"name": "onnxruntime-int8", "engine": "onnxruntime", "file": "model.int8.cpu.onnx", "chosen": False},
+        {
+            "name": "openvino-fp32",
+            "engine": "openvino",
+            "file": "model.exported.onnx",
+            "engine_precision": "f32",
+            "chosen": False,
+        },
+        {
+            "name": "openvino-bf16",
+            "engine": "openvino",
+            "file": "model.exported.onnx",
+            "error": "cannot load",
+        },
+    ]
+    cpu = {
+        "candidate": "openvino-int8",
+        "engine": "openvino",
+        "file": "model.int8.openvino.onnx",
+        "candidates": rows,
+    }
+    (tmp_path / "report.json").write_text(json.dumps({"engine": {"cpu": cpu}}))
+    targets = bench_cli.model_targets([tmp_path])
+    names = bench_cli._display_names(targets)
+    if OV_SKIP is not None:  # OpenVINO's variants are left out (and that is logged)
+        assert names == ["model.exported.onnx", "model.onnx", "model.int8.cpu.onnx [onnxruntime-int8]"]
+        return
+    assert names == [
+        "model.exported.onnx",
+        "model.onnx",
+        "model.int8.cpu.onnx [onnxruntime-int8]",
+        "model.int8.openvino.onnx [openvino-int8] (chosen CPU engine)",
+        "model.exported.onnx [openvino-fp32]",
+    ]
+    assert [(t.backend, t.precision) for t in targets][3:] == [("openvino", "f32"), ("openvino", "f32")]
+    # asked for one runtime, an export folder is every file on it, nothing added
+    assert [t.backend for t in bench_cli.model_targets([tmp_path], "onnxruntime")] == ["onnxruntime"] * 4

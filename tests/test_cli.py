@@ -122,3 +122,14 @@ def test_quiet_int8_export_prints_nothing(model_dir_factory, tmp_path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stderr == "" and done.stdout == "", (done.stdout, done.stderr)
     assert (tmp_path / "out" / "model.int8.cpu.onnx").exists()
+
+
+def test_cpu_engine_and_openvino_flags(capsys) -> None:
+    args = build_parser().parse_args(
+        ["m", "-o", "o", "--backend", "openvino", "--cpu-engine", "openvino-int8"]
+    )
+    config = config_from_args(args)
+    assert (config.backend, config.cpu_engine) == ("openvino", "openvino-int8")
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["m", "-o", "o", "--cpu-engine", "tvm"])
+    assert exit_info.value.code == 2 and "invalid choice: 'tvm'" in capsys.readouterr().err

@@ -115,7 +115,8 @@ def test_not_an_onnx_file_is_an_input_error(tmp_path) -> None:  # type: ignore[n
 def test_packages_import_without_tensorrt_or_onnxruntime() -> None:
     code = (
         "import sys, engines, exporter, engines.tensorrt.builder, engines.tensorrt.runner\n"
-        "bad = [m for m in ('tensorrt', 'onnxruntime') if m in sys.modules]\n"
+        "import engines.openvino_runner, engines.cpu_selection, engines.bench_cli\n"
+        "bad = [m for m in ('tensorrt', 'onnxruntime', 'openvino') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

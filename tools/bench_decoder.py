@@ -13,6 +13,10 @@ Variants, run interleaved in one process at the same thread count, medians over 
   graph: the export's model.int8.cpu.onnx is built this way, from the cleaned, unfused graph,
 - the same quantization applied to the fused fp32 graph (a bench-only variant: the export's INT8
   stage does not run the onnxruntime fusions).
+- with `--openvino`: the exported fp32 graph on OpenVINO (engines/openvino_runner.py), and with
+  `--export-dir OUT` (an export-engine OUT_DIR of this same model: `--save-model DIR` writes it, then
+  `export-engine DIR -o OUT`) the export's own CPU engine candidates: model.int8.cpu.onnx on ONNX Runtime,
+  model.int8.openvino.onnx and model.exported.onnx on OpenVINO.
 Every variant is fed the same tokens (the PyTorch greedy continuation), so each does the same work.
 INT8 accuracy vs ONNX fp32: logit cosine and top-1 agreement per decode step under those forced
 tokens, and agreement of its own free-running greedy tokens with fp32's. The fused fp32 graph: max
@@ -192,6 +196,29 @@ def step_feeds(tokens: np.ndarray, past_length: int, new: int, manifest) -> dict
     return feeds
 
 
+def openvino_variants(args: argparse.Namespace, fp32: Path) -> dict[str, CachedDecoder]:
+    """--openvino / --export-dir: the CPU engine candidates of engines/cpu_selection.py on this model."""
+    from engines import load_runner
+
+    found: dict[tuple[str, Path], str] = {}
+    if args.openvino or args.export_dir:
+        found[("openvino", fp32)] = "ONNX fp32 as exported (OpenVINO)"
+    if args.export_dir:
+        found[("onnxruntime", args.export_dir / "model.int8.cpu.onnx")] = (
+            "export: model.int8.cpu.onnx (ORT CPU)"
+        )
+        found[("openvino", args.export_dir / "model.int8.openvino.onnx")] = (
+            "export: model.int8.openvino.onnx (OpenVINO)"
+        )
+        found[("openvino", args.export_dir / "model.int8.onnx")] = "export: model.int8.onnx, Q/DQ (OpenVINO)"
+    runners = {}
+    for (backend, path), name in found.items():
+        if path.is_file():
+            runner = load_runner(path, backend=backend, threads=args.threads, spinning=args.ort_spinning)
+            runners[name] = CachedDecoder(runner.__enter__())
+    return runners
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b)))
 
@@ -210,9 +237,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pairs", type=int, default=101, help="alternating single-call pairs per phase")
     parser.add_argument("--ort-spinning", action="store_true", help="let ORT's thread pool spin between runs")
+    parser.add_argument("--openvino", action="store_true", help="also the exported fp32 graph on OpenVINO")
+    parser.add_argument("--export-dir", type=Path, help="an export of this model: its CPU engine candidates")
+    parser.add_argument("--save-model", type=Path, help="write this model as a MODEL_DIR and stop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = build_model(args)
+    if args.save_model:
+        model.save_pretrained(args.save_model)
+        print(f"wrote {args.save_model}: export it with export-engine, then pass --export-dir")
+        return
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, args.vocab, (args.batch, args.prompt), dtype=np.int64)
     with torch.no_grad():
@@ -244,6 +278,7 @@ def main() -> None:
         sdpa.set_attn_implementation("sdpa")
         runners["PyTorch fp32 + cache, SDPA attention"] = TorchCached(sdpa)
         runners.update({name: CachedDecoder(s) for name, s in sessions.items()})
+        runners.update(openvino_variants(args, files["fp32"]))
         times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in runners}
         logits: dict[str, list[np.ndarray]] = {}
         for runner in runners.values():

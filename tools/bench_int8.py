@@ -3,11 +3,15 @@
 Variants, all on the same model and the same real English inputs (held-out samples of the default corpus):
   (a) PyTorch fp32 eager; (b) ONNX Runtime fp32 of the plain export; (c) ORT quantize_dynamic of the plain
   export (ORT defaults); (d) ORT quantize_static QDQ of the plain export (ORT defaults, same calibration
-  samples); ours: model.int8.cpu.onnx from exporter.quantize.int8.
+  samples); (e) Intel's NNCF post-training quantization (`nncf.quantize`, transformer preset, same
+  calibration samples) of the plain export read as OpenVINO IR, run on OpenVINO (where nncf and openvino
+  are installed: `pip install -e .[bench]`); ours: model.int8.cpu.onnx from exporter.quantize.int8, and with
+  `--out-dir OUT` an export's own files: its model.int8.cpu.onnx and the CPU engine it chose (report.json
+  engine.cpu, opened as the runtime opens it).
 Runs are interleaved (one run of each variant per round) and medians reported, because other processes share
 the CPU; each variant's mean token cosine is vs (a) on the held-out samples.
 
-Usage: HF_HUB_OFFLINE=1 python tools/bench_int8.py [--model-dir DIR] [--threads 2] [--rounds 30]
+Usage: HF_HUB_OFFLINE=1 python tools/bench_int8.py [--model-dir DIR] [--out-dir OUT] [--threads 2] [--rounds 30]
 """
 
 from __future__ import annotations
@@ -53,14 +57,19 @@ def main() -> None:
         _compare_methods(plain, data)
         return
     start = time.perf_counter()
-    ours = args.int8 or quantize(plain, work / "int8", data, QuantConfig(method=args.method)).cpu_path
-    print(f"exporter.quantize.int8: {time.perf_counter() - start:.0f} s")
+    if args.out_dir:
+        ours = str(Path(args.out_dir) / "model.int8.cpu.onnx")
+    else:
+        ours = args.int8 or quantize(plain, work / "int8", data, QuantConfig(method=args.method)).cpu_path
+        print(f"exporter.quantize.int8: {time.perf_counter() - start:.0f} s")
     runners = {
         "(a) PyTorch fp32 eager": _torch_runner(torch_model),
         "(b) ORT fp32, plain export": _ort_runner(plain, args.threads),
         "(c) ORT quantize_dynamic": _ort_runner(_dynamic(plain, work), args.threads),
         "(d) ORT quantize_static QDQ": _ort_runner(_static(plain, work, data), args.threads),
+        **_nncf_runner(plain, data, args.threads),
         "ours: model.int8.cpu.onnx": _ort_runner(Path(ours), args.threads, DISABLED_OPTIMIZERS),
+        **(_chosen_runner(Path(args.out_dir), args.threads) if args.out_dir else {}),
     }
     cosines = _cosines(runners, data)
     times = {b: _interleaved(runners, data, b, args.rounds) for b in args.batches}
@@ -97,6 +106,9 @@ def _args() -> argparse.Namespace:
     parser.add_argument(
         "--int8",
         help="an existing model.int8.cpu.onnx, e.g. from export-engine (default: run exporter.quantize.int8)",
+    )
+    parser.add_argument(
+        "--out-dir", help="an export folder: time its model.int8.cpu.onnx and the CPU engine it chose"
     )
     parser.add_argument("--work", help="folder for the exported models (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=2)
@@ -154,6 +166,56 @@ def _ort_runner(path: Path, threads: int, disabled: tuple[str, ...] = ()):  # ty
         str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled)
     )
     return lambda feeds: session.run(None, feeds)[0]
+
+
+def _nncf_runner(plain: Path, data: CalibrationData, threads: int):  # type: ignore[no-untyped-def]
+    """Intel's own INT8 path for a CPU user: NNCF PTQ (transformer preset: SmoothQuant, ignored patterns for
+    attention) on the OpenVINO IR of the plain export, calibrated on the same samples, run on OpenVINO."""
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError as exc:
+        print(f"(e) NNCF left out: {exc} (pip install -e .[bench])")
+        return {}
+    start = time.perf_counter()
+    core = ov.Core()
+    model = core.read_model(str(plain))
+    samples = [{k: v for k, v in batch.items()} for batch in data.batches("calibration")]
+    quantized = nncf.quantize(
+        model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples)
+    )
+    print(f"(e) nncf.quantize: {time.perf_counter() - start:.0f} s")
+    compiled = core.compile_model(
+        quantized,
+        "CPU",
+        {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"},
+    )
+    request = compiled.create_infer_request()
+
+    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        request.infer(feeds)
+        return np.array(request.get_output_tensor(0).data, copy=True)
+
+    return {"(e) NNCF PTQ (OpenVINO IR, transformer preset)": run}
+
+
+def _chosen_runner(out_dir: Path, threads: int):  # type: ignore[no-untyped-def]
+    """The CPU engine the export chose, opened as the runtime opens it (spinning off, as interleaved)."""
+    from engines.cpu_selection import chosen_runner, recorded_choice
+
+    section = recorded_choice(out_dir)
+    if section is None:
+        return {}
+    runner = chosen_runner(out_dir, threads)
+    if hasattr(runner, "spinning"):
+        runner.spinning = False
+    runner.__enter__()
+    first = runner.output_specs[0].name
+    return {
+        f"ours, chosen CPU engine: {section['candidate']} ({section['file']})": lambda f: runner.infer(f)[
+            first
+        ]
+    }
 
 
 def _dynamic(plain: Path, work: Path) -> Path:

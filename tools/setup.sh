@@ -8,7 +8,8 @@ python3 -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 "$venv/bin/pip" install -q "torch==2.13.0"
-"$venv/bin/pip" install -q -e ".[dev]"
+# dev: tests and linters; bench: the peers the README's benchmarks compare with (NNCF)
+"$venv/bin/pip" install -q -e ".[dev,bench]"
 # The stubs declare a dependency on tensorrt itself, whose libraries cannot be fetched here.
 "$venv/bin/pip" install -q --no-deps tensorrt-stubs
 # ...and lack py.typed, so mypy would skip them: copy and repair them into typings/ ([tool.mypy]).
