@@ -12,6 +12,6 @@ import sys
 from exporter.testing.synthetic import write_minilm_demo_dir
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):  # "--help" is not a folder to write into
         sys.exit("usage: python tools/make_demo_model.py DIR")
     print(write_minilm_demo_dir(sys.argv[1]))
