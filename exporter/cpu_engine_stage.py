@@ -53,7 +53,9 @@ EXPORT_CHECKS: dict[str, tuple[str, str]] = {
     "onnxruntime-fp32": ("optimized_fp32", "onnx fp32 optimized"),
 }
 DECODE_STEPS_RANKED = 64  # decoders: rank by the time of a prefill + this many decode steps
-DECODER_TIMING = BenchConfig(warmup_ms=50.0, iterations=10, duration_s=0.0, avg_runs=1, percentiles=(90.0,))
+DECODER_TIMING = BenchConfig(
+    warmup_ms=50.0, iterations=10, duration_s=0.0, avg_runs=1, percentiles=(90.0,), burst=3
+)
 
 # outputs (candidate name -> outputs on the validation feeds), for the caller's model kind
 Outputs = Callable[[Runner], dict[str, np.ndarray]]
@@ -121,9 +123,7 @@ def open_and_judge(
             stage.accuracy[name] = (comparisons, *gate(cand.precision, comparisons, accuracy_target))
             continue
         try:
-            runner = stack.enter_context(
-                load_runner(app.path, threads=threads, spinning=False, **_options(app))
-            )
+            runner = stack.enter_context(load_runner(app.path, threads=threads, **_options(app)))
             comparisons = compare_all(reference, outputs(runner), token_masks)
         except Exception as exc:  # a runtime that cannot load or run a file loses, with the reason
             stage.errors[name] = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -165,9 +165,7 @@ def time_decoder_candidates(
     for app in stage.applicable:
         name = app.candidate.name
         if name not in runners and name not in stage.errors:
-            runners[name] = stack.enter_context(
-                load_runner(app.path, threads=threads, spinning=False, **_options(app))
-            )
+            runners[name] = stack.enter_context(load_runner(app.path, threads=threads, **_options(app)))
     variants = []
     for name, runner in runners.items():
         prefill_feeds, decode_feeds = prefill(runner)

@@ -5,7 +5,8 @@ Variants, all on the same model and the same real English inputs (held-out sampl
   export (ORT defaults); (d) ORT quantize_static QDQ of the plain export (ORT defaults, same calibration
   samples); (e) Intel's NNCF post-training quantization (`nncf.quantize`, transformer preset, same
   calibration samples) of the plain export read as OpenVINO IR, run on OpenVINO (where nncf and openvino
-  are installed: `pip install -e .[bench]`); ours: model.int8.cpu.onnx from exporter.quantize.int8, and with
+  are installed: `pip install -e .[bench]`), and with `--out-dir` (f) the same on the export's compact fp32
+  graph (model.exported.onnx: the same function, dead structure removed, as our INT8 files); ours: model.int8.cpu.onnx from exporter.quantize.int8, and with
   `--out-dir OUT` an export's own files: its model.int8.cpu.onnx and the CPU engine it chose (report.json
   engine.cpu, opened as the runtime opens it).
 Runs are interleaved (one run of each variant per round) and medians reported, because other processes share
@@ -68,6 +69,16 @@ def main() -> None:
         "(c) ORT quantize_dynamic": _ort_runner(_dynamic(plain, work), args.threads),
         "(d) ORT quantize_static QDQ": _ort_runner(_static(plain, work, data), args.threads),
         **_nncf_runner(plain, data, args.threads),
+        **(
+            _nncf_runner(
+                Path(args.out_dir) / "model.exported.onnx",
+                data,
+                args.threads,
+                "(f) NNCF PTQ on our compact export",
+            )
+            if args.out_dir
+            else {}
+        ),
         "ours: model.int8.cpu.onnx": _ort_runner(Path(ours), args.threads, DISABLED_OPTIMIZERS),
         **(_chosen_runner(Path(args.out_dir), args.threads) if args.out_dir else {}),
     }
@@ -168,7 +179,7 @@ def _ort_runner(path: Path, threads: int, disabled: tuple[str, ...] = ()):  # ty
     return lambda feeds: session.run(None, feeds)[0]
 
 
-def _nncf_runner(plain: Path, data: CalibrationData, threads: int):  # type: ignore[no-untyped-def]
+def _nncf_runner(plain: Path, data: CalibrationData, threads: int, name: str = "(e) NNCF PTQ"):  # type: ignore[no-untyped-def]
     """Intel's own INT8 path for a CPU user: NNCF PTQ (transformer preset: SmoothQuant, ignored patterns for
     attention) on the OpenVINO IR of the plain export, calibrated on the same samples, run on OpenVINO."""
     try:
@@ -184,7 +195,7 @@ def _nncf_runner(plain: Path, data: CalibrationData, threads: int):  # type: ign
     quantized = nncf.quantize(
         model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples)
     )
-    print(f"(e) nncf.quantize: {time.perf_counter() - start:.0f} s")
+    print(f"{name}: nncf.quantize {time.perf_counter() - start:.0f} s")
     compiled = core.compile_model(
         quantized,
         "CPU",
@@ -196,7 +207,7 @@ def _nncf_runner(plain: Path, data: CalibrationData, threads: int):  # type: ign
         request.infer(feeds)
         return np.array(request.get_output_tensor(0).data, copy=True)
 
-    return {"(e) NNCF PTQ (OpenVINO IR, transformer preset)": run}
+    return {f"{name} (OpenVINO IR, transformer preset)": run}
 
 
 def _chosen_runner(out_dir: Path, threads: int):  # type: ignore[no-untyped-def]
