@@ -13,13 +13,6 @@ noise over all of them, so their ratios hold even when single figures drift. Eac
 once *its own* accumulated time reaches the duration and it has the iteration count; its walltime is
 the sum of its own query spans (for a single variant, first start to last end, as trtexec).
 
-Bursts (`BenchConfig.burst`, default 1): each turn of a variant runs `burst` queries back to back and
-records all but the first. A runtime whose idle threads spin between calls (ONNX Runtime's default,
-OpenVINO's TBB workers) is then timed as it is deployed, spinning, while its spin after a turn lands on the
-next variant's first, unrecorded query instead of on a recorded one. Measured on the demo's INT8 CPU file
-(2 threads): ONNX Runtime with spinning off, as plain round-robin needs, ran 1.3-1.4x slower than in
-a process of its own, which biased any comparison against it.
-
 Host timing only: `time.perf_counter_ns` around a synchronous `infer`. A GPU runner that can time
 H2D / compute / D2H with CUDA events exposes `infer_with_device_times` (see `DeviceTimedRunner`);
 the loop then records those, and latency becomes H2D + compute + D2H as in trtexec. We never derive
@@ -50,11 +43,8 @@ class BenchConfig:
     duration_s: float = 3.0
     avg_runs: int = 10
     percentiles: tuple[float, ...] = (90.0, 95.0, 99.0)
-    burst: int = 1  # queries per turn when interleaved; the first of each turn is not recorded (see above)
 
     def __post_init__(self) -> None:
-        if self.burst < 1:
-            raise ValueError(f"burst must be >= 1, got {self.burst}")
         if self.warmup_ms < 0:
             raise ValueError(f"warm-up must be >= 0 ms, got {self.warmup_ms}")
         if self.iterations < 1:
@@ -242,14 +232,10 @@ def _timed(
         ]
         if not pending:
             return runs
-        burst = config.burst if len(variants) > 1 else 1
         for i in pending:
-            for query in range(burst):
-                it = _one_query(variants[i].runner, variants[i].feeds, origin)
-                if query == 0 and burst > 1:
-                    continue  # pays for the previous variant's spinning threads
-                runs[i].append(it)
-                spent[i] += it.host_ms
+            it = _one_query(variants[i].runner, variants[i].feeds, origin)
+            runs[i].append(it)
+            spent[i] += it.host_ms
         if progress is not None and _now_ms() >= next_report:  # at most 10 reports a second
             progress(min(_fraction(len(r), s, config) for r, s in zip(runs, spent)))
             next_report = _now_ms() + 100.0

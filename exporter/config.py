@@ -41,9 +41,7 @@ class ExportConfig:
     # benchmarking of every stage (report's stage table)
     benchmark: bool = True
     benchmark_threads: int = 2
-    benchmark_iterations: int = (
-        20  # recorded queries per stage-table row (and CPU engine candidate), interleaved
-    )
+    benchmark_iterations: int = 30  # interleaved rounds of the stage table (and the CPU engine's candidates)
     # safety
     allow_pickle: bool = False  # .bin/.pt checkpoints (loaded with weights_only=True)
     seed: int = 0

@@ -53,9 +53,7 @@ EXPORT_CHECKS: dict[str, tuple[str, str]] = {
     "onnxruntime-fp32": ("optimized_fp32", "onnx fp32 optimized"),
 }
 DECODE_STEPS_RANKED = 64  # decoders: rank by the time of a prefill + this many decode steps
-DECODER_TIMING = BenchConfig(
-    warmup_ms=50.0, iterations=10, duration_s=0.0, avg_runs=1, percentiles=(90.0,), burst=3
-)
+DECODER_TIMING = BenchConfig(warmup_ms=50.0, iterations=10, duration_s=0.0, avg_runs=1, percentiles=(90.0,))
 
 # outputs (candidate name -> outputs on the validation feeds), for the caller's model kind
 Outputs = Callable[[Runner], dict[str, np.ndarray]]
@@ -123,7 +121,9 @@ def open_and_judge(
             stage.accuracy[name] = (comparisons, *gate(cand.precision, comparisons, accuracy_target))
             continue
         try:
-            runner = stack.enter_context(load_runner(app.path, threads=threads, **_options(app)))
+            runner = stack.enter_context(
+                load_runner(app.path, threads=threads, spinning=False, **_options(app))
+            )
             comparisons = compare_all(reference, outputs(runner), token_masks)
         except Exception as exc:  # a runtime that cannot load or run a file loses, with the reason
             stage.errors[name] = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -165,7 +165,9 @@ def time_decoder_candidates(
     for app in stage.applicable:
         name = app.candidate.name
         if name not in runners and name not in stage.errors:
-            runners[name] = stack.enter_context(load_runner(app.path, threads=threads, **_options(app)))
+            runners[name] = stack.enter_context(
+                load_runner(app.path, threads=threads, spinning=False, **_options(app))
+            )
     variants = []
     for name, runner in runners.items():
         prefill_feeds, decode_feeds = prefill(runner)

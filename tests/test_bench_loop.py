@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping
 
@@ -154,27 +153,3 @@ def test_torch_runner_matches_the_module_and_restores_threads() -> None:
         expected = module(*(torch.from_numpy(feeds[n]) for n in INPUT_NAMES)).numpy()
     np.testing.assert_array_equal(out, expected)
     assert runner.backend == "pytorch" and [s.name for s in runner.input_specs] == INPUT_NAMES
-
-
-def test_bursts_record_all_but_the_first_query_of_each_turn() -> None:
-    calls: list[str] = []
-
-    class Counting(EchoRunner):
-        def __init__(self, name: str) -> None:
-            super().__init__()
-            self.name = name
-
-        def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-            calls.append(self.name)
-            return super()._infer(feeds)
-
-    config = dataclasses.replace(FAST, burst=3, warmup_ms=0)
-    with Counting("a") as a, Counting("b") as b:
-        results = benchmark.run_interleaved([Variant("a", a, FEEDS), Variant("b", b, FEEDS)], config)
-    assert [len(r.iterations) for r in results] == [12, 12]  # iterations recorded, 2 per turn
-    timed = calls[2:]  # after one warm-up query each
-    assert timed[:6] == ["a", "a", "a", "b", "b", "b"] and len(timed) == 2 * 18
-    starts = sorted((it.start_ms, r.name) for r in results for it in r.iterations)
-    assert [name for _, name in starts[:4]] == ["a", "a", "b", "b"]
-    with pytest.raises(ValueError, match="burst"):
-        BenchConfig(burst=0)

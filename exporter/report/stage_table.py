@@ -1,7 +1,7 @@
 """The export's stage table: every stage side by side, timed interleaved in one process.
 
 Latency: median and p90 at batch 1 x the validation sequence length, all stages round-robin (so the
-ratios hold on a noisy machine), each runtime as deployed (bursts: engines/benchmark.py), a fixed budget of rounds (`ExportConfig.benchmark_iterations`) so the
+ratios hold on a noisy machine), a fixed budget of rounds (`ExportConfig.benchmark_iterations`) so the
 table costs the export little time. Accuracy: taken from the export's own validation section (all
 validation samples, real tokens for INT8), so the table and the gates agree by construction.
 
@@ -41,11 +41,8 @@ STAGES: tuple[tuple[str, str, str | None, str], ...] = (
 )
 
 
-# Warm-up per row, then a fixed number of interleaved rounds (no minimum duration), in bursts of 3 queries
-# with the first of each not recorded, so ONNX Runtime runs with its threads spinning, as deployed
-# (engines/benchmark.py).
+# Warm-up per row, then a fixed number of interleaved rounds (no minimum duration).
 WARMUP_MS = 100.0
-BURST = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +69,7 @@ def measure(
     `validation`."""
     timing_feeds = {name: array[:1] for name, array in feeds.items()}
     config = dataclasses.replace(
-        stage_report.REPORT_CONFIG, warmup_ms=WARMUP_MS, iterations=iterations, duration_s=0.0, burst=BURST
+        stage_report.REPORT_CONFIG, warmup_ms=WARMUP_MS, iterations=iterations, duration_s=0.0
     )
     checks = {name: check for name, _, check, _ in STAGES} | {e.name: e.check for e in extra or []}
     with contextlib.ExitStack() as stack:
@@ -82,7 +79,7 @@ def measure(
             if key and key not in artifacts:
                 continue
             if key:
-                runner = OnnxRuntimeRunner(artifacts[key], threads=threads)  # spinning: see BURST
+                runner = OnnxRuntimeRunner(artifacts[key], threads=threads, spinning=False)
             else:
                 runner = TorchRunner(reference_wrapper, list(feeds), output_names, threads=threads)
             runners.append((name, stack.enter_context(runner)))
