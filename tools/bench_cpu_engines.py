@@ -12,8 +12,12 @@ Variants on an export folder (those whose file and runtime exist here):
   with --explore, what else might make OpenVINO faster: its dynamic quantization of fully connected
   layers (weights compressed to INT8 by nncf.compress_weights, activations quantized per group of 32 at
   run time: DYNAMIC_QUANTIZATION_GROUP_SIZE) on the fp32 graph, and CPU_DENORMALS_OPTIMIZATION on the chosen file
-Two measuring methods, the same for every variant:
-  interleaved  one process, every variant once per round (ORT's thread spinning off), median per variant;
+Three measuring methods, each the same for every variant:
+  interleaved  one process, every variant once per round (ORT's thread spinning off), median per variant:
+               how the export's stage table and CPU engine choice measure;
+  bursts       one process, every variant 3 queries per round, the first not recorded, ORT spinning on (tried
+               as a fairer interleaving for ORT, and dropped: its spinning outlasts one query and slows the
+               variant after it);
   isolated     every variant alone in its own process (ORT spinning on, its default), the processes
                alternating variant by variant, --processes times; the median of the per-process medians.
 Accuracy: mean token cosine (real tokens) vs ORT fp32 `model.onnx` on held-out English sentences
