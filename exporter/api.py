@@ -29,7 +29,7 @@ import torch
 from engines import bench_inputs, cpu_selection
 from engines.base import Runner
 from engines.selection import BackendChoice, select_backend
-from export_errors import InputError
+from export_errors import InputError, ValidationError
 from exporter import cpu_engine_stage
 from exporter.config import ExportConfig
 from exporter.cpu_engine_stage import CpuEngineStage
@@ -48,6 +48,7 @@ from exporter.export.torch_to_onnx import (
 from exporter.model_dir.loader import ModelDir, build_reference_model, load_model_dir
 from exporter.model_dir.tokenizer import load_tokenizer, padding_side_for
 from exporter.outputs import check_output_dir, staged_output
+from exporter.quantize.int4_stage import Int4Config, load_decoder_calibration, run_int4_stage
 from exporter.quantize.int8_stage import run_int8_stage
 from exporter.report import files as report_io
 from exporter.report import stage_report, stage_table
@@ -58,6 +59,7 @@ from exporter.restructure.remove_dead import restructure
 from exporter.runtime.generation import CachedDecoder
 from exporter.validate.compare import Comparison, check, compare_all
 from exporter.validate.heldout_inputs import validation_feeds
+from exporter.validate.tolerances import tolerance
 from graph_passes.pipeline import optimize
 
 logger = logging.getLogger(__name__)
@@ -117,6 +119,7 @@ class _Run:
             )
             family_for(md.model_type, str(self.model_dir / "config.json"))
             self._task(md)  # a task that does not fit the model is refused before any work
+            self._check_precision(md)
             self.report["model"] = _model_json(md)
         with self.stage("reference"):
             model = build_reference_model(md)
@@ -144,8 +147,11 @@ class _Run:
         if self.config.precision == "int8":
             with self.stage("int8"):
                 self._int8(md, feeds, reference, work)
+        if self.config.precision == "int4":
+            with self.stage("int4"):
+                self._int4(md, feeds, reference, work)
         with self.stage("engine"):
-            engine_onnx = self.artifacts.get("int8", self.artifacts["onnx"])
+            engine_onnx = self.artifacts.get("int8", self.artifacts.get("int4", self.artifacts["onnx"]))
             self.report["engine"] = run_engine_stage(self.choice, engine_onnx, self._seq_limit(md))
         with contextlib.ExitStack() as stack:
             cpu = self._cpu_candidates(md, feeds, reference, stack)
@@ -356,6 +362,58 @@ class _Run:
             for variant, path in (("tensorrt", result.tensorrt_path), ("cpu", result.cpu_path)):
                 if path is not None:
                     section[variant].update(_decoder_int8_quality(self.artifacts["onnx"], path, feeds))
+
+    def _check_precision(self, md: ModelDir) -> None:
+        """INT4 is weight-only: it pays where weight bytes per token bound the time (decoding with a cache)."""
+        if self.config.precision == "int4" and self._task(md) != DECODER_TASK:
+            kind = (
+                "an encoder" if not is_decoder(md.model_type) else "a causal LM exported without a KV cache"
+            )
+            raise InputError(
+                "--precision",
+                f"int4 is weight-only, for causal LMs with a KV cache ({md.model_type} here is {kind}): "
+                "a forward over whole sequences is bound by arithmetic, not by weight bytes, so INT4 weights "
+                "would save size but no time and cost accuracy; use --precision int8",
+            )
+
+    def _int4(
+        self, md: ModelDir, feeds: dict[str, np.ndarray], reference: dict[str, np.ndarray], work: Path
+    ) -> None:
+        """INT4 weight-only files, gated on held-out logit cosine (in the stage) and here on greedy agreement
+        with the fp32 model (teacher-forced), and compared with the PyTorch reference for the report."""
+        config = self.config
+        int4 = Int4Config(block_size=config.int4_block_size, lm_head=config.int4_lm_head)
+        if config.int4_method:
+            int4.method = config.int4_method
+        if config.int4_accuracy_target is not None:
+            int4.min_cosine = config.int4_accuracy_target
+        calibration = load_decoder_calibration(
+            config,
+            md.tokenizer_path,
+            ["input_ids", "attention_mask"],
+            self._seq_len(md),
+            md.config.vocab_size,
+        )
+        result = run_int4_stage(self.artifacts["exported"], work, calibration, int4, family=md.model_type)
+        self.report["int4"] = section = result.report
+        self.artifacts["int4"] = result.tensorrt_path
+        self.artifacts["int4_cpu"] = result.cpu_path
+        real = {"logits": feeds["attention_mask"].astype(bool)}
+        self._check(
+            "int4_tensorrt", reference, _decoder_prefill_outputs(result.tensorrt_path, feeds), real, None
+        )
+        cpu = _decoder_prefill_outputs(result.cpu_path, feeds, optimized=True)
+        self._check("int4_cpu", reference, cpu, real, None)
+        bar = tolerance("int4").min_greedy_agreement or 0.0
+        for variant, path in (("tensorrt", result.tensorrt_path), ("cpu", result.cpu_path)):
+            section[variant].update(_decoder_int8_quality(self.artifacts["onnx"], path, feeds))
+            agreement = section[variant]["greedy_agreement"]
+            if agreement < bar:
+                raise ValidationError(
+                    f"INT4 {variant} file {path.name}: greedy agreement with fp32 (teacher-forced) {agreement:.3f} < "
+                    f"{bar} (int4 tolerance); free-running {section[variant]['free_running_agreement']:.3f}, "
+                    f"logit cosine {section[variant]['logit_mean_cosine']:.5f}"
+                )
 
     def _onnx_outputs(self, md: ModelDir, path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._task(md) == DECODER_TASK:

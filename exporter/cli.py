@@ -33,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", type=Path, help="Hugging Face model folder (config.json + safetensors)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder (created; see --force)")
     p.add_argument(
-        "--precision", choices=["int8", "fp32"], default="int8", help="final precision (default int8)"
+        "--precision",
+        choices=["int8", "fp32", "int4"],
+        default="int8",
+        help="final precision (default int8); int4: weight-only INT4 for causal LMs with a KV cache",
     )
     p.add_argument(
         "--adapter", type=Path, help="PEFT LoRA adapter folder (default: MODEL_DIR/adapter if present)"
@@ -83,6 +86,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="INT8 gate: minimum mean token cosine vs fp32 on held-out data",
     )
     p.add_argument(
+        "--int4-method",
+        choices=["awq", "rtn"],
+        help="--precision int4: activation-aware scales + clipping (awq) or round-to-nearest (rtn) "
+        "(default: awq, measured: see README)",
+    )
+    p.add_argument(
+        "--int4-block-size",
+        type=int,
+        default=32,
+        help="--precision int4: weights per scale along K (default 32)",
+    )
+    p.add_argument(
+        "--int4-lm-head",
+        choices=["auto", "int4", "int8"],
+        default="auto",
+        help="--precision int4: lm_head in 4-bit or 8-bit blocks (auto: the measured default, 4-bit)",
+    )
+    p.add_argument(
+        "--int4-accuracy-target",
+        type=float,
+        help="--precision int4 gate: minimum held-out mean logit cosine vs fp32 (default 0.98)",
+    )
+    p.add_argument(
         "--sequence-length", type=int, default=128, help="sequence length for validation and calibration"
     )
     p.add_argument("--batch-size", type=int, default=2, help="batch size for calibration")
@@ -121,6 +147,10 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
         calibration_decode_steps=args.calibration_decode_steps,
         cpu_int8_weights=args.cpu_int8_weights,
         accuracy_target=args.accuracy_target,
+        int4_method=args.int4_method,
+        int4_block_size=args.int4_block_size,
+        int4_lm_head=args.int4_lm_head,
+        int4_accuracy_target=args.int4_accuracy_target,
         sequence_length=args.sequence_length,
         batch_size=args.batch_size,
         strict_fusion=args.strict_fusion,

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
-Precision = Literal["int8", "fp32"]
+Precision = Literal["int8", "fp32", "int4"]
 Backend = Literal["auto", "tensorrt", "onnxruntime", "openvino"]
 
 
@@ -35,6 +35,11 @@ class ExportConfig:
     # CPU INT8 file: 7-bit weights where ONNX Runtime's u8 x s8 kernel saturates (exporter/quantize/cpu_features.py)
     cpu_int8_weights: Literal["auto", "full", "reduced"] = "auto"
     accuracy_target: float = 0.99  # INT8 mean token cosine vs fp32 on held-out data
+    # INT4 weight-only (causal LMs with a KV cache; exporter/quantize/int4_stage.py)
+    int4_method: Literal["awq", "rtn"] | None = None  # None: the measured default (AWQ-style)
+    int4_block_size: int = 32
+    int4_lm_head: Literal["auto", "int4", "int8"] = "auto"
+    int4_accuracy_target: float | None = None  # None: the "int4" row of exporter/validate/tolerances.py
     # graph passes
     strict_fusion: bool = False
     sparsity: Literal["tag", "enforce", "off"] = "tag"

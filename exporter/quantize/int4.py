@@ -1,0 +1,394 @@
+"""INT4 weight-only for KV-cache decoders: which weights, their input scales, and the two files.
+
+1. Sites (`find_sites`): every MatMul with a constant 2-D weight [K, N] (q/k/v/o, gate/up/down, lm_head), its
+   input tensor x, and where an AWQ input scale 1/s can be folded exactly:
+   - x = RMSNorm(...)·gain (SimplifiedLayerNormalization, or the Mul by the gain in the unfused graph), read
+     only by MatMuls: 1/s goes into the gain, shared by every weight reading x (q/k/v; gate/up; lm_head);
+   - x = act(gate) ⊙ up (the gated MLP's product), read only by down: 1/s goes into up's output columns;
+   - otherwise (o_proj after attention): no input scale, clipping only (AWQ does the same for GQA).
+2. Rows of every x from the calibration set (`collect_rows`, on the fp32 graph as ONNX Runtime runs it).
+3. The plan (`build_plan`): per group the AWQ scale search, folds, then every weight's clip search and block
+   quantization (exporter/quantize/awq.py, exporter/quantize/blocks.py), 4-bit or 8-bit per node.
+4. Files: MatMulNBits for ONNX Runtime CPU (`cpu_model`; embedding through GatherBlockQuantized), blocked
+   DequantizeLinear at opset 21 for TensorRT (`tensorrt_model`). Both take the plan by node name, so the two
+   backends run the same dequantized weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import helper, numpy_helper
+from tqdm import tqdm
+
+from exporter.quantize.awq import MAX_ROWS, Method, WeightReport, quantize_weight, search_input_scale
+from exporter.quantize.blocks import BlockQuantized, quantize_blocks, signed_blocks
+from exporter.quantize.calibration import CalibrationData
+from exporter.quantize.ranges import _feeds_for, _session_with_outputs
+from graph_passes.dequantize_blockwise import MIN_OPSET, DequantizedWeight, MatMulToBlockwiseDequantize
+from graph_passes.matmul_nbits import MS_DOMAIN, MatMulToNBits
+
+logger = logging.getLogger(__name__)
+
+NORM_OPS = ("SimplifiedLayerNormalization", "LayerNormalization")
+SHAPE_OPS = ("Shape", "Size")
+EMBEDDING = "<embedding>"  # the token embedding's key in a bits map
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One quantizable MatMul: weight initializer, input tensor, and the fold of an input scale, if any:
+    ("gain", initializer) or ("columns", the up-projection MatMul's node name)."""
+
+    node: str
+    weight: str
+    x: str
+    fold: tuple[str, str] | None
+
+
+@dataclasses.dataclass
+class Plan:
+    """The quantized decoder, independent of the file format."""
+
+    weights: dict[str, BlockQuantized]  # MatMul node -> quantized weight (stored s·W when scaled)
+    gains: dict[str, np.ndarray]  # initializer (norm gain) -> new value, 1/s folded in
+    reports: dict[str, WeightReport]
+    embedding: tuple[str, BlockQuantized] | None = None  # Gather table initializer -> quantized (as W = E^T)
+    # 8-bit nodes in the TensorRT file: per-output-channel INT8 of the same stored weight (TensorRT's block
+    # quantization is INT4 only), one block spanning K
+    per_channel: dict[str, BlockQuantized] = dataclasses.field(default_factory=dict)
+
+    def bits(self) -> dict[str, int]:
+        return {node: q.bits for node, q in self.weights.items()}
+
+
+def find_sites(model: onnx.ModelProto) -> list[Site]:
+    """Every MatMul with a constant 2-D weight, in graph order, with its foldable input-scale target."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    outputs = {o.name for o in graph.output}
+
+    def constant_matmul(node: onnx.NodeProto) -> bool:
+        return (
+            node.op_type == "MatMul"
+            and node.domain in ("", "ai.onnx")
+            and node.input[1] in inits
+            and len(inits[node.input[1]].dims) == 2
+        )
+
+    def only_matmuls(tensor: str) -> bool:
+        readers = [c for c in consumers[tensor] if c.op_type not in SHAPE_OPS]  # shape reads see no values
+        return tensor not in outputs and all(constant_matmul(c) and c.input[0] == tensor for c in readers)
+
+    def fold_of(x: str) -> tuple[str, str] | None:
+        node = producer.get(x)
+        if node is None or not only_matmuls(x):
+            return None
+        if node.op_type in NORM_OPS and len(node.input) > 1 and node.input[1] in inits:
+            return ("gain", node.input[1])
+        if node.op_type == "Mul":
+            gains = [i for i in node.input if i in inits and len(inits[i].dims) == 1]
+            if len(gains) == 1 and len(consumers[gains[0]]) == 1:  # x = normalized * gain (unfused RMSNorm)
+                return ("gain", gains[0])
+            for operand in node.input:
+                up = producer.get(operand)
+                if (
+                    up is not None
+                    and constant_matmul(up)
+                    and len(consumers[operand]) == 1
+                    and operand not in outputs
+                ):
+                    return ("columns", up.name)
+        return None
+
+    sites = []
+    for node in graph.node:
+        if constant_matmul(node):
+            if not node.name:
+                raise ValueError(
+                    f"unnamed MatMul reading {node.input[1]}: INT4 weights are keyed by node name"
+                )
+            sites.append(Site(node.name, node.input[1], node.input[0], fold_of(node.input[0])))
+    return sites
+
+
+def collect_rows(
+    model: onnx.ModelProto | Path, tensors: Iterable[str], data: CalibrationData, rows: int = MAX_ROWS
+) -> dict[str, np.ndarray]:
+    """Up to `rows` rows [M, K] of each tensor over the calibration batches, real tokens only, evenly spread."""
+    names = list(dict.fromkeys(tensors))
+    batches = data.num_batches("calibration")
+    per_batch = -(-rows // max(batches, 1))
+    collected: dict[str, list[np.ndarray]] = defaultdict(list)
+    with tempfile.TemporaryDirectory() as tmp:
+        session = _session_with_outputs(model, names, Path(tmp))
+        for feeds in tqdm(
+            data.batches("calibration"),
+            total=batches,
+            desc="int4: activations",
+            disable=not sys.stderr.isatty(),
+        ):
+            mask = feeds.get("attention_mask")
+            for name, value in zip(names, session.run(names, _feeds_for(session, feeds)), strict=True):
+                if mask is not None and value.ndim == 3 and value.shape[:2] == mask.shape:
+                    flat = value[mask.astype(bool)]
+                else:
+                    flat = value.reshape(-1, value.shape[-1])
+                if len(flat) > per_batch:
+                    flat = flat[np.linspace(0, len(flat) - 1, per_batch).astype(np.int64)]
+                collected[name].append(flat.astype(np.float32))
+    return {name: np.concatenate(parts)[:rows] for name, parts in collected.items()}
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Weights after the AWQ input-scale search and folds, ready to be block-quantized at any bit width.
+    Quantized weights are cached per (node, bits), so mixed-precision candidates cost no new searches."""
+
+    sites: list[Site]
+    weights: dict[str, np.ndarray]  # node -> fp32 W [K, N] after folds (columns of up divided by down's s)
+    scales: dict[str, tuple[np.ndarray, float]]  # node -> (s, alpha) of its group
+    gains: dict[str, np.ndarray]
+    rows: Mapping[str, np.ndarray] | None
+    method: Method
+    block_size: int
+    embedding: tuple[str, np.ndarray] | None = None
+    _cache: dict[tuple[str, int], tuple[BlockQuantized, WeightReport]] = dataclasses.field(
+        default_factory=dict
+    )
+
+    def quantized(self, node: str, bits: int) -> tuple[BlockQuantized, WeightReport]:
+        if (node, bits) not in self._cache:
+            site = next(s for s in self.sites if s.node == node)
+            s, alpha = self.scales.get(node, (None, None))
+            self._cache[(node, bits)] = quantize_weight(
+                self.weights[node],
+                bits=bits,
+                block_size=self.block_size,
+                method=self.method,
+                activations=None if self.rows is None else self.rows[site.x],
+                scale=s,
+                alpha=alpha,
+            )
+        return self._cache[(node, bits)]
+
+    def stored(self, node: str) -> np.ndarray:
+        """The fp32 weight the file stores before rounding: s·W when the node has an input scale."""
+        s = self.scales.get(node)
+        return self.weights[node] if s is None else self.weights[node] * s[0][:, None]
+
+    def plan(self, bits: Mapping[str, int] | None = None) -> Plan:
+        """Every site (and the embedding, key `EMBEDDING`) at 4 bits unless `bits` says 8, or 0 (fp32)."""
+        bits = bits or {}
+        plan = Plan({}, dict(self.gains), {})
+        for site in self.sites:
+            width = bits.get(site.node, 4)
+            if width not in (0, 4, 8):
+                raise ValueError(f"{site.node}: bits must be 0, 4 or 8, got {width}")
+            if width:
+                plan.weights[site.node], plan.reports[site.node] = self.quantized(site.node, width)
+            elif site.node in self.scales:
+                raise ValueError(f"{site.node} has a folded input scale: it cannot stay fp32 unscaled")
+            if width == 8:
+                key = (f"{site.node}<per-channel>", 8)
+                if key not in self._cache:
+                    k = self.weights[site.node].shape[0]
+                    whole = quantize_blocks(self.stored(site.node), 8, max(16, 1 << (k - 1).bit_length()))
+                    self._cache[key] = (whole, WeightReport("rtn", 8, whole.block_size))
+                plan.per_channel[site.node] = self._cache[key][0]
+        embedding_bits = bits.get(EMBEDDING, 4)
+        if self.embedding is not None and embedding_bits:
+            key = ("<embedding>", embedding_bits)
+            if key not in self._cache:
+                self._cache[key] = (
+                    quantize_blocks(self.embedding[1].T, embedding_bits, self.block_size),
+                    WeightReport("rtn", embedding_bits, self.block_size),
+                )
+            plan.embedding = (self.embedding[0], self._cache[key][0])
+        return plan
+
+
+def prepare(
+    model: onnx.ModelProto,
+    sites: list[Site],
+    rows: Mapping[str, np.ndarray] | None,
+    *,
+    method: Method = "awq",
+    block_size: int = 32,
+) -> Prepared:
+    """AWQ: input scales searched per group of weights sharing x (on their 4-bit error) and folded: down's
+    into up's columns first (it changes up's weight before up's own search), then each norm gain's group."""
+    inits = {i.name: i for i in model.graph.initializer}
+    weights = {s.node: numpy_helper.to_array(inits[s.weight]).astype(np.float32) for s in sites}
+    gains: dict[str, np.ndarray] = {}
+    scales: dict[str, tuple[np.ndarray, float]] = {}
+    if method == "awq" and rows is not None:
+        for site in sites:
+            if site.fold and site.fold[0] == "columns" and site.fold[1] in weights:
+                s, alpha, _ = search_input_scale([weights[site.node]], rows[site.x], 4, block_size)
+                scales[site.node] = (s, alpha)
+                weights[site.fold[1]] = weights[site.fold[1]] / s[None, :]
+        groups: dict[str, list[Site]] = defaultdict(list)
+        for site in sites:
+            if site.fold and site.fold[0] == "gain":
+                groups[site.fold[1]].append(site)
+        for gain, members in groups.items():
+            s, alpha, _ = search_input_scale(
+                [weights[m.node] for m in members], rows[members[0].x], 4, block_size
+            )
+            gains[gain] = (numpy_helper.to_array(inits[gain]).astype(np.float32) / s).astype(np.float32)
+            scales.update({m.node: (s, alpha) for m in members})
+    table = embedding_table(model)
+    embedding = None
+    if table is not None and inits[table].dims[1] % block_size == 0:
+        embedding = (table, numpy_helper.to_array(inits[table]).astype(np.float32))
+    return Prepared(sites, weights, scales, gains, rows, method, block_size, embedding)
+
+
+def embedding_table(model: onnx.ModelProto) -> str | None:
+    """The token embedding: the Gather (axis 0) of a 2-D initializer by `input_ids`."""
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if (
+            node.op_type == "Gather"
+            and node.input[0] in inits
+            and len(inits[node.input[0]].dims) == 2
+            and axis == 0
+        ) and node.input[1] == "input_ids":
+            return node.input[0]
+    return None
+
+
+def cpu_model(
+    model: onnx.ModelProto, plan: Plan, accuracy_level: int = 4
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """MatMulNBits for every planned MatMul, gains folded, the embedding through GatherBlockQuantized."""
+    proto = _with_gains(model, plan.gains)
+    if plan.embedding is not None:
+        _quantize_gather(proto, *plan.embedding)
+    ir_model = ir.from_proto(proto)
+    result = MatMulToNBits(plan.weights, accuracy_level)(ir_model)
+    return ir.to_proto(ir_model), result.report.to_json()  # type: ignore[attr-defined]
+
+
+def tensorrt_model(model: onnx.ModelProto, plan: Plan) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Opset 21, gains folded, each planned MatMul reading DequantizeLinear(int4 W, scales, block_size).
+    K not a multiple of the block: the weight gets zero rows and x a Pad to the block (exact: 0 · 0)."""
+    proto = _with_gains(model, plan.gains)
+    proto = _opset(proto, MIN_OPSET)
+    weights: dict[str, DequantizedWeight] = {}
+    pads = {}
+    for node, q in plan.weights.items():
+        if q.bits == 8:  # TensorRT's block quantization is INT4 only: INT8 weight-only per output channel
+            values, scales = signed_blocks(plan.per_channel[node])
+            weights[node] = DequantizedWeight(values, _fp16_exact(scales[0]), 0)
+            continue
+        values, scales = signed_blocks(q)
+        pad = q.k_blocks * q.block_size - q.k
+        if pad:
+            values = np.concatenate([values, np.zeros((pad, values.shape[1]), np.int8)])
+            pads[node] = pad
+        weights[node] = DequantizedWeight(values, _fp16_exact(scales), q.block_size)
+    _pad_inputs(proto, pads)
+    ir_model = ir.from_proto(proto)
+    result = MatMulToBlockwiseDequantize(weights)(ir_model)
+    return ir.to_proto(ir_model), result.report.to_json()  # type: ignore[attr-defined]
+
+
+def _fp16_exact(scales: np.ndarray) -> np.ndarray:
+    """float32 scales rounded to float16 values: the fp16 engine then reads exactly the weights the file says."""
+    return scales.astype(np.float16).astype(np.float32)
+
+
+def _with_gains(model: onnx.ModelProto, gains: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)
+    found = set()
+    for init in proto.graph.initializer:
+        if init.name in gains:
+            init.CopyFrom(numpy_helper.from_array(gains[init.name], init.name))
+            found.add(init.name)
+    missing = set(gains) - found
+    if missing:
+        raise ValueError(f"norm gains {sorted(missing)} not in the graph: the plan was made on another graph")
+    return proto
+
+
+def _opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if current >= version:
+        return model
+    from onnx import version_converter
+
+    return version_converter.convert_version(model, version)
+
+
+def _pad_inputs(model: onnx.ModelProto, pads: Mapping[str, int]) -> None:
+    """x -> Pad(x, zeros on the last axis) before the named MatMuls (their weights get zero rows)."""
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    for node in nodes:
+        if node.name in pads:
+            pads_name, axes_name, out = (
+                f"{node.name}_kpad",
+                f"{node.name}_kpad_axes",
+                f"{node.input[0]}_{node.name}_padded",
+            )
+            model.graph.initializer.extend(
+                [
+                    numpy_helper.from_array(np.array([0, pads[node.name]], np.int64), pads_name),
+                    numpy_helper.from_array(np.array([-1], np.int64), axes_name),
+                ]
+            )
+            model.graph.node.append(
+                helper.make_node(
+                    "Pad", [node.input[0], pads_name, "", axes_name], [out], name=f"{node.name}_kpad"
+                )
+            )
+            node.input[0] = out
+        model.graph.node.append(node)
+
+
+def _quantize_gather(model: onnx.ModelProto, table: str, q: BlockQuantized) -> None:
+    """Gather(E, ids) -> GatherBlockQuantized(E as uint8 [V, H/2] + scales [V, H/block]): the same packed
+    layout MatMulNBits reads for E^T (so a tied lm_head could share it), zero point 2^(bits-1) by default."""
+    graph = model.graph
+    vocab = q.n
+    data = numpy_helper.from_array(q.packed.reshape(vocab, -1), f"{table}_Q{q.bits}")
+    scales = numpy_helper.from_array(q.scales, f"{table}_scales")
+    for node in graph.node:
+        if node.op_type == "Gather" and node.input[0] == table:
+            node.op_type, node.domain = "GatherBlockQuantized", MS_DOMAIN
+            node.input[:] = [data.name, node.input[1], scales.name]
+            del node.attribute[:]
+            node.attribute.extend(
+                [
+                    helper.make_attribute("gather_axis", 0),
+                    helper.make_attribute("quantize_axis", 1),
+                    helper.make_attribute("block_size", q.block_size),
+                    helper.make_attribute("bits", q.bits),
+                ]
+            )
+    if any(n.input and n.input[0] == table for n in graph.node):
+        raise ValueError(f"embedding {table} is read by more than its Gather")
+    kept = [i for i in graph.initializer if i.name != table]
+    del graph.initializer[:]
+    graph.initializer.extend([*kept, data, scales])
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))

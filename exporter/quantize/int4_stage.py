@@ -1,0 +1,232 @@
+"""The INT4 stage of a KV-cache decoder export: weight-only INT4, one file per backend, each gated.
+
+Order: exported fp32 graph -> (a) our onnxruntime passes (RotaryEmbedding + GroupQueryAttention kept) for the
+CPU file, (b) cleanup only (standard ops) for the TensorRT file -> calibration prefills -> rows of every
+projection's input -> AWQ-style input scales + clipping (or round-to-nearest) -> mixed precision: the layers
+that cost most go to 8-bit blocks until held-out logit cosine vs fp32 reaches the target -> both files ->
+the gate. Files:
+
+- `model.int4.cpu.onnx` (ONNX Runtime CPU): com.microsoft.MatMulNBits (bits 4, or 8 for the layers the
+  search kept wider), accuracy_level 4, symmetric blocks, embedding through GatherBlockQuantized;
+- `model.int4.onnx` (TensorRT): opset 21, DequantizeLinear(int4 weight, block-shaped scales, block_size,
+  zero point 0) feeding each MatMul, standard ops only (engines/tensorrt/checks.py knows the INT4 rules).
+
+Both files carry the same plan, so the weights each backend dequantizes are the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import onnx
+
+from export_errors import InputError, ValidationError
+from exporter.export.external_data import save_onnx
+from exporter.quantize import decoder_calibration
+from exporter.quantize.awq import METHODS, Method
+from exporter.quantize.blocks import check_block_size
+from exporter.quantize.calibration import CalibrationData, load_calibration
+from exporter.quantize.int4 import (
+    EMBEDDING,
+    Plan,
+    Prepared,
+    Site,
+    collect_rows,
+    cpu_model,
+    find_sites,
+    prepare,
+    tensorrt_model,
+)
+from exporter.quantize.int8 import Judge
+from exporter.quantize.sensitivity import search
+from exporter.validate.tolerances import tolerance
+from graph_passes.pipeline import optimize
+
+logger = logging.getLogger(__name__)
+
+CPU_FILE = "model.int4.cpu.onnx"
+TENSORRT_FILE = "model.int4.onnx"
+# Measured (tools/bench_decoder.py --int4-methods, README "INT4"): see the README table for the numbers.
+DEFAULT_METHOD: Method = "awq"
+DEFAULT_BLOCK_SIZE = 32
+# lm_head: 4-bit by default (measured in tools/bench_decoder.py: README); --int4-lm-head overrides.
+LM_HEAD_BITS = 4
+SEARCH_MARGIN = 0.25  # the search aims this fraction of the way from the target to 1 (as INT8)
+LmHead = Literal["auto", "int4", "int8"]
+
+
+@dataclasses.dataclass
+class Int4Config:
+    method: Method = DEFAULT_METHOD
+    block_size: int = DEFAULT_BLOCK_SIZE
+    accuracy_level: int = 4
+    lm_head: LmHead = "auto"
+    min_cosine: float = tolerance("int4").min_mean_cosine or 0.98
+    mixed_precision: bool = True
+    max_int8_fraction: float = 1.0  # the search may widen every layer to 8 bits (then the file is W8)
+    sensitivity_samples: int = 16
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise InputError("--int4-method", f"choose from {METHODS}, got {self.method!r}")
+        try:
+            check_block_size(self.block_size, 4)
+        except ValueError as exc:
+            raise InputError("--int4-block-size", str(exc)) from None
+        if self.lm_head not in ("auto", "int4", "int8"):
+            raise InputError("--int4-lm-head", f"choose auto, int4 or int8, got {self.lm_head!r}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise InputError("accuracy_level", f"MatMulNBits takes 0..4, got {self.accuracy_level}")
+
+    def lm_head_bits(self) -> int:
+        return {"auto": LM_HEAD_BITS, "int4": 4, "int8": 8}[self.lm_head]
+
+
+@dataclasses.dataclass
+class Int4Result:
+    cpu_path: Path
+    tensorrt_path: Path
+    report: dict[str, Any]
+
+
+def run_int4_stage(
+    exported: Path,
+    work: Path,
+    calibration: CalibrationData,
+    config: Int4Config,
+    *,
+    family: str,
+) -> Int4Result:
+    """Both INT4 files from the exported fp32 decoder, gated on held-out logit cosine vs fp32."""
+    config.validate()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        cpu_fp32, _ = optimize(onnx.load(str(exported)), "onnxruntime", family=family, sparsity="off")
+        trt_fp32, _ = optimize(onnx.load(str(exported)), "tensorrt", stages=("cleanup",), family=family)
+        cpu_path = save_onnx(cpu_fp32, Path(tmp) / "cpu_fp32.onnx")
+        data = decoder_calibration.for_decoder(calibration, cpu_path, 0)
+        sites = find_sites(cpu_fp32)
+        rows = collect_rows(cpu_path, [s.x for s in sites], data)
+        judge = Judge(cpu_path, data, config.sensitivity_samples, None)
+        prepared = prepare(cpu_fp32, sites, rows, method=config.method, block_size=config.block_size)
+        fixed = {
+            s.node: config.lm_head_bits()
+            for s in sites
+            if _is_lm_head(cpu_fp32, s) and config.lm_head != "auto"
+        }
+
+        def cpu_cosine(plan: Plan) -> float:
+            model, _ = cpu_model(cpu_fp32, plan, config.accuracy_level)
+            return judge.search_cosine(save_onnx(model, Path(tmp) / "candidate.onnx"))
+
+        candidates = [s.node for s in sites if s.node not in fixed] + (
+            [EMBEDDING] if prepared.embedding else []
+        )
+        target = config.min_cosine + SEARCH_MARGIN * (1.0 - config.min_cosine)
+        budget = math.floor(config.max_int8_fraction * len(candidates)) if config.mixed_precision else 0
+        sensitivity = search(
+            candidates,
+            lambda wide: cpu_cosine(prepared.plan({**fixed, **dict.fromkeys(wide, 8)})),
+            target,
+            budget,
+            lambda names: {
+                n: cpu_cosine(prepared.plan({**fixed, **dict.fromkeys(names, 8), n: 4})) for n in names
+            },
+        )
+        bits = {**fixed, **dict.fromkeys(sensitivity.excluded, 8)}
+        plan = prepared.plan(bits)
+        cpu_file, cpu_ops = cpu_model(cpu_fp32, plan, config.accuracy_level)
+        trt_file, trt_ops = tensorrt_model(trt_fp32, plan)
+        cpu_out, trt_out = save_onnx(cpu_file, work / CPU_FILE), save_onnx(trt_file, work / TENSORRT_FILE)
+        cpu_cos = judge.heldout_cosine(cpu_out)
+        trt_cos = judge.heldout_cosine(trt_out, fake_quant=True)
+        comparison = _method_comparison(cpu_fp32, sites, rows, prepared, fixed, cpu_cosine, config)
+    report = {
+        "method": config.method,
+        "method_reason": "measured: README INT4 (AWQ-style input scales + clipping vs round-to-nearest)",
+        "block_size": config.block_size,
+        "accuracy_level": config.accuracy_level,
+        "lm_head_bits": config.lm_head_bits(),
+        "target_min_cosine": config.min_cosine,
+        "calibration": data.describe(),
+        "files": {
+            CPU_FILE: "ONNX Runtime CPU (MatMulNBits, symmetric blocks; GatherBlockQuantized embedding)",
+            TENSORRT_FILE: "TensorRT (opset 21 DequantizeLinear int4 blocks, zero point 0, feeding MatMul)",
+        },
+        "cpu": {"file": CPU_FILE, "heldout_cosine": cpu_cos, "ops": cpu_ops["counts"]},
+        "tensorrt": {"file": TENSORRT_FILE, "heldout_cosine": trt_cos, "ops": trt_ops["counts"]},
+        "int8_layers": sensitivity.excluded,
+        "sensitivity": sensitivity.to_json(),
+        "sensitivity_rule": "each layer measured alone at 4 bits (every other at 8) on the CPU file as ONNX "
+        "Runtime runs it; from all at 4 bits, the worst go to 8-bit blocks one by one until the search cosine "
+        "reaches the target",
+        "method_comparison_search_cosine": comparison,
+        "layers": layer_report(sites, plan),
+        "embedding": None
+        if plan.embedding is None
+        else {"table": plan.embedding[0], "bits": plan.embedding[1].bits},
+        "seconds": time.perf_counter() - start,
+    }
+    gate(report, config.min_cosine)
+    return Int4Result(work / CPU_FILE, work / TENSORRT_FILE, report)
+
+
+def layer_report(sites: list[Site], plan: Plan) -> list[dict[str, Any]]:
+    """Per layer: method, bits, AWQ exponent and input-scale statistics, clip ratio, output error vs RTN's."""
+    rows = []
+    for site in sites:
+        if site.node in plan.reports:
+            fold = None if site.fold is None else f"{site.fold[0]}:{site.fold[1]}"
+            rows.append({"node": site.node, "scale_folded_into": fold, **plan.reports[site.node].to_json()})
+    return rows
+
+
+def gate(report: dict[str, Any], target: float) -> None:
+    misses = {
+        k: report[k]["heldout_cosine"] for k in ("cpu", "tensorrt") if report[k]["heldout_cosine"] < target
+    }
+    report["gate"] = {"target_min_cosine": target, "passed": not misses}
+    if misses:
+        numbers = ", ".join(f"{k}: held-out logit cosine {v:.5f}" for k, v in misses.items())
+        raise ValidationError(
+            f"INT4 accuracy gate failed: target mean logit cosine >= {target}; {numbers} with "
+            f"{len(report['int8_layers'])} layers at 8 bits (all 4-bit: "
+            f"{report['sensitivity']['all_quantized_cosine']:.5f})"
+        )
+
+
+def _method_comparison(model, sites, rows, prepared, fixed, cosine, config) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Search cosine of the all-4-bit CPU file with each method (the chosen one is already prepared)."""
+    result = {config.method: cosine(prepared.plan(fixed))}
+    for other in METHODS:
+        if other not in result:
+            alternative: Prepared = prepare(model, sites, rows, method=other, block_size=config.block_size)
+            result[other] = cosine(alternative.plan(fixed))
+    return result
+
+
+def _is_lm_head(model: onnx.ModelProto, site: Site) -> bool:
+    outputs = {o.name for o in model.graph.output}
+    return any(n.name == site.node and n.output[0] in outputs for n in model.graph.node)
+
+
+def load_decoder_calibration(
+    config: Any, tokenizer_path: Path | None, input_names: list[str], sequence_length: int, vocab_size: int
+) -> CalibrationData:
+    """Token calibration samples (as the INT8 stage loads them; prefills are added by the stage)."""
+    return load_calibration(
+        config.calibration,
+        tokenizer_path,
+        input_names,
+        config.batch_size,
+        sequence_length,
+        num_samples=config.calibration_samples,
+        seed=config.seed,
+        vocab_size=vocab_size,
+    )
