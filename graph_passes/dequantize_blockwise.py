@@ -2,10 +2,9 @@
 
 TensorRT 10+ reads weight-only INT4 in exactly this form (its "INT4 weight-only quantization": a constant
 INT4 weight, a DequantizeLinear at opset >= 21 with `block_size` along K, block-shaped scales
-[K / block_size, N], zero point absent or 0; the activations stay in fp16/fp32). The values are the
-symmetric block quantization of exporter/quantize/blocks.py (`signed_blocks`: q - 8 in [-8, 7]), so the
-weight the MatMul sees is the same one MatMulNBits dequantizes on the CPU, and ONNX Runtime executes this
-graph as exactly that arithmetic (tests/test_int4.py checks it).
+[K / block_size, N], positive, zero point absent or 0; the activations stay in fp16/fp32). The values
+arrive already quantized (exporter/quantize/blocks.py `tensorrt_blocks`), keyed by MatMul node name; ONNX
+Runtime executes this graph as exactly that dequantized arithmetic (tests/test_int4.py checks it).
 
 Where K is not a multiple of the block, the caller pads x's last axis (Pad) and the weight gets zero rows:
 the extra products are 0 · 0, so the arithmetic is the unpadded one.
@@ -61,7 +60,7 @@ class MatMulToBlockwiseDequantize(GraphPass):
             entry = self.weights[node.name]
             values, block_size = entry.values, entry.block_size
             k, n = tuple(old.shape or (0, 0))
-            padded = values.shape[0] > k and not values[k:].any() and _is_padded_to(node, values.shape[0])
+            padded = values.shape[0] > k and not values[k:].any() and _reads_a_pad(node)
             if values.shape[1] != n or (values.shape[0] != k and not padded):
                 raise ValueError(
                     f"{node.name}: weight {old.name} is {old.shape}, quantized as {values.shape}"
@@ -84,7 +83,7 @@ class MatMulToBlockwiseDequantize(GraphPass):
             report.details.append({"node": node.name, "shape": list(values.shape), "block_size": block_size})
 
 
-def _is_padded_to(node: ir.Node, k: int) -> bool:
+def _reads_a_pad(node: ir.Node) -> bool:
     """x reaches the MatMul through a Pad of its last axis (zero rows of W then meet zero columns of x)."""
     pad = node.inputs[0].producer() if node.inputs[0] is not None else None
     return pad is not None and pad.op_type == "Pad"

@@ -144,6 +144,7 @@ def quantize_weight(
     x = None if activations is None else _rows(activations)
     if method == "rtn" or x is None:
         quantized = quantize_blocks(weight, bits, block_size)
+        quantized.rounded_from = weight
         if x is not None:
             report.error_rtn = report.error = output_error(x, weight, dequantize_blocks(quantized))
         report.method = "rtn"
@@ -162,7 +163,7 @@ def quantize_weight(
         }
     clipped, report.clip_ratio_mean = clip_weight(scaled, xs, bits, block_size)
     quantized = quantize_blocks(clipped, bits, block_size)
-    quantized.input_scale = scale
+    quantized.input_scale, quantized.rounded_from = scale, clipped
     effective = (
         dequantize_blocks(quantized) if scale is None else dequantize_blocks(quantized) / scale[:, None]
     )

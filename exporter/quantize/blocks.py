@@ -18,8 +18,13 @@ Layouts:
 - `com.microsoft.MatMulNBits` (ONNX Runtime CPU): B uint8 [N, k_blocks, block_size·bits/8], two 4-bit values
   per byte, low nibble first; scales float [N, k_blocks] (flattened); no zero points (the default 2^(bits-1)
   is the symmetric one).
-- ONNX `DequantizeLinear` opset 21 with `block_size`, axis 0 (TensorRT's weight-only INT4): signed int4
-  values q - 8 in [K, N], scales [k_blocks, N], zero point 0 (`signed_blocks`).
+- ONNX `DequantizeLinear` opset 21 with `block_size`, axis 0: signed int4 values q - 8 in [K, N], scales
+  [k_blocks, N], zero point 0 (`signed_blocks`): the same numbers as MatMulNBits, on ONNX Runtime.
+- TensorRT (`tensorrt_blocks`): TensorRT requires positive scales, and the MLAS scale above is negative
+  whenever the block's largest value is positive (its code 0 = -8 cannot be negated into int4). So the
+  TensorRT file rounds the same pre-rounding weight (same AWQ scales, same clipping) on the symmetric grid
+  scale = max|w| / (2^(bits-1) - 1) > 0, values in [-7, 7] (or [-127, 127]), scales rounded to float16
+  values first so the fp16 engine reads exactly what the file says.
 
 Where x's channels are scaled before quantization (AWQ-style: W·diag-by-row s, x / s), the caller folds
 1/s into the op producing x; `BlockQuantized.input_scale` carries s so nobody forgets (exporter/quantize/awq.py).
@@ -44,6 +49,7 @@ class BlockQuantized:
     bits: int
     block_size: int
     input_scale: np.ndarray | None = None  # AWQ-style s [K]: stored weight is diag(s)·W, so x must be x / s
+    rounded_from: np.ndarray | None = None  # the fp32 [K, N] that was rounded (after scaling and clipping)
 
     @property
     def n(self) -> int:
@@ -121,6 +127,25 @@ def signed_blocks(q: BlockQuantized) -> tuple[np.ndarray, np.ndarray]:
     DequantizeLinear(axis=0, block_size) layout, zero point 0; dequantizes to `dequantize_blocks(q)`."""
     values = unpacked_codes(q).astype(np.int16) - 2 ** (q.bits - 1)
     return values.T.astype(np.int8).copy(), q.scales.T.copy()
+
+
+def tensorrt_blocks(
+    weight: np.ndarray, bits: int = 4, block_size: int | None = 32
+) -> tuple[np.ndarray, np.ndarray]:
+    """(values int8 [K_padded, N], scales float32 [k_blocks, N] > 0): symmetric, zero point 0, positive
+    float16-exact scales (TensorRT's form; see the module docstring). `block_size` None: one scale per output
+    channel (scales [1, N], values [K, N]). Padding rows (K to the block) are 0."""
+    weight = _as_matrix(weight)
+    k = weight.shape[0]
+    block = block_size or k
+    blocks = _blocks(weight, block)  # [N, k_blocks, block]
+    top = np.float32(2 ** (bits - 1) - 1)
+    amax = np.abs(blocks).max(axis=-1)
+    scales = (amax / top).astype(np.float16).astype(np.float32)
+    scales = np.where(scales > 0, scales, np.float32(1.0)).astype(np.float32)  # an all-zero block: values 0
+    values = np.clip(np.floor(blocks / scales[..., None] + np.float32(0.5)), -top, top).astype(np.int8)
+    values = values.reshape(values.shape[0], -1).T  # [K_padded, N]
+    return np.ascontiguousarray(values if block_size else values[:k]), np.ascontiguousarray(scales.T)
 
 
 def pack_int4(values: np.ndarray) -> bytes:

@@ -32,7 +32,7 @@ from onnx import helper, numpy_helper
 from tqdm import tqdm
 
 from exporter.quantize.awq import MAX_ROWS, Method, WeightReport, quantize_weight, search_input_scale
-from exporter.quantize.blocks import BlockQuantized, quantize_blocks, signed_blocks
+from exporter.quantize.blocks import BlockQuantized, dequantize_blocks, quantize_blocks, tensorrt_blocks
 from exporter.quantize.calibration import CalibrationData
 from exporter.quantize.ranges import _feeds_for, _session_with_outputs
 from graph_passes.dequantize_blockwise import MIN_OPSET, DequantizedWeight, MatMulToBlockwiseDequantize
@@ -64,9 +64,6 @@ class Plan:
     gains: dict[str, np.ndarray]  # initializer (norm gain) -> new value, 1/s folded in
     reports: dict[str, WeightReport]
     embedding: tuple[str, BlockQuantized] | None = None  # Gather table initializer -> quantized (as W = E^T)
-    # 8-bit nodes in the TensorRT file: per-output-channel INT8 of the same stored weight (TensorRT's block
-    # quantization is INT4 only), one block spanning K
-    per_channel: dict[str, BlockQuantized] = dataclasses.field(default_factory=dict)
 
     def bits(self) -> dict[str, int]:
         return {node: q.bits for node, q in self.weights.items()}
@@ -204,13 +201,6 @@ class Prepared:
                 plan.weights[site.node], plan.reports[site.node] = self.quantized(site.node, width)
             elif site.node in self.scales:
                 raise ValueError(f"{site.node} has a folded input scale: it cannot stay fp32 unscaled")
-            if width == 8:
-                key = (f"{site.node}<per-channel>", 8)
-                if key not in self._cache:
-                    k = self.weights[site.node].shape[0]
-                    whole = quantize_blocks(self.stored(site.node), 8, max(16, 1 << (k - 1).bit_length()))
-                    self._cache[key] = (whole, WeightReport("rtn", 8, whole.block_size))
-                plan.per_channel[site.node] = self._cache[key][0]
         embedding_bits = bits.get(EMBEDDING, 4)
         if self.embedding is not None and embedding_bits:
             key = ("<embedding>", embedding_bits)
@@ -288,32 +278,27 @@ def cpu_model(
 
 
 def tensorrt_model(model: onnx.ModelProto, plan: Plan) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """Opset 21, gains folded, each planned MatMul reading DequantizeLinear(int4 W, scales, block_size).
-    K not a multiple of the block: the weight gets zero rows and x a Pad to the block (exact: 0 · 0)."""
+    """Opset 21, gains folded, each planned MatMul reading DequantizeLinear(int4 W, scales, block_size) rounded
+    from the same pre-rounding weight as the CPU file, on TensorRT's positive-scale grid (blocks.tensorrt_blocks);
+    8-bit nodes per output channel. K not a multiple of the block: zero weight rows and a Pad of x (0 · 0)."""
     proto = _with_gains(model, plan.gains)
     proto = _opset(proto, MIN_OPSET)
     weights: dict[str, DequantizedWeight] = {}
     pads = {}
     for node, q in plan.weights.items():
+        source = q.rounded_from if q.rounded_from is not None else dequantize_blocks(q)
         if q.bits == 8:  # TensorRT's block quantization is INT4 only: INT8 weight-only per output channel
-            values, scales = signed_blocks(plan.per_channel[node])
-            weights[node] = DequantizedWeight(values, _fp16_exact(scales[0]), 0)
+            values, scales = tensorrt_blocks(source, 8, None)
+            weights[node] = DequantizedWeight(values, scales[0], 0)
             continue
-        values, scales = signed_blocks(q)
-        pad = q.k_blocks * q.block_size - q.k
-        if pad:
-            values = np.concatenate([values, np.zeros((pad, values.shape[1]), np.int8)])
-            pads[node] = pad
-        weights[node] = DequantizedWeight(values, _fp16_exact(scales), q.block_size)
+        values, scales = tensorrt_blocks(source, 4, q.block_size)
+        if values.shape[0] > q.k:
+            pads[node] = values.shape[0] - q.k
+        weights[node] = DequantizedWeight(values, scales, q.block_size)
     _pad_inputs(proto, pads)
     ir_model = ir.from_proto(proto)
     result = MatMulToBlockwiseDequantize(weights)(ir_model)
     return ir.to_proto(ir_model), result.report.to_json()  # type: ignore[attr-defined]
-
-
-def _fp16_exact(scales: np.ndarray) -> np.ndarray:
-    """float32 scales rounded to float16 values: the fp16 engine then reads exactly the weights the file says."""
-    return scales.astype(np.float16).astype(np.float32)
 
 
 def _with_gains(model: onnx.ModelProto, gains: Mapping[str, np.ndarray]) -> onnx.ModelProto:

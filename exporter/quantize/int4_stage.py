@@ -125,6 +125,12 @@ def run_int4_stage(
             model, _ = cpu_model(cpu_fp32, plan, config.accuracy_level)
             return judge.search_cosine(save_onnx(model, Path(tmp) / "candidate.onnx"))
 
+        def both_cosine(plan: Plan) -> float:
+            """The lower of the two files' search cosines: the TensorRT file rounds on its own grid."""
+            model, _ = tensorrt_model(trt_fp32, plan)
+            trt = judge.search_cosine(save_onnx(model, Path(tmp) / "candidate_trt.onnx"), fake_quant=True)
+            return min(cpu_cosine(plan), trt)
+
         candidates = [s.node for s in sites if s.node not in fixed] + (
             [EMBEDDING] if prepared.embedding else []
         )
@@ -132,7 +138,7 @@ def run_int4_stage(
         budget = math.floor(config.max_int8_fraction * len(candidates)) if config.mixed_precision else 0
         sensitivity = search(
             candidates,
-            lambda wide: cpu_cosine(prepared.plan({**fixed, **dict.fromkeys(wide, 8)})),
+            lambda wide: both_cosine(prepared.plan({**fixed, **dict.fromkeys(wide, 8)})),
             target,
             budget,
             lambda names: {
@@ -164,8 +170,8 @@ def run_int4_stage(
         "int8_layers": sensitivity.excluded,
         "sensitivity": sensitivity.to_json(),
         "sensitivity_rule": "each layer measured alone at 4 bits (every other at 8) on the CPU file as ONNX "
-        "Runtime runs it; from all at 4 bits, the worst go to 8-bit blocks one by one until the search cosine "
-        "reaches the target",
+        "Runtime runs it; from all at 4 bits, the worst go to 8 bits one by one until the lower search cosine "
+        "of the two files reaches the target",
         "method_comparison_search_cosine": comparison,
         "layers": layer_report(sites, plan),
         "embedding": None
