@@ -193,3 +193,35 @@ def test_int8_decoder_gets_calibrated_qdq_for_tensorrt(family, model_dir_factory
     assert int8["tensorrt"]["greedy_agreement"] >= 0.75, int8["tensorrt"]
     assert result.report["validation"]["int8_tensorrt"][0]["mean_cosine"] >= 0.99
     assert result.report["engine"]["tensorrt_onnx"] == "model.int8.onnx"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_int4_decoder_writes_both_files_gated(family, model_dir_factory, tmp_path) -> None:
+    """--precision int4 on a pruned decoder: model.int4.cpu.onnx (MatMulNBits, GroupQueryAttention kept) and
+    model.int4.onnx (blocked DequantizeLinear, TensorRT's pre-build checks clean), both gated."""
+    masks, _ = family_masks(family)
+    config = dataclasses.replace(FP32, precision="int4", calibration="random")
+    result = export_engine(model_dir_factory(family, masks=masks), tmp_path / "out", config)
+    int4 = result.report["int4"]
+    assert int4["gate"]["passed"] and int4["method"] == "awq"
+    for variant in ("cpu", "tensorrt"):
+        assert int4[variant]["heldout_cosine"] >= 0.98
+        assert int4[variant]["greedy_agreement"] >= 0.75, int4[variant]
+        assert "free_running_agreement" in int4[variant]
+    assert sorted(p.name for p in result.artifacts.values()) == sorted(
+        ["model.exported.onnx", "model.onnx", "model.int4.onnx", "model.int4.cpu.onnx"]
+    )
+    ops = [n.op_type for n in onnx.load(tmp_path / "out" / "model.int4.cpu.onnx").graph.node]
+    layers = len(json.loads((tmp_path / "out" / "decoder_manifest.json").read_text())["layers"])
+    assert ops.count("GroupQueryAttention") == layers and "MatMul" not in ops
+    assert ops.count("MatMulNBits") == 7 * layers + 1
+    assert result.report["engine"]["tensorrt_onnx"] == "model.int4.onnx"
+    assert result.report["engine"]["tensorrt_prebuild_problems"] == []
+
+
+def test_int4_on_an_encoder_is_refused_with_the_reason(model_dir_factory, tmp_path) -> None:
+    from export_errors import InputError
+
+    with pytest.raises(InputError, match="--precision: int4 is weight-only, for causal LMs with a KV cache"):
+        export_engine(model_dir_factory("bert"), tmp_path / "out", dataclasses.replace(FP32, precision="int4"))
+    assert not (tmp_path / "out").exists()
