@@ -26,14 +26,16 @@ def test_flags_reach_the_config() -> None:
          "--calibration-samples", "7", "--accuracy-target", "0.95", "--strict-fusion", "--sparsity", "off",
          "--no-benchmark", "--threads", "3", "--allow-pickle", "--seed", "5", "--sequence-length", "64",
          "--task", "text-generation", "--calibration-method", "mse", "--batch-size", "4",
-         "--calibration-decode-steps", "3", "--cpu-int8-weights", "reduced"]
+         "--calibration-decode-steps", "3", "--cpu-int8-weights", "reduced", "--int4-method", "rtn",
+         "--int4-block-size", "64", "--int4-lm-head", "int8", "--int4-accuracy-target", "0.97"]
     )  # fmt: skip
     config = config_from_args(args)
     expected = ExportConfig(
         precision="fp32", backend="onnxruntime", calibration="random", calibration_samples=7,
         accuracy_target=0.95, strict_fusion=True, sparsity="off", benchmark=False, benchmark_threads=3,
         allow_pickle=True, seed=5, sequence_length=64, task="text-generation", calibration_method="mse",
-        batch_size=4, calibration_decode_steps=3, cpu_int8_weights="reduced",
+        batch_size=4, calibration_decode_steps=3, cpu_int8_weights="reduced", int4_method="rtn",
+        int4_block_size=64, int4_lm_head="int8", int4_accuracy_target=0.97,
     )  # fmt: skip
     assert config == expected
     defaults = config_from_args(build_parser().parse_args(["m", "-o", "o"]))
@@ -49,7 +51,7 @@ def run_main(capsys, *argv: str) -> tuple[int, str, str]:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--precision", "int4"], "invalid choice"),
+        (["--precision", "int2"], "invalid choice"),
         (["--calibration-samples", "many"], "invalid int value"),
     ],
 )
