@@ -67,7 +67,7 @@ class MatMulToBlockwiseDequantize(GraphPass):
                 )
             dtype, kind = (ir.DataType.INT4, "int4") if block_size else (ir.DataType.INT8, "int8")
             weight = _initializer(graph, f"{old.name}_{kind}", dtype, values)
-            scale = _initializer(graph, f"{old.name}_scale", None, entry.scales)
+            scale = _initializer(graph, f"{old.name}_{kind}_scale", None, entry.scales)
             attributes = {"axis": 0, "block_size": int(block_size)} if block_size else {"axis": 1}
             dequantize = ir.node(
                 "DequantizeLinear",
@@ -75,6 +75,7 @@ class MatMulToBlockwiseDequantize(GraphPass):
                 attributes=attributes,
                 name=f"{node.name}_weight_dq",
             )
+            dequantize.outputs[0].name = f"{old.name}_{kind}_dequantized"
             graph.insert_before(node, dequantize)
             node.replace_input_with(1, dequantize.outputs[0])
             if not old.uses() and old.name in graph.initializers:

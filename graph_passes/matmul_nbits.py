@@ -60,7 +60,7 @@ class MatMulToNBits(GraphPass):
                     f"{node.name}: weight {old.name} is [{k}, {n}], quantized as [{weight.k}, {weight.packed.shape[0]}]"
                 )
             packed = _initializer(graph, f"{old.name}_Q{weight.bits}", weight.packed)
-            scales = _initializer(graph, f"{old.name}_scales", weight.scales.reshape(-1))
+            scales = _initializer(graph, f"{old.name}_Q{weight.bits}_scales", weight.scales.reshape(-1))
             replacement = ir.node(
                 "MatMulNBits",
                 inputs=[node.inputs[0], packed, scales],

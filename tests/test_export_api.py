@@ -223,5 +223,7 @@ def test_int4_on_an_encoder_is_refused_with_the_reason(model_dir_factory, tmp_pa
     from export_errors import InputError
 
     with pytest.raises(InputError, match="--precision: int4 is weight-only, for causal LMs with a KV cache"):
-        export_engine(model_dir_factory("bert"), tmp_path / "out", dataclasses.replace(FP32, precision="int4"))
+        export_engine(
+            model_dir_factory("bert"), tmp_path / "out", dataclasses.replace(FP32, precision="int4")
+        )
     assert not (tmp_path / "out").exists()

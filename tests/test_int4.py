@@ -235,3 +235,22 @@ def test_gate_miss_raises_with_the_numbers(decoder, tmp_path):
     config = Int4Config(min_cosine=0.99999, mixed_precision=False)
     with pytest.raises(ValidationError, match=r"INT4 accuracy gate failed.*held-out logit cosine 0\.\d+"):
         run_int4_stage(decoder.exported, tmp_path, decoder.calibration, config, family=decoder.family)
+
+
+def test_switchable_models_compute_each_plan(decoder):
+    """The search's one-session graphs: switch all off = the all-4-bit files, one layer on = that layer 8-bit."""
+    prepared = int4.prepare(decoder.cpu, decoder.sites, decoder.rows, method="awq")
+    candidates = [s.node for s in decoder.sites] + [int4.EMBEDDING]
+    cpu, trt = int4.switchable_models(decoder.cpu, decoder.trt, prepared, {}, candidates)
+    wide = candidates[3]
+    for files, build in ((cpu, int4.cpu_model), (trt, int4.tensorrt_model)):
+        for switch in (np.zeros(len(candidates), bool), np.arange(len(candidates)) == 3):
+            plan = prepared.plan({wide: 8} if switch.any() else {})
+            want = decoder.logits(build(decoder.trt if files is trt else decoder.cpu, plan)[0])
+            session = _session(files)
+            for (expected, _), feeds in zip(want, decoder.data.batches("heldout")):
+                names = {i.name for i in session.get_inputs()}
+                got = session.run(
+                    ["logits"], {**{k: v for k, v in feeds.items() if k in names}, int4.SWITCH_INPUT: switch}
+                )[0]
+                np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)

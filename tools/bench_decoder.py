@@ -23,6 +23,7 @@ tokens, and agreement of its own free-running greedy tokens with fp32's. The fus
 abs logit error vs the exported one and whether its free-running greedy tokens are the same.
 
   OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python tools/bench_decoder.py --threads 2 --prompt 128 --new 64
+  HF_HUB_OFFLINE=1 python tools/bench_decoder.py --peers --repeats 5    # vs onnxruntime-genai (decoder_peers.py)
 
 On a shared machine, spinning thread pools wreck an interleaved comparison: with other processes
 on the cores, PyTorch's OpenMP threads spinning at barriers made its decode ~4x slower (4.8 vs 21
@@ -240,7 +241,24 @@ def main() -> None:
     parser.add_argument("--openvino", action="store_true", help="also the exported fp32 graph on OpenVINO")
     parser.add_argument("--export-dir", type=Path, help="an export of this model: its CPU engine candidates")
     parser.add_argument("--save-model", type=Path, help="write this model as a MODEL_DIR and stop")
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="instead: our fp32/INT8/W8/INT4 files vs onnxruntime-genai's builder (tools/decoder_peers.py)",
+    )
+    parser.add_argument("--variants", nargs="+", default=["unpruned", "pruned"], help="--peers: models")
+    parser.add_argument("--work", default="/tmp/bench_decoder_peers", help="--peers: scratch folder")
+    parser.add_argument("--no-genai", action="store_true", help="--peers: skip the builder rows")
+    parser.add_argument(
+        "--eval-prompts", type=int, default=8, help="--peers: prompts for the accuracy columns"
+    )
+    parser.add_argument("--int4-config", default="{}", help="--peers: Int4Config fields as JSON")
     args = parser.parse_args()
+    if args.peers:
+        import decoder_peers
+
+        decoder_peers.main(args)
+        return
     torch.set_num_threads(args.threads)
     model = build_model(args)
     if args.save_model:

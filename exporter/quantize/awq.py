@@ -10,6 +10,11 @@ output error on calibration rows, with the weights actually quantized (alpha = 0
 search never does worse than RTN on its own sample). Weights that read the same x (q/k/v; gate/up) share s,
 because 1/s is folded into the op producing x (the RMSNorm gain, or the up projection's columns for down).
 
+ONNX Runtime's MatMulNBits at accuracy_level 4 also rounds x: to int8 per row and block of K (scale max|x|/127)
+before its int8 dot products. With `activation_block` set, every error here is measured with x so rounded
+(and x / s rounded after scaling), so the search optimises what the CPU kernel computes: the input scale
+then also evens out the activation blocks (what SmoothQuant does for INT8).
+
 Then clipping: per (output column, block), the block's range is shrunk by the ratio in `CLIP_RATIOS` that
 minimises that block's output error on the same rows. Clipping is applied to the weight before the plain
 block quantizer (exporter/quantize/blocks.py), so the packing stays bit-exact with ONNX Runtime's.
@@ -55,11 +60,29 @@ class WeightReport:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
-def output_error(x: np.ndarray, weight: np.ndarray, approx: np.ndarray) -> float:
-    """Relative squared output error of using `approx` for `weight` on rows `x`."""
+def output_error(
+    x: np.ndarray, weight: np.ndarray, approx: np.ndarray, x_approx: np.ndarray | None = None
+) -> float:
+    """Relative squared output error of computing x_approx @ approx (default x @ approx) for x @ weight."""
     reference = x @ weight
     denom = float(np.sum(reference.astype(np.float64) ** 2)) or 1.0
-    return float(np.sum((x @ (weight - approx)).astype(np.float64) ** 2)) / denom
+    got = (x if x_approx is None else x_approx) @ approx
+    return float(np.sum((reference - got).astype(np.float64) ** 2)) / denom
+
+
+def round_activations(x: np.ndarray, block_size: int | None) -> np.ndarray:
+    """x as MatMulNBits' int8 path sees it: per row and block of K, symmetric int8 with scale max|x| / 127."""
+    if not block_size:
+        return x
+    m, k = x.shape
+    k_blocks = -(-k // block_size)
+    padded = np.zeros((m, k_blocks * block_size), np.float32)
+    padded[:, :k] = x
+    blocks = padded.reshape(m, k_blocks, block_size)
+    scale = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)
+    safe = np.where(scale > 0, scale, np.float32(1))
+    rounded = np.clip(np.round(blocks / safe), -127, 127) * scale
+    return rounded.reshape(m, -1)[:, :k].astype(np.float32)
 
 
 def rtn_dequantized(weight: np.ndarray, bits: int, block_size: int) -> np.ndarray:
@@ -74,19 +97,25 @@ def input_scale(mean_abs: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def search_input_scale(
-    weights: Sequence[np.ndarray], x: np.ndarray, bits: int = 4, block_size: int = 32
+    weights: Sequence[np.ndarray],
+    x: np.ndarray,
+    bits: int = 4,
+    block_size: int = 32,
+    activation_block: int | None = None,
 ) -> tuple[np.ndarray, float, float]:
     """(s, alpha, error) minimising the summed output error of `weights` (all [K, *]) reading rows `x` [M, K]
-    when quantized as s·W with x / s. alpha = 0 (s = 1) is round-to-nearest."""
+    when quantized as s·W with x / s (rounded per `activation_block` when set). alpha = 0 (s = 1) is RTN."""
+    x = _rows(x)
     mean_abs = np.abs(x).mean(axis=0)
     best: tuple[float, float, np.ndarray] | None = None
     for alpha in ALPHA_GRID:
         s = input_scale(mean_abs, float(alpha))
         xs = x / s
+        xs_hat = round_activations(xs, activation_block)
         error = 0.0
         for w in weights:
             scaled = w * s[:, None]
-            error += output_error(xs, scaled, rtn_dequantized(scaled, bits, block_size))
+            error += output_error(xs, scaled, rtn_dequantized(scaled, bits, block_size), xs_hat)
         if best is None or error < best[0] - 1e-12:
             best = (error, float(alpha), s)
     assert best is not None
@@ -130,13 +159,15 @@ def quantize_weight(
     activations: np.ndarray | None = None,
     scale: np.ndarray | None = None,
     alpha: float | None = None,
+    activation_block: int | None = None,
 ) -> tuple[BlockQuantized, WeightReport]:
     """Quantize one weight W [K, N] of `x @ W`.
 
     `activations`: rows of x [M, K] from calibration (AWQ needs them; without, AWQ degrades to RTN).
     `scale`: the input scale s [K] shared with the other weights reading the same x (from
     `search_input_scale`): the result stores s·W and `input_scale` = s, and the caller folds 1/s into the op
-    producing x. RTN ignores both and returns ONNX Runtime's own quantization of W.
+    producing x. RTN ignores both and returns ONNX Runtime's own quantization of W. `activation_block`: errors
+    measured with x rounded as MatMulNBits' accuracy_level 4 rounds it (None: exact x).
     """
     check_block_size(block_size, bits)
     weight = np.asarray(weight, np.float32)
@@ -146,12 +177,14 @@ def quantize_weight(
         quantized = quantize_blocks(weight, bits, block_size)
         quantized.rounded_from = weight
         if x is not None:
-            report.error_rtn = report.error = output_error(x, weight, dequantize_blocks(quantized))
+            x_hat = round_activations(x, activation_block)
+            report.error_rtn = report.error = output_error(x, weight, dequantize_blocks(quantized), x_hat)
         report.method = "rtn"
         return quantized, report
     if method != "awq":
         raise ValueError(f"unknown weight-only method {method!r}; choose from {METHODS}")
-    report.error_rtn = output_error(x, weight, rtn_dequantized(weight, bits, block_size))
+    rtn = rtn_dequantized(weight, bits, block_size)
+    report.error_rtn = output_error(x, weight, rtn, round_activations(x, activation_block))
     scaled, xs = weight, x
     if scale is not None:
         scaled, xs = weight * scale[:, None], x / scale
@@ -161,13 +194,12 @@ def quantize_weight(
             "max": float(scale.max()),
             "mean": float(scale.mean()),
         }
-    clipped, report.clip_ratio_mean = clip_weight(scaled, xs, bits, block_size)
+    xs_hat = round_activations(xs, activation_block)
+    clipped, report.clip_ratio_mean = clip_weight(scaled, xs_hat, bits, block_size)
     quantized = quantize_blocks(clipped, bits, block_size)
     quantized.input_scale, quantized.rounded_from = scale, clipped
-    effective = (
-        dequantize_blocks(quantized) if scale is None else dequantize_blocks(quantized) / scale[:, None]
-    )
-    report.error = output_error(x, weight, effective)
+    # x @ W = (x / s) @ (s·W): the error of the stored weight on the scaled rows is the layer's error
+    report.error = output_error(xs, scaled, dequantize_blocks(quantized), xs_hat)
     return quantized, report
 
 

@@ -165,6 +165,7 @@ class Prepared:
     method: Method
     block_size: int
     embedding: tuple[str, np.ndarray] | None = None
+    activation_block: int | None = None  # errors measured with x rounded as MatMulNBits accuracy_level 4 does
     _cache: dict[tuple[str, int], tuple[BlockQuantized, WeightReport]] = dataclasses.field(
         default_factory=dict
     )
@@ -181,6 +182,7 @@ class Prepared:
                 activations=None if self.rows is None else self.rows[site.x],
                 scale=s,
                 alpha=alpha,
+                activation_block=self.activation_block,
             )
         return self._cache[(node, bits)]
 
@@ -220,9 +222,12 @@ def prepare(
     *,
     method: Method = "awq",
     block_size: int = 32,
+    accuracy_level: int = 4,
 ) -> Prepared:
     """AWQ: input scales searched per group of weights sharing x (on their 4-bit error) and folded: down's
-    into up's columns first (it changes up's weight before up's own search), then each norm gain's group."""
+    into up's columns first (it changes up's weight before up's own search), then each norm gain's group.
+    `accuracy_level` 4: the searches measure errors with x rounded as MatMulNBits' int8 path rounds it."""
+    act = block_size if accuracy_level == 4 else None
     inits = {i.name: i for i in model.graph.initializer}
     weights = {s.node: numpy_helper.to_array(inits[s.weight]).astype(np.float32) for s in sites}
     gains: dict[str, np.ndarray] = {}
@@ -230,7 +235,7 @@ def prepare(
     if method == "awq" and rows is not None:
         for site in sites:
             if site.fold and site.fold[0] == "columns" and site.fold[1] in weights:
-                s, alpha, _ = search_input_scale([weights[site.node]], rows[site.x], 4, block_size)
+                s, alpha, _ = search_input_scale([weights[site.node]], rows[site.x], 4, block_size, act)
                 scales[site.node] = (s, alpha)
                 weights[site.fold[1]] = weights[site.fold[1]] / s[None, :]
         groups: dict[str, list[Site]] = defaultdict(list)
@@ -239,7 +244,7 @@ def prepare(
                 groups[site.fold[1]].append(site)
         for gain, members in groups.items():
             s, alpha, _ = search_input_scale(
-                [weights[m.node] for m in members], rows[members[0].x], 4, block_size
+                [weights[m.node] for m in members], rows[members[0].x], 4, block_size, act
             )
             gains[gain] = (numpy_helper.to_array(inits[gain]).astype(np.float32) / s).astype(np.float32)
             scales.update({m.node: (s, alpha) for m in members})
@@ -247,7 +252,7 @@ def prepare(
     embedding = None
     if table is not None and inits[table].dims[1] % block_size == 0:
         embedding = (table, numpy_helper.to_array(inits[table]).astype(np.float32))
-    return Prepared(sites, weights, scales, gains, rows, method, block_size, embedding)
+    return Prepared(sites, weights, scales, gains, rows, method, block_size, embedding, act)
 
 
 def embedding_table(model: onnx.ModelProto) -> str | None:
@@ -356,7 +361,7 @@ def _quantize_gather(model: onnx.ModelProto, table: str, q: BlockQuantized) -> N
     graph = model.graph
     vocab = q.n
     data = numpy_helper.from_array(q.packed.reshape(vocab, -1), f"{table}_Q{q.bits}")
-    scales = numpy_helper.from_array(q.scales, f"{table}_scales")
+    scales = numpy_helper.from_array(q.scales, f"{table}_Q{q.bits}_scales")
     for node in graph.node:
         if node.op_type == "Gather" and node.input[0] == table:
             node.op_type, node.domain = "GatherBlockQuantized", MS_DOMAIN
@@ -377,3 +382,101 @@ def _quantize_gather(model: onnx.ModelProto, table: str, q: BlockQuantized) -> N
     graph.initializer.extend([*kept, data, scales])
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+SWITCH_INPUT = "int4_layer_switch"
+
+
+def switchable_models(
+    cpu_fp32: onnx.ModelProto,
+    trt_fp32: onnx.ModelProto,
+    prepared: Prepared,
+    fixed: Mapping[str, int],
+    candidates: list[str],
+    accuracy_level: int = 4,
+) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """The CPU and TensorRT files with every candidate computed both ways (4-bit and 8-bit) and picked by a
+    bool graph input `SWITCH_INPUT` [len(candidates)] (True: 8 bits): one session per file serves the whole
+    mixed-precision search, as exporter/quantize/sensitivity.py's switchable graph does for INT8."""
+    plan4 = prepared.plan({**fixed, **dict.fromkeys(candidates, 4)})
+    plan8 = prepared.plan({**fixed, **dict.fromkeys(candidates, 8)})
+    cpu, _ = cpu_model(cpu_fp32, plan4, accuracy_level)
+    cpu8, _ = cpu_model(cpu_fp32, plan8, accuracy_level)
+    trt, _ = tensorrt_model(trt_fp32, plan4)
+    trt8, _ = tensorrt_model(trt_fp32, plan8)
+    index = {name: i for i, name in enumerate(candidates)}
+    embedding = plan4.embedding[0] if plan4.embedding else None
+
+    def cpu_twin(node: onnx.NodeProto) -> str | None:
+        if node.op_type == "MatMulNBits":
+            return node.name.removesuffix("_Q4") if node.name.endswith("_Q4") else None
+        if node.op_type == "GatherBlockQuantized" and embedding:
+            return EMBEDDING
+        return None
+
+    def trt_twin(node: onnx.NodeProto) -> str | None:
+        return node.name if node.op_type == "MatMul" and node.name in index else None
+
+    return (
+        _switched(
+            cpu,
+            cpu8,
+            index,
+            cpu_twin,
+            lambda n: n.name.removesuffix("_Q4") + "_Q8" if n.op_type == "MatMulNBits" else n.name,
+        ),
+        _switched(trt, trt8, index, trt_twin, lambda n: n.name),
+    )
+
+
+def _switched(low: onnx.ModelProto, high: onnx.ModelProto, index, key_of, twin_name) -> onnx.ModelProto:  # type: ignore[no-untyped-def]
+    """`low` with each switchable node (key_of(node) in index) also computed as in `high` (the node named
+    twin_name(node) there, plus the nodes feeding it that `low` lacks), then Where(switch[i], high, low)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(low)
+    graph = model.graph
+    high_nodes = {n.name: n for n in high.graph.node}
+    high_producer = {o: n for n in high.graph.node for o in n.output}
+    high_inits = {i.name: i for i in high.graph.initializer}
+    have_inits = {i.name for i in graph.initializer}
+    low_values = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | have_inits
+    graph.input.append(helper.make_tensor_value_info(SWITCH_INPUT, onnx.TensorProto.BOOL, [len(index)]))
+    nodes = []
+    for node in graph.node:
+        key = key_of(node)
+        if key is None or key not in index or twin_name(node) not in high_nodes:
+            nodes.append(node)
+            continue
+        twin = onnx.NodeProto()
+        twin.CopyFrom(high_nodes[twin_name(node)])
+        feeders = []
+        for position, value in enumerate(twin.input):  # DequantizeLinear of the 8-bit weight (TensorRT file)
+            producer = high_producer.get(value)
+            if value and value not in low_values and producer is not None:
+                feeder = onnx.NodeProto()
+                feeder.CopyFrom(producer)
+                feeder.name += "_switch8"
+                feeder.output[0] += "_switch8"
+                twin.input[position] = feeder.output[0]
+                feeders.append(feeder)
+        for extra in [*twin.input, *(i for f in feeders for i in f.input)]:
+            if extra in high_inits and extra not in have_inits:
+                graph.initializer.append(high_inits[extra])
+                have_inits.add(extra)
+        out = node.output[0]
+        twin.name = f"{node.name}_switch8"
+        twin.output[0] = f"{out}_switch8"
+        node.output[0] = f"{out}_switch4"
+        i = index[key]
+        select = f"{SWITCH_INPUT}_{i}"
+        graph.initializer.append(numpy_helper.from_array(np.array(i, np.int64), f"{select}_index"))
+        nodes.extend([*feeders, twin, node])
+        nodes.append(
+            helper.make_node("Gather", [SWITCH_INPUT, f"{select}_index"], [select], name=f"{select}_gather")
+        )
+        nodes.append(
+            helper.make_node("Where", [select, twin.output[0], node.output[0]], [out], name=f"{select}_where")
+        )
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model

@@ -21,9 +21,11 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import onnx
 
 from export_errors import InputError, ValidationError
@@ -34,6 +36,7 @@ from exporter.quantize.blocks import check_block_size
 from exporter.quantize.calibration import CalibrationData, load_calibration
 from exporter.quantize.int4 import (
     EMBEDDING,
+    SWITCH_INPUT,
     Plan,
     Prepared,
     Site,
@@ -41,9 +44,10 @@ from exporter.quantize.int4 import (
     cpu_model,
     find_sites,
     prepare,
+    switchable_models,
     tensorrt_model,
 )
-from exporter.quantize.int8 import Judge
+from exporter.quantize.int8 import Judge, _session
 from exporter.quantize.sensitivity import search
 from exporter.validate.tolerances import tolerance
 from graph_passes.pipeline import optimize
@@ -114,7 +118,14 @@ def run_int4_stage(
         sites = find_sites(cpu_fp32)
         rows = collect_rows(cpu_path, [s.x for s in sites], data)
         judge = Judge(cpu_path, data, config.sensitivity_samples, None)
-        prepared = prepare(cpu_fp32, sites, rows, method=config.method, block_size=config.block_size)
+        prepared = prepare(
+            cpu_fp32,
+            sites,
+            rows,
+            method=config.method,
+            block_size=config.block_size,
+            accuracy_level=config.accuracy_level,
+        )
         fixed = {
             s.node: config.lm_head_bits()
             for s in sites
@@ -125,26 +136,36 @@ def run_int4_stage(
             model, _ = cpu_model(cpu_fp32, plan, config.accuracy_level)
             return judge.search_cosine(save_onnx(model, Path(tmp) / "candidate.onnx"))
 
-        def both_cosine(plan: Plan) -> float:
-            """The lower of the two files' search cosines: the TensorRT file rounds on its own grid."""
-            model, _ = tensorrt_model(trt_fp32, plan)
-            trt = judge.search_cosine(save_onnx(model, Path(tmp) / "candidate_trt.onnx"), fake_quant=True)
-            return min(cpu_cosine(plan), trt)
-
         candidates = [s.node for s in sites if s.node not in fixed] + (
             [EMBEDDING] if prepared.embedding else []
         )
+        cpu_switch, trt_switch = (
+            _session(model, optimize=optimized)
+            for model, optimized in zip(
+                switchable_models(cpu_fp32, trt_fp32, prepared, fixed, candidates, config.accuracy_level),
+                (
+                    True,
+                    False,
+                ),  # the CPU file as ONNX Runtime runs it; the TensorRT file's arithmetic as written
+                strict=True,
+            )
+        )
+
+        def switch(wide: Iterable[str]) -> dict[str, np.ndarray]:
+            return {SWITCH_INPUT: np.isin(np.array(candidates), list(wide))}
+
+        def evaluate(wide: frozenset[str]) -> float:
+            """The lower search cosine of the two files (the TensorRT file rounds on its own grid)."""
+            feeds = switch(wide)
+            return min(judge.switched_cosine(cpu_switch, feeds), judge.switched_cosine(trt_switch, feeds))
+
+        def sweep(names: Sequence[str]) -> dict[str, float]:
+            """Each layer alone at 4 bits, every other at 8, on the CPU file."""
+            return {n: judge.switched_cosine(cpu_switch, switch(set(candidates) - {n})) for n in names}
+
         target = config.min_cosine + SEARCH_MARGIN * (1.0 - config.min_cosine)
         budget = math.floor(config.max_int8_fraction * len(candidates)) if config.mixed_precision else 0
-        sensitivity = search(
-            candidates,
-            lambda wide: both_cosine(prepared.plan({**fixed, **dict.fromkeys(wide, 8)})),
-            target,
-            budget,
-            lambda names: {
-                n: cpu_cosine(prepared.plan({**fixed, **dict.fromkeys(names, 8), n: 4})) for n in names
-            },
-        )
+        sensitivity = search(candidates, evaluate, target, budget, sweep)
         bits = {**fixed, **dict.fromkeys(sensitivity.excluded, 8)}
         plan = prepared.plan(bits)
         cpu_file, cpu_ops = cpu_model(cpu_fp32, plan, config.accuracy_level)
@@ -212,7 +233,14 @@ def _method_comparison(model, sites, rows, prepared, fixed, cosine, config) -> d
     result = {config.method: cosine(prepared.plan(fixed))}
     for other in METHODS:
         if other not in result:
-            alternative: Prepared = prepare(model, sites, rows, method=other, block_size=config.block_size)
+            alternative: Prepared = prepare(
+                model,
+                sites,
+                rows,
+                method=other,
+                block_size=config.block_size,
+                accuracy_level=config.accuracy_level,
+            )
             result[other] = cosine(alternative.plan(fixed))
     return result
 

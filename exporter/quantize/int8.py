@@ -383,6 +383,11 @@ class Judge:
             result[name] = float(np.mean(np.concatenate([token_cosines(r, o, m) for r, o, m in pairs])))
         return result
 
+    def switched_cosine(self, session: ort.InferenceSession, switch: dict[str, np.ndarray]) -> float:
+        """Cosine on the search samples of a switchable session (`switch`: its switch input's feed)."""
+        pairs = self._pairs(session, "calibration", self.search_samples, switch)
+        return float(np.mean(np.concatenate([token_cosines(r, o, m) for r, o, m in pairs])))
+
     def max_abs_vs_reference(self, model: Path) -> float:
         session = _session(model, optimize=False)
         pairs = self._pairs(session, "calibration", self.search_samples)
