@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--int4-accuracy-target",
         type=float,
-        help="--precision int4 gate: minimum held-out mean logit cosine vs fp32 (default 0.98)",
+        help="--precision int4 gate: minimum held-out mean logit cosine vs fp32 (default 0.95)",
     )
     p.add_argument(
         "--sequence-length", type=int, default=128, help="sequence length for validation and calibration"

@@ -23,6 +23,7 @@ from exporter.testing.synthetic import (
     row_mask,
     tiny_config,
 )
+from exporter.validate.tolerances import tolerance
 
 LORA = {
     "bert": LoraSpec(target_modules=("query", "value", "intermediate.dense", "output.dense")),
@@ -205,8 +206,8 @@ def test_int4_decoder_writes_both_files_gated(family, model_dir_factory, tmp_pat
     int4 = result.report["int4"]
     assert int4["gate"]["passed"] and int4["method"] == "awq"
     for variant in ("cpu", "tensorrt"):
-        assert int4[variant]["heldout_cosine"] >= 0.98
-        assert int4[variant]["greedy_agreement"] >= 0.75, int4[variant]
+        assert int4[variant]["heldout_cosine"] >= tolerance("int4").min_mean_cosine
+        assert int4[variant]["greedy_agreement"] >= tolerance("int4").min_greedy_agreement, int4[variant]
         assert "free_running_agreement" in int4[variant]
     assert sorted(p.name for p in result.artifacts.values()) == sorted(
         ["model.exported.onnx", "model.onnx", "model.int4.onnx", "model.int4.cpu.onnx"]
@@ -214,7 +215,9 @@ def test_int4_decoder_writes_both_files_gated(family, model_dir_factory, tmp_pat
     ops = [n.op_type for n in onnx.load(tmp_path / "out" / "model.int4.cpu.onnx").graph.node]
     layers = len(json.loads((tmp_path / "out" / "decoder_manifest.json").read_text())["layers"])
     assert ops.count("GroupQueryAttention") == layers and "MatMul" not in ops
-    assert ops.count("MatMulNBits") == 7 * layers + 1
+    # q/k/v and gate/up packed (+ Split) where their widths agree: 4 per layer + lm_head, at most 7 + 1
+    assert 4 * layers + 1 <= ops.count("MatMulNBits") <= 7 * layers + 1
+    assert ops.count("MatMulNBits") + 2 * ops.count("Split") == 7 * layers + 1
     assert result.report["engine"]["tensorrt_onnx"] == "model.int4.onnx"
     assert result.report["engine"]["tensorrt_prebuild_problems"] == []
 

@@ -254,3 +254,20 @@ def test_switchable_models_compute_each_plan(decoder):
                     ["logits"], {**{k: v for k, v in feeds.items() if k in names}, int4.SWITCH_INPUT: switch}
                 )[0]
                 np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def test_packed_projections_compute_what_the_separate_ones_do(decoder):
+    """q/k/v and gate/up packed into one MatMulNBits + Split each: the same numbers (concatenation along N is
+    exact), fewer kernel calls; a group whose widths differ (one member 8-bit) stays separate."""
+    prepared = int4.prepare(decoder.cpu, decoder.sites, decoder.rows, method="awq")
+    k_proj = next(s.node for s in decoder.sites if "layers.0/self_attn/k_proj" in s.node)
+    plan = prepared.plan({k_proj: 8})
+    separate, _ = int4.cpu_model(decoder.cpu, plan)
+    packed, report = int4.cpu_model(
+        decoder.cpu, plan, pack=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    )
+    ops = [n.op_type for n in packed.graph.node]
+    assert ops.count("Split") == 3 + 2 and ops.count("MatMulNBits") == len(decoder.sites) - 2 * 2 - 3
+    assert report["counts"] == {"MatMulNBits_4bit": ops.count("MatMulNBits") - 1, "MatMulNBits_8bit": 1}
+    for (want, _), (got, _) in zip(decoder.logits(separate, True), decoder.logits(packed, True)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)

@@ -140,8 +140,7 @@ def clip_weight(
         clipped = np.clip(w, -limit, limit).reshape(-1, n)[:k]
         diff = np.pad(weight - rtn_dequantized(clipped, bits, block_size), ((0, pad), (0, 0)))
         diff = diff.reshape(k_blocks, block_size, n)
-        error = np.einsum("mbk,bkn->mbn", xb, diff)  # per block's contribution to the output
-        error = np.square(error, dtype=np.float64).sum(axis=0)
+        error = np.stack([np.square(xb[:, b] @ diff[b]).sum(axis=0) for b in range(k_blocks)])  # per block
         better = error < best_error
         best_error = np.where(better, error, best_error)
         best_ratio = np.where(better, np.float32(ratio), best_ratio)

@@ -21,7 +21,7 @@ import logging
 import sys
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from exporter.quantize.calibration import CalibrationData
 from exporter.quantize.ranges import _feeds_for, _session_with_outputs
 from graph_passes.dequantize_blockwise import MIN_OPSET, DequantizedWeight, MatMulToBlockwiseDequantize
 from graph_passes.matmul_nbits import MS_DOMAIN, MatMulToNBits
+from graph_passes.pack_matmuls import pack_matmuls
 
 logger = logging.getLogger(__name__)
 
@@ -271,15 +272,49 @@ def embedding_table(model: onnx.ModelProto) -> str | None:
 
 
 def cpu_model(
-    model: onnx.ModelProto, plan: Plan, accuracy_level: int = 4
+    model: onnx.ModelProto, plan: Plan, accuracy_level: int = 4, pack: Sequence[str] = ()
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """MatMulNBits for every planned MatMul, gains folded, the embedding through GatherBlockQuantized."""
+    """MatMulNBits for every planned MatMul, gains folded, the embedding through GatherBlockQuantized.
+    `pack`: projections (e.g. q/k/v, gate/up) sharing an input become one MatMulNBits + Split
+    (graph_passes/pack_matmuls.py) where their bit widths agree: their quantized weights are concatenated
+    along N, which is exact (every output column has its own blocks)."""
     proto = _with_gains(model, plan.gains)
     if plan.embedding is not None:
         _quantize_gather(proto, *plan.embedding)
+    weights = dict(plan.weights)
+    if pack:
+        unplanned = {n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in weights}
+        groups = pack_matmuls(proto, pack, keep_separate=unplanned | _mixed_groups(proto, weights, pack))
+        for packed, members in groups.items():
+            weights[packed] = concatenated([weights.pop(m) for m in members])
     ir_model = ir.from_proto(proto)
-    result = MatMulToNBits(plan.weights, accuracy_level)(ir_model)
+    result = MatMulToNBits(weights, accuracy_level)(ir_model)
     return ir.to_proto(ir_model), result.report.to_json()  # type: ignore[attr-defined]
+
+
+def concatenated(members: Sequence[BlockQuantized]) -> BlockQuantized:
+    """Weights reading one input, packed along N: block quantization is per output column, so exact."""
+    first = members[0]
+    if any((q.bits, q.block_size, q.k) != (first.bits, first.block_size, first.k) for q in members):
+        raise ValueError("packed weights must share bits, block size and K")
+    return BlockQuantized(
+        np.concatenate([q.packed for q in members]),
+        np.concatenate([q.scales for q in members]),
+        first.k,
+        first.bits,
+        first.block_size,
+    )
+
+
+def _mixed_groups(
+    model: onnx.ModelProto, weights: Mapping[str, BlockQuantized], roles: Sequence[str]
+) -> set[str]:
+    """MatMuls of a would-be packed group whose bit widths differ: kept separate."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.name in weights and any(r in node.name for r in roles):
+            groups[node.input[0]].append(node.name)
+    return {n for names in groups.values() if len({weights[m].bits for m in names}) > 1 for n in names}
 
 
 def tensorrt_model(model: onnx.ModelProto, plan: Plan) -> tuple[onnx.ModelProto, dict[str, Any]]:
