@@ -23,7 +23,9 @@ tokens, and agreement of its own free-running greedy tokens with fp32's. The fus
 abs logit error vs the exported one and whether its free-running greedy tokens are the same.
 
   OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python tools/bench_decoder.py --threads 2 --prompt 128 --new 64
-  HF_HUB_OFFLINE=1 python tools/bench_decoder.py --peers --repeats 5    # vs onnxruntime-genai (decoder_peers.py)
+  # vs onnxruntime-genai (tools/decoder_peers.py): build under the shared CPU lock, time under the exclusive one
+  HF_HUB_OFFLINE=1 flock -s /tmp/cpu.lock python tools/bench_decoder.py --peers --build-only
+  HF_HUB_OFFLINE=1 flock -x /tmp/cpu.lock python tools/bench_decoder.py --peers --reuse --repeats 7
 
 On a shared machine, spinning thread pools wreck an interleaved comparison: with other processes
 on the cores, PyTorch's OpenMP threads spinning at barriers made its decode ~4x slower (4.8 vs 21
@@ -253,6 +255,10 @@ def main() -> None:
         "--eval-prompts", type=int, default=8, help="--peers: prompts for the accuracy columns"
     )
     parser.add_argument("--int4-config", default="{}", help="--peers: Int4Config fields as JSON")
+    parser.add_argument("--build-only", action="store_true", help="--peers: build the files, time nothing")
+    parser.add_argument(
+        "--reuse", action="store_true", help="--peers: time the files of an earlier --build-only"
+    )
     args = parser.parse_args()
     if args.peers:
         import decoder_peers

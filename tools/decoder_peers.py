@@ -44,7 +44,7 @@ from torch import nn
 from exporter.export.decoder_with_past import export_decoder_with_past
 from exporter.export.external_data import save_onnx
 from exporter.quantize.calibration import load_calibration
-from exporter.quantize.int4_stage import Int4Config, run_int4_stage
+from exporter.quantize.int4_stage import PACKED_PROJECTIONS, Int4Config, run_int4_stage
 from exporter.runtime.generation import CachedDecoder, greedy_agreement
 from graph_passes import pipeline
 
@@ -202,7 +202,8 @@ def our_files(model: nn.Module, root: Path, args: argparse.Namespace) -> dict[st
     cpu_fp32 = onnx.load(str(files["fp32"]))
     sites = int4.find_sites(cpu_fp32)
     prepared = int4.prepare(cpu_fp32, sites, None, method="rtn", block_size=32)
-    w8, _ = int4.cpu_model(cpu_fp32, prepared.plan({**{s.node: 8 for s in sites}, int4.EMBEDDING: 8}))
+    bits = {**{s.node: 8 for s in sites}, int4.EMBEDDING: 8}
+    w8, _ = int4.cpu_model(cpu_fp32, prepared.plan(bits), 4, PACKED_PROJECTIONS)
     files["w8"] = save_onnx(w8, root / "model.w8.cpu.onnx")
     return files
 
@@ -255,25 +256,19 @@ def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     root = Path(args.work)
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
-    unpruned = build_llama(args)
+    manifest = root / "files.json"
+    if not args.reuse:
+        if root.exists():
+            shutil.rmtree(root)
+        root.mkdir(parents=True)
+        built = {v: {k: str(p) for k, p in build_files(v, root, args).items()} for v in args.variants}
+        manifest.write_text(json.dumps(built, indent=1))
+        if args.build_only:  # built under a shared CPU lock; timed later under the exclusive one (--reuse)
+            return
+    all_files = json.loads(manifest.read_text())
     rows: list[dict[str, Any]] = []
     for variant in args.variants:
-        model = unpruned if variant == "unpruned" else prune(build_llama(args))
-        print(f"{variant}: building files ...", flush=True)
-        files = {f"ours {k}": v for k, v in our_files(model, root / variant / "ours", args).items()}
-        genai: dict[str, Path] = {}
-        if variant == "unpruned" and not args.no_genai:
-            folder = root / variant / "hf"
-            write_hf_folder(model, folder)
-            for precision in ("fp32", "int8", "int4"):
-                genai[f"genai {precision}"], seconds = genai_build(
-                    folder, root / variant / f"genai_{precision}", precision
-                )
-                print(f"  genai builder -p {precision}: {seconds:.1f} s", flush=True)
-        files.update(genai)
+        files = {k: Path(v) for k, v in all_files[variant].items()}
         rng = np.random.default_rng(0)
         prompt = rng.integers(1000, 31000, size=(1, args.prompt))
         tokens = _greedy_tokens(files["ours fp32"], prompt, args)
@@ -294,6 +289,20 @@ def main(args: argparse.Namespace) -> None:
         if variant == "pruned":
             rows.append({"model": variant, "file": "genai (any)", "note": "cannot export per-layer widths"})
     table(rows, args)
+
+
+def build_files(variant: str, root: Path, args: argparse.Namespace) -> dict[str, Path]:
+    model = build_llama(args) if variant == "unpruned" else prune(build_llama(args))
+    print(f"{variant}: building files ...", flush=True)
+    files = {f"ours {k}": v for k, v in our_files(model, root / variant / "ours", args).items()}
+    if variant == "unpruned" and not args.no_genai:
+        folder = root / variant / "hf"
+        write_hf_folder(model, folder)
+        for precision in ("fp32", "int8", "int4"):
+            out = root / variant / f"genai_{precision}"
+            files[f"genai {precision}"], seconds = genai_build(folder, out, precision)
+            print(f"  genai builder -p {precision}: {seconds:.1f} s", flush=True)
+    return files
 
 
 def _greedy_tokens(fp32: Path, prompt: np.ndarray, args: argparse.Namespace) -> np.ndarray:

@@ -59,7 +59,8 @@ TENSORRT_FILE = "model.int4.onnx"
 # Measured (tools/bench_decoder.py --int4-methods, README "INT4"): see the README table for the numbers.
 DEFAULT_METHOD: Method = "awq"
 DEFAULT_BLOCK_SIZE = 32
-# lm_head: 4-bit by default (measured in tools/bench_decoder.py: README); --int4-lm-head overrides.
+# lm_head: 4-bit unless the search widens it (`auto`); --int4-lm-head int4|int8 fixes it. Measured (same harness
+# as PACKED_PROJECTIONS, block 32, RTN): 8-bit lm_head decode 371.8 vs 4-bit 411.9 tok/s, file 40.9 vs 33.1 MiB.
 LM_HEAD_BITS = 4
 # The CPU file packs q/k/v and gate/up into one MatMulNBits each (+ Split): measured with tools/bench_decoder.py
 # --peers' harness (llama-512, block 32, 2 threads, this session's Xeon): decode 445 -> 450 tok/s packing q/k/v,
