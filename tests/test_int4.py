@@ -271,3 +271,16 @@ def test_packed_projections_compute_what_the_separate_ones_do(decoder):
     assert report["counts"] == {"MatMulNBits_4bit": ops.count("MatMulNBits") - 1, "MatMulNBits_8bit": 1}
     for (want, _), (got, _) in zip(decoder.logits(separate, True), decoder.logits(packed, True)):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_packing_fp32_is_exact_and_idempotent(decoder):
+    from graph_passes.pack_matmuls import pack_matmuls
+
+    packed = onnx.ModelProto()
+    packed.CopyFrom(decoder.cpu)
+    roles = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    groups = pack_matmuls(packed, roles)
+    assert len(groups) == 2 * 3 and all(len(m) in (2, 3) for m in groups.values())
+    assert pack_matmuls(packed, roles) == {}  # a second run finds nothing to pack
+    for (want, _), (got, _) in zip(decoder.logits(decoder.cpu), decoder.logits(packed)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
