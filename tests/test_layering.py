@@ -28,6 +28,7 @@ ALLOWED = {
 # exporter's own floors, bottom first: a module may import its own floor and the ones below.
 EXPORTER_FLOORS: list[tuple[str, ...]] = [
     ("exporter.config",),
+    ("exporter.tasks",),
     ("exporter.model_dir",),
     ("exporter.validate",),
     ("exporter.restructure",),
