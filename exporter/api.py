@@ -5,7 +5,9 @@ Stages, in order (each timed in the report):
   PyTorch) -> export (ONNX, checked on ONNX Runtime) -> graph passes -> INT8 -> engine -> CPU engine
   candidates (where TensorRT does not serve) -> stage table (the candidates timed in it) -> CPU engine choice.
 Every check compares with the masked+merged PyTorch reference and raises on failure: an export that
-"succeeds" with wrong outputs is the failure this tool exists to prevent.
+"succeeds" with wrong outputs is the failure this tool exists to prevent. What a check compares, which
+metric judges it and how validation feeds are built is the task's to say (`exporter.tasks`): the API
+asks the task, it does not branch on the model kind.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -34,35 +37,33 @@ from exporter import cpu_engine_stage
 from exporter.config import ExportConfig
 from exporter.cpu_engine_stage import CpuEngineStage
 from exporter.engine_stage import run_engine_stage
-from exporter.export.decoder_with_past import TASK as DECODER_TASK
 from exporter.export.decoder_with_past import export_decoder_with_past
+from exporter.export.deploy_files import write_deployment_files
 from exporter.export.external_data import save_onnx
-from exporter.export.torch_to_onnx import (
-    EXPORTER,
-    EXPORTER_REASON,
-    CausalLMForExport,
-    EncoderForExport,
-    export_to_onnx,
-    input_names_for,
-)
+from exporter.export.task_heads import wrapper_for
+from exporter.export.torch_to_onnx import EXPORTER, EXPORTER_REASON, export_to_onnx, input_names_for
 from exporter.model_dir.loader import ModelDir, build_reference_model, load_model_dir
-from exporter.model_dir.tokenizer import load_tokenizer, padding_side_for
+from exporter.model_dir.tokenizer import load_tokenizer
 from exporter.outputs import check_output_dir, staged_output
 from exporter.quantize.int4_stage import Int4Config, load_decoder_calibration, run_int4_stage
 from exporter.quantize.int8_stage import run_int8_stage
 from exporter.report import files as report_io
 from exporter.report import stage_report, stage_table
 from exporter.restructure.compact import save_compact
-from exporter.restructure.families import family_for, is_decoder
+from exporter.restructure.families import family_for
 from exporter.restructure.flops import FORMULA as FLOPS_FORMULA
 from exporter.restructure.remove_dead import restructure
 from exporter.runtime.generation import CachedDecoder
+from exporter.tasks.spec import Task
 from exporter.validate.compare import Comparison, check, compare_all
-from exporter.validate.heldout_inputs import validation_feeds
+from exporter.validate.eval_set import EvalSet, load_eval_set
+from exporter.validate.task_inputs import special_token_ids, task_validation_feeds
 from exporter.validate.tolerances import tolerance
 from graph_passes.pipeline import optimize
 
 logger = logging.getLogger(__name__)
+
+Outputs = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass
@@ -103,6 +104,9 @@ class _Run:
             "timings_s": {},
         }
         self.artifacts: dict[str, Path] = {}
+        self.eval_set: EvalSet | None = None
+        self.special_ids: tuple[int | None, int | None] = (None, None)
+        self.feeds: dict[str, np.ndarray] = {}
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -115,25 +119,31 @@ class _Run:
         torch.manual_seed(self.config.seed)
         with self.stage("load"):
             md = load_model_dir(
-                self.model_dir, adapter=self.config.adapter, allow_pickle=self.config.allow_pickle
+                self.model_dir,
+                adapter=self.config.adapter,
+                allow_pickle=self.config.allow_pickle,
+                task=self.config.task,
             )
             family_for(md.model_type, str(self.model_dir / "config.json"))
-            self._task(md)  # a task that does not fit the model is refused before any work
+            self.task: Task = md.task
             self._check_precision(md)
             self.report["model"] = _model_json(md)
+            self.special_ids = special_token_ids(md.config, md.tokenizer_path)
         with self.stage("reference"):
             model = build_reference_model(md)
             md.weights.clear()  # the model holds the weights now: keeping the loaded copy doubles the peak
             merge = md.lora_merge
             self.report["model"]["lora_merged_modules"] = len(merge.merged_modules) if merge else 0
             self.report["model"]["lora_max_abs_delta"] = merge.max_abs_delta if merge else 0.0
-            wrapper = _wrapper(model, md, self._task(md))
-            feeds = self._feeds(md, wrapper)
+            wrapper = wrapper_for(md.task, model, _uses_token_types(md), md.pooling)
+            self.feeds = feeds = self._feeds(md, wrapper)
             reference = _torch_outputs(wrapper, feeds)
+            self._load_eval_set(md, wrapper)
+            self._evaluate("reference", functools.partial(_torch_outputs, wrapper))
         # the PyTorch stage of the stage table is the uncompacted reference: keep a copy to time it
-        uncompacted = copy.deepcopy(wrapper) if self._stage_table_wanted(md) else None
+        uncompacted = copy.deepcopy(wrapper) if self._stage_table_wanted() else None
         with self.stage("restructure"):
-            plan = restructure(model)
+            plan = restructure(model, md.pruned_heads)
             self._check("compact_pytorch", reference, _torch_outputs(wrapper, feeds))
             plan.save(work / "restructure_plan.json")
             save_compact(model, plan, work / "compact_model")
@@ -141,6 +151,7 @@ class _Run:
             self.report["restructure"] = _restructure_json(plan)
         with self.stage("export"):
             self._export(md, wrapper, model, feeds, reference, work)
+            self.report["deployment"] = write_deployment_files(work, md, plan)
         del model, wrapper  # later stages use ONNX only: free the weights
         with self.stage("graph_passes"):
             self._optimize(md, feeds, reference, work)
@@ -153,6 +164,7 @@ class _Run:
         with self.stage("engine"):
             engine_onnx = self.artifacts.get("int8", self.artifacts.get("int4", self.artifacts["onnx"]))
             self.report["engine"] = run_engine_stage(self.choice, engine_onnx, self._seq_limit(md))
+            self.report["engine"]["cpu_file"] = self.artifacts.get("int8_cpu", self.artifacts["onnx"]).name
         with contextlib.ExitStack() as stack:
             cpu = self._cpu_candidates(md, feeds, reference, stack)
             rows = None
@@ -170,31 +182,34 @@ class _Run:
         wrapper: torch.nn.Module,
         model: torch.nn.Module,
         feeds: dict[str, np.ndarray],
-        reference: dict[str, np.ndarray],
+        reference: Outputs,
         work: Path,
     ) -> None:
         """The compact model to ONNX, checked on ONNX Runtime against the reference."""
         path = work / "model.exported.onnx"
-        if self._task(md) == DECODER_TASK:
+        if self.task.with_past:
             manifest = export_decoder_with_past(model, path, opset=self.config.opset)
             (work / "decoder_manifest.json").write_text(
                 json.dumps(manifest.to_dict(), indent=2, sort_keys=True)
             )
         else:
             example = {k: torch.from_numpy(v) for k, v in feeds.items()}
-            export_to_onnx(wrapper, example, path, self.config.opset)
-        self._check("onnx_fp32", reference, self._onnx_outputs(md, path, feeds), self._real_tokens(md, feeds))
+            axes = self.task.dynamic_axes(input_names_for(wrapper))
+            export_to_onnx(wrapper, example, path, self.config.opset, axes)
+        self._check("onnx_fp32", reference, self._onnx_outputs(path, feeds), self.task.fp32_masks(feeds))
         self.artifacts["exported"] = path
+        self._evaluate("onnx_fp32", lambda batch: self._onnx_outputs(path, batch))
         self.report["export"] = {
             "exporter": EXPORTER,
             "reason": EXPORTER_REASON,
             "opset": self.config.opset,
-            "task": self._task(md),
+            "task": self.task.name,
+            "task_source": md.task_source,
+            "architecture": md.architecture,
+            "outputs": list(self.task.outputs),
         }
 
-    def _optimize(
-        self, md: ModelDir, feeds: dict[str, np.ndarray], reference: dict[str, np.ndarray], work: Path
-    ) -> None:
+    def _optimize(self, md: ModelDir, feeds: dict[str, np.ndarray], reference: Outputs, work: Path) -> None:
         """The backend's pass pipeline on the exported graph -> model.onnx, checked like the export.
         With `--sparsity enforce` the weights change on purpose: the error is reported, not gated."""
         target: Literal["tensorrt", "onnxruntime"] = (
@@ -209,13 +224,14 @@ class _Run:
         )
         path = save_onnx(optimized, work / "model.onnx")
         self.report["graph_passes"] = pipeline.to_json()
-        outputs = self._onnx_outputs(md, path, feeds)
+        outputs = self._onnx_outputs(path, feeds)
         gate = "fp32" if self.config.sparsity != "enforce" else None
-        self._check("optimized_fp32", reference, outputs, self._real_tokens(md, feeds), gate)
+        self._check("optimized_fp32", reference, outputs, self.task.fp32_masks(feeds), gate)
         self.artifacts["onnx"] = path
+        self._evaluate("optimized_fp32", lambda batch: self._onnx_outputs(path, batch))
 
-    def _stage_table_wanted(self, md: ModelDir) -> bool:
-        return self.config.benchmark and self._task(md) != DECODER_TASK
+    def _stage_table_wanted(self) -> bool:
+        return self.config.benchmark and not self.task.with_past
 
     def _stage_table_rows(
         self,
@@ -233,6 +249,8 @@ class _Run:
             self.config.benchmark_threads,
             self.config.benchmark_iterations,
             extra=cpu_engine_stage.extra_rows(cpu) if cpu is not None else None,
+            agreement=self.report.get("task_agreement", {}),
+            labeled=self.report.get("eval", {}).get("stages", {}),
         )
 
     def _render_stage_table(
@@ -254,6 +272,7 @@ class _Run:
         self.report["stages"]["timing"] = (
             f"batch 1 x {feeds['input_ids'].shape[1]}, {self.config.benchmark_threads} threads, interleaved, "
             f"{self.config.benchmark_iterations} rounds; accuracy on all validation samples vs the PyTorch reference"
+            + ("; labeled accuracy on --eval-data" if self.eval_set is not None else "")
         )
         self.report["stages_md"] = stage_report.render_markdown(rows)
         stage_report.write_chart(rows, work / "stages.png")
@@ -270,9 +289,8 @@ class _Run:
             return None
         with self.stage("cpu_engine"):
             cpu = cpu_engine_stage.plan(self.artifacts, self.config.backend, self.config.cpu_engine)
-            decoder = self._task(md) == DECODER_TASK
-            token_output = "logits" if decoder else "last_hidden_state"
-            real = {token_output: feeds["attention_mask"].astype(bool)}
+            decoder = self.task.with_past
+            real = self.task.token_masks(feeds)
 
             def outputs(runner: Runner) -> dict[str, np.ndarray]:
                 return _decoder_prefill_with(runner, feeds) if decoder else runner.infer(feeds)
@@ -307,7 +325,7 @@ class _Run:
                 if cpu_engine_stage.candidate_row(a.candidate.name) in by_row
             }
             timing = "latency: the stage table's interleaved rounds (batch 1 x the validation length)"
-        elif self.config.benchmark and self._task(md) == DECODER_TASK:
+        elif self.config.benchmark and self.task.with_past:
             with self.stage("cpu_engine_timing"):
                 latencies = cpu_engine_stage.time_decoder_candidates(
                     cpu,
@@ -326,12 +344,10 @@ class _Run:
         logger.info("CPU engine: %s on %s (%s)", chosen.name, chosen.chosen.path.name, chosen.reason)
         return chosen
 
-    def _int8(
-        self, md: ModelDir, feeds: dict[str, np.ndarray], reference: dict[str, np.ndarray], work: Path
-    ) -> None:
+    def _int8(self, md: ModelDir, feeds: dict[str, np.ndarray], reference: Outputs, work: Path) -> None:
         """INT8 artifacts, gated on held-out accuracy vs fp32 and compared with the PyTorch reference.
-        KV-cache decoders are calibrated on prefills and also get greedy agreement vs the fp32 model."""
-        decoder = self._task(md) == DECODER_TASK
+        KV-cache decoders are calibrated on prefills and also get greedy agreement vs the fp32 model;
+        classifiers, taggers and QA models are also gated on their held-out task agreement."""
         result, section = run_int8_stage(
             self.artifacts["exported"],
             work,
@@ -341,34 +357,38 @@ class _Run:
             input_names=list(feeds),
             sequence_length=self._seq_len(md),
             vocab_size=md.config.vocab_size,
-            decoder_with_past=decoder,
-            padding_side=padding_side_for(md.is_decoder),
+            decoder_with_past=self.task.with_past,
+            padding_side=self.task.padding_side,
             openvino_file=self.choice.name != "tensorrt" and self.config.backend != "onnxruntime",
         )
         self.report["int8"] = section
         self.artifacts["int8"] = result.tensorrt_path
         if result.openvino_path is not None:
             self.artifacts["int8_openvino"] = result.openvino_path
-        token_output = "logits" if decoder else "last_hidden_state"
-        real = {token_output: feeds["attention_mask"].astype(bool)}  # INT8 is judged on real tokens
-        gate = "int8" if decoder else None  # encoders: gated on held-out cosine inside quantize
-        trt_outputs = self._onnx_outputs(md, result.tensorrt_path, feeds)
+        real = self.task.token_masks(feeds)  # INT8 is judged on real tokens
+        gate = "int8" if self.task.with_past else None  # others: gated on held-out cosine inside quantize
+        trt_outputs = self._onnx_outputs(result.tensorrt_path, feeds)
         self._check("int8_tensorrt", reference, trt_outputs, real, gate)
+        self._evaluate("int8_tensorrt", lambda batch: self._onnx_outputs(result.tensorrt_path, batch))
         if result.cpu_path is not None:
-            self.artifacts["int8_cpu"] = result.cpu_path
-            run = _decoder_prefill_outputs if decoder else _onnxruntime_outputs
-            self._check("int8_cpu", reference, run(result.cpu_path, feeds, optimized=True), real, gate)
-        if decoder:
+            cpu_path = result.cpu_path
+            self.artifacts["int8_cpu"] = cpu_path
+            cpu_outputs = self._onnx_outputs(cpu_path, feeds, optimized=True)
+            self._check("int8_cpu", reference, cpu_outputs, real, gate)
+            self._evaluate("int8_cpu", lambda batch: self._onnx_outputs(cpu_path, batch, optimized=True))
+        if self.task.with_past:
             for variant, path in (("tensorrt", result.tensorrt_path), ("cpu", result.cpu_path)):
                 if path is not None:
                     section[variant].update(_decoder_int8_quality(self.artifacts["onnx"], path, feeds))
+        if self.task.gate_on_agreement:
+            self._agreement_gate(
+                section, result.heldout, {"tensorrt": result.tensorrt_path, "cpu": result.cpu_path}
+            )
 
     def _check_precision(self, md: ModelDir) -> None:
         """INT4 is weight-only: it pays where weight bytes per token bound the time (decoding with a cache)."""
-        if self.config.precision == "int4" and self._task(md) != DECODER_TASK:
-            kind = (
-                "an encoder" if not is_decoder(md.model_type) else "a causal LM exported without a KV cache"
-            )
+        if self.config.precision == "int4" and not self.task.with_past:
+            kind = f"a {self.task.name} export without a KV cache"
             raise InputError(
                 "--precision",
                 f"int4 is weight-only, for causal LMs with a KV cache ({md.model_type} here is {kind}): "
@@ -415,38 +435,55 @@ class _Run:
                     f"logit cosine {section[variant]['logit_mean_cosine']:.5f}"
                 )
 
-    def _onnx_outputs(self, md: ModelDir, path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._task(md) == DECODER_TASK:
-            return _decoder_prefill_outputs(path, feeds)
-        return _onnxruntime_outputs(path, feeds)
+    def _agreement_gate(
+        self, section: dict[str, Any], heldout: dict[str, np.ndarray], files: dict[str, Path | None]
+    ) -> None:
+        """Held-out task agreement of each INT8 file with the fp32 export (never used for ranges or layer
+        choices), beside the cosine gate: a classifier is judged by the labels it picks."""
+        heldout = self.task.prepare_feeds(heldout, *self.special_ids)
+        fp32 = self._onnx_outputs(self.artifacts["exported"], heldout)
+        target = self.config.agreement_target
+        misses = []
+        for variant, path in files.items():
+            if path is None:
+                continue
+            outputs = self._onnx_outputs(path, heldout, optimized=variant == "cpu")
+            agreement = self.task.agreement(fp32, outputs, heldout, self.special_ids[1])
+            section[variant]["heldout_task_agreement"] = agreement
+            if agreement["agreement"] < target:
+                misses.append(f"{path.name}: {agreement['agreement']:.4f}")
+        section["agreement_gate"] = {
+            "target": target,
+            "samples": int(heldout["input_ids"].shape[0]),
+            "vs": "fp32 model.exported.onnx on the held-out calibration split",
+            "passed": not misses,
+        }
+        if misses:
+            raise ValidationError(
+                f"INT8 task agreement gate failed: {self.task.name} agreement with fp32 on "
+                f"{section['agreement_gate']['samples']} held-out samples below {target} "
+                f"(--agreement-target): {', '.join(misses)}; the held-out samples are the calibration data's: "
+                "calibrate on the task's own text (--calibration) to judge it on its own inputs"
+            )
 
-    def _real_tokens(self, md: ModelDir, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-        """Decoders are judged on real tokens: padded rows are not part of a causal LM's contract."""
-        if is_decoder(md.model_type):
-            return {"logits": feeds["attention_mask"].astype(bool)}
-        return None
-
-    def _task(self, md: ModelDir) -> str:
-        if not is_decoder(md.model_type):
-            if self.config.task is not None:
-                raise InputError(
-                    "--task", f"{self.config.task} is for causal LMs; {md.model_type} is an encoder"
-                )
-            return "feature-extraction"
-        return self.config.task or DECODER_TASK
+    def _onnx_outputs(self, path: Path, feeds: dict[str, np.ndarray], optimized: bool = False) -> Outputs:
+        if self.task.with_past:
+            return _decoder_prefill_outputs(path, feeds, optimized)
+        return _onnxruntime_outputs(path, feeds, optimized)
 
     def _feeds(self, md: ModelDir, wrapper: torch.nn.Module) -> dict[str, np.ndarray]:
-        names = input_names_for(wrapper)
-        side = padding_side_for(md.is_decoder)
+        side = self.task.padding_side
         if md.tokenizer_path is not None:
             _, padding = load_tokenizer(md.tokenizer_path, side)
             self.report["model"]["tokenizer_padding"] = padding.to_json()
-        return validation_feeds(
-            names,
+        return task_validation_feeds(
+            self.task,
+            input_names_for(wrapper),
             md.tokenizer_path,
             md.config.vocab_size,
             self.config.validation_samples,
             self._seq_len(md),
+            self.special_ids,
             padding_side=side,
         )
 
@@ -458,6 +495,33 @@ class _Run:
             shutil.copy2(md.generation_config_path, folder / md.generation_config_path.name)
         self.artifacts["generation_config"] = work / md.generation_config_path.name
 
+    def _load_eval_set(self, md: ModelDir, wrapper: torch.nn.Module) -> None:
+        if self.config.eval_data is None:
+            return
+        self.eval_set = load_eval_set(
+            Path(self.config.eval_data),
+            self.task,
+            md.tokenizer_path,
+            md.config,
+            input_names_for(wrapper),
+            self._seq_len(md),
+        )
+        self.report["eval"] = {
+            "file": str(self.eval_set.path),
+            "samples": self.eval_set.samples,
+            "stages": {},
+        }
+
+    def _evaluate(self, check_name: str, run: Callable[[dict[str, np.ndarray]], Outputs]) -> None:
+        """Labeled accuracy of one stage on --eval-data (nothing without it)."""
+        if self.eval_set is None:
+            return
+        batches = [run(batch) for batch in self.eval_set.batches()]
+        outputs = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+        scores = self.eval_set.score(outputs)
+        self.report["eval"]["stages"][check_name] = scores
+        logger.info("%s: labeled accuracy %.4f, f1 %.4f", check_name, scores["accuracy"], scores["f1"])
+
     def _seq_limit(self, md: ModelDir) -> int:
         return min(512, int(getattr(md.config, "max_position_embeddings", 512)))
 
@@ -467,30 +531,29 @@ class _Run:
     def _check(
         self,
         what: str,
-        reference: dict[str, np.ndarray],
-        outputs: dict[str, np.ndarray],
+        reference: Outputs,
+        outputs: Outputs,
         token_masks: dict[str, np.ndarray] | None = None,
         gate: str | None = "fp32",
     ) -> list[Comparison]:
-        """Compare with the reference, record it, and raise when outside the `gate` dtype's tolerance."""
+        """Compare with the reference, record it and the task's agreement, and raise when outside the
+        `gate` dtype's tolerance."""
         comparisons = compare_all(reference, outputs, token_masks)
         self.report.setdefault("validation", {})[what] = [c.to_json() for c in comparisons]
+        agreement = self.task.agreement(reference, outputs, self.feeds, self.special_ids[1])
+        if agreement:
+            self.report.setdefault("task_agreement", {})[what] = agreement
         if gate is not None:
             check(comparisons, gate, what)
         return comparisons
 
 
-def _wrapper(model: torch.nn.Module, md: ModelDir, task: str) -> torch.nn.Module:
-    """The module the reference runs (and encoders / cache-less decoders export). The KV-cache decoder's
-    reference counts positions over real tokens, as its generation does with left-padded prompts."""
-    if is_decoder(md.model_type):
-        return CausalLMForExport(model, positions_from_mask=task == DECODER_TASK).eval()
-    uses_types = getattr(md.config, "type_vocab_size", 0) > 0
-    return EncoderForExport(model, uses_types, md.pooling).eval()
+def _uses_token_types(md: ModelDir) -> bool:
+    return getattr(md.config, "type_vocab_size", 0) > 0
 
 
 @torch.no_grad()
-def _torch_outputs(wrapper: torch.nn.Module, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _torch_outputs(wrapper: torch.nn.Module, feeds: dict[str, np.ndarray]) -> Outputs:
     from exporter.export.torch_to_onnx import output_names_for
 
     outputs = wrapper(**{k: torch.from_numpy(v) for k, v in feeds.items()})
@@ -498,9 +561,7 @@ def _torch_outputs(wrapper: torch.nn.Module, feeds: dict[str, np.ndarray]) -> di
     return {name: o.numpy() for name, o in zip(output_names_for(wrapper), outputs)}
 
 
-def _onnxruntime_outputs(
-    path: Path, feeds: dict[str, np.ndarray], optimized: bool = False
-) -> dict[str, np.ndarray]:
+def _onnxruntime_outputs(path: Path, feeds: dict[str, np.ndarray], optimized: bool = False) -> Outputs:
     """Run with ONNX Runtime's own graph optimizations off, so they cannot hide a bug of ours;
     `optimized` runs as deployed (the CPU INT8 model is judged as ORT's integer kernels compute it)."""
     import onnxruntime as ort
@@ -513,9 +574,7 @@ def _onnxruntime_outputs(
     return dict(zip(names, session.run(names, feeds)))
 
 
-def _decoder_prefill_outputs(
-    path: Path, feeds: dict[str, np.ndarray], optimized: bool = False
-) -> dict[str, np.ndarray]:
+def _decoder_prefill_outputs(path: Path, feeds: dict[str, np.ndarray], optimized: bool = False) -> Outputs:
     """Logits of a prefill with an empty past, ONNX Runtime optimizations off unless `optimized`."""
     import onnxruntime as ort
 
@@ -598,9 +657,15 @@ def _config_json(config: ExportConfig) -> dict[str, Any]:
 def _model_json(md: ModelDir) -> dict[str, Any]:
     return {
         "model_type": md.model_type,
+        "task": md.task.name,
+        "task_source": md.task_source,
+        "architecture": md.architecture,
         "mask_source": md.mask_source,
         "masked_parameters": len(md.masks),
         "adapter": str(md.adapter_path) if md.adapter_path else None,
+        "adapter_head_tensors": sorted(md.adapter.head_tensors) if md.adapter else [],
+        "ignored_tensors": md.ignored_tensors,
+        "pruned_heads_in_checkpoint": {str(k): v for k, v in md.pruned_heads.items()},
         "tokenizer": md.tokenizer_path is not None,
         "pooling": dataclasses.asdict(md.pooling) if md.pooling else None,
     }

@@ -1,4 +1,6 @@
 """`export-engine MODEL_DIR -o OUT_DIR`: maps flags onto ExportConfig and calls the API. Nothing else.
+`export-engine run OUT_DIR TEXT ...`: one input through `exporter.load(OUT_DIR)` for a quick check (a
+MODEL_DIR literally named "run" is passed as ./run).
 
 Exit codes: 0 success, 2 bad input or usage, 1 a failed check or an internal error. Errors are one
 line on stderr; `--debug` shows the traceback.
@@ -14,9 +16,22 @@ import warnings
 from pathlib import Path
 from typing import NoReturn
 
+import numpy as np
+
 from engines.cpu_selection import NAMES as CPU_ENGINES
-from export_errors import ExportEngineError
+from export_errors import ExportEngineError, InputError
 from exporter.config import ExportConfig
+
+TASK_CHOICES = (
+    "feature-extraction",
+    "sentence-similarity",
+    "fill-mask",
+    "text-classification",
+    "token-classification",
+    "question-answering",
+    "text-generation-with-past",
+    "text-generation",
+)  # exporter/tasks/registry.py (a test keeps the two equal; the parser stays free of heavy imports)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--task",
-        choices=["text-generation-with-past", "text-generation"],
-        help="causal LMs: export with a KV cache (default) or without",
+        choices=TASK_CHOICES,
+        help="the task to export (default: the adapter's PEFT task_type, else config.json's architectures, "
+        "e.g. BertForSequenceClassification -> text-classification; causal LMs: text-generation-with-past)",
     )
     p.add_argument("--calibration", help="calibration data: FILE.txt, FILE.jsonl, FILE.npz, or 'random'")
     p.add_argument("--calibration-samples", type=int, default=128, help="number of calibration samples")
@@ -109,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="--precision int4 gate: minimum held-out mean logit cosine vs fp32 (default 0.95)",
     )
     p.add_argument(
+        "--agreement-target",
+        type=float,
+        default=0.99,
+        help="INT8 gate of classifiers, taggers and QA models: minimum held-out agreement with fp32 "
+        "(labels, tokens' labels, answer spans)",
+    )
+    p.add_argument(
+        "--eval-data",
+        type=Path,
+        help="labeled FILE.jsonl: accuracy and F1 of every stage (formats: README 'Tasks')",
+    )
+    p.add_argument(
         "--sequence-length", type=int, default=128, help="sequence length for validation and calibration"
     )
     p.add_argument("--batch-size", type=int, default=2, help="batch size for calibration")
@@ -151,6 +179,8 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
         int4_block_size=args.int4_block_size,
         int4_lm_head=args.int4_lm_head,
         int4_accuracy_target=args.int4_accuracy_target,
+        agreement_target=args.agreement_target,
+        eval_data=args.eval_data,
         sequence_length=args.sequence_length,
         batch_size=args.batch_size,
         strict_fusion=args.strict_fusion,
@@ -170,7 +200,65 @@ def _not_ort_preprocessing_advice(record: logging.LogRecord) -> bool:
     )
 
 
+def build_run_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="export-engine run", description="Run one input through an export (exporter.load).")
+    p.add_argument("out_dir", type=Path, help="an export-engine output folder")
+    p.add_argument("text", nargs="+", help="the input text(s); for question-answering the question")
+    p.add_argument("--pair", help="text-classification: the second text of a pair")
+    p.add_argument("--context", help="question-answering: the context to find the answer in")
+    p.add_argument("--file", help="the file to run (default: the one the export chose, see report.json)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="text generation: new tokens (default 32)")
+    p.add_argument("--top-k", type=int, default=5, help="fill-mask: proposals per mask (default 5)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def run_main(argv: list[str]) -> int:
+    """`export-engine run OUT_DIR TEXT ...`: the task's result as JSON on stdout."""
+    args = build_run_parser().parse_args(argv)
+    logging.basicConfig(level=logging.ERROR, format="export-engine: %(message)s", stream=sys.stderr)
+    if not args.debug:
+        warnings.filterwarnings("ignore")
+    from exporter.runtime.task_model import load
+
+    try:
+        with load(args.out_dir, file=args.file) as model:
+            result = _run_task(model, args)
+    except ExportEngineError as exc:
+        if args.debug:
+            raise
+        print(f"export-engine: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps(result, indent=2, default=float))
+    return 0
+
+
+def _run_task(model, args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    metric = model.task.metric
+    if args.context is not None and metric != "question-answering":
+        raise InputError("--context", f"is for question-answering; this export is {model.task.name}")
+    if args.pair is not None and metric != "classification":
+        raise InputError("--pair", f"is for text-classification; this export is {model.task.name}")
+    if metric == "classification":
+        return model.classify(args.text, [args.pair] * len(args.text) if args.pair else None)
+    if metric == "token-classification":
+        return model.tag(args.text)
+    if metric == "question-answering":
+        if args.context is None:
+            raise InputError("--context", "question-answering needs --context")
+        return model.answer(" ".join(args.text), args.context)
+    if metric == "fill-mask":
+        return model.fill_mask(" ".join(args.text), top_k=args.top_k)
+    if metric == "causal-lm":
+        return {"generated": model.generate(" ".join(args.text), max_new_tokens=args.max_new_tokens)}
+    embeddings = model.embed(args.text)
+    return [np.asarray(e).round(6).tolist() for e in embeddings]
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        return run_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.ERROR if args.quiet else logging.WARNING if args.json else logging.INFO,

@@ -20,7 +20,8 @@ class ExportConfig:
     backend: Backend = "auto"
     # pin the CPU engine instead of choosing it by measurement (engines/cpu_selection.py NAMES)
     cpu_engine: str | None = None
-    task: str | None = None  # causal LMs: "text-generation-with-past" (default) or "text-generation"
+    # the task (exporter/tasks/registry.py); None: the adapter's task_type, else config.json's architectures
+    task: str | None = None
     opset: int = 17
     # validation / calibration shapes
     batch_size: int = 2
@@ -40,6 +41,9 @@ class ExportConfig:
     int4_block_size: int = 32
     int4_lm_head: Literal["auto", "int4", "int8"] = "auto"
     int4_accuracy_target: float | None = None  # None: the "int4" row of exporter/validate/tolerances.py
+    # INT8 of classifiers, taggers and QA models: held-out task agreement with fp32 (labels, spans)
+    agreement_target: float = 0.99
+    eval_data: Path | None = None  # labeled JSONL (exporter/tasks/eval_data.py): accuracy at every stage
     # graph passes
     strict_fusion: bool = False
     sparsity: Literal["tag", "enforce", "off"] = "tag"

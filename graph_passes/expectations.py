@@ -1,8 +1,8 @@
 """Which fusions should fire, per layer, for a model family and target — and whether they did.
 
 Before the fusion stage we count the *sites* of each fusion in every layer (a Softmax is one attention,
-an Erf/Tanh one GELU, a LayerNormalization or decomposed mean-ReduceMean one LayerNorm, a ReduceMean of
-x² one RMSNorm). After it we count the fused ops per layer. A layer with fewer fused ops than sites is
+an Erf or a tanh-GELU's Tanh one GELU, a LayerNormalization or decomposed mean-ReduceMean one LayerNorm,
+a ReduceMean of x² one RMSNorm). After it we count the fused ops per layer. A layer with fewer fused ops than sites is
 listed with the reason the rule gave (from the passes' match traces). Fusions the target cannot express
 (e.g. GELU at opset 17 for TensorRT) are listed as not applicable, with why, and never fail strict mode.
 """
@@ -54,7 +54,11 @@ def _is_rmsnorm_site(node: ir.Node) -> bool:
 
 
 def _is_gelu_site(node: ir.Node) -> bool:
-    return node.op_type in ("Erf", "Tanh")
+    """An Erf, or a Tanh feeding `1 + tanh(...)` (tanh-GELU); a plain Tanh activation (BERT's pooler,
+    RoBERTa's classification head) is not a GELU."""
+    if node.op_type == "Erf":
+        return True
+    return node.op_type == "Tanh" and any(use.op_type == "Add" for use, _ in node.outputs[0].uses())
 
 
 def _is_attention_site(node: ir.Node) -> bool:

@@ -74,7 +74,7 @@ def test_onnx_has_dynamic_axes_and_hf_names(model_dir_factory, tmp_path) -> None
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
     assert [o.name for o in graph.output] == ["last_hidden_state"]
     dims = [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
-    assert dims == ["batch", "sequence"]
+    assert dims == ["batch_size", "sequence_length"]  # Optimum's axis names
 
 
 def test_outputs_written_and_compact_model_reloads(model_dir_factory, tmp_path) -> None:

@@ -381,7 +381,8 @@ def test_reference_matches_transformers_own_loader(tmp_path, family: str) -> Non
 @pytest.mark.parametrize("model_type", ["roberta", "mistral"])
 def test_other_supported_types_saved_by_transformers(tmp_path, model_type: str) -> None:
     """Folders written by transformers' save_pretrained from a model with a head (RobertaForMaskedLM:
-    "roberta." prefix and lm_head tensors; MistralForCausalLM) load to transformers' own model."""
+    "roberta." prefix and lm_head tensors; MistralForCausalLM) load to transformers' own model. RobertaForMaskedLM
+    is a fill-mask model (tests/test_tasks.py); exported as feature-extraction, its lm_head is ignored."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
     shape = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 48, "num_hidden_layers": 1}
@@ -391,7 +392,7 @@ def test_other_supported_types_saved_by_transformers(tmp_path, model_type: str) 
     torch.manual_seed(0)
     head_class = AutoModelForMaskedLM if model_type == "roberta" else AutoModelForCausalLM
     head_class.from_config(config).save_pretrained(str(tmp_path))
-    md = load_model_dir(tmp_path)
+    md = load_model_dir(tmp_path, task="feature-extraction" if model_type == "roberta" else None)
     ours = build_reference_model(md)
     if model_type == "roberta":
         assert md.ignored_tensors and all(n.startswith("lm_head.") for n in md.ignored_tensors)

@@ -45,6 +45,14 @@ class EncoderForExport(nn.Module):
         self.uses_token_type_ids = uses_token_type_ids
         self.pooling = pooling
 
+    @property
+    def input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask"] + (["token_type_ids"] if self.uses_token_type_ids else [])
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["last_hidden_state"] + (["sentence_embedding"] if self.pooling else [])
+
     def forward(self, input_ids, attention_mask, token_type_ids=None):  # type: ignore[no-untyped-def]
         dtype = next(self.model.parameters()).dtype
         kwargs = {"input_ids": input_ids, "attention_mask": additive_padding_mask(attention_mask, dtype)}
@@ -88,6 +96,9 @@ class CausalLMForExport(nn.Module):
     would. This is the reference of the decoder-with-past export, whose prompts are padded on the left;
     without it HF counts positions from the first (padded) slot."""
 
+    input_names = ("input_ids", "attention_mask")
+    output_names = ("logits",)
+
     def __init__(self, model: nn.Module, positions_from_mask: bool = False) -> None:
         super().__init__()
         self.model = model
@@ -104,31 +115,39 @@ class CausalLMForExport(nn.Module):
 
 
 def input_names_for(wrapper: nn.Module) -> list[str]:
-    names = ["input_ids", "attention_mask"]
-    if isinstance(wrapper, EncoderForExport) and wrapper.uses_token_type_ids:
-        names.append("token_type_ids")
-    return names
+    """The wrapper's ONNX inputs (every export wrapper names its own)."""
+    return list(wrapper.input_names)  # type: ignore[arg-type]
 
 
 def output_names_for(wrapper: nn.Module) -> list[str]:
-    if isinstance(wrapper, EncoderForExport):
-        return ["last_hidden_state"] + (["sentence_embedding"] if wrapper.pooling else [])
-    return ["logits"]
+    """The wrapper's ONNX outputs, Optimum's names for the task."""
+    return list(wrapper.output_names)  # type: ignore[arg-type]
+
+
+def default_dynamic_axes(inputs: list[str], outputs: list[str]) -> dict[str, dict[int, str]]:
+    """Optimum's axis names: batch and sequence on every input and output, batch alone on a pooled one."""
+    axes = {name: {0: "batch_size", 1: "sequence_length"} for name in [*inputs, *outputs]}
+    if "sentence_embedding" in axes:
+        axes["sentence_embedding"] = {0: "batch_size"}
+    return axes
 
 
 def export_to_onnx(
-    wrapper: nn.Module, example: dict[str, torch.Tensor], path: str | Path, opset: int = OPSET
+    wrapper: nn.Module,
+    example: dict[str, torch.Tensor],
+    path: str | Path,
+    opset: int = OPSET,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> Path:
-    """Export `wrapper` (an `EncoderForExport` or `CausalLMForExport`) with dynamic batch/sequence axes.
+    """Export `wrapper` (an export wrapper: `EncoderForExport`, `CausalLMForExport`, a task head) with
+    dynamic batch/sequence axes (`dynamic_axes`, default Optimum's names on every input and output).
 
     Weights over the protobuf limit go to one `<path name>.data` file beside `path` (see
     exporter/export/external_data.py); ONNX Runtime and onnx.load find it from the model's folder."""
     path = Path(path)
     inputs = input_names_for(wrapper)
     outputs = output_names_for(wrapper)
-    dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in inputs}
-    for name in outputs:
-        dynamic_axes[name] = {0: "batch"} if name == "sentence_embedding" else {0: "batch", 1: "sequence"}
+    dynamic_axes = dynamic_axes or default_dynamic_axes(inputs, outputs)
     args = tuple(example[name] for name in inputs)
     large = external_data.needs_external_data(wrapper)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,9 @@ The merge is PEFT's own (`PeftModel.from_pretrained(...).merge_and_unload()`) so
 hold exactly: lora_alpha/r, rslora (alpha/sqrt(r)), rank_pattern/alpha_pattern, DoRA. What we add is
 what PEFT leaves to warnings: an adapter tensor that does not land in the model (peft #1746: an
 adapter loaded onto a pruned base silently loses its LoRA tensors) is an error here, and so is an
-adapter whose shapes do not fit, whose targets the model does not have, or that is not LoRA.
+adapter whose shapes do not fit, whose targets the model does not have, or that is not LoRA. Whole
+modules the adapter saved (`modules_to_save`: a trained classifier, score or qa_outputs head) are merged by
+PEFT like the LoRA tensors, and each must have its place in the exported task's model.
 Adapters saved from a model with another head prefix (e.g. `bert.` from BertForSequenceClassification)
 are mapped onto our model's module names through PEFT's `key_mapping`.
 """
@@ -46,6 +48,7 @@ class Adapter:
     config: LoraConfig
     tensors: dict[str, torch.Tensor]
     key_mapping: dict[str, str] = field(default_factory=dict)  # stored module name -> ours, for PEFT
+    head_tensors: set[str] = field(default_factory=set)  # our parameters the adapter carries whole
 
     @property
     def weights_file(self) -> Path:
@@ -102,12 +105,19 @@ def _read_json(path: Path) -> dict:
 
 
 def check_adapter(
-    adapter: Adapter, model: nn.Module, normalize_module: Callable[[str], str | None]
+    adapter: Adapter,
+    model: nn.Module,
+    normalize_module: Callable[[str], str | None],
+    normalize_param: Callable[[str], str | None] | None = None,
+    task: str = "exported",
 ) -> Adapter:
     """Check the adapter against `model` (a meta-device skeleton will do) and fill its key mapping.
 
     Every stored tensor must belong to a module of the model, and LoRA A/B must fit its Linear:
-    A is [r, in_features], B is [out_features, r]. Every target module name must match a module."""
+    A is [r, in_features], B is [out_features, r]. Every target module name must match a module. A whole
+    module saved through `modules_to_save` (a trained classifier, score or qa_outputs head) must be a
+    parameter of the model, of its shape, inside a module PEFT will load it into: an adapter tensor the
+    exported model has no place for is an error naming it, never a warning."""
     modules = dict(model.named_modules())
     _check_targets(adapter, modules, normalize_module)
     where = adapter.weights_file
@@ -115,7 +125,8 @@ def check_adapter(
         stored = key.removeprefix(PEFT_PREFIX)
         match = LORA_KEY.match(stored)
         if match is None:
-            continue  # modules_to_save and other non-LoRA tensors: PEFT handles them
+            _check_saved_module(adapter, key, tensor, model, normalize_param, task)
+            continue
         ours = normalize_module(match["module"])
         if ours is None:
             raise InputError(where, f"tensor {key!r}: the model has no module {match['module']!r}")
@@ -129,6 +140,44 @@ def check_adapter(
         rank = _rank(adapter.config, ours)
         _check_fit(key, tensor, match["kind"], match["param"], modules[ours], rank, where)
     return adapter
+
+
+def _check_saved_module(
+    adapter: Adapter,
+    key: str,
+    tensor: torch.Tensor,
+    model: nn.Module,
+    normalize_param: Callable[[str], str | None] | None,
+    task: str,
+) -> None:
+    """A modules_to_save tensor: a parameter of the model, of its shape, in a module PEFT wraps."""
+    where, stored = adapter.weights_file, key.removeprefix(PEFT_PREFIX)
+    ours = normalize_param(stored) if normalize_param is not None else None
+    if ours is None:
+        raise InputError(
+            where, f"tensor {key!r}: the {task} model has no parameter {stored!r} for it (pass --task?)"
+        )
+    shape = model.state_dict()[ours].shape
+    if tuple(tensor.shape) != tuple(shape):
+        raise InputError(
+            where, f"tensor {key!r} has shape {list(tensor.shape)}; the model's {ours!r} is {list(shape)}"
+        )
+    if not _saved_by(adapter.config, ours.rsplit(".", 1)[0]):
+        raise InputError(
+            where, f"tensor {key!r}: no entry of modules_to_save covers it, so PEFT would drop it"
+        )
+    stored_module, our_module = stored.rsplit(".", 1)[0], ours.rsplit(".", 1)[0]
+    if stored_module != our_module:
+        adapter.key_mapping[f"^{re.escape(stored_module)}\\."] = f"{our_module}."
+    adapter.head_tensors.add(ours)
+
+
+def _saved_by(config: LoraConfig, module_name: str) -> bool:
+    """Whether PEFT's modules_to_save wraps `module_name` or a module containing it (suffix match)."""
+    to_save = list(getattr(config, "modules_to_save", None) or [])
+    parts = module_name.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(p == m or p.endswith("." + m) for p in prefixes for m in to_save)
 
 
 def _targeted(config: LoraConfig, module_name: str) -> bool:
@@ -236,9 +285,10 @@ def _merge_config(config: LoraConfig, model: nn.Module) -> LoraConfig:
     if to_save:
         names = [n for n, _ in model.named_modules()]
         kept = [m for m in to_save if any(n == m or n.endswith("." + m) for n in names)]
-        if kept != list(to_save):
-            logger.warning(
-                "adapter modules_to_save %s not in the model: ignored", sorted(set(to_save) - set(kept))
+        if kept != list(to_save):  # e.g. PEFT's SEQ_CLS default ["classifier", "score"] on a BERT model
+            logger.info(
+                "adapter modules_to_save %s name no module of the model and carry no tensors (checked)",
+                sorted(set(to_save) - set(kept)),
             )
         config.modules_to_save = kept or None
     return config
@@ -251,15 +301,13 @@ def _check_loaded(peft_model: nn.Module, adapter: Adapter) -> None:
     lost = []
     for key, tensor in adapter.tensors.items():
         mapped = _mapped_key(key, adapter.key_mapping)
-        if not LORA_KEY.match(mapped.removeprefix(PEFT_PREFIX)):
-            continue
         got = loaded.get(mapped)
         if got is None or got.shape != tensor.shape or not torch.equal(got.float(), tensor.float()):
             lost.append(key)
     if lost:
         raise InputError(
             adapter.weights_file,
-            f"{len(lost)} of the adapter's LoRA tensors did not load into the model (e.g. {lost[0]!r})",
+            f"{len(lost)} of the adapter's tensors did not load into the model (e.g. {lost[0]!r})",
         )
 
 

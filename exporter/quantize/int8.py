@@ -113,6 +113,7 @@ class QuantResult:
     cosine: float  # held-out mean token cosine vs fp32 of the TensorRT artifact (as ORT executes its Q/DQ)
     cpu_cosine: float | None = None
     openvino_path: Path | None = None  # model.int8.openvino.onnx (exporter/quantize/int8_stage.py)
+    heldout: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # the held-out feeds judged on
 
 
 def quantize(
@@ -154,7 +155,7 @@ def quantize(
         ),
     }
     _gate(report, config.min_cosine)
-    return QuantResult(out_dir / TENSORRT_FILE, cpu_path, report, trt_cosine, cpu_cosine)
+    return QuantResult(out_dir / TENSORRT_FILE, cpu_path, report, trt_cosine, cpu_cosine, calibration.heldout)
 
 
 def _tensorrt_variant(

@@ -16,7 +16,19 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = ["# export-engine report", ""]
     model = report.get("model", {})
     lines += [f"- Model: `{report.get('model_dir')}` ({model.get('model_type')})"]
+    if model.get("task"):
+        lines += [f"- Task: **{model['task']}** as {model.get('architecture')} ({model.get('task_source')})"]
     lines += [f"- Masks: {model.get('mask_source')}; adapter: {model.get('adapter') or 'none'}"]
+    if model.get("adapter_head_tensors"):
+        lines += [
+            f"- Trained head from the adapter (modules_to_save): {', '.join(model['adapter_head_tensors'])}"
+        ]
+    if model.get("ignored_tensors"):
+        ignored = model["ignored_tensors"]
+        more = f" (and {len(ignored) - 8} more)" if len(ignored) > 8 else ""
+        lines += [
+            f"- Checkpoint tensors the {model.get('task')} model has no place for: {', '.join(ignored[:8])}{more}"
+        ]
     if "backend" in report:
         backend = report["backend"]
         lines += [f"- Backend: **{backend.get('name')}**: {backend.get('reason')}"]
@@ -25,6 +37,19 @@ def render_markdown(report: dict[str, Any]) -> str:
     cpu_int8 = report.get("int8", {}).get("cpu", {})
     if "weight_bits_reason" in cpu_int8:
         lines += [f"- INT8 CPU file: {cpu_int8['weight_bits_reason']}"]
+    gate = report.get("int8", {}).get("agreement_gate")
+    if gate:
+        measured = ", ".join(
+            f"{report['int8'][v]['heldout_task_agreement']['agreement']:.4f} ({v})"
+            for v in ("tensorrt", "cpu")
+            if "heldout_task_agreement" in report["int8"].get(v, {})
+        )
+        lines += [
+            f"- INT8 task agreement with fp32 on {gate['samples']} held-out samples: {measured}; "
+            f"gate >= {gate['target']} passed"
+        ]
+    if report.get("eval"):
+        lines += [f"- Labeled evaluation: `{report['eval']['file']}` ({report['eval']['samples']} samples)"]
     lines.append("")
     lines += _cpu_engine(report.get("engine", {}).get("cpu"))
     if report.get("stages_md"):
@@ -38,7 +63,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
         ]
     lines += _restructure(report.get("restructure"), report.get("config", {}).get("sequence_length", 128))
-    lines += _validation(report.get("validation", {}))
+    lines += _validation(report.get("validation", {}), report.get("task_agreement", {}))
     lines += _graph_passes(report.get("graph_passes"))
     for section in report.get("extra_sections_md", []):
         lines += [section, ""]
@@ -125,20 +150,21 @@ def _flops_lines(restructure: dict[str, Any], context: int) -> list[str]:
     return lines
 
 
-def _validation(validation: dict[str, Any]) -> list[str]:
+def _validation(validation: dict[str, Any], agreement: dict[str, Any]) -> list[str]:
     if not validation:
         return []
     lines = [
         "## Validation against the masked+merged PyTorch reference",
         "",
-        "| check | output | max abs err | mean abs err | mean cosine | min cosine |",
-        "|---|---|---|---|---|---|",
+        "| check | output | max abs err | mean abs err | mean cosine | min cosine | task agreement |",
+        "|---|---|---|---|---|---|---|",
     ]
     for check, comparisons in validation.items():
+        task = agreement.get(check, {}).get("agreement")
         for c in comparisons:
             lines.append(
                 f"| {check} | {c['output']} | {c['max_abs']:.3g} | {c['mean_abs']:.3g} "
-                f"| {c['mean_cosine']:.6f} | {c['min_cosine']:.6f} |"
+                f"| {c['mean_cosine']:.6f} | {c['min_cosine']:.6f} | {'-' if task is None else f'{task:.4f}'} |"
             )
     return [*lines, ""]
 

@@ -25,6 +25,8 @@ from engines.benchmark import BenchConfig, Variant
 
 REPORT_CONFIG = BenchConfig(warmup_ms=200.0, iterations=20, duration_s=2.0, avg_runs=10, percentiles=(90.0,))
 COLUMNS = ("stage", "params", "file size", "latency median", "p90", "cosine", "max abs err")
+# columns shown only when some stage has a value: the task's agreement, labeled accuracy and F1
+TASK_COLUMNS = (("agreement", "task agreement"), ("accuracy", "accuracy"), ("f1", "F1"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,9 @@ class StageResult:
     cosine: float | None
     max_abs_err: float | None
     note: str = ""
+    agreement: float | None = None  # the task's agreement with the reference (exporter/tasks/metrics.py)
+    accuracy: float | None = None  # labeled accuracy on --eval-data
+    f1: float | None = None  # labeled macro-F1 (QA: SQuAD token F1) on --eval-data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,12 +178,23 @@ def _row(stage: StageResult, first: StageResult) -> list[str]:
     ]
 
 
+def _task_columns(stages: Sequence[StageResult]) -> list[tuple[str, str]]:
+    return [
+        (field, title) for field, title in TASK_COLUMNS if any(getattr(s, field) is not None for s in stages)
+    ]
+
+
 def render_markdown(stages: Sequence[StageResult]) -> str:
     """The stage table (ratios in parentheses are to the first stage), then one line per stage note."""
     if not stages:
         return ""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
-    lines += ["| " + " | ".join(_row(stage, stages[0])) + " |" for stage in stages]
+    extra = _task_columns(stages)
+    columns = [*COLUMNS, *(title for _, title in extra)]
+    lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    for stage in stages:
+        values = [getattr(stage, field) for field, _ in extra]
+        cells = ["—" if v is None else f"{v:.4f}" for v in values]
+        lines.append("| " + " | ".join([*_row(stage, stages[0]), *cells]) + " |")
     notes = [f"- {stage.name}: {stage.note}" for stage in stages if stage.note]
     return "\n".join(lines + (["", *notes] if notes else [])) + "\n"
 
@@ -197,15 +213,19 @@ def to_json(stages: Sequence[StageResult]) -> dict[str, Any]:
 
 
 def write_chart(stages: Sequence[StageResult], png_path: str | Path) -> Path:
-    """Two panels, latency (median bar, p90 tick) and file size per stage, as a PNG (Agg, no display)."""
+    """Two panels, latency (median bar, p90 tick) and file size per stage, as a PNG (Agg, no display); a
+    third with the labeled accuracy (and F1) per stage when the export had --eval-data."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     names = [stage.name for stage in stages]
     x = np.arange(len(stages))
-    fig = Figure(figsize=(max(6.0, 1.8 * len(stages) + 2), 4.0), layout="constrained")
+    labeled = any(s.accuracy is not None for s in stages)
+    width = max(6.0, 1.8 * len(stages) + 2) * (1.5 if labeled else 1.0)
+    fig = Figure(figsize=(width, 4.0), layout="constrained")
     FigureCanvasAgg(fig)
-    lat_ax, size_ax = fig.subplots(1, 2)
+    axes = fig.subplots(1, 3 if labeled else 2)
+    lat_ax, size_ax = axes[0], axes[1]
     medians = [s.latency_median_ms for s in stages]
     bars = lat_ax.bar(x, medians, color="tab:blue", label="median")
     lat_ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
@@ -226,8 +246,22 @@ def write_chart(stages: Sequence[StageResult], png_path: str | Path) -> Path:
         if stage.file_bytes is None:
             size_ax.annotate("no file", (i, 0), ha="center", va="bottom")
     size_ax.set(title="File size per stage", ylabel="MiB")
-    for ax in (lat_ax, size_ax):
+    if labeled:
+        _accuracy_panel(axes[2], stages, x)
+    for ax in axes:
         ax.set_xticks(x, names, rotation=20, ha="right")
     png_path = Path(png_path)
     fig.savefig(png_path, format="png", dpi=110)
     return png_path
+
+
+def _accuracy_panel(ax: Any, stages: Sequence[StageResult], x: np.ndarray) -> None:
+    """Labeled accuracy (bars) and F1 (ticks) per stage, on --eval-data."""
+    accuracy = [0.0 if s.accuracy is None else s.accuracy for s in stages]
+    bars = ax.bar(x, accuracy, color="tab:green", label="accuracy")
+    ax.bar_label(bars, fmt="%.3f", padding=2, fontsize=8)
+    f1 = [np.nan if s.f1 is None else s.f1 for s in stages]
+    ax.scatter(x, f1, marker="_", s=400, color="black", label="F1", zorder=3)
+    low = min([v for v in accuracy + f1 if v == v] or [0.0])
+    ax.set(title="Labeled accuracy per stage", ylim=(max(0.0, low - 0.1), 1.02))
+    ax.legend(loc="lower right")

@@ -8,6 +8,8 @@ validation samples, real tokens for INT8), so the table and the gates agree by c
 The CPU engine's candidates that are not already a stage (OpenVINO on its files, engines/cpu_selection.py)
 join the same round-robin as extra rows (`ExtraStage`): their latencies are the ones the choice is made on,
 measured once, beside the stages.
+The task's agreement with the reference (labels, spans, tokens picked) and, with `--eval-data`, the
+labeled accuracy and F1 of every stage come from the export's checks the same way.
 """
 
 from __future__ import annotations
@@ -64,9 +66,12 @@ def measure(
     threads: int,
     iterations: int,
     extra: list[ExtraStage] | None = None,
+    agreement: dict[str, dict[str, Any]] | None = None,
+    labeled: dict[str, dict[str, Any]] | None = None,
 ) -> list[StageResult]:
     """Time every available stage (and the `extra` rows) on one sample of `feeds`; accuracy from
-    `validation`."""
+    `validation`, the task's agreement from `agreement` and labeled scores from `labeled` (both keyed by
+    check; "reference" is the PyTorch stage's labeled score)."""
     timing_feeds = {name: array[:1] for name, array in feeds.items()}
     config = dataclasses.replace(
         stage_report.REPORT_CONFIG, warmup_ms=WARMUP_MS, iterations=iterations, duration_s=0.0
@@ -89,7 +94,25 @@ def measure(
             info[row.name] = row.info
         reference = runners[0][1].infer(timing_feeds)
         rows = stage_report.measure_stages(runners, timing_feeds, reference, info=info, config=config)
-    return [_with_validation(row, validation, checks.get(row.name)) for row in rows]
+    return [
+        _with_task_scores(_with_validation(row, validation, checks.get(row.name)), checks.get(row.name), agreement, labeled)
+        for row in rows
+    ]
+
+
+def _with_task_scores(
+    row: StageResult,
+    check: str | None,
+    agreement: dict[str, dict[str, Any]] | None,
+    labeled: dict[str, dict[str, Any]] | None,
+) -> StageResult:
+    task_agreement = None
+    if agreement:
+        task_agreement = 1.0 if check is None else agreement.get(check, {}).get("agreement")
+    scores = (labeled or {}).get(check or "reference", {})
+    return dataclasses.replace(
+        row, agreement=task_agreement, accuracy=scores.get("accuracy"), f1=scores.get("f1")
+    )
 
 
 def _with_validation(

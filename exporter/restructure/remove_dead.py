@@ -22,12 +22,25 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+PRUNED_IN_CHECKPOINT = "heads: pruned in the checkpoint (config.json pruned_heads)"
+
+
 @torch.no_grad()
-def plan_restructure(model: nn.Module) -> RestructurePlan:
-    """Find the dead units of every layer; pure: the model is not changed."""
+def plan_restructure(model: nn.Module, pruned_heads: dict[int, list[int]] | None = None) -> RestructurePlan:
+    """Find the dead units of every layer; pure: the model is not changed. `pruned_heads`: heads a
+    transformers 4 checkpoint had already removed (its layers load at their smaller width), said per layer."""
     family = family_for(model.config.model_type)
     hd = family.head_dim(model)
     layers = [family.plan_layer(layer, i, hd) for i, layer in enumerate(family.layers(model))]
+    for layer_plan in layers:
+        heads = (pruned_heads or {}).get(layer_plan.layer)
+        if heads:
+            layer_plan.removed = {PRUNED_IN_CHECKPOINT: len(heads), **layer_plan.removed}
+            layer_plan.notes.insert(
+                0,
+                f"heads {heads} were removed before export (transformers prune_heads, config.json pruned_heads); "
+                "head indices in this plan count the heads the checkpoint kept",
+            )
     return RestructurePlan(model.config.model_type, hd, layers, params_before=count_params(model))
 
 
@@ -44,9 +57,9 @@ def apply_plan(model: nn.Module, plan: RestructurePlan) -> None:
     plan.params_after = count_params(model)
 
 
-def restructure(model: nn.Module) -> RestructurePlan:
+def restructure(model: nn.Module, pruned_heads: dict[int, list[int]] | None = None) -> RestructurePlan:
     """Plan, then apply: the model becomes compact and computes the same function."""
-    plan = plan_restructure(model)
+    plan = plan_restructure(model, pruned_heads)
     apply_plan(model, plan)
     logger.info("restructure: %d -> %d parameters", plan.params_before, plan.params_after)
     for index, sublayers in plan.sublayers_removed().items():

@@ -44,6 +44,12 @@ class Task:
     uses_labels: bool = False  # config.json's id2label names the output classes
     needs_pooling: bool = False  # sentence-transformers pooling required (sentence_embedding)
 
+    @property
+    def padding_side(self) -> str | None:
+        """The side text batches are padded on: decoders pad like decoder-only generation (left); None
+        keeps an encoder tokenizer's own side (exporter/model_dir/tokenizer.py)."""
+        return "left" if self.kind == "decoder" else None
+
     def dynamic_axes(self, input_names: list[str]) -> dict[str, dict[int, str]]:
         """Optimum's dynamic axes: batch and sequence on inputs and per-token outputs, batch elsewhere."""
         axes = {name: {0: BATCH, 1: SEQUENCE} for name in input_names}

@@ -57,6 +57,7 @@ PARAM_NAMES: dict[str, dict[str, str]] = {
     },
 }
 PARAM_NAMES["qwen2"] = PARAM_NAMES["mistral"] = PARAM_NAMES["llama"]
+PARAM_NAMES["roberta"] = PARAM_NAMES["bert"]
 
 
 def layer_param(family: str, layer: int, role: str, kind: str = "weight") -> str:
@@ -81,8 +82,24 @@ class LoraSpec:
 
 def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
     """The tiny config of `family` ("bert", "llama" with GQA 8q/4kv heads, "qwen2" = same with q/k/v biases,
-    "mistral" = llama's shape with a sliding window of 8 tokens); `overrides` replace config fields (e.g.
-    `rope_scaling`, `tie_word_embeddings`, `vocab_size`)."""
+    "mistral" = llama's shape with a sliding window of 8 tokens; also "roberta", shaped as "bert", for the
+    task-head tests); `overrides` replace config fields (e.g. `rope_scaling`, `tie_word_embeddings`,
+    `vocab_size`)."""
+    if family == "roberta":
+        from transformers import RobertaConfig
+
+        roberta_shape: dict[str, Any] = dict(
+            hidden_size=64,
+            num_attention_heads=4,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            vocab_size=128,
+            type_vocab_size=1,
+            max_position_embeddings=130,
+            pad_token_id=1,
+            attn_implementation="eager",
+        )
+        return RobertaConfig(**{**roberta_shape, **overrides})
     if family == "bert":
         bert_shape: dict[str, Any] = dict(
             hidden_size=64,
@@ -483,3 +500,130 @@ def lowest(values: torch.Tensor, count: int) -> list[int]:
     """Indices of the `count` smallest values, ties broken by index (stable, deterministic)."""
     order = torch.sort(values, stable=True).indices
     return sorted(order[:count].tolist())
+
+
+# --------------------------------------------------------------------------------------------- task heads
+
+# task -> the transformers class prefix suffix and the PEFT task_type of its fine-tune
+TASK_CLASSES = {
+    "text-classification": ("ForSequenceClassification", "SEQ_CLS"),
+    "token-classification": ("ForTokenClassification", "TOKEN_CLS"),
+    "question-answering": ("ForQuestionAnswering", "QUESTION_ANS"),
+    "fill-mask": ("ForMaskedLM", None),
+}
+CLASS_PREFIX = {"bert": "Bert", "roberta": "Roberta", "llama": "Llama", "qwen2": "Qwen2"}
+
+
+@dataclass(frozen=True)
+class HeadLoraSpec:
+    """A PEFT fine-tune of a task model: LoRA on `target_modules`, the task_type's head (or the
+    `modules_to_save` given) trained, i.e. saved whole into the adapter with seeded random values."""
+
+    target_modules: tuple[str, ...]
+    task_type: str | None = None
+    modules_to_save: tuple[str, ...] | None = None
+    r: int = 4
+    lora_alpha: int = 8
+    b_std: float = LORA_B_STD
+    head_std: float = 0.3
+
+
+def build_task_model(family: str, task: str, seed: int = 0, **config_overrides: Any) -> nn.Module:
+    """A tiny transformers task model (e.g. BertForSequenceClassification) with seeded random weights."""
+    import transformers
+
+    config = tiny_config(family)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    if "num_labels" in config_overrides:
+        config.id2label = {i: f"LABEL_{i}" for i in range(config_overrides["num_labels"])}
+        config.label2id = {v: k for k, v in config.id2label.items()}
+    model_class = getattr(transformers, CLASS_PREFIX[family] + TASK_CLASSES[task][0])
+    model = model_class(config)
+    model.config._attn_implementation = "eager"
+    return randomize_(model, seed).eval()
+
+
+def write_task_model_dir(
+    path: str | Path,
+    family: str,
+    task: str,
+    *,
+    seed: int = 0,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    lora: HeadLoraSpec | None = None,
+    tokenizer: bool = False,
+    pruned_heads: Mapping[int, Sequence[int]] | None = None,
+    **config_overrides: Any,
+) -> Path:
+    """A MODEL_DIR of a task model as users have them: transformers' `save_pretrained` (config.json with
+    `architectures`, model.safetensors), masks in `pruning_masks.safetensors`, a PEFT adapter saved by PEFT
+    (with the trained head in `modules_to_save`) in `adapter/`. `pruned_heads`: saved as transformers 4 saved
+    a model after `prune_heads` (masks and adapter are then shaped for the pruned model)."""
+    path = fresh_dir(path)
+    model = build_task_model(family, task, seed, **config_overrides)
+    if pruned_heads:
+        prune_heads_like_transformers_4(model, pruned_heads)
+    model.save_pretrained(str(path))
+    if masks:
+        save_file({k: v.contiguous() for k, v in masks.items()}, str(path / "pruning_masks.safetensors"))
+    if lora is not None:
+        write_head_adapter(model, path / "adapter", lora, seed=seed + 1)
+    if tokenizer:
+        write_tiny_tokenizer(path, model.config.vocab_size)
+    return path
+
+
+@torch.no_grad()
+def write_head_adapter(base: nn.Module, adapter_dir: Path, spec: HeadLoraSpec, seed: int = 1) -> Path:
+    """A PEFT adapter of `base` (a task model): LoRA A/B and the saved head modules seeded random."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.lora_alpha,
+        target_modules=list(spec.target_modules),
+        task_type=spec.task_type,
+        modules_to_save=list(spec.modules_to_save) if spec.modules_to_save else None,
+        lora_dropout=0.0,
+    )
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in sorted(peft_model.named_parameters()):
+        if ".lora_A." in name:
+            param.copy_(torch.randn(param.shape, generator=gen) / param.shape[1] ** 0.5)
+        elif ".lora_B." in name:
+            param.copy_(torch.randn(param.shape, generator=gen) * spec.b_std)
+        elif ".modules_to_save." in name:
+            param.copy_(torch.randn(param.shape, generator=gen) * spec.head_std)
+    peft_model.save_pretrained(str(adapter_dir))
+    return adapter_dir
+
+
+@torch.no_grad()
+def prune_heads_like_transformers_4(model: nn.Module, pruned: Mapping[int, Sequence[int]]) -> nn.Module:
+    """What transformers 4's `model.prune_heads(pruned)` did to a BERT-style model, written out by hand
+    (transformers 5 removed it): in each listed layer, the heads' rows of query/key/value (weights and
+    biases) and their columns of the attention output projection are cut out, the remaining heads keep
+    their order, and `config.pruned_heads` records {layer: heads}. `model.save_pretrained` then writes the
+    checkpoint as transformers 4 did: smaller tensors, `"pruned_heads": {"0": [1, 2]}` in config.json."""
+    base = getattr(model, model.base_model_prefix, model)
+    for layer, heads in pruned.items():
+        attention = base.encoder.layer[layer].attention
+        head_dim = attention.self.attention_head_size
+        keep = [c for c in range(attention.self.all_head_size) if c // head_dim not in set(heads)]
+        for name in ("query", "key", "value"):
+            old = getattr(attention.self, name)
+            new = nn.Linear(old.in_features, len(keep))
+            new.weight.copy_(old.weight[keep])
+            new.bias.copy_(old.bias[keep])
+            setattr(attention.self, name, new)
+        old = attention.output.dense
+        new = nn.Linear(len(keep), old.out_features)
+        new.weight.copy_(old.weight[:, keep])
+        new.bias.copy_(old.bias)
+        attention.output.dense = new
+        attention.self.num_attention_heads -= len(set(heads))
+        attention.self.all_head_size = len(keep)
+    model.config.pruned_heads = {int(k): sorted(v) for k, v in pruned.items()}
+    return model
