@@ -3,19 +3,23 @@
 Public API (imported lazily so `import exporter` stays cheap):
     export_engine(model_dir, output_dir, config) -> ExportResult
     ExportConfig, ExportResult, load_compact
+    load(out_dir) -> ExportedModel: an export served for its task (classify, tag, answer, fill_mask, embed,
+    generate) on the engine the export chose, with the folder's tokenizer
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ExportConfig", "ExportResult", "export_engine", "load_compact"]
+__all__ = ["ExportConfig", "ExportResult", "ExportedModel", "export_engine", "load", "load_compact"]
 
 _LAZY = {
     "export_engine": "exporter.api",
     "ExportResult": "exporter.api",
     "ExportConfig": "exporter.config",
     "load_compact": "exporter.restructure.compact",
+    "load": "exporter.runtime.task_model",
+    "ExportedModel": "exporter.runtime.task_model",
 }
 
 

@@ -18,13 +18,14 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys) -> None:
     blocks = readme_python_blocks()
     assert blocks, "the README lost its Python example"
     masks = {layer_param("bert", 0, "up"): row_mask((128, 64), range(8))}
-    write_model_dir(tmp_path / "demo_model", "bert", masks=masks)
+    write_model_dir(tmp_path / "demo_model", "bert", masks=masks, tokenizer=True)
     monkeypatch.chdir(tmp_path)
     for block in blocks:
         exec(compile(block, str(README), "exec"), {})
     out = capsys.readouterr().out
     assert "->" in out and "onnx" in out
     assert (tmp_path / "out" / "api-demo" / "model.onnx").exists()
+    assert "feature-extraction -> model.onnx" in out  # the served export
 
 
 def test_every_cli_flag_is_in_the_readme_usage() -> None:
