@@ -375,6 +375,7 @@ def test_decoder_classifier_left_and_right_padding(family, agreement_target, tmp
         task,
         masks=masks,
         lora=head_lora(family, task),
+        tokenizer=True,
         **config_overrides(family, task),
     )
     report = export_engine(
@@ -399,6 +400,20 @@ def test_decoder_classifier_left_and_right_padding(family, agreement_target, tmp
         )
     assert report["int8"]["agreement_gate"]["passed"]
     assert report["int8"]["cpu"]["heldout_task_agreement"]["agreement"] >= agreement_target
+    # served in a right-padded batch, each text scores as it does alone in transformers
+    from transformers import AutoTokenizer
+
+    import exporter
+
+    texts = ["a cat sat", "the dog ran far away from home", "zebra"]
+    with exporter.load(tmp_path / "out", file="model.onnx") as model:
+        got = model.classify(texts)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    for text, served in zip(texts, got):
+        with torch.no_grad():
+            probs = torch.softmax(reference(**tokenizer(text, return_tensors="pt")).logits[0], -1)
+        assert served["label"] == reference.config.id2label[int(probs.argmax())]
+        assert abs(served["score"] - float(probs.max())) <= TOLERANCE
 
 
 # ------------------------------------------------------------------------------ pruned checkpoints

@@ -28,11 +28,14 @@ import numpy as np
 from engines import load_runner
 from engines.base import Runner
 from export_errors import InputError
+from exporter.model_dir.tokenizer import find_tokenizer
 from exporter.runtime.engine_choice import serving_file
 from exporter.runtime.generation import generate
 from exporter.tasks import spans
 from exporter.tasks.metrics import probabilities, softmax
 from exporter.tasks.registry import find_task
+from exporter.tasks.spec import Task
+from exporter.validate.eval_set import task_tokenizer
 
 BATCH_SIZE = 32
 
@@ -59,7 +62,7 @@ class ExportedModel:
         from transformers import AutoConfig
 
         self.config = AutoConfig.from_pretrained(str(out_dir))
-        self.tokenizer = _tokenizer(out_dir, self.config)
+        self.tokenizer = _tokenizer(out_dir, self.task, self.config)
         self.max_length = min(512, int(getattr(self.config, "max_position_embeddings", 512)))
         self.runner: Runner = load_runner(self.path, threads=threads)
         self.runner.__enter__()
@@ -273,18 +276,12 @@ class ExportedModel:
         return ids
 
 
-def _tokenizer(out_dir: Path, config: Any) -> Any:
-    """The folder's tokenizer (None without tokenizer files), padding on the right with config.json's pad
-    id when it has none (a decoder classifier reads the last non-padding token)."""
-    from transformers import AutoTokenizer
-
-    if not any((out_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+def _tokenizer(out_dir: Path, task: Task, config: Any) -> Any:
+    """The folder's tokenizer (None without tokenizer files), padding on the right as the export was
+    judged (exporter/validate/eval_set.py)."""
+    if find_tokenizer(out_dir) is None:
         return None
-    tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
-    tokenizer.padding_side = "right"
-    if tokenizer.pad_token_id is None and getattr(config, "pad_token_id", None) is not None:
-        tokenizer.pad_token_id = config.pad_token_id
-    return tokenizer
+    return task_tokenizer(out_dir, task, getattr(config, "pad_token_id", None))
 
 
 def _eos_token_id(out_dir: Path, config: Any) -> int | None:

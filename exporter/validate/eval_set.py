@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from export_errors import InputError
+from exporter.model_dir.tokenizer import load_tokenizer
 from exporter.tasks import metrics, spans
 from exporter.tasks.eval_data import read_eval_data
 from exporter.tasks.spec import Task
@@ -89,7 +90,7 @@ def load_eval_set(
     records = read_eval_data(path, task.metric, task.name, label2id)
     if tokenizer_path is None:
         raise InputError("--eval-data", "the model folder has no tokenizer, so its text cannot be tokenized")
-    tokenizer = eval_tokenizer(tokenizer_path, getattr(config, "pad_token_id", None))
+    tokenizer = task_tokenizer(tokenizer_path, task, getattr(config, "pad_token_id", None))
     common = {"truncation": True, "max_length": seq_len, "padding": "longest", "return_tensors": "np"}
     if task.metric == "classification":
         pairs = [r["text_pair"] for r in records]
@@ -117,14 +118,13 @@ def load_eval_set(
     )
 
 
-def eval_tokenizer(tokenizer_path: Path, pad_token_id: int | None) -> Any:
-    """The model's tokenizer padding on the right (a decoder classifier reads the last non-padding token,
-    and right padding keeps its real tokens' positions); a missing pad token is config.json's."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
-    tokenizer.padding_side = "right"
-    if tokenizer.pad_token_id is None and pad_token_id is not None:
+def task_tokenizer(tokenizer_path: Path, task: Task, pad_token_id: int | None) -> Any:
+    """The model's tokenizer padding on the right (exporter/model_dir/tokenizer.py picks the pad token: its
+    own, else eos, else unk); a decoder classifier pads with config.json's `pad_token_id`, the id its score
+    head finds the last real token from. Right padding keeps a causal model's real tokens at the positions
+    they have alone."""
+    tokenizer, _ = load_tokenizer(tokenizer_path, "right")
+    if task.metric == "classification" and task.kind == "decoder" and pad_token_id is not None:
         tokenizer.pad_token_id = pad_token_id
     return tokenizer
 
