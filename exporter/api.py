@@ -164,7 +164,6 @@ class _Run:
         with self.stage("engine"):
             engine_onnx = self.artifacts.get("int8", self.artifacts.get("int4", self.artifacts["onnx"]))
             self.report["engine"] = run_engine_stage(self.choice, engine_onnx, self._seq_limit(md))
-            self.report["engine"]["cpu_file"] = self.artifacts.get("int8_cpu", self.artifacts["onnx"]).name
         with contextlib.ExitStack() as stack:
             cpu = self._cpu_candidates(md, feeds, reference, stack)
             rows = None

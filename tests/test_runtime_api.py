@@ -15,7 +15,7 @@ import exporter
 from export_errors import InputError
 from exporter.api import export_engine
 from exporter.config import ExportConfig
-from exporter.runtime.engine_choice import serving_file
+from exporter.runtime.engine_choice import serving_engine
 from exporter.testing.synthetic import build_base_model, write_model_dir
 
 FP32 = ExportConfig(precision="fp32", benchmark=False, sequence_length=16, validation_samples=2)
@@ -65,18 +65,30 @@ def write_report(out: Path, engine: dict[str, object], files: tuple[str, ...]) -
     return {"engine": engine}
 
 
-def test_serving_file_is_the_one_the_report_names(tmp_path) -> None:
-    files = ("model.onnx", "model.int8.cpu.onnx")
-    assert (
-        serving_file(tmp_path, write_report(tmp_path, {"cpu_file": "model.onnx"}, files)).name == "model.onnx"
+def test_serving_engine_is_the_one_the_report_names(tmp_path) -> None:
+    files = ("model.onnx", "model.int8.cpu.onnx", "model.int8.openvino.onnx")
+    chosen = {
+        "file": "model.int8.openvino.onnx",
+        "engine": "openvino",
+        "engine_precision": "f32",
+        "threads": 2,
+    }
+    serving = serving_engine(tmp_path, write_report(tmp_path, {"cpu": chosen}, files))
+    assert (serving.path.name, serving.backend, serving.precision, serving.threads) == (
+        "model.int8.openvino.onnx",
+        "openvino",
+        "f32",
+        2,
     )
-    assert serving_file(tmp_path, write_report(tmp_path, {}, files)).name == "model.int8.cpu.onnx"
-    report = write_report(
-        tmp_path, {"cpu_file": "model.int8.cpu.onnx", "tensorrt_build": {"ok": True}}, files
-    )
-    assert serving_file(tmp_path, report).name == "model.int8.cpu.onnx"  # no model.plan, no TensorRT here
+    ort = {"file": "model.onnx", "engine": "onnxruntime", "engine_precision": "f32"}
+    serving = serving_engine(tmp_path, write_report(tmp_path, {"cpu": ort}, files))
+    assert (serving.path.name, serving.backend, serving.precision) == ("model.onnx", "onnxruntime", None)
+    assert serving_engine(tmp_path, write_report(tmp_path, {}, files)).path.name == "model.int8.cpu.onnx"
+    report = write_report(tmp_path, {"cpu": chosen, "tensorrt_build": {"ok": True}}, files)
+    assert serving_engine(tmp_path, report).backend == "openvino"  # no model.plan, no TensorRT here
+    assert serving_engine(tmp_path, report, file="model.onnx").path.name == "model.onnx"
     with pytest.raises(InputError, match=r"model\.other\.onnx: the file report\.json names"):
-        serving_file(tmp_path, {"engine": {"cpu_file": "model.other.onnx"}})
+        serving_engine(tmp_path, {"engine": {"cpu": {"file": "model.other.onnx", "engine": "onnxruntime"}}})
 
 
 def test_load_refuses_a_folder_that_is_no_export(tmp_path) -> None:

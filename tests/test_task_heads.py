@@ -232,7 +232,12 @@ def test_deployed_folder_loads_with_transformers_and_names_optimum_expects(bert_
     deployment = report["deployment"]
     assert deployment["optimum_class"] == "ORTModelForSequenceClassification"
     assert deployment["model_file"] == "model.onnx"
-    assert report["engine"]["cpu_file"] == "model.int8.cpu.onnx"
+    chosen = report["engine"]["cpu"]  # the CPU engine chosen by measurement is the one that serves
+    assert chosen["file"] in ("model.int8.cpu.onnx", "model.int8.openvino.onnx")
+    import exporter
+
+    with exporter.load(out) as served:
+        assert served.path.name == chosen["file"] and served.serving.backend == chosen["engine"]
 
 
 def test_load_classify_equals_the_transformers_pipeline(bert_classifier) -> None:

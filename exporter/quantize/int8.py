@@ -155,7 +155,9 @@ def quantize(
         ),
     }
     _gate(report, config.min_cosine)
-    return QuantResult(out_dir / TENSORRT_FILE, cpu_path, report, trt_cosine, cpu_cosine, calibration.heldout)
+    return QuantResult(
+        out_dir / TENSORRT_FILE, cpu_path, report, trt_cosine, cpu_cosine, heldout=calibration.heldout
+    )
 
 
 def _tensorrt_variant(

@@ -95,7 +95,9 @@ def measure(
         reference = runners[0][1].infer(timing_feeds)
         rows = stage_report.measure_stages(runners, timing_feeds, reference, info=info, config=config)
     return [
-        _with_task_scores(_with_validation(row, validation, checks.get(row.name)), checks.get(row.name), agreement, labeled)
+        _with_task_scores(
+            _with_validation(row, validation, checks.get(row.name)), checks.get(row.name), agreement, labeled
+        )
         for row in rows
     ]
 

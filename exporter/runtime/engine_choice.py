@@ -1,13 +1,14 @@
-"""Which file of an export serves it: the one decision, kept small so other engines can join it.
+"""Which engine serves an export: the one decision, kept small so other engines can join it.
 
 The export records its choice in report.json (`engine`): the TensorRT plan where one was built and
-TensorRT runs here, else the CPU file it names (`engine.cpu_file`: the CPU INT8 file when there is one,
-else the optimized fp32 `model.onnx`). An export from before `cpu_file` was recorded serves its CPU INT8
-file when present, else `model.onnx`.
+TensorRT runs here; else the CPU engine chosen by measurement (`engine.cpu`: runtime, file and precision,
+engines/cpu_selection.py), opened exactly as it was timed. An export from before `engine.cpu` was recorded
+serves its CPU INT8 file on ONNX Runtime when present, else `model.onnx`. `file=` overrides the choice.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,38 @@ CPU_INT8_FILE = "model.int8.cpu.onnx"
 FP32_FILE = "model.onnx"
 
 
-def serving_file(out_dir: Path, report: dict[str, Any]) -> Path:
-    """The engine file the export chose for this machine (see the module docstring)."""
+@dataclasses.dataclass(frozen=True)
+class Serving:
+    """The file that serves, on which runtime ("auto": by its suffix) and, for OpenVINO, at which precision."""
+
+    path: Path
+    backend: str = "auto"
+    precision: str | None = None
+    threads: int | None = None
+
+
+def serving_engine(out_dir: Path, report: dict[str, Any], file: str | None = None) -> Serving:
+    """The engine the export chose for this machine, or `file` of the export (see the module docstring)."""
+    if file is not None:
+        return Serving(_existing(out_dir / file, "no such file in the export"))
     engine = report.get("engine", {})
     plan = out_dir / PLAN_FILE
     if engine.get("tensorrt_build") and plan.is_file() and tensorrt_skip_reason() is None:
-        return plan
-    name = engine.get("cpu_file") or (CPU_INT8_FILE if (out_dir / CPU_INT8_FILE).is_file() else FP32_FILE)
-    path = out_dir / name
+        return Serving(plan)
+    cpu = engine.get("cpu")
+    if isinstance(cpu, dict) and cpu.get("file"):
+        openvino = cpu.get("engine") == "openvino"
+        return Serving(
+            _existing(out_dir / cpu["file"], "the file report.json names to serve the export is missing"),
+            backend=str(cpu.get("engine", "auto")),
+            precision=cpu.get("engine_precision") if openvino else None,
+            threads=cpu.get("threads"),
+        )
+    name = CPU_INT8_FILE if (out_dir / CPU_INT8_FILE).is_file() else FP32_FILE
+    return Serving(_existing(out_dir / name, "the file report.json names to serve the export is missing"))
+
+
+def _existing(path: Path, problem: str) -> Path:
     if not path.is_file():
-        raise InputError(path, "the file report.json names to serve the export is missing")
+        raise InputError(path, problem)
     return path

@@ -29,7 +29,7 @@ from engines import load_runner
 from engines.base import Runner
 from export_errors import InputError
 from exporter.model_dir.tokenizer import find_tokenizer
-from exporter.runtime.engine_choice import serving_file
+from exporter.runtime.engine_choice import serving_engine
 from exporter.runtime.generation import generate
 from exporter.tasks import spans
 from exporter.tasks.metrics import probabilities, softmax
@@ -56,15 +56,19 @@ class ExportedModel:
         self.out_dir = out_dir
         self.report = json.loads(report_file.read_text())
         self.task = find_task(self.report["export"]["task"], self.report["model"]["model_type"], report_file)
-        self.path = out_dir / file if file else serving_file(out_dir, self.report)
-        if not self.path.is_file():
-            raise InputError(self.path, "no such file in the export")
+        self.serving = serving_engine(out_dir, self.report, file)
+        self.path = self.serving.path
         from transformers import AutoConfig
 
         self.config = AutoConfig.from_pretrained(str(out_dir))
         self.tokenizer = _tokenizer(out_dir, self.task, self.config)
         self.max_length = min(512, int(getattr(self.config, "max_position_embeddings", 512)))
-        self.runner: Runner = load_runner(self.path, threads=threads)
+        self.runner: Runner = load_runner(
+            self.path,
+            backend=self.serving.backend,
+            threads=threads if threads is not None else self.serving.threads,
+            precision=self.serving.precision,
+        )
         self.runner.__enter__()
         self._inputs = [spec.name for spec in self.runner.input_specs]
 
