@@ -136,18 +136,25 @@ def applicable(
     flags: Collection[str],
     backend: str = "auto",
     pinned: str | None = None,
+    precision: str = "int8",
 ) -> tuple[list[Applicable], dict[str, str]]:
     """The candidates to measure, and for every other one why not.
 
     `unavailable`: runtime -> None when it runs here, else the reason (e.g. `openvino_unavailable_reason()`).
     `backend`: "auto", or "onnxruntime"/"openvino" to restrict to one runtime. `pinned` (`--cpu-engine`):
-    only that candidate; it must apply, else an `InputError` saying why."""
+    only that candidate; it must apply, else an `InputError` saying why. `precision` (`--precision`): an
+    fp32 export asked for fp32 numerics, so bf16 joins it only when pinned; a quantized export measures
+    bf16 beside its INT8/INT4 files (bf16 is the more accurate of them)."""
     if pinned is not None:
         candidate(pinned)  # unknown names fail here, with the list
     found: list[Applicable] = []
     skipped: dict[str, str] = {}
     for cand in CANDIDATES:
         reason = _why_not(cand, artifacts, unavailable, flags, backend)
+        if reason is None and precision == "fp32" and cand.precision != "fp32" and pinned != cand.name:
+            reason = (
+                f"not requested (--precision fp32 serves fp32 numerics; --cpu-engine {cand.name} pins it)"
+            )
         if pinned is not None and cand.name != pinned:
             reason = reason or f"not requested (--cpu-engine {pinned})"
         elif pinned is not None and reason is not None:

@@ -287,7 +287,9 @@ class _Run:
         if self.choice.name == "tensorrt":
             return None
         with self.stage("cpu_engine"):
-            cpu = cpu_engine_stage.plan(self.artifacts, self.config.backend, self.config.cpu_engine)
+            cpu = cpu_engine_stage.plan(
+                self.artifacts, self.config.backend, self.config.cpu_engine, precision=self.config.precision
+            )
             decoder = self.task.with_past
             real = self.task.token_masks(feeds)
 
@@ -629,6 +631,7 @@ def _check_cpu_engine_flag(config: ExportConfig, choice: BackendChoice) -> None:
         flags=cpu_selection.cpu_flags(),
         backend=restrict,
         pinned=config.cpu_engine,
+        precision=config.precision,
     )
 
 

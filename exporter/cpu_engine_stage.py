@@ -73,14 +73,18 @@ class CpuEngineStage:
 
 
 def plan(
-    artifacts: Mapping[str, Path], backend: str, pinned: str | None, flags: frozenset[str] | None = None
+    artifacts: Mapping[str, Path],
+    backend: str,
+    pinned: str | None,
+    flags: frozenset[str] | None = None,
+    precision: str = "int8",
 ) -> CpuEngineStage:
-    """The candidates to measure on this machine (backend: the export's `--backend`)."""
+    """The candidates to measure on this machine (backend, precision: the export's `--backend`, `--precision`)."""
     flags = cpu_flags() if flags is None else flags
     unavailable = {"onnxruntime": None, "openvino": openvino_unavailable_reason()}
     restrict = backend if backend in ("onnxruntime", "openvino") else "auto"
     found, skipped = applicable(
-        artifacts, unavailable=unavailable, flags=flags, backend=restrict, pinned=pinned
+        artifacts, unavailable=unavailable, flags=flags, backend=restrict, pinned=pinned, precision=precision
     )
     return CpuEngineStage(found, skipped, flags, pinned)
 

@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from engines import load_runner
-from engines.cpu_selection import chosen_runner
+from engines.cpu_selection import bf16_unsupported_reason, chosen_runner, cpu_flags
 from engines.openvino_runner import openvino_unavailable_reason
 from export_errors import InputError
 from exporter.api import export_engine
@@ -45,9 +45,10 @@ def test_the_export_measures_every_candidate_and_records_the_fastest_passing(def
     report = json.loads((default_export.output_dir / "report.json").read_text())
     cpu = report["engine"]["cpu"]
     rows = {row["name"]: row for row in cpu["candidates"]}
-    expected = {"onnxruntime-int8", "onnxruntime-fp32"} | (
-        {"openvino-int8", "openvino-fp32"} if OV_SKIP is None else set()
+    openvino = {"openvino-int8", "openvino-fp32"} | (
+        {"openvino-bf16"} if bf16_unsupported_reason(cpu_flags()) is None else set()
     )
+    expected = {"onnxruntime-int8", "onnxruntime-fp32"} | (openvino if OV_SKIP is None else set())
     assert set(rows) == expected
     passing = [row for row in rows.values() if row["passed_gate"]]
     fastest = min(passing, key=lambda row: row["latency_ms"])

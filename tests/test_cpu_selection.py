@@ -72,11 +72,17 @@ def test_files_and_runtimes_decide_what_applies() -> None:
     )
     assert names(found) == ["onnxruntime-int8", "onnxruntime-fp32"]
     assert skipped["openvino-int8"] == "openvino is not available: no module"
-    # an fp32 export: fp32 candidates only
+    # an fp32 export: fp32 files only; bf16 where the CPU has it for a quantized export, pinned for an fp32 one
     fp32 = {k: v for k, v in INT8_EXPORT.items() if k in ("exported", "onnx")}
-    found, skipped = applicable(fp32, unavailable=BOTH, flags=CPUS["Zen 4 (VNNI, AVX512-BF16)"])
+    bf16_cpu = CPUS["Zen 4 (VNNI, AVX512-BF16)"]
+    found, skipped = applicable(fp32, unavailable=BOTH, flags=bf16_cpu)
     assert names(found) == ["openvino-bf16", "onnxruntime-fp32", "openvino-fp32"]
     assert skipped["onnxruntime-int8"] == "no int8 file for it in this export"
+    found, skipped = applicable(fp32, unavailable=BOTH, flags=bf16_cpu, precision="fp32")
+    assert names(found) == ["onnxruntime-fp32", "openvino-fp32"]
+    assert skipped["openvino-bf16"].startswith("not requested (--precision fp32")
+    found, _ = applicable(fp32, unavailable=BOTH, flags=bf16_cpu, precision="fp32", pinned="openvino-bf16")
+    assert names(found) == ["openvino-bf16"]
     # an INT4 file (issue 16's CPU file) makes its candidate apply
     found, _ = applicable(
         {**INT8_EXPORT, "int4_cpu": Path("/out/model.int4.cpu.onnx")}, unavailable=BOTH, flags=set()
