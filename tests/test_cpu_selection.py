@@ -51,6 +51,15 @@ def test_bf16_is_a_candidate_only_where_the_cpu_computes_it(cpu: str, bf16: bool
     assert skipped["onnxruntime-int4"] == "no int4 file for it in this export"
     if not bf16:
         assert "neither AVX512-BF16 nor AMX-BF16" in skipped["openvino-bf16"]
+    # OpenVINO's INT8 candidate runs its float layers in bf16 exactly where the CPU computes bf16
+    int8_ov = next(a for a in found if a.candidate.name == "openvino-int8")
+    assert int8_ov.candidate.runner_options() == {
+        "backend": "openvino",
+        "precision": "bf16" if bf16 else "f32",
+    }
+    assert int8_ov.candidate.engine_precision == cpu_selection.int8_engine_precision(CPUS[cpu])
+    # the fp32 candidate stays f32 everywhere (OpenVINO's own default on BF16/AMX CPUs would be bf16)
+    assert next(a for a in found if a.candidate.name == "openvino-fp32").candidate.engine_precision == "f32"
     bf16_runs = [a for a in found if a.candidate.name == "openvino-bf16"]
     if bf16_runs:
         assert bf16_runs[0].path.name == "model.exported.onnx"
