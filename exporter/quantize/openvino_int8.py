@@ -2,7 +2,7 @@
 
 **NNCF's recipe, where `nncf` is installed** (`pip install "export-engine[nncf]"`; encoders): Intel's
 post-training quantization (`nncf.quantize`, `ModelType.TRANSFORMER`: SmoothQuant alpha 0.95 on the
-MatMuls, asymmetric u8 activations for the MatMuls with a weight and symmetric for the attention's
+MatMuls, asymmetric 8-bit activations for the MatMuls with a weight and symmetric for the attention's
 activation x activation MatMul, per-channel symmetric s8 weights, the softmax -> MatMul input left float,
 fast bias correction) run by its ONNX backend on our compact fp32 graph with the export's own calibration
 samples. Measured on the demo export (README "CPU engine"): more accurate than the TensorRT-derived file
@@ -155,7 +155,7 @@ def build_openvino_file(
                 "nncf_version": nncf.__version__,
                 "nncf_seconds": seconds,
                 "scheme": (
-                    "NNCF post-training quantization, transformer preset (SmoothQuant, asymmetric u8 "
+                    "NNCF post-training quantization, transformer preset (SmoothQuant, asymmetric 8-bit "
                     "activations, per-channel symmetric s8 weights, fast bias correction) on the compact "
                     "fp32 graph, the export's calibration samples"
                 ),
