@@ -385,6 +385,9 @@ def main() -> None:
     parser.add_argument(
         "--build-only", action="store_true", help="build the files (shared lock), time nothing"
     )
+    parser.add_argument(
+        "--only", nargs="+", help="variants whose name contains one of these (the 'before' baseline is kept)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
