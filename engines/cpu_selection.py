@@ -16,9 +16,11 @@ A candidate applies when its file was written, its runtime is installed, and (bf
 bf16 natively (AVX512-BF16 or AMX-BF16; elsewhere OpenVINO would emulate it in fp32 arithmetic).
 Where the CPU computes bf16 natively, OpenVINO's INT8 candidate runs the layers its file keeps in float
 (softmax, LayerNorm, GELU, the attention's probabilities x values) with the bf16 precision hint
-(`int8_engine_precision`): measured never slower and up to 1.12x faster at 8x128 on a Sapphire Rapids
-(AMX) Xeon, at the same token cosine to 4 digits (README "CPU engine"); the INT8 gate still judges it as
-OpenVINO computes it, so a model that bf16 hurts fails its gate with the numbers.
+(`int8_engine_precision`), as OpenVINO itself defaults to on such CPUs. Measured on a Sapphire Rapids (AMX)
+Xeon (README "CPU engine"): at 8x128 0.99-1.05x (four runs) for NNCF's recipe and 1.12x (one run) for
+the Q/DQ recipe (whose weight-only layers are float GEMMs), within noise at 1x128 (0.93-1.04x), the same
+token cosine to 4 digits;
+the INT8 gate still judges it as OpenVINO computes it, so a model that bf16 hurts fails with the numbers.
 Every applicable candidate is measured by the caller (latency at the export's shapes, interleaved;
 accuracy on the export's validation inputs as *that* runtime computes it) and `choose` picks the
 fastest one that passes its precision's gate. Everything here is pure code over those numbers, so the
