@@ -192,3 +192,66 @@ def test_weight_only_int8_keeps_activations_float(tmp_path: Path) -> None:
         assert np.all(
             np.abs(got - x @ weight) <= np.abs(x) @ np.broadcast_to(scale / 2, weight.shape) + 1e-4
         ), backend
+
+
+def test_task_agreement_joins_the_cosine_gate() -> None:
+    from exporter.cpu_engine_stage import agreement_gate
+
+    words = "mean token cosine >= 0.99 (int8, --accuracy-target)"
+    assert agreement_gate(True, words, None, None) == (True, words)  # not a task model: cosine alone
+    assert agreement_gate(True, words, 0.96, 0.95) == (
+        True,
+        f"{words}; held-out task agreement 0.9600 >= 0.95 (--agreement-target)",
+    )
+    assert agreement_gate(True, words, 0.90, 0.95)[0] is False  # cosine passed, labels changed: fails
+    assert agreement_gate(False, words, 1.0, 0.95)[0] is False
+
+
+@needs_openvino
+@pytest.mark.parametrize(("agreement", "passes"), [(1.0, True), (0.5, False)])
+def test_openvino_int8_candidate_is_judged_by_the_task_agreement_it_computes(
+    tmp_path: Path, agreement: float, passes: bool
+) -> None:
+    import contextlib
+
+    from engines.cpu_selection import applicable
+    from exporter.cpu_engine_stage import CpuEngineStage, TaskAgreement, open_and_judge
+
+    rng = np.random.default_rng(3)
+    weight = rng.normal(size=(16, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    path = tmp_path / "model.int8.openvino.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    found, skipped = applicable(
+        {"int8_openvino": path}, unavailable={"onnxruntime": None, "openvino": None}, flags=set()
+    )
+    stage = CpuEngineStage(found, skipped, frozenset(), None)
+    x = rng.normal(size=(3, 16)).astype(np.float32)
+    seen: list[str] = []
+
+    def measure(runner: object) -> float:
+        seen.append(type(runner).__name__)
+        return agreement
+
+    validation: dict = {}
+    with contextlib.ExitStack() as stack:
+        open_and_judge(
+            stage,
+            stack,
+            1,
+            {"y": x @ weight},
+            lambda runner: runner.infer({"x": x}),
+            None,
+            validation,
+            0.99,
+            TaskAgreement(measure, 0.95),
+        )
+    _, passed, words = stage.accuracy["openvino-int8"]
+    assert seen == ["OpenVinoRunner"] and passed is passes
+    assert f"held-out task agreement {agreement:.4f} >= 0.95" in words
