@@ -121,9 +121,8 @@ def test_backend_openvino_measures_openvino_only(bert_dir: Path, tmp_path: Path)
     config = ExportConfig(**SMALL, precision="fp32", backend="openvino")
     result = export_engine(bert_dir, tmp_path / "out", config)
     cpu = result.report["engine"]["cpu"]
-    bf16 = ["openvino-bf16"] if bf16_unsupported_reason(cpu_flags()) is None else []  # AVX512-BF16 / AMX
     assert cpu["engine"] == "openvino"
-    assert [r["name"] for r in cpu["candidates"]] == [*bf16, "openvino-fp32"]
+    assert [r["name"] for r in cpu["candidates"]] == ["openvino-fp32"]  # --precision fp32: no bf16
     assert cpu["skipped"]["onnxruntime-fp32"] == "not requested (--backend openvino)"
     assert result.report["backend"]["name"] == "openvino"
 
