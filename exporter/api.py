@@ -39,6 +39,8 @@ from exporter.cpu_engine_stage import CpuEngineStage
 from exporter.engine_stage import run_engine_stage
 from exporter.export.decoder_with_past import export_decoder_with_past
 from exporter.export.deploy_files import write_deployment_files
+from exporter.export.streaming.choose import use_streaming
+from exporter.export.streaming.stream import stream_decoder_export
 from exporter.export.external_data import save_onnx
 from exporter.export.task_heads import wrapper_for
 from exporter.export.torch_to_onnx import EXPORTER, EXPORTER_REASON, export_to_onnx, input_names_for
@@ -117,6 +119,18 @@ class _Run:
 
     def execute(self, work: Path) -> None:
         torch.manual_seed(self.config.seed)
+        streamed = self._streamed_front(work)
+        if streamed is not None:
+            md, feeds, reference = streamed
+            uncompacted = None
+        else:
+            md, feeds, reference, uncompacted = self._whole_front(work)
+        self._tail(md, feeds, reference, uncompacted, work)
+
+    def _whole_front(
+        self, work: Path
+    ) -> tuple[ModelDir, dict[str, np.ndarray], Outputs, torch.nn.Module | None]:
+        """load -> reference -> restructure -> export with the whole model in memory."""
         with self.stage("load"):
             md = load_model_dir(
                 self.model_dir,
@@ -153,6 +167,78 @@ class _Run:
             self._export(md, wrapper, model, feeds, reference, work)
             self.report["deployment"] = write_deployment_files(work, md, plan)
         del model, wrapper  # later stages use ONNX only: free the weights
+        return md, feeds, reference, uncompacted
+
+    def _streamed_front(self, work: Path) -> tuple[ModelDir, dict[str, np.ndarray], Outputs] | None:
+        """load -> streamed reference + restructure + export, one decoder layer at a time
+        (exporter/export/streaming); None when the whole-model path applies (`--streaming`)."""
+        if self.config.streaming == "off" or not _is_safetensors_dir(self.model_dir):
+            if self.config.streaming == "on":
+                raise InputError(self.model_dir, "--streaming on reads safetensors weights (none found)")
+            return None
+        start = time.perf_counter()
+        md = load_model_dir(
+            self.model_dir,
+            adapter=self.config.adapter,
+            allow_pickle=self.config.allow_pickle,
+            task=self.config.task,
+            lazy=True,
+        )
+        if not use_streaming(self.config.streaming, md.task.with_past, self.model_dir, md.task.name):
+            return None
+        family_for(md.model_type, str(self.model_dir / "config.json"))
+        self.task = md.task
+        self._check_precision(md)
+        if self.config.eval_data is not None:
+            raise InputError("--eval-data", "not taken by the streaming export yet; pass --streaming off")
+        self.report["model"] = _model_json(md)
+        self.special_ids = special_token_ids(md.config, md.tokenizer_path)
+        self.report["timings_s"]["load"] = round(time.perf_counter() - start, 3)
+        with self.stage("stream_export"):
+            self.feeds = feeds = self._feeds(md, None)
+            path = work / "model.exported.onnx"
+            result = stream_decoder_export(md, path, feeds, opset=self.config.opset)
+            reference = {"logits": result.reference_logits}
+            merge = result.lora_merge
+            self.report["model"]["lora_merged_modules"] = len(merge.merged_modules) if merge else 0
+            self.report["model"]["lora_max_abs_delta"] = merge.max_abs_delta if merge else 0.0
+            plan = result.plan
+            plan.save(work / "restructure_plan.json")
+            self.report["restructure"] = _restructure_json(plan)
+            self.report["streaming"] = {
+                "layers": len(plan.layers),
+                "checks_max_abs": result.checks,
+                "seconds": result.seconds,
+                "compact_model": "not written by the streaming export (restructure_plan.json says the shapes)",
+            }
+            (work / "decoder_manifest.json").write_text(
+                json.dumps(result.manifest.to_dict(), indent=2, sort_keys=True)
+            )
+            self._check("onnx_fp32", reference, self._onnx_outputs(path, feeds), self.task.fp32_masks(feeds))
+            self.artifacts["exported"] = path
+            self.report["export"] = {
+                "exporter": EXPORTER,
+                "reason": EXPORTER_REASON,
+                "opset": self.config.opset,
+                "task": self.task.name,
+                "task_source": md.task_source,
+                "architecture": md.architecture,
+                "outputs": list(self.task.outputs),
+                "streaming": True,
+            }
+            self._carry_generation_config(md, work)
+            self.report["deployment"] = write_deployment_files(work, md, plan)
+        return md, feeds, reference
+
+    def _tail(
+        self,
+        md: ModelDir,
+        feeds: dict[str, np.ndarray],
+        reference: Outputs,
+        uncompacted: torch.nn.Module | None,
+        work: Path,
+    ) -> None:
+        """graph passes -> INT8 / INT4 -> engine -> CPU engine candidates -> stage table -> report."""
         with self.stage("graph_passes"):
             self._optimize(md, feeds, reference, work)
         if self.config.precision == "int8":
@@ -472,14 +558,14 @@ class _Run:
             return _decoder_prefill_outputs(path, feeds, optimized)
         return _onnxruntime_outputs(path, feeds, optimized)
 
-    def _feeds(self, md: ModelDir, wrapper: torch.nn.Module) -> dict[str, np.ndarray]:
+    def _feeds(self, md: ModelDir, wrapper: torch.nn.Module | None) -> dict[str, np.ndarray]:
         side = self.task.padding_side
         if md.tokenizer_path is not None:
             _, padding = load_tokenizer(md.tokenizer_path, side)
             self.report["model"]["tokenizer_padding"] = padding.to_json()
         return task_validation_feeds(
             self.task,
-            input_names_for(wrapper),
+            input_names_for(wrapper) if wrapper is not None else ["input_ids", "attention_mask"],
             md.tokenizer_path,
             md.config.vocab_size,
             self.config.validation_samples,
@@ -493,6 +579,8 @@ class _Run:
         if md.generation_config_path is None:
             return
         for folder in (work, work / "compact_model"):
+            if not folder.is_dir():  # the streaming export writes no compact_model/
+                continue
             shutil.copy2(md.generation_config_path, folder / md.generation_config_path.name)
         self.artifacts["generation_config"] = work / md.generation_config_path.name
 
@@ -547,6 +635,12 @@ class _Run:
         if gate is not None:
             check(comparisons, gate, what)
         return comparisons
+
+
+def _is_safetensors_dir(model_dir: Path) -> bool:
+    from exporter.model_dir.files import SAFETENSORS_FILE, SAFETENSORS_INDEX
+
+    return (model_dir / SAFETENSORS_FILE).exists() or (model_dir / SAFETENSORS_INDEX).exists()
 
 
 def _uses_token_types(md: ModelDir) -> bool:
