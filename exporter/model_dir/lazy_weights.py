@@ -70,7 +70,9 @@ def read_lazy_weights(path: Path) -> tuple[dict[str, LazyTensor], Path]:
             tensors.update(_header(path / shard))
         absent = [name for name in weight_map if name not in tensors]
         if absent:
-            raise InputError(weight_map[absent[0]], f"tensor {absent[0]!r} listed in {index.name} is not in it")
+            raise InputError(
+                weight_map[absent[0]], f"tensor {absent[0]!r} listed in {index.name} is not in it"
+            )
         return tensors, index
     if (path / SAFETENSORS_FILE).exists():
         return _header(path / SAFETENSORS_FILE), path / SAFETENSORS_FILE

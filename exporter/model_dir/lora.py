@@ -331,7 +331,9 @@ def adapter_module(adapter: Adapter, key: str) -> str | None:
     return None if match is None else match["module"]
 
 
-def merge_lora_piece(container: nn.Module, adapter: Adapter, prefixes: tuple[str, ...]) -> tuple[nn.Module, LoraMerge]:
+def merge_lora_piece(
+    container: nn.Module, adapter: Adapter, prefixes: tuple[str, ...]
+) -> tuple[nn.Module, LoraMerge]:
     """Merge the adapter's LoRA tensors for the modules under `prefixes` into `container`, with PEFT.
 
     `container` holds one piece of the model (a decoder layer, the embeddings, the LM head) under the
@@ -359,12 +361,16 @@ def merge_lora_piece(container: nn.Module, adapter: Adapter, prefixes: tuple[str
             peft_model = PeftModel(container, config)
             set_peft_model_state_dict(peft_model, stored)
         except (RuntimeError, ValueError) as exc:
-            raise InputError(adapter.weights_file, f"PEFT could not load the adapter: {one_line(exc)}") from exc
+            raise InputError(
+                adapter.weights_file, f"PEFT could not load the adapter: {one_line(exc)}"
+            ) from exc
     loaded = get_peft_model_state_dict(peft_model)
     lost = [
         key
         for key, tensor in stored.items()
-        if (got := loaded.get(key)) is None or got.shape != tensor.shape or not torch.equal(got.float(), tensor.float())
+        if (got := loaded.get(key)) is None
+        or got.shape != tensor.shape
+        or not torch.equal(got.float(), tensor.float())
     ]
     if lost:
         raise InputError(

@@ -30,7 +30,8 @@ def use_streaming(mode: str, with_past: bool, model_dir: Path, task: str) -> boo
     if not with_past:
         if mode == "on":
             raise InputError(
-                "--streaming", f"on: only KV-cache decoders (text-generation-with-past) stream; the task is {task}"
+                "--streaming",
+                f"on: only KV-cache decoders (text-generation-with-past) stream; the task is {task}",
             )
         return False
     if mode == "on":

@@ -85,7 +85,9 @@ class LayerSource:
         """Load the checkpoint tensors of the modules under `prefixes` into `holder` (meta modules named as
         in the model), merge the adapter's LoRA for them, apply their masks; returns the holder to use."""
         md = self.md
-        wanted = [name for name, _ in holder.named_parameters(remove_duplicate=False) if name.startswith(prefixes)]
+        wanted = [
+            name for name, _ in holder.named_parameters(remove_duplicate=False) if name.startswith(prefixes)
+        ]
         state: dict[str, torch.Tensor] = {}
         for name in wanted:
             source = "model.embed_tokens.weight" if name in self.tied and name not in md.weights else name
@@ -95,7 +97,11 @@ class LayerSource:
         holder.load_state_dict(state, strict=False, assign=True)
         masks = {name: mask for name, mask in md.masks.items() if name.startswith(prefixes)}
         if md.mask_source == ZEROS_PER_LAYER:
-            linear = [f"{n}.weight" for n, m in holder.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+            linear = [
+                f"{n}.weight"
+                for n, m in holder.named_modules()
+                if isinstance(m, nn.Linear) and n != "lm_head"
+            ]
             masks.update(masks_io.masks_from_zeros(state, [n for n in linear if n.startswith(prefixes)]))
         self._claimed.update(masks)
         if md.adapter is not None:

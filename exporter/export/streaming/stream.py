@@ -96,7 +96,11 @@ class _Clock:
 def _cases(feeds: dict[str, np.ndarray], vocab: int) -> list[_Case]:
     """The prefill of the validation feeds, one decode step after it (seeded token), and the trace case."""
     ids, mask = feeds["input_ids"].astype(np.int64), feeds["attention_mask"].astype(np.int64)
-    prefill = {"input_ids": ids, "attention_mask": mask, "position_ids": positions_from_mask(mask, ids.shape[1])}
+    prefill = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": positions_from_mask(mask, ids.shape[1]),
+    }
     rng = np.random.default_rng(1)
     mask2 = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
     decode = {
@@ -149,7 +153,9 @@ def stream_decoder_export(
             piece = scratch / "prefix.onnx"
             torchscript_export(prefix, _prefix_args(cases[2], hd), piece, p_in, p_out, p_axes, opset)
         with clock("onnx_check"):
-            err = _check_piece(piece, p_in, p_out, cases[:2], lambda c: _prefix_args(c, hd), lambda c: c.prefix, "prefix")
+            err = _check_piece(
+                piece, p_in, p_out, cases[:2], lambda c: _prefix_args(c, hd), lambda c: c.prefix, "prefix"
+            )
             worst["onnx_vs_pytorch_piece"] = max(worst["onnx_vs_pytorch_piece"], err)
         inputs: list[str] = []
         outputs: list[str] = []
@@ -168,7 +174,7 @@ def stream_decoder_export(
             with clock("read_merge_mask"):
                 layer = source.layer(index)
             before = source.family.layer_params(layer)
-            params_before += before
+            params_before += _params(layer)
             with clock("plan"), torch.no_grad():
                 plan = source.family.plan_layer(layer, index, hd)
                 plan.params_before = before
@@ -178,12 +184,14 @@ def stream_decoder_export(
             with clock("compact"), torch.no_grad():
                 compact = source.family.apply_layer(layer, plan, hd) or layer
                 plan.params_after = source.family.layer_params(compact)
-                params_after += plan.params_after
+                params_after += _params(compact)
                 kv = _kv_heads(compact, hd)
                 got = _run_cases(compact, index, cases[:2], mask_of_layer, kv, hd)
                 err = max(_max_error(g[0], r[0]) for g, r in zip(got, reference))
                 if err > tol:
-                    raise ValidationError(f"layer {index}: compact layer differs from the masked reference by {err:.3e} > {tol}")
+                    raise ValidationError(
+                        f"layer {index}: compact layer differs from the masked reference by {err:.3e} > {tol}"
+                    )
                 worst["compact_vs_reference_layer"] = max(worst["compact_vs_reference_layer"], err)
             wrapper = LayerForExport(compact, index, mask_of_layer[index]).eval()
             l_in, l_out, l_axes = wrapper.names(previous)
@@ -228,7 +236,15 @@ def stream_decoder_export(
             hidden = torch.randn(2, 4, int(md.config.hidden_size), generator=torch.Generator().manual_seed(2))
             torchscript_export(suffix, (hidden,), piece, s_in, s_out, s_axes, opset)
         with clock("onnx_check"):
-            err = _check_piece(piece, s_in, s_out, cases[:2], lambda c: (c.hidden,), lambda c: [logits[0 if c.name == "prefill" else 1]], "suffix")
+            err = _check_piece(
+                piece,
+                s_in,
+                s_out,
+                cases[:2],
+                lambda c: (c.hidden,),
+                lambda c: [logits[0 if c.name == "prefill" else 1]],
+                "suffix",
+            )
             worst["onnx_vs_pytorch_piece"] = max(worst["onnx_vs_pytorch_piece"], err)
         if not cache_layers(tuple(shapes)):
             raise InputError(
@@ -249,7 +265,11 @@ def stream_decoder_export(
             stitched.close()
         shutil.rmtree(scratch, ignore_errors=True)
     plan_all = RestructurePlan(
-        md.model_type, hd, layers_plan, params_before=params_before + base_params, params_after=params_after + base_params
+        md.model_type,
+        hd,
+        layers_plan,
+        params_before=params_before + base_params,
+        params_after=params_after + base_params,
     )
     manifest = DecoderManifest(
         layers=tuple(shapes),
@@ -385,7 +405,9 @@ def _check_piece(
         for name, g, w in zip(output_names, got, expected(case)):
             err = _max_error(g, w)
             if err > tol:
-                raise ValidationError(f"{what}: ONNX output {name} ({case.name}) differs from PyTorch by {err:.3e} > {tol}")
+                raise ValidationError(
+                    f"{what}: ONNX output {name} ({case.name}) differs from PyTorch by {err:.3e} > {tol}"
+                )
             worst = max(worst, err)
     del session
     return worst
