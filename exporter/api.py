@@ -39,9 +39,9 @@ from exporter.cpu_engine_stage import CpuEngineStage
 from exporter.engine_stage import run_engine_stage
 from exporter.export.decoder_with_past import export_decoder_with_past
 from exporter.export.deploy_files import write_deployment_files
+from exporter.export.external_data import save_onnx
 from exporter.export.streaming.choose import use_streaming
 from exporter.export.streaming.stream import stream_decoder_export
-from exporter.export.external_data import save_onnx
 from exporter.export.task_heads import wrapper_for
 from exporter.export.torch_to_onnx import EXPORTER, EXPORTER_REASON, export_to_onnx, input_names_for
 from exporter.model_dir.loader import ModelDir, build_reference_model, load_model_dir

@@ -83,7 +83,7 @@ def exports(request, tmp_path_factory):
 
 
 def test_streamed_equals_whole_model_export(exports):
-    family, src, whole, streamed = exports
+    _family, src, whole, streamed = exports
     assert "streaming" in streamed.report and "streaming" not in whole.report
     vocab = json.loads((src / "config.json").read_text())["vocab_size"]
     for artifact in ("exported", "onnx"):

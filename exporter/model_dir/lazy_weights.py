@@ -92,7 +92,7 @@ def _header(file: Path) -> dict[str, LazyTensor]:
     try:
         with safe_open(str(file), framework="pt") as handle:
             found = {}
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
                 info: Any = handle.get_slice(name)
                 dtype = _DTYPES.get(info.get_dtype())
                 if dtype is None:

@@ -30,12 +30,12 @@ from transformers import PretrainedConfig
 
 from export_errors import InputError
 from exporter.model_dir import masks as masks_io
-from exporter.model_dir.lazy_weights import read_lazy_weights
 from exporter.model_dir.files import (
     one_line,
     read_json,
     read_weights,
 )
+from exporter.model_dir.lazy_weights import read_lazy_weights
 from exporter.model_dir.lora import Adapter, LoraMerge, check_adapter, merge_lora, read_adapter
 from exporter.model_dir.pooling import Pooling, read_pooling
 from exporter.model_dir.pruned_heads import apply_pruned_heads, read_pruned_heads

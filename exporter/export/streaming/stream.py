@@ -16,14 +16,13 @@ import dataclasses
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from export_errors import InputError, ValidationError
 from exporter.export.decoder_with_past import (
@@ -154,7 +153,7 @@ def stream_decoder_export(
             torchscript_export(prefix, _prefix_args(cases[2], hd), piece, p_in, p_out, p_axes, opset)
         with clock("onnx_check"):
             err = _check_piece(
-                piece, p_in, p_out, cases[:2], lambda c: _prefix_args(c, hd), lambda c: c.prefix, "prefix"
+                piece, p_in, p_out, [(c.name, _prefix_args(c, hd), c.prefix) for c in cases[:2]], "prefix"
             )
             worst["onnx_vs_pytorch_piece"] = max(worst["onnx_vs_pytorch_piece"], err)
         inputs: list[str] = []
@@ -200,16 +199,15 @@ def stream_decoder_export(
                 piece = scratch / f"layer{index}.onnx"
                 torchscript_export(wrapper, trace_args, piece, l_in, l_out, l_axes, opset)
             with clock("onnx_check"):
-                pasts = {c.name: _past_for(c, got, kv, hd) for c in cases[:2]}
-                err = _check_piece(
-                    piece,
-                    l_in,
-                    l_out,
-                    cases[:2],
-                    lambda c: _layer_args(c, mask_of_layer[index], kv, hd, index, past=pasts[c.name]),
-                    lambda c: list(got[0 if c.name == "prefill" else 1]),
-                    f"layer {index}",
-                )
+                runs = [
+                    (
+                        c.name,
+                        _layer_args(c, mask_of_layer[index], kv, hd, index, past=_past_for(c, got, kv, hd)),
+                        out,
+                    )
+                    for c, out in zip(cases[:2], got)
+                ]
+                err = _check_piece(piece, l_in, l_out, runs, f"layer {index}")
                 worst["onnx_vs_pytorch_piece"] = max(worst["onnx_vs_pytorch_piece"], err)
             with clock("stitch"):
                 stitched.append(piece, f"layer{index}")
@@ -240,9 +238,7 @@ def stream_decoder_export(
                 piece,
                 s_in,
                 s_out,
-                cases[:2],
-                lambda c: (c.hidden,),
-                lambda c: [logits[0 if c.name == "prefill" else 1]],
+                [(c.name, (c.hidden,), [out]) for c, out in zip(cases[:2], logits)],
                 "suffix",
             )
             worst["onnx_vs_pytorch_piece"] = max(worst["onnx_vs_pytorch_piece"], err)
@@ -385,9 +381,7 @@ def _check_piece(
     piece: Path,
     input_names: list[str],
     output_names: list[str],
-    cases: list[_Case],
-    args: Callable[[_Case], tuple[torch.Tensor, ...]],
-    expected: Callable[[_Case], list[torch.Tensor]],
+    runs: list[tuple[str, Sequence[torch.Tensor], Sequence[torch.Tensor]]],
     what: str,
 ) -> float:
     """The piece's ONNX on ONNX Runtime (optimizations off) vs the PyTorch piece, on each case."""
@@ -399,14 +393,14 @@ def _check_piece(
     present = {i.name for i in session.get_inputs()}
     worst = 0.0
     tol = tolerance("fp32").max_abs
-    for case in cases:
-        feeds = {n: a.numpy() for n, a in zip(input_names, args(case)) if n in present}
+    for case, args, expected in runs:
+        feeds = {n: a.numpy() for n, a in zip(input_names, args) if n in present}
         got = session.run(output_names, feeds)
-        for name, g, w in zip(output_names, got, expected(case)):
+        for name, g, w in zip(output_names, got, expected):
             err = _max_error(g, w)
             if err > tol:
                 raise ValidationError(
-                    f"{what}: ONNX output {name} ({case.name}) differs from PyTorch by {err:.3e} > {tol}"
+                    f"{what}: ONNX output {name} ({case}) differs from PyTorch by {err:.3e} > {tol}"
                 )
             worst = max(worst, err)
     del session
