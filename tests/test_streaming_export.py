@@ -196,3 +196,21 @@ def test_streaming_on_refuses_models_without_a_kv_cache(tmp_path):
     src = write_model_dir(tmp_path / "src", "bert", tokenizer=True)
     with pytest.raises(InputError, match="--streaming"):
         export_engine(src, tmp_path / "out", ExportConfig(streaming="on", **FP32))
+
+
+def test_over_the_whole_file_budget_checks_pieces_only(tmp_path, monkeypatch):
+    """Above WHOLE_FILE_CHECK_BYTES the files are not loaded whole: the pieces' checks stand, and the
+    graph passes still run (onnx-ir, weights read lazily) and write a model.onnx equal to the small path's."""
+    import exporter.api
+
+    src = write_model_dir(
+        tmp_path / "src", "llama", tokenizer="llama3", masks=_masks("llama"), config_overrides=THREE
+    )
+    small = export_engine(src, tmp_path / "small", ExportConfig(streaming="on", **FP32))
+    monkeypatch.setattr(exporter.api, "WHOLE_FILE_CHECK_BYTES", 0)
+    large = export_engine(src, tmp_path / "large", ExportConfig(streaming="on", **FP32))
+    assert large.report["streaming"]["not_checked_whole"] == ["onnx_fp32", "optimized_fp32"]
+    assert large.report["streaming"]["checks_max_abs"]["onnx_vs_pytorch_piece"] <= 1e-4
+    assert "cpu_engine" not in large.report["timings_s"]
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    _assert_same_decoder(small.artifacts["onnx"], large.artifacts["onnx"], vocab)

@@ -37,3 +37,10 @@ def use_streaming(mode: str, with_past: bool, model_dir: Path, task: str) -> boo
     if mode == "on":
         return True
     return fp32_weight_bytes(model_dir) > THRESHOLD_BYTES
+
+
+# A streamed model up to this many fp32 bytes is also checked as whole files on ONNX Runtime (the export,
+# the optimized graph) and its CPU engine candidates are judged; above it, each piece is checked as it
+# is exported (on real hidden states) and the whole files are not loaded: that would cost their size in
+# memory, which the streaming export exists to avoid.
+WHOLE_FILE_CHECK_BYTES = 2 * GIB
