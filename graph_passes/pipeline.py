@@ -186,7 +186,25 @@ def optimize_file(
     ir_model, report = optimize_ir(
         ir.load(str(source)), target, family=family, strict_fusion=strict_fusion, sparsity=sparsity
     )
-    ir.save(ir_model, str(target_path), external_data=target_path.name + ".data", alignment=64 * 1024)
+    written: list[Any] = []
+
+    def release_written(tensor: Any, info: Any) -> None:
+        # a lazily read tensor stays memory-mapped until released: drop each one once the next is reached
+        while written:
+            previous = written.pop()
+            if isinstance(previous, ir.ExternalTensor):
+                previous.release()
+        written.append(tensor)
+
+    ir.save(
+        ir_model,
+        str(target_path),
+        external_data=target_path.name + ".data",
+        alignment=64 * 1024,
+        callback=release_written,
+        max_workers=1,
+        max_in_flight_bytes=256 * 2**20,
+    )
     return report
 
 

@@ -150,7 +150,8 @@ def stream_decoder_export(
         p_axes[PREFIX_PAST] = p_axes.pop(past_names(0)[0])
         with clock("trace"):
             piece = scratch / "prefix.onnx"
-            torchscript_export(prefix, _prefix_args(cases[2], hd), piece, p_in, p_out, p_axes, opset)
+            torchscript_export(prefix, _prefix_args(cases[2], hd), piece, p_in, p_out, p_axes, opset, True)
+        del prefix, shell  # the outputs to check against are computed: free the embedding table
         with clock("onnx_check"):
             err = _check_piece(
                 piece, p_in, p_out, [(c.name, _prefix_args(c, hd), c.prefix) for c in cases[:2]], "prefix"
@@ -164,7 +165,6 @@ def stream_decoder_export(
             piece.unlink()
             shutil.rmtree(scratch, ignore_errors=True)
             scratch.mkdir()
-        del prefix, shell
 
         # ---- decoder layers, one at a time
         previous = EMBEDS
@@ -197,7 +197,9 @@ def stream_decoder_export(
             with clock("trace"), torch.no_grad():
                 trace_args = _layer_args(cases[2], mask_of_layer[index], kv, hd, index, random_hidden=True)
                 piece = scratch / f"layer{index}.onnx"
-                torchscript_export(wrapper, trace_args, piece, l_in, l_out, l_axes, opset)
+                torchscript_export(wrapper, trace_args, piece, l_in, l_out, l_axes, opset, True)
+            kv_shape = None if kv is None else LayerAttentionShape(_q_heads(compact, hd), kv, hd)
+            del layer, compact, wrapper  # free the weights before ONNX Runtime maps the piece's
             with clock("onnx_check"):
                 runs = [
                     (
@@ -215,10 +217,10 @@ def stream_decoder_export(
                 scratch.mkdir()
             for case, out in zip(cases[:2], reference):
                 case.hidden = out[0]
-            shapes.append(None if kv is None else LayerAttentionShape(_q_heads(compact, hd), kv, hd))
+            shapes.append(kv_shape)
             layers_plan.append(plan)
             previous = hidden_name(index)
-            del layer, compact, wrapper, reference, got
+            del reference, got
         bar.close()
 
         # ---- suffix: final norm + LM head
@@ -232,7 +234,9 @@ def stream_decoder_export(
         with clock("trace"):
             piece = scratch / "suffix.onnx"
             hidden = torch.randn(2, 4, int(md.config.hidden_size), generator=torch.Generator().manual_seed(2))
-            torchscript_export(suffix, (hidden,), piece, s_in, s_out, s_axes, opset)
+            torchscript_export(suffix, (hidden,), piece, s_in, s_out, s_axes, opset, True)
+        vocab_out = int(lm_head.out_features)
+        del suffix, norm, lm_head
         with clock("onnx_check"):
             err = _check_piece(
                 piece,
@@ -272,7 +276,7 @@ def stream_decoder_export(
         input_names=tuple(inputs),
         output_names=tuple(outputs),
         dynamic_axes=axes,
-        vocab_size=int(lm_head.out_features),
+        vocab_size=vocab_out,
         dtype="float32",
         opset=opset,
         model_type=str(md.config.model_type),
@@ -389,6 +393,7 @@ def _check_piece(
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.add_session_config_entry("session.disable_prepacking", "1")  # weights stay mapped from the file
     session = ort.InferenceSession(str(piece), options, providers=["CPUExecutionProvider"])
     present = {i.name for i in session.get_inputs()}
     worst = 0.0
