@@ -21,7 +21,7 @@ from torch import nn
 from export_errors import InputError
 from exporter.model_dir import masks as masks_io
 from exporter.model_dir.loader import ZEROS_PER_LAYER, ModelDir, new_model, tied_names
-from exporter.model_dir.lora import LoraMerge, merge_lora_piece
+from exporter.model_dir.lora import LoraMerge, adapter_module, merge_lora_piece
 from exporter.restructure.families import family_for
 
 
@@ -51,11 +51,12 @@ class LayerSource:
     def attention_types(self) -> list[str | None]:
         return [getattr(layer, "attention_type", None) for layer in self.meta_layers]
 
-    def prefix_shell(self) -> nn.Module:
-        """The causal LM with real embeddings, rotary embedding and final norm; every other module on meta."""
+    def prefix_shell(self, embeddings: bool = True) -> nn.Module:
+        """The causal LM with real embeddings (unless `embeddings` is False: the caller streams the table),
+        rotary embedding and final norm; every other module on meta."""
         shell = copy.deepcopy(self.skeleton)
         base = shell.model
-        self._fill(shell, ("model.embed_tokens.", "model.norm."))
+        self._fill(shell, ("model.embed_tokens.", "model.norm.") if embeddings else ("model.norm.",))
         with torch.device("cpu"):
             base.rotary_emb = type(base.rotary_emb)(config=self.md.config)
         return shell
@@ -109,6 +110,31 @@ class LayerSource:
             self.merges.append(merge)
         masks_io.apply_masks_(holder, masks)
         return holder
+
+    def plain_table(self, name: str) -> torch.Tensor | None:
+        """The checkpoint tensor `name` (the embedding table or LM head weight) as stored, when neither a mask
+        nor an adapter tensor touches it (so it can be streamed as is: exporter/export/streaming/tables.py)."""
+        md = self.md
+        stored = "model.embed_tokens.weight" if name in self.tied and name not in md.weights else name
+        lazy = md.weights.get(stored)
+        adapter_modules = set()
+        if md.adapter is not None:
+            adapter_modules = {adapter_module(md.adapter, k) for k in md.adapter.tensors}
+        if (
+            lazy is None
+            or {name, stored} & set(md.masks)
+            or {n.rsplit(".", 1)[0] for n in (name, stored)} & adapter_modules
+        ):
+            return None
+        return lazy.load()  # type: ignore[union-attr]
+
+    def suffix_norm(self) -> nn.Module:
+        """The final norm alone (the LM head streamed as a table)."""
+        holder = nn.Module()
+        holder.model = nn.Module()
+        holder.model.norm = copy.deepcopy(self.skeleton.model.norm)
+        holder = self._fill(holder, ("model.norm.",))
+        return holder.model.norm.eval()
 
     def unclaimed_masks(self) -> list[str]:
         """Masks naming no parameter any piece loaded (after every piece was built)."""

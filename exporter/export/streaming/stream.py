@@ -34,6 +34,7 @@ from exporter.export.decoder_with_past import (
     past_names,
     positions_from_mask,
 )
+from exporter.export.streaming import tables
 from exporter.export.streaming.layer_source import LayerSource
 from exporter.export.streaming.pieces import (
     EMBEDS,
@@ -107,7 +108,7 @@ def _cases(feeds: dict[str, np.ndarray], vocab: int) -> list[_Case]:
         "attention_mask": mask2,
         "position_ids": positions_from_mask(mask2, 1),
     }
-    trace = example_feeds((), vocab, batch=2, past=3, seq=4)
+    trace = example_feeds((), min(vocab, tables.STANDIN_ROWS), batch=2, past=3, seq=4)  # ids fit a stand-in
     return [_Case("prefill", prefill, 0), _Case("decode", decode, ids.shape[1]), _Case("trace", trace, 3)]
 
 
@@ -136,10 +137,15 @@ def stream_decoder_export(
     params_before = params_after = 0
     try:
         # ---- prefix: embeddings, rotary cos/sin, causal masks
+        hidden_size = int(md.config.hidden_size)
+        table_values = vocab * hidden_size
         with clock("read_merge_mask"):
-            shell = source.prefix_shell()
+            embed_table = source.plain_table("model.embed_tokens.weight")
+            shell = source.prefix_shell(embeddings=embed_table is None)
+            if embed_table is not None:  # PyTorch reads rows of the stored table; the trace uses a stand-in
+                shell.model.embed_tokens = tables.RowLookup(embed_table)
             prefix = PrefixForExport(shell, source.attention_types()).eval()
-            base_params = _params(shell.model.embed_tokens) + _params(shell.model.norm)
+            base_params = table_values + _params(shell.model.norm)
         with clock("pytorch"), torch.no_grad():
             for case in cases:
                 case.prefix = list(prefix(*_prefix_args(case, hd)))
@@ -148,10 +154,19 @@ def stream_decoder_export(
         p_in, p_out, p_axes = prefix.names(0)
         p_in[3] = PREFIX_PAST
         p_axes[PREFIX_PAST] = p_axes.pop(past_names(0)[0])
+        rows = tables.standin_rows(vocab)
         with clock("trace"):
             piece = scratch / "prefix.onnx"
+            if embed_table is not None:
+                shell.model.embed_tokens = nn.Embedding(rows, hidden_size)
             torchscript_export(prefix, _prefix_args(cases[2], hd), piece, p_in, p_out, p_axes, opset, True)
         del prefix, shell  # the outputs to check against are computed: free the embedding table
+        if embed_table is not None:
+            with clock("stitch"):
+                data = scratch / "embed_tokens.fp32"
+                dims, length = tables.write_fp32(embed_table, data, transpose=False)
+                tables.point_initializer_at(piece, [rows, hidden_size], dims, data, length, vocab)
+            del embed_table
         with clock("onnx_check"):
             err = _check_piece(
                 piece, p_in, p_out, [(c.name, _prefix_args(c, hd), c.prefix) for c in cases[:2]], "prefix"
@@ -225,18 +240,30 @@ def stream_decoder_export(
 
         # ---- suffix: final norm + LM head
         with clock("read_merge_mask"):
-            norm, lm_head = source.suffix()
+            head_table = source.plain_table("lm_head.weight")
+            if head_table is not None:  # streamed as a table: a stand-in head is traced
+                norm, lm_head = source.suffix_norm(), nn.Linear(hidden_size, rows, bias=False)
+            else:
+                norm, lm_head = source.suffix()
             suffix = SuffixForExport(norm, lm_head).eval()
-            base_params += 0 if source.tied else _params(lm_head)
+            base_params += 0 if source.tied else table_values
         with clock("pytorch"), torch.no_grad():
-            logits = [suffix(case.hidden) for case in cases[:2]]
+            if head_table is not None:
+                logits = [tables.chunked_logits(norm(case.hidden), head_table) for case in cases[:2]]
+            else:
+                logits = [suffix(case.hidden) for case in cases[:2]]
         s_in, s_out, s_axes = suffix.names(previous)
         with clock("trace"):
             piece = scratch / "suffix.onnx"
-            hidden = torch.randn(2, 4, int(md.config.hidden_size), generator=torch.Generator().manual_seed(2))
+            hidden = torch.randn(2, 4, hidden_size, generator=torch.Generator().manual_seed(2))
             torchscript_export(suffix, (hidden,), piece, s_in, s_out, s_axes, opset, True)
-        vocab_out = int(lm_head.out_features)
         del suffix, norm, lm_head
+        if head_table is not None:
+            with clock("stitch"):
+                data = scratch / "lm_head.fp32"
+                dims, length = tables.write_fp32(head_table, data, transpose=True)
+                tables.point_initializer_at(piece, [hidden_size, rows], dims, data, length, vocab)
+            del head_table
         with clock("onnx_check"):
             err = _check_piece(
                 piece,
@@ -276,7 +303,7 @@ def stream_decoder_export(
         input_names=tuple(inputs),
         output_names=tuple(outputs),
         dynamic_axes=axes,
-        vocab_size=vocab_out,
+        vocab_size=vocab,
         dtype="float32",
         opset=opset,
         model_type=str(md.config.model_type),
