@@ -214,3 +214,30 @@ def test_over_the_whole_file_budget_checks_pieces_only(tmp_path, monkeypatch):
     assert "cpu_engine" not in large.report["timings_s"]
     vocab = json.loads((src / "config.json").read_text())["vocab_size"]
     _assert_same_decoder(small.artifacts["onnx"], large.artifacts["onnx"], vocab)
+
+
+def test_masked_tables_take_the_in_memory_path(tmp_path):
+    """Masked embedding / LM head tables are not streamed as stored: the pieces are built and masked in fp32
+    like layers (LoRA merged on the layers), and the export still equals the whole-model one."""
+    masks = {
+        **_masks("llama"),
+        "model.embed_tokens.weight": row_mask((128, 64), range(0, 128, 3)),
+        "lm_head.weight": row_mask((128, 64), range(1, 128, 5)),
+    }
+    src = write_model_dir(
+        tmp_path / "src",
+        "llama",
+        masks=masks,
+        lora=LoraSpec(target_modules=("q_proj", "v_proj")),
+        config_overrides=THREE,
+        dtype=torch.bfloat16,
+    )
+    source = LayerSource(load_model_dir(src, lazy=True))
+    assert (
+        source.plain_table("model.embed_tokens.weight") is None
+        and source.plain_table("lm_head.weight") is None
+    )
+    whole = export_engine(src, tmp_path / "whole", ExportConfig(streaming="off", **FP32))
+    streamed = export_engine(src, tmp_path / "streamed", ExportConfig(streaming="on", **FP32))
+    assert streamed.report["model"]["lora_merged_modules"] == whole.report["model"]["lora_merged_modules"]
+    _assert_same_decoder(whole.artifacts["exported"], streamed.artifacts["exported"], 128)
