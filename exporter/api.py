@@ -50,7 +50,7 @@ from exporter.outputs import check_output_dir, staged_output
 from exporter.quantize.int4_stage import Int4Config, load_decoder_calibration, run_int4_stage
 from exporter.quantize.int8_stage import run_int8_stage
 from exporter.report import files as report_io
-from exporter.report import stage_report, stage_table
+from exporter.report import memory, stage_report, stage_table
 from exporter.restructure.compact import save_compact
 from exporter.restructure.families import family_for
 from exporter.restructure.flops import FORMULA as FLOPS_FORMULA
@@ -120,8 +120,10 @@ class _Run:
     def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         logger.info("%s ...", name)
+        memory.reset_peak()
         yield
         self.report["timings_s"][name] = round(time.perf_counter() - start, 3)
+        self.report.setdefault("peak_rss_gib", {})[name] = memory.peak_gib()
 
     def execute(self, work: Path) -> None:
         torch.manual_seed(self.config.seed)
@@ -183,6 +185,7 @@ class _Run:
                 raise InputError(self.model_dir, "--streaming on reads safetensors weights (none found)")
             return None
         start = time.perf_counter()
+        memory.reset_peak()
         md = load_model_dir(
             self.model_dir,
             adapter=self.config.adapter,
@@ -200,6 +203,7 @@ class _Run:
         self.report["model"] = _model_json(md)
         self.special_ids = special_token_ids(md.config, md.tokenizer_path)
         self.report["timings_s"]["load"] = round(time.perf_counter() - start, 3)
+        self.report.setdefault("peak_rss_gib", {})["load"] = memory.peak_gib()
         with self.stage("stream_export"):
             self.feeds = feeds = self._feeds(md, None)
             path = work / "model.exported.onnx"

@@ -241,3 +241,11 @@ def test_masked_tables_take_the_in_memory_path(tmp_path):
     streamed = export_engine(src, tmp_path / "streamed", ExportConfig(streaming="on", **FP32))
     assert streamed.report["model"]["lora_merged_modules"] == whole.report["model"]["lora_merged_modules"]
     _assert_same_decoder(whole.artifacts["exported"], streamed.artifacts["exported"], 128)
+
+
+def test_report_gives_peak_memory_per_stage(exports):
+    _, _, whole, streamed = exports
+    for result in (whole, streamed):
+        peaks = result.report["peak_rss_gib"]
+        assert set(result.report["timings_s"]) <= set(peaks)
+        assert all(p is None or p > 0 for p in peaks.values())
