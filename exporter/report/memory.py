@@ -7,16 +7,15 @@ it to the current RSS, so the mark read at a stage's end is that stage's peak. F
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 GIB = 1024**3
 
 
 def reset_peak() -> None:
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def peak_gib() -> float | None:
