@@ -34,7 +34,7 @@ from engines.base import Runner
 from engines.selection import BackendChoice, select_backend
 from export_errors import InputError, ValidationError
 from exporter import cpu_engine_stage
-from exporter.config import ExportConfig
+from exporter.config import ExportConfig, check_ranges
 from exporter.cpu_engine_stage import CpuEngineStage
 from exporter.engine_stage import run_engine_stage
 from exporter.export.decoder_with_past import export_decoder_with_past
@@ -85,6 +85,7 @@ def export_engine(
 ) -> ExportResult:
     """Export MODEL_DIR into OUT_DIR; returns the artifact paths and the report (also written)."""
     config = config or ExportConfig()
+    check_ranges(config)  # the CLI checks them at parse time; API callers get the same one-line error
     out = Path(output_dir)
     check_output_dir(out, config.force)
     choice = select_backend(config.backend)  # --backend tensorrt where it cannot run: refused before any work

@@ -13,14 +13,15 @@ import json
 import logging
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 
 from engines.cpu_selection import NAMES as CPU_ENGINES
 from export_errors import ExportEngineError, InputError
-from exporter.config import ExportConfig
+from exporter.config import RANGES, ExportConfig, Range
 
 TASK_CHOICES = (
     "feature-extraction",
@@ -39,6 +40,27 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _checked(kind: type, accepted: Range) -> Callable[[str], Any]:
+    """An argparse `type` that also range-checks, so `--batch-size -1` is one line naming the flag, exit 2."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        problem = accepted.problem(value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _ranged(field: str, kind: type) -> Callable[[str], Any]:
+    return _checked(kind, RANGES[field][1])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. BertForSequenceClassification -> text-classification; causal LMs: text-generation-with-past)",
     )
     p.add_argument("--calibration", help="calibration data: FILE.txt, FILE.jsonl, FILE.npz, or 'random'")
-    p.add_argument("--calibration-samples", type=int, default=128, help="number of calibration samples")
+    p.add_argument(
+        "--calibration-samples",
+        type=_ranged("calibration_samples", int),
+        default=128,
+        help="number of calibration samples",
+    )
     p.add_argument(
         "--calibration-method",
         choices=["max", "percentile", "entropy", "mse"],
@@ -91,13 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--calibration-decode-steps",
-        type=int,
+        type=_ranged("calibration_decode_steps", int),
         help="KV-cache decoders: decode steps (past fed back) calibrated after each prefill; 0: prefills "
         "only (default: 0, measured: see README)",
     )
     p.add_argument(
         "--accuracy-target",
-        type=float,
+        type=_ranged("accuracy_target", float),
         default=0.99,
         help="INT8 gate: minimum mean token cosine vs fp32 on held-out data",
     )
@@ -109,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--int4-block-size",
-        type=int,
+        type=_ranged("int4_block_size", int),
         default=32,
         help="--precision int4: weights per scale along K (default 32)",
     )
@@ -121,12 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--int4-accuracy-target",
-        type=float,
+        type=_ranged("int4_accuracy_target", float),
         help="--precision int4 gate: minimum held-out mean logit cosine vs fp32 (default 0.95)",
     )
     p.add_argument(
         "--agreement-target",
-        type=float,
+        type=_ranged("agreement_target", float),
         default=0.99,
         help="INT8 gate of classifiers, taggers and QA models: minimum held-out agreement with fp32 "
         "(labels, tokens' labels, answer spans)",
@@ -137,9 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="labeled FILE.jsonl: accuracy and F1 of every stage (formats: README 'Tasks')",
     )
     p.add_argument(
-        "--sequence-length", type=int, default=128, help="sequence length for validation and calibration"
+        "--sequence-length",
+        type=_ranged("sequence_length", int),
+        default=128,
+        help="sequence length for validation and calibration",
     )
-    p.add_argument("--batch-size", type=int, default=2, help="batch size for calibration")
+    p.add_argument(
+        "--batch-size", type=_ranged("batch_size", int), default=2, help="batch size for calibration"
+    )
     p.add_argument(
         "--streaming",
         choices=["auto", "on", "off"],
@@ -155,13 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="2:4 sparsity: tag eligible weights, enforce 2:4 by magnitude, or off",
     )
     p.add_argument("--no-benchmark", action="store_true", help="skip timing the stages for the report")
-    p.add_argument("--threads", type=int, default=2, help="threads for ONNX Runtime / PyTorch timing")
+    p.add_argument(
+        "--threads",
+        type=_ranged("benchmark_threads", int),
+        default=2,
+        help="threads for ONNX Runtime / PyTorch timing",
+    )
     p.add_argument(
         "--allow-pickle",
         action="store_true",
         help="allow .bin/.pt checkpoints (loaded with torch.load(weights_only=True))",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed for everything random")
+    p.add_argument("--seed", type=_ranged("seed", int), default=0, help="seed for everything random")
     p.add_argument("--quiet", action="store_true", help="only errors on stderr")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -215,8 +252,15 @@ def build_run_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair", help="text-classification: the second text of a pair")
     p.add_argument("--context", help="question-answering: the context to find the answer in")
     p.add_argument("--file", help="the file to run (default: the one the export chose, see report.json)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="text generation: new tokens (default 32)")
-    p.add_argument("--top-k", type=int, default=5, help="fill-mask: proposals per mask (default 5)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=_checked(int, Range(1)),
+        default=32,
+        help="text generation: new tokens (default 32)",
+    )
+    p.add_argument(
+        "--top-k", type=_checked(int, Range(1)), default=5, help="fill-mask: proposals per mask (default 5)"
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 

@@ -57,3 +57,63 @@ class ExportConfig:
     # safety
     allow_pickle: bool = False  # .bin/.pt checkpoints (loaded with weights_only=True)
     seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric knob accepts; `why` is said when one is outside (the user fixes it from it)."""
+
+    low: float | None = None  # inclusive
+    high: float | None = None  # inclusive
+    why: str = ""
+    power_of_two: bool = False
+
+    def problem(self, value: float | None) -> str | None:
+        """None when `value` is allowed (None means "the default" and is always allowed), else why not."""
+        if value is None:
+            return None
+        if value != value or value in (float("inf"), float("-inf")):
+            return f"must be a finite number, got {value}"
+        bounds = (
+            f"between {self.low} and {self.high}"
+            if self.low is not None and self.high is not None
+            else f">= {self.low}"
+            if self.low is not None
+            else f"<= {self.high}"
+        )
+        outside = (self.low is not None and value < self.low) or (self.high is not None and value > self.high)
+        if not outside and self.power_of_two and int(value) & (int(value) - 1):
+            outside, bounds = True, f"a power of two >= {self.low}"
+        if not outside:
+            return None
+        return f"must be {bounds}, got {value}" + (f" ({self.why})" if self.why else "")
+
+
+# config field -> (its CLI flag, the values it accepts); checked by the CLI at parse time and by the API
+RANGES: dict[str, tuple[str, Range]] = {
+    "batch_size": ("--batch-size", Range(1)),
+    "sequence_length": ("--sequence-length", Range(2, why="validation and calibration need 2+ tokens")),
+    "validation_samples": ("validation_samples", Range(1)),
+    "calibration_samples": ("--calibration-samples", Range(1)),
+    "calibration_decode_steps": ("--calibration-decode-steps", Range(0)),
+    "accuracy_target": ("--accuracy-target", Range(0, 1, "a mean cosine")),
+    "int4_block_size": (
+        "--int4-block-size",
+        Range(16, 4096, "ONNX Runtime's MatMulNBits blocks", power_of_two=True),
+    ),
+    "int4_accuracy_target": ("--int4-accuracy-target", Range(0, 1, "a mean cosine")),
+    "agreement_target": ("--agreement-target", Range(0, 1, "a fraction of agreeing outputs")),
+    "benchmark_threads": ("--threads", Range(1)),
+    "benchmark_iterations": ("benchmark_iterations", Range(1)),
+    "seed": ("--seed", Range(0, 2**32 - 1, "NumPy's seeds")),
+}
+
+
+def check_ranges(config: ExportConfig) -> None:
+    """Raise an InputError naming the flag (or field) of the first value outside its range."""
+    from export_errors import InputError
+
+    for field, (flag, accepted) in RANGES.items():
+        problem = accepted.problem(getattr(config, field))
+        if problem is not None:
+            raise InputError(flag, problem)

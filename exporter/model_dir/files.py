@@ -48,9 +48,28 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     if not file.exists():
         raise InputError(file, "missing")
     try:
-        return load_file(str(file))
+        tensors = load_file(str(file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise InputError(file, f"cannot read safetensors (truncated or corrupt?): {one_line(exc)}") from exc
+    check_finite(tensors, file)
+    return tensors
+
+
+def check_finite(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """A NaN or inf in a stored weight (or LoRA factor) is bad input naming its file and tensor: found
+    here, at load, it is the user's file to fix; found later it reads as "non-finite outputs" of a stage."""
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+            continue
+        bad = ~torch.isfinite(tensor)
+        nan = int(torch.isnan(tensor).sum())
+        first = tuple(int(i) for i in bad.nonzero()[0]) if tensor.dim() else ()
+        raise InputError(
+            file,
+            f"tensor {name!r} {tuple(tensor.shape)} holds {int(bad.sum())} non-finite values ({nan} NaN, "
+            f"{int(bad.sum()) - nan} inf; first at index {list(first)}): the checkpoint is corrupt or its "
+            "training diverged",
+        )
 
 
 def read_pickle_weights(file: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -73,6 +92,7 @@ def read_pickle_weights(file: Path, allow_pickle: bool) -> dict[str, torch.Tenso
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(file, "not a state dict (name -> tensor)")
+    check_finite(state, file)
     return state
 
 

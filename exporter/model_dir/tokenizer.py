@@ -92,7 +92,7 @@ def tokenize(
     if tokenizer_path is None or find_tokenizer(Path(tokenizer_path)) is None:
         raise InputError(
             where or "--calibration",
-            f"the model at {tokenizer_path} has no tokenizer, so text cannot be tokenized: pass --calibration "
+            f"{_no_tokenizer(tokenizer_path)}, so text cannot be tokenized: pass --calibration "
             "FILE.npz (arrays named as the model inputs) or --calibration random (poor ranges)",
         )
     tokenizer, _ = load_tokenizer(tokenizer_path, padding_side)
@@ -106,3 +106,10 @@ def tokenize(
         else:
             raise InputError(where or "--calibration", f"the tokenizer does not produce model input {name!r}")
     return feeds
+
+
+def _no_tokenizer(tokenizer_path: str | Path | None) -> str:
+    """Says which folder lacks tokenizer files, never "None" when the model has none at all."""
+    if tokenizer_path is None:
+        return "the model folder has no tokenizer files (tokenizer.json / tokenizer_config.json)"
+    return f"{tokenizer_path} has no tokenizer files (tokenizer.json / tokenizer_config.json)"
