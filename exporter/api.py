@@ -21,7 +21,6 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +32,7 @@ from engines import bench_inputs, cpu_selection
 from engines.base import Runner
 from engines.selection import BackendChoice, select_backend
 from export_errors import InputError, ValidationError
-from exporter import cpu_engine_stage
+from exporter import cpu_engine_stage, progress
 from exporter.config import ExportConfig, check_ranges
 from exporter.cpu_engine_stage import CpuEngineStage
 from exporter.engine_stage import run_engine_stage
@@ -44,6 +43,7 @@ from exporter.export.streaming.choose import WHOLE_FILE_CHECK_BYTES, fp32_weight
 from exporter.export.streaming.stream import stream_decoder_export
 from exporter.export.task_heads import wrapper_for
 from exporter.export.torch_to_onnx import EXPORTER, EXPORTER_REASON, export_to_onnx, input_names_for
+from exporter.logfile import export_log
 from exporter.model_dir.loader import ModelDir, build_reference_model, load_model_dir
 from exporter.model_dir.tokenizer import load_tokenizer
 from exporter.outputs import check_output_dir, staged_output
@@ -91,7 +91,8 @@ def export_engine(
     choice = select_backend(config.backend)  # --backend tensorrt where it cannot run: refused before any work
     _check_cpu_engine_flag(config, choice)  # so is a --cpu-engine that cannot run here
     run = _Run(Path(model_dir), config, choice)
-    with staged_output(out) as work:
+    with staged_output(out) as work, export_log(work):
+        logger.info("export %s -> %s (%s)", model_dir, out, _config_json(config))
         run.execute(work)
     artifacts = {name: out / path.name for name, path in run.artifacts.items()}
     return ExportResult(out, artifacts["onnx"], run.report, artifacts)
@@ -117,13 +118,12 @@ class _Run:
         # False for a streamed model over choose.WHOLE_FILE_CHECK_BYTES: the files are checked piece by piece
         self.whole_file_checks = True
 
-    @contextmanager
+    @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        logger.info("%s ...", name)
+        """Time a stage into the report, say it on the console (exporter/progress.py), record its peak RSS."""
         memory.reset_peak()
-        yield
-        self.report["timings_s"][name] = round(time.perf_counter() - start, 3)
+        with progress.stage(name, self.report["timings_s"]):
+            yield
         self.report.setdefault("peak_rss_gib", {})[name] = memory.peak_gib()
 
     def execute(self, work: Path) -> None:

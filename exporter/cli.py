@@ -22,6 +22,7 @@ import numpy as np
 from engines.cpu_selection import NAMES as CPU_ENGINES
 from export_errors import ExportEngineError, InputError
 from exporter.config import RANGES, ExportConfig, Range
+from exporter.console import console, summary
 
 TASK_CHOICES = (
     "feature-extraction",
@@ -199,9 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow .bin/.pt checkpoints (loaded with torch.load(weights_only=True))",
     )
     p.add_argument("--seed", type=_ranged("seed", int), default=0, help="seed for everything random")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show our detail (every pass's counts, each decision)",
+    )
     p.add_argument("--quiet", action="store_true", help="only errors on stderr")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and our debug detail")
     return p
 
 
@@ -234,14 +241,6 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
         benchmark_threads=args.threads,
         allow_pickle=args.allow_pickle,
         seed=args.seed,
-    )
-
-
-def _not_ort_preprocessing_advice(record: logging.LogRecord) -> bool:
-    """ONNX Runtime's quantizer logs "Please consider (to run) pre-processing before quantization" on every
-    call (dozens per export): the advice is its shape inference, which our cleanup stage already runs."""
-    return not record.getMessage().startswith(
-        ("Please consider to run pre-processing", "Please consider pre-processing")
     )
 
 
@@ -312,39 +311,48 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["run"]:
         return run_main(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.ERROR if args.quiet else logging.WARNING if args.json else logging.INFO,
-        format="export-engine: %(message)s",
-        stream=sys.stderr,
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_not_ort_preprocessing_advice)
-    if not args.debug:  # library deprecation chatter is not the user's problem
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=UserWarning)
+    with console(args.verbose, args.quiet, args.json, args.debug):
+        code, result = _export(args)
+    if result is None:
+        return code
+    if args.json:
+        print(json.dumps(result.report, indent=2, sort_keys=True, default=str))
+    elif not args.quiet:
+        names = sorted(p.name for p in result.artifacts.values())
+        print("\n".join(summary(result.report, str(result.output_dir), names)))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> tuple[int, Any]:
+    """(exit code, ExportResult or None): errors are one line on stderr naming where the log is."""
     from exporter.api import export_engine  # heavy imports after argument parsing
 
     try:
-        result = export_engine(args.model_dir, args.output, config_from_args(args))
+        return 0, export_engine(args.model_dir, args.output, config_from_args(args))
     except ExportEngineError as exc:
         if args.debug:
             raise
-        print(f"export-engine: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        print(f"export-engine: error: {exc}{_log_note(exc)}", file=sys.stderr)
+        return exc.exit_code, None
     except Exception as exc:
         if args.debug:
             raise
         print(
-            f"export-engine: internal error: {type(exc).__name__}: {exc} (--debug shows the traceback)",
+            f"export-engine: internal error: {type(exc).__name__}: {_one_line(exc)} (--debug shows the traceback"
+            f"{'; ' + _log_note(exc).strip(' ()') if _log_note(exc) else ''})",
             file=sys.stderr,
         )
-        return 1
-    if args.json:
-        print(json.dumps(result.report, indent=2, sort_keys=True, default=str))
-    elif not args.quiet:
-        print(f"wrote {result.output_dir}: " + ", ".join(sorted(p.name for p in result.artifacts.values())))
-    return 0
+        return 1, None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def _log_note(exc: BaseException) -> str:
+    """Where a failed export's log (libraries' messages, the traceback) was kept, when it got that far."""
+    path = getattr(exc, "log_path", None)
+    return f" (log: {path})" if path is not None else ""
 
 
 if __name__ == "__main__":

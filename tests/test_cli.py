@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +136,59 @@ def test_cpu_engine_and_openvino_flags(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["m", "-o", "o", "--cpu-engine", "tvm"])
     assert exit_info.value.code == 2 and "invalid choice: 'tvm'" in capsys.readouterr().err
+
+
+def _console_run(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "exporter.cli", *argv]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_default_console_is_short_and_the_detail_is_in_export_log(model_dir_factory, tmp_path) -> None:
+    """The console contract (issue #18): a default INT8 run with the stage table prints a line per stage
+    and a summary, no library chatter and no stack; export.log holds our per-pass detail and the libraries'."""
+    model_dir = model_dir_factory("bert", tokenizer=True)
+    out = tmp_path / "out"
+    done = _console_run(str(model_dir), "-o", str(out), "--sequence-length", "16")
+    assert done.returncode == 0, done.stderr
+    console = done.stdout + done.stderr
+    lines = console.strip().splitlines()
+    assert len(lines) <= 30, console
+    assert "Traceback" not in console and "Stack" not in console
+    for stage in ("load", "export", "graph_passes", "int8", "stage_table"):
+        assert any(line.split()[:1] == [stage] for line in lines), (stage, console)
+    assert f"next: engine-bench {out}" in console and "exporter.load" in console
+    assert "fold-constants" not in console  # our per-pass detail: the log's (or -v's)
+    log = (out / "export.log").read_text()
+    assert "graph_passes.pipeline: fold-constants" in log  # every pass's counts
+    assert "onnxruntime" in log or "onnx_ir" in log  # libraries' messages land here, not on the console
+
+
+def test_verbose_shows_our_detail_quiet_nothing_json_the_report(model_dir_factory, tmp_path) -> None:
+    model_dir = model_dir_factory("bert")
+    common = ["--precision", "fp32", "--no-benchmark", "--sequence-length", "16"]
+    verbose = _console_run(str(model_dir), "-o", str(tmp_path / "v"), "-v", *common)
+    assert verbose.returncode == 0, verbose.stderr
+    assert "fold-constants" in verbose.stderr and "Traceback" not in verbose.stderr
+    quiet = _console_run(str(model_dir), "-o", str(tmp_path / "q"), "--quiet", *common)
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
+    as_json = _console_run(str(model_dir), "-o", str(tmp_path / "j"), "--json", *common)
+    assert as_json.returncode == 0 and as_json.stderr == "", as_json.stderr
+    assert json.loads(as_json.stdout)["timings_s"]["export"] > 0
+
+
+def test_failed_export_is_one_line_naming_its_log(model_dir_factory, tmp_path) -> None:
+    """No traceback on the console without --debug; the log of the failed run (kept out of OUT_DIR) has it."""
+    model_dir = model_dir_factory("bert")
+    argv = [str(model_dir), "-o", str(tmp_path / "out"), "--calibration", "random", "--calibration-samples", "8",
+            "--no-benchmark", "--sequence-length", "16", "--accuracy-target", "1"]  # fmt: skip
+    done = _console_run(*argv)
+    assert done.returncode == 1, done.stderr
+    error = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(error) == 1 and "INT8 accuracy gate failed" in error[0], done.stderr
+    assert "Traceback" not in done.stderr and "Stack" not in done.stderr
+    log = error[0].rsplit("(log: ", 1)[1].rstrip(")")
+    assert "Traceback" in Path(log).read_text()
+    assert not (tmp_path / "out").exists()
+    debug = _console_run(*argv, "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

@@ -27,7 +27,7 @@ ALLOWED = {
 
 # exporter's own floors, bottom first: a module may import its own floor and the ones below.
 EXPORTER_FLOORS: list[tuple[str, ...]] = [
-    ("exporter.config",),
+    ("exporter.config", "exporter.progress"),
     ("exporter.tasks",),
     ("exporter.model_dir",),
     ("exporter.validate",),
@@ -35,9 +35,9 @@ EXPORTER_FLOORS: list[tuple[str, ...]] = [
     ("exporter.export",),
     ("exporter.quantize",),
     ("exporter.runtime", "exporter.report"),
-    ("exporter.engine_stage", "exporter.cpu_engine_stage", "exporter.outputs"),
+    ("exporter.engine_stage", "exporter.cpu_engine_stage", "exporter.outputs", "exporter.logfile"),
     ("exporter.api",),
-    ("exporter.cli", "exporter"),
+    ("exporter.cli", "exporter", "exporter.console"),
 ]
 TEST_MODELS = "exporter.testing"
 MAX_TOP_LEVEL_EXPORTER_MODULES = 12
