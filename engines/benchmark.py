@@ -43,6 +43,10 @@ class BenchConfig:
     duration_s: float = 3.0
     avg_runs: int = 10
     percentiles: tuple[float, ...] = (90.0, 95.0, 99.0)
+    # Stopping rule on confidence (0: off, trtexec's fixed budget): past `iterations` and `duration_s`, a
+    # variant keeps running, up to `max_iterations`, until its median's ~95% interval is within ±this fraction.
+    median_rel_ci: float = 0.0
+    max_iterations: int = 0
 
     def __post_init__(self) -> None:
         if self.warmup_ms < 0:
@@ -228,7 +232,9 @@ def _timed(
         if len(variants) == 1:
             spent[0] = _now_ms() - origin
         pending = [
-            i for i in range(len(variants)) if len(runs[i]) < config.iterations or spent[i] < target_ms
+            i
+            for i in range(len(variants))
+            if len(runs[i]) < config.iterations or spent[i] < target_ms or not _confident(runs[i], config)
         ]
         if not pending:
             return runs
@@ -239,6 +245,13 @@ def _timed(
         if progress is not None and _now_ms() >= next_report:  # at most 10 reports a second
             progress(min(_fraction(len(r), s, config) for r, s in zip(runs, spent)))
             next_report = _now_ms() + 100.0
+
+
+def _confident(runs: list[Iteration], config: BenchConfig) -> bool:
+    """The stopping rule: off, or the median known within ±`median_rel_ci`, or `max_iterations` spent."""
+    if config.median_rel_ci <= 0.0 or len(runs) >= config.max_iterations:
+        return True
+    return stats.median_ci_relative([it.host_ms for it in runs]) <= config.median_rel_ci
 
 
 def _fraction(count: int, spent_ms: float, config: BenchConfig) -> float:

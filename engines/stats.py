@@ -70,6 +70,26 @@ def median(sorted_values: Sequence[float]) -> float:
     return (float(sorted_values[m - 1]) + float(sorted_values[m])) / 2.0
 
 
+def median_ci(sorted_values: Sequence[float], z: float = 1.96) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median (order statistics of a Binomial(n, 1/2) rank;
+    z = 1.96: about 95%), as (low, high); the whole range when n is too small to say more."""
+    n = len(sorted_values)
+    if n == 0:
+        return math.inf, math.inf
+    half = z * math.sqrt(n) / 2.0
+    low = max(math.floor(n / 2.0 - half), 0)  # 0-based rank
+    high = min(math.ceil(n / 2.0 + half), n - 1)
+    return float(sorted_values[low]), float(sorted_values[high])
+
+
+def median_ci_relative(values: Sequence[float], z: float = 1.96) -> float:
+    """Half-width of the median's confidence interval over the median (0.05: the median is known to ±5%)."""
+    ordered = sorted(values)
+    low, high = median_ci(ordered, z)
+    middle = median(ordered)
+    return (high - low) / (2.0 * middle) if middle > 0 else math.inf
+
+
 def mean(values: Sequence[float]) -> float:
     return math.fsum(values) / len(values) if values else math.inf
 

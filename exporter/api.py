@@ -388,7 +388,8 @@ class _Run:
         self.report["stages"] = stage_report.to_json(rows)
         self.report["stages"]["timing"] = (
             f"batch 1 x {feeds['input_ids'].shape[1]}, {self.config.benchmark_threads} threads, interleaved, "
-            f"{self.config.benchmark_iterations} rounds; accuracy on all validation samples vs the PyTorch reference"
+            f"{stage_table.rounds_rule(self.config.benchmark_iterations)}; accuracy on all validation samples "
+            "vs the PyTorch reference"
             + ("; labeled accuracy on --eval-data" if self.eval_set is not None else "")
         )
         self.report["stages_md"] = stage_report.render_markdown(rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 
@@ -153,3 +154,29 @@ def test_torch_runner_matches_the_module_and_restores_threads() -> None:
         expected = module(*(torch.from_numpy(feeds[n]) for n in INPUT_NAMES)).numpy()
     np.testing.assert_array_equal(out, expected)
     assert runner.backend == "pytorch" and [s.name for s in runner.input_specs] == INPUT_NAMES
+
+
+def test_stopping_rule_stops_on_a_confident_median_or_the_cap() -> None:
+    """Past the minimum, a variant runs until its median is known within ±median_rel_ci, at most
+    max_iterations (the rule alone, on fixed timings: no clock in a pass/fail test)."""
+
+    def its(values: list[float]) -> list[Iteration]:
+        return [Iteration(0.0, v) for v in values]
+
+    rule = BenchConfig(warmup_ms=0, iterations=5, duration_s=0, median_rel_ci=0.05, max_iterations=20)
+    assert benchmark._confident(its([10.0] * 12), rule)
+    assert not benchmark._confident(its([5.0, 15.0] * 6), rule)  # ±50%: keep going
+    assert benchmark._confident(its([5.0, 15.0] * 10), rule)  # the cap
+    assert benchmark._confident(its([5.0, 15.0] * 6), BenchConfig(iterations=5))  # rule off: trtexec's budget
+    with EchoRunner() as runner:  # the loop honours it: a constant-output runner stops at the minimum or soon
+        result = benchmark.run(runner, FEEDS, dataclasses.replace(rule, median_rel_ci=10.0))
+    assert len(result.iterations) == 5
+
+
+def test_median_ci_is_distribution_free_order_statistics() -> None:
+    from engines import stats
+
+    values = list(range(1, 101))  # n = 100: ranks 50 -/+ 9.8 -> [x(40), x(60)] 0-based
+    assert stats.median_ci(values) == (41.0, 61.0)
+    assert stats.median_ci([3.0]) == (3.0, 3.0)
+    assert stats.median_ci_relative([10.0] * 12) == 0.0

@@ -37,6 +37,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from export_errors import InputError, ValidationError
+from exporter import progress
 from exporter.export.external_data import save_onnx
 from exporter.quantize import cpu_int8 as quantize_cpu
 from exporter.quantize.calibration import CalibrationData
@@ -379,7 +380,7 @@ class Judge:
         """Cosine on the search samples with each layer alone fake-quantized, from one switchable session."""
         session = _session(switchable, optimize=False)
         result = {}
-        for index, name in enumerate(layers):
+        for index, name in enumerate(progress.bar(layers, desc="sensitivity: layers alone", unit="layer")):
             switch = np.zeros(len(layers), dtype=bool)
             switch[index] = True
             pairs = self._pairs(session, "calibration", self.search_samples, {SWITCH_INPUT: switch})

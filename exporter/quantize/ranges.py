@@ -15,7 +15,6 @@ names exists and holds exactly the values the fp32 model computes.
 from __future__ import annotations
 
 import logging
-import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from tqdm import tqdm
 
+from exporter import progress
 from exporter.export.external_data import save_onnx
 from exporter.quantize.calibration import CalibrationData
 
@@ -142,7 +141,7 @@ def _absmax(array: np.ndarray) -> float:
 def _passes(session, names, data, limit, desc):  # type: ignore[no-untyped-def]
     """One pass over the calibration batches, yielding {tensor name: values} per batch."""
     batches, total = data.batches("calibration", limit), data.num_batches("calibration", limit)
-    for feeds in tqdm(batches, total=total, desc=desc, disable=not sys.stderr.isatty()):
+    for feeds in progress.bar(batches, total=total, desc=desc, unit="batch"):
         yield dict(zip(names, session.run(names, _feeds_for(session, feeds)), strict=True))
 
 

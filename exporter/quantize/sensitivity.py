@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from exporter import progress
+
 logger = logging.getLogger(__name__)
 
 # evaluate(excluded node names) -> mean token cosine vs fp32 of the model quantized except those nodes
@@ -65,7 +67,7 @@ def search(
     order = sorted(candidates, key=lambda n: -layer_error[n])
     excluded: list[str] = []
     cosine = all_quantized
-    for name in order[:max_excluded]:
+    for name in progress.bar(order[:max_excluded], desc="sensitivity: greedy", unit="layer"):
         excluded.append(name)
         cosine = evaluate(frozenset(excluded))
         trace.append({"excluded": len(excluded), "node": name, "cosine": cosine})

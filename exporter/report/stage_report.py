@@ -22,6 +22,7 @@ import onnx
 from engines import benchmark, stats
 from engines.base import Runner
 from engines.benchmark import BenchConfig, Variant
+from exporter import progress
 
 REPORT_CONFIG = BenchConfig(warmup_ms=200.0, iterations=20, duration_s=2.0, avg_runs=10, percentiles=(90.0,))
 COLUMNS = ("stage", "params", "file size", "latency median", "p90", "cosine", "max abs err")
@@ -136,7 +137,12 @@ def measure_stages(
     """Accuracy of each (active) runner on `feeds` vs `reference_outputs`, then all timed round-robin."""
     info = info or {}
     accuracies = [accuracy(runner.infer(feeds), reference_outputs, primary_output) for _, runner in stages]
-    results = benchmark.run_interleaved([Variant(name, runner, feeds) for name, runner in stages], config)
+    with progress.bar(desc="timing stages", total=100, unit="%") as bar:
+        results = benchmark.run_interleaved(
+            [Variant(name, runner, feeds) for name, runner in stages],
+            config,
+            lambda done: bar.update(round(100 * done) - bar.n),
+        )
     rows = []
     for (name, runner), (cosine, max_abs), timed in zip(stages, accuracies, results):
         stage_info = info.get(name, StageInfo())

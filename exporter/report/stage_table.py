@@ -1,8 +1,8 @@
 """The export's stage table: every stage side by side, timed interleaved in one process.
 
 Latency: median and p90 at batch 1 x the validation sequence length, all stages round-robin (so the
-ratios hold on a noisy machine), a fixed budget of rounds (`ExportConfig.benchmark_iterations`) so the
-table costs the export little time. Accuracy: taken from the export's own validation section (all
+ratios hold on a noisy machine), rounds until each row's median is known within ±3% (at most
+`ExportConfig.benchmark_iterations`) so the table costs the export little time. Accuracy: taken from the export's own validation section (all
 validation samples, real tokens for INT8), so the table and the gates agree by construction.
 
 The CPU engine's candidates that are not already a stage (OpenVINO on its files, engines/cpu_selection.py)
@@ -43,8 +43,18 @@ STAGES: tuple[tuple[str, str, str | None, str], ...] = (
 )
 
 
-# Warm-up per row, then a fixed number of interleaved rounds (no minimum duration).
+# Warm-up per row, then interleaved rounds (no minimum duration): at least MIN_ROUNDS, then each row until
+# its median is known within ±MEDIAN_REL_CI (~95% interval, engines/stats.py median_ci), at most
+# `benchmark_iterations` rounds. A fixed 30 rounds spent most of the stage on the slow PyTorch row.
 WARMUP_MS = 100.0
+MIN_ROUNDS = 10
+MEDIAN_REL_CI = 0.03
+
+
+def rounds_rule(iterations: int) -> str:
+    """The report's words for how many rounds each row was timed."""
+    low = min(MIN_ROUNDS, iterations)
+    return f"{low} to {iterations} rounds (each row until its median is within ±{MEDIAN_REL_CI:.0%}, ~95% interval)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +84,12 @@ def measure(
     check; "reference" is the PyTorch stage's labeled score)."""
     timing_feeds = {name: array[:1] for name, array in feeds.items()}
     config = dataclasses.replace(
-        stage_report.REPORT_CONFIG, warmup_ms=WARMUP_MS, iterations=iterations, duration_s=0.0
+        stage_report.REPORT_CONFIG,
+        warmup_ms=WARMUP_MS,
+        iterations=min(MIN_ROUNDS, iterations),
+        duration_s=0.0,
+        median_rel_ci=MEDIAN_REL_CI,
+        max_iterations=iterations,
     )
     checks = {name: check for name, _, check, _ in STAGES} | {e.name: e.check for e in extra or []}
     with contextlib.ExitStack() as stack:
