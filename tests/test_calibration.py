@@ -92,3 +92,25 @@ def test_unknown_file_and_format(tmp_path: Path, tokenizer_dir: Path) -> None:
     csv.write_text("a,b\n", encoding="utf-8")
     with pytest.raises(InputError, match="unsupported calibration format"):
         load_calibration(csv, tokenizer_dir, NAMES, batch=2, seq_len=8)
+
+
+def test_judge_batches_hold_the_same_real_tokens_sorted_and_cut() -> None:
+    """Judged runs see every sample's real tokens once, in length-sorted batches cut to their real columns."""
+    import numpy as np
+
+    from exporter.quantize.calibration import CalibrationData
+
+    lengths = np.array([5, 2, 9, 3, 7, 1, 4])
+    mask = (np.arange(12)[None, :] < lengths[:, None]).astype(np.int64)
+    ids = np.where(mask == 1, np.arange(1, 8)[:, None] * 100 + np.arange(12)[None, :], 0)
+    data = CalibrationData({"input_ids": ids, "attention_mask": mask}, {}, batch=2, source="test")
+    batches = data.judge_batches("calibration", limit=6, batch=4)
+    seen = sorted(int(t) for b in batches for t in b["input_ids"][b["attention_mask"] == 1])
+    assert seen == sorted(int(t) for t in ids[:6][mask[:6] == 1])  # the first 6 samples' real tokens
+    assert [b["input_ids"].shape for b in batches] == [(4, 5), (2, 9)]  # sorted: 1,2,3,5 | 7,9
+    left = {"input_ids": ids[:, ::-1].copy(), "attention_mask": mask[:, ::-1].copy()}
+    no_positions = CalibrationData(left, {}, batch=2, source="t").judge_batches("calibration", None, 8)
+    assert no_positions[0]["input_ids"].shape == (7, 12)  # left padding is kept without position_ids
+    left["position_ids"] = np.maximum(np.cumsum(left["attention_mask"], axis=1) - 1, 0)
+    cut = CalibrationData(left, {}, batch=2, source="t").judge_batches("calibration", None, 8)
+    assert cut[0]["input_ids"].shape == (7, 9)

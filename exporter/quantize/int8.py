@@ -44,7 +44,7 @@ from exporter.quantize.calibration import CalibrationData
 from exporter.quantize.cpu_features import WEIGHT_RANGES, WeightRange, reduce_weight_range
 from exporter.quantize.embeddings import QuantizedTable, quantize_embeddings
 from exporter.quantize.outliers import SUFFIX, split_outliers
-from exporter.quantize.ranges import DEFAULT_PERCENTILE, METHODS, channel_max, collect_ranges
+from exporter.quantize.ranges import DEFAULT_PERCENTILE, METHODS, cached_channel_max, collect_ranges
 from exporter.quantize.sensitivity import SWITCH_INPUT, search, switchable_model
 from exporter.validate.tolerances import tolerance
 from graph_passes.insert_qdq import Exclusions, InsertQDQ, activation_tensors, plan
@@ -55,6 +55,8 @@ TENSORRT_FILE = "model.int8.onnx"
 CPU_FILE = "model.int8.cpu.onnx"
 # The greedy search aims this fraction of the way from the target to 1, so that the held-out check has room.
 SEARCH_MARGIN = 0.25
+# Samples per judged run (length-sorted, cut to real tokens): fewer, fuller runs than the calibration batch.
+JUDGE_BATCH = 8
 # A reference maps feeds to the fp32 output the INT8 model is judged against (first model output).
 Reference = Callable[[dict[str, np.ndarray]], np.ndarray]
 
@@ -133,17 +135,18 @@ def quantize(
         calibration = dataclasses.replace(calibration, batch=config.batch)
     judge = Judge(fp32_onnx, calibration, config.sensitivity_samples, reference)
     report: dict[str, Any] = {"calibration": calibration.describe(), "target_min_cosine": config.min_cosine}
+    maxima: dict[tuple[str, str], np.ndarray] = {}  # channel maxima per (file, tensor), measured once
     with tempfile.TemporaryDirectory() as tmp:
         source = fp32_onnx
         if config.smoothing:
             from exporter.quantize.smooth import smooth
 
-            source, report["smoothing"] = smooth(fp32_onnx, Path(tmp), calibration, config)
+            source, report["smoothing"] = smooth(fp32_onnx, Path(tmp), calibration, config, cache=maxima)
         trt_cosine = _tensorrt_variant(source, out_dir / TENSORRT_FILE, calibration, config, judge, report)
         cpu_path, cpu_cosine = None, None
         if config.cpu_variant:
             cpu_path = out_dir / CPU_FILE
-            cpu_cosine = _cpu_variant(fp32_onnx, cpu_path, Path(tmp), config, judge, report)
+            cpu_cosine = _cpu_variant(fp32_onnx, cpu_path, Path(tmp), config, judge, report, maxima)
     report["files"] = {
         TENSORRT_FILE: "TensorRT (explicit Q/DQ, symmetric s8, static ranges)",
         **(
@@ -172,11 +175,16 @@ def _tensorrt_variant(
     )
     candidates = [d.node for d in decisions if d.quantized]
 
+    built: dict[frozenset[str], tuple[onnx.ModelProto, Any]] = {}
+
     def build(excluded: frozenset[str]) -> onnx.ModelProto:
-        model = ir.from_proto(proto)
-        result = InsertQDQ(ranges, config.exclusions().with_names(excluded))(model)
-        build.report = result.report  # type: ignore[attr-defined]
-        return ir.to_proto(model)
+        """The Q/DQ model without `excluded`; each set built once (the search's last is the final file)."""
+        if excluded not in built:
+            model = ir.from_proto(proto)
+            result = InsertQDQ(ranges, config.exclusions().with_names(excluded))(model)
+            built[excluded] = ir.to_proto(model), result.report
+        build.report = built[excluded][1]  # type: ignore[attr-defined]
+        return built[excluded][0]
 
     layers = {d.node: {**d.weights, **dict.fromkeys(d.activations)} for d in decisions if d.quantized}
     sweep = lambda names: judge.sweep(switchable_model(proto, layers, ranges), list(layers))  # noqa: E731
@@ -209,7 +217,13 @@ def _tensorrt_variant(
 
 
 def _cpu_variant(
-    fp32: Path, out: Path, tmp: Path, config: QuantConfig, judge: Judge, report: dict[str, Any]
+    fp32: Path,
+    out: Path,
+    tmp: Path,
+    config: QuantConfig,
+    judge: Judge,
+    report: dict[str, Any],
+    maxima: dict[tuple[str, str], np.ndarray] | None = None,
 ) -> float:
     start = time.perf_counter()
     source, fusion = _fused_or_plain(fp32, tmp, judge, config)
@@ -217,14 +231,20 @@ def _cpu_variant(
     user_excluded = _user_excluded(source, config.exclusions()) & frozenset(quantizable)
     candidates = [n for n in quantizable if n not in user_excluded]
 
-    split = _outlier_split(source, candidates, tmp, config, judge.data)
+    split = _outlier_split(source, candidates, tmp, config, judge.data, maxima)
     reduce_range, range_reason = reduce_weight_range(config.cpu_weight_range)
 
+    built: dict[frozenset[str], Path] = {}
+
     def build(treated: frozenset[str]) -> Path:
-        """Quantize all but `treated`: those get the outlier split (if possible) or stay in fp32."""
-        model_path, fp32_nodes = split(treated)
-        excluded = fp32_nodes | user_excluded
-        return quantize_cpu.build(model_path, tmp / "cpu_candidate.onnx", excluded, reduce_range)
+        """Quantize all but `treated`: those get the outlier split (if possible) or stay in fp32. Each set
+        is built once (the search's last evaluation is the final file: ONNX Runtime's quantizer is slow)."""
+        if treated not in built:
+            model_path, fp32_nodes = split(treated)
+            excluded = fp32_nodes | user_excluded
+            out = tmp / f"cpu_candidate{len(built)}.onnx"
+            built[treated] = quantize_cpu.build(model_path, out, excluded, reduce_range)
+        return built[treated]
 
     layers = quantize_cpu.layer_inputs(source, candidates)
     sweep = lambda names: judge.sweep(switchable_model(onnx.load(str(source)), layers, None), candidates)  # noqa: E731
@@ -264,7 +284,12 @@ def _cpu_variant(
 
 
 def _outlier_split(
-    source: Path, candidates: list[str], tmp: Path, config: QuantConfig, data: CalibrationData
+    source: Path,
+    candidates: list[str],
+    tmp: Path,
+    config: QuantConfig,
+    data: CalibrationData,
+    maxima: dict[tuple[str, str], np.ndarray] | None = None,
 ):  # type: ignore[no-untyped-def]
     """`split(treated) -> (model path, nodes to keep fp32)`: treated MatMuls get the outlier-channel split
     (exporter/quantize/outliers.py) when `config.cpu_outlier_channels` > 0, the rest stay fp32."""
@@ -280,7 +305,9 @@ def _outlier_split(
         and config.cpu_outlier_channels
     }
     maxima = (
-        channel_max(base, sorted({inputs[n] for n in splittable}), data, tmp, config.num_samples)
+        cached_channel_max(
+            maxima, source, base, sorted({inputs[n] for n in splittable}), data, tmp, config.num_samples
+        )
         if splittable
         else {}
     )
@@ -369,6 +396,7 @@ class Judge:
         ref_session = None if reference else _session(fp32, optimize=False)
         self.reference = reference or (lambda feeds: _run(ref_session, feeds))
         self._refs: dict[str, list[np.ndarray]] = {}
+        self._batches: dict[str, list[dict[str, np.ndarray]]] = {}
 
     def search_cosine(self, model: onnx.ModelProto | Path, fake_quant: bool = False) -> float:
         return self._cosine(model, "calibration", self.search_samples, fake_quant)
@@ -406,11 +434,13 @@ class Judge:
         return float(np.mean(np.concatenate(scores)))
 
     def _pairs(self, session, split, limit, extra=None):  # type: ignore[no-untyped-def]
+        """(fp32 reference, output, mask) per batch: length-sorted batches cut to their real tokens
+        (CalibrationData.judge_batches; every score here is over real tokens), built and referenced once."""
         key = f"{split}:{limit}"
-        batches = list(self.data.batches(split, limit))
         if key not in self._refs:
-            self._refs[key] = [np.asarray(self.reference(feeds)) for feeds in batches]
-        for feeds, ref in zip(batches, self._refs[key], strict=True):
+            self._batches[key] = self.data.judge_batches(split, limit, JUDGE_BATCH)
+            self._refs[key] = [np.asarray(self.reference(feeds)) for feeds in self._batches[key]]
+        for feeds, ref in zip(self._batches[key], self._refs[key], strict=True):
             yield ref, _run(session, {**feeds, **(extra or {})}), feeds.get("attention_mask")
 
 

@@ -190,3 +190,26 @@ def channel_max(
             m = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
             result[name] = np.maximum(result[name], m) if name in result else m
     return result
+
+
+def cached_channel_max(
+    cache: dict[tuple[str, str], np.ndarray] | None,
+    path: Path,
+    model: onnx.ModelProto,
+    tensors: list[str],
+    data: CalibrationData,
+    tmp: Path,
+    limit: int | None,
+    desc: str = "channel max",
+) -> dict[str, np.ndarray]:
+    """`channel_max` of the model stored at `path`, measuring only the tensors `cache` lacks: SmoothQuant
+    and the CPU file's outlier split ask for the same MatMul inputs of the same fp32 file (a whole pass
+    over the calibration set each)."""
+    if cache is None:
+        return channel_max(model, tensors, data, tmp, limit, desc)
+    key = str(Path(path).resolve())
+    missing = [t for t in tensors if (key, t) not in cache]
+    if missing:
+        for name, value in channel_max(model, missing, data, tmp, limit, desc).items():
+            cache[(key, name)] = value
+    return {t: cache[(key, t)] for t in tensors}

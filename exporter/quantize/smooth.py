@@ -22,7 +22,7 @@ from onnx import numpy_helper
 
 from exporter.export.external_data import save_onnx
 from exporter.quantize.calibration import CalibrationData
-from exporter.quantize.ranges import channel_max as collect_channel_max
+from exporter.quantize.ranges import cached_channel_max
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +31,24 @@ OUTLIER_RATIO = 8.0
 
 
 def smooth(
-    fp32: Path, tmp: Path, data: CalibrationData, config: Any, alpha: float = ALPHA
+    fp32: Path,
+    tmp: Path,
+    data: CalibrationData,
+    config: Any,
+    alpha: float = ALPHA,
+    cache: dict[tuple[str, str], np.ndarray] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Write the smoothed fp32 model to `tmp`; return its path and what was smoothed."""
+    """Write the smoothed fp32 model to `tmp`; return its path and what was smoothed. `cache`: channel maxima
+    shared with the CPU file's outlier split (exporter/quantize/ranges.py cached_channel_max)."""
     model = onnx.load(str(fp32))
     inits = {i.name: i for i in model.graph.initializer}
     consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in model.graph.node:
         if node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
             consumers[node.input[0]].append(node)
-    channel_max = collect_channel_max(model, list(consumers), data, tmp, config.num_samples, "smoothing")
+    channel_max = cached_channel_max(
+        cache, fp32, model, list(consumers), data, tmp, config.num_samples, "smoothing"
+    )
     smoothed = []
     for tensor, nodes in consumers.items():
         act = channel_max[tensor]
