@@ -28,6 +28,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,8 @@ CPU_FILE = "model.int8.cpu.onnx"
 SEARCH_MARGIN = 0.25
 # Samples per judged run (length-sorted, cut to real tokens): fewer, fuller runs than the calibration batch.
 JUDGE_BATCH = 8
+# Sessions the sensitivity sweep runs side by side, one thread each (the export's 2 cores).
+SWEEP_WORKERS = 2
 # A reference maps feeds to the fp32 output the INT8 model is judged against (first model output).
 Reference = Callable[[dict[str, np.ndarray]], np.ndarray]
 
@@ -405,15 +408,30 @@ class Judge:
         return self._cosine(model, "heldout", None, fake_quant)
 
     def sweep(self, switchable: onnx.ModelProto, layers: list[str]) -> dict[str, float]:
-        """Cosine on the search samples with each layer alone fake-quantized, from one switchable session."""
-        session = _session(switchable, optimize=False)
-        result = {}
-        for index, name in enumerate(progress.bar(layers, desc="sensitivity: layers alone", unit="layer")):
+        """Cosine on the search samples with each layer alone fake-quantized, from one switchable graph:
+        `SWEEP_WORKERS` single-threaded sessions take the layers in turn, side by side (small runs use two
+        cores better as two independent runs than as one run on two threads)."""
+        list(self._pairs(None, "calibration", self.search_samples))  # batches and references, once
+        sessions = [_session(switchable, optimize=False, threads=1) for _ in range(SWEEP_WORKERS)]
+        bar = progress.bar(desc="sensitivity: layers alone", total=len(layers), unit="layer")
+
+        def one(index: int) -> float:
             switch = np.zeros(len(layers), dtype=bool)
             switch[index] = True
+            session = sessions[index % len(sessions)]
             pairs = self._pairs(session, "calibration", self.search_samples, {SWITCH_INPUT: switch})
-            result[name] = float(np.mean(np.concatenate([token_cosines(r, o, m) for r, o, m in pairs])))
-        return result
+            cosine = float(np.mean(np.concatenate([token_cosines(r, o, m) for r, o, m in pairs])))
+            bar.update(1)
+            return cosine
+
+        with bar, ThreadPoolExecutor(len(sessions)) as pool:
+            # worker k only ever runs session k: layers k, k + workers, ... in order
+            futures = [
+                pool.submit(lambda k=k: [(i, one(i)) for i in range(k, len(layers), len(sessions))])
+                for k in range(len(sessions))
+            ]
+            scores = dict(pair for future in futures for pair in future.result())
+        return {name: scores[index] for index, name in enumerate(layers)}
 
     def switched_cosine(self, session: ort.InferenceSession, switch: dict[str, np.ndarray]) -> float:
         """Cosine on the search samples of a switchable session (`switch`: its switch input's feed)."""
@@ -435,11 +453,14 @@ class Judge:
 
     def _pairs(self, session, split, limit, extra=None):  # type: ignore[no-untyped-def]
         """(fp32 reference, output, mask) per batch: length-sorted batches cut to their real tokens
-        (CalibrationData.judge_batches; every score here is over real tokens), built and referenced once."""
+        (CalibrationData.judge_batches; every score here is over real tokens), built and referenced once.
+        `session` None: only make sure the batches and references exist (yields nothing)."""
         key = f"{split}:{limit}"
         if key not in self._refs:
             self._batches[key] = self.data.judge_batches(split, limit, JUDGE_BATCH)
             self._refs[key] = [np.asarray(self.reference(feeds)) for feeds in self._batches[key]]
+        if session is None:
+            return
         for feeds, ref in zip(self._batches[key], self._refs[key], strict=True):
             yield ref, _run(session, {**feeds, **(extra or {})}), feeds.get("attention_mask")
 
