@@ -8,4 +8,4 @@ out="${1:-out/demo}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 rm -rf demo_model && .venv/bin/python tools/make_demo_model.py demo_model
 .venv/bin/export-engine demo_model -o "$out" --force
-cat "$out/report.md"
+echo "full report: $out/report.md (and report.json, stages.png; every detail in $out/export.log)"
