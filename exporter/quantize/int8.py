@@ -467,13 +467,16 @@ class Judge:
 
 def token_cosines(reference: np.ndarray, output: np.ndarray, attention_mask: np.ndarray | None) -> np.ndarray:
     """Cosine per token (vectors on the last axis), over unmasked tokens when the mask matches [batch, seq]."""
-    ref = reference.astype(np.float64).reshape(-1, reference.shape[-1])
-    out = output.astype(np.float64).reshape(-1, output.shape[-1])
-    denom = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
-    cos = np.where(denom > 0, (ref * out).sum(axis=1) / np.maximum(denom, 1e-30), 1.0)
+    ref = reference.reshape(-1, reference.shape[-1])
+    out = output.reshape(-1, output.shape[-1])
     if attention_mask is not None and reference.ndim == 3 and attention_mask.shape == reference.shape[:2]:
-        cos = cos[attention_mask.reshape(-1).astype(bool)]
-    return cos
+        real = attention_mask.reshape(-1).astype(
+            bool
+        )  # real tokens first: the float64 copies are of them only
+        ref, out = ref[real], out[real]
+    ref, out = ref.astype(np.float64), out.astype(np.float64)
+    denom = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+    return np.where(denom > 0, (ref * out).sum(axis=1) / np.maximum(denom, 1e-30), 1.0)
 
 
 def _session(model: onnx.ModelProto | Path, optimize: bool, threads: int = 2) -> ort.InferenceSession:
