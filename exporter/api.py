@@ -117,6 +117,8 @@ class _Run:
         self.feeds: dict[str, np.ndarray] = {}
         # False for a streamed model over choose.WHOLE_FILE_CHECK_BYTES: the files are checked piece by piece
         self.whole_file_checks = True
+        # a task model's held-out agreement gate (set by the INT8 stage), for the CPU engine candidates too
+        self.task_agreement: cpu_engine_stage.TaskAgreement | None = None
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -429,6 +431,7 @@ class _Run:
                 real,
                 self.report["validation"],
                 self.config.accuracy_target,
+                self.task_agreement,
             )
         return cpu
 
@@ -568,6 +571,13 @@ class _Run:
         heldout = self.task.prepare_feeds(heldout, *self.special_ids)
         fp32 = self._onnx_outputs(self.artifacts["exported"], heldout)
         target = self.config.agreement_target
+        decoder = self.task.with_past
+
+        def measure(runner: Runner) -> float:
+            outputs = _decoder_prefill_with(runner, heldout) if decoder else runner.infer(heldout)
+            return self.task.agreement(fp32, outputs, heldout, self.special_ids[1])["agreement"]
+
+        self.task_agreement = cpu_engine_stage.TaskAgreement(measure, target)
         misses = []
         for variant, path in files.items():
             if path is None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,8 +28,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
-from tqdm import tqdm
 
+from exporter import progress
 from exporter.quantize.awq import MAX_ROWS, Method, WeightReport, quantize_weight, search_input_scale
 from exporter.quantize.blocks import BlockQuantized, dequantize_blocks, quantize_blocks, tensorrt_blocks
 from exporter.quantize.calibration import CalibrationData
@@ -135,12 +134,7 @@ def collect_rows(
     collected: dict[str, list[np.ndarray]] = defaultdict(list)
     with tempfile.TemporaryDirectory() as tmp:
         session = _session_with_outputs(model, names, Path(tmp))
-        for feeds in tqdm(
-            data.batches("calibration"),
-            total=batches,
-            desc="int4: activations",
-            disable=not sys.stderr.isatty(),
-        ):
+        for feeds in progress.bar(data.batches("calibration"), total=batches, desc="int4: activations"):
             mask = feeds.get("attention_mask")
             for name, value in zip(names, session.run(names, _feeds_for(session, feeds)), strict=True):
                 if mask is not None and value.ndim == 3 and value.shape[:2] == mask.shape:

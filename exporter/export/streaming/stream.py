@@ -47,6 +47,7 @@ from exporter.export.streaming.stitch import StitchedGraph
 from exporter.export.torch_to_onnx import torchscript_export
 from exporter.model_dir.loader import ModelDir
 from exporter.model_dir.lora import LoraMerge
+from exporter.progress import bar as progress_bar
 from exporter.restructure.plan import LayerPlan, RestructurePlan
 from exporter.validate.tolerances import tolerance
 
@@ -118,8 +119,6 @@ def stream_decoder_export(
     """Export `md` (loaded lazily) to a decoder-with-past ONNX at `path` (+ `<name>.data`) layer by layer."""
     if opset < 17:
         raise InputError("--opset", f"decoder export needs opset >= 17, got {opset}")
-    from tqdm.auto import tqdm
-
     path = Path(path)
     scratch = path.parent / f".{path.name}.pieces"
     shutil.rmtree(scratch, ignore_errors=True)
@@ -183,8 +182,9 @@ def stream_decoder_export(
 
         # ---- decoder layers, one at a time
         previous = EMBEDS
-        bar = tqdm(range(source.num_layers), desc="streaming export", unit="layer", disable=not progress)
-        for index in bar:
+        layers = range(source.num_layers)
+        bar = progress_bar(layers, desc="streaming export", unit="layer") if progress else None
+        for index in bar if bar is not None else layers:
             with clock("read_merge_mask"):
                 layer = source.layer(index)
             before = source.family.layer_params(layer)
@@ -236,7 +236,8 @@ def stream_decoder_export(
             layers_plan.append(plan)
             previous = hidden_name(index)
             del reference, got
-        bar.close()
+        if bar is not None:
+            bar.close()
 
         # ---- suffix: final norm + LM head
         with clock("read_merge_mask"):
