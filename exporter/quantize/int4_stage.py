@@ -46,6 +46,7 @@ from exporter.quantize.int4 import (
     prepare,
     switchable_models,
     tensorrt_model,
+    widen_mixed_groups,
 )
 from exporter.quantize.int8 import Judge, _session
 from exporter.quantize.sensitivity import search
@@ -81,6 +82,9 @@ class Int4Config:
     mixed_precision: bool = True
     max_int8_fraction: float = 1.0  # the search may widen every layer to 8 bits (then the file is W8)
     sensitivity_samples: int = 16
+    # Rows of the CPU file's rotary tables (GroupQueryAttention's own rotary reads positions < this):
+    # the model's max_position_embeddings, as onnxruntime-genai's builder sizes its cos/sin caches.
+    max_positions: int = 4096
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -172,9 +176,17 @@ def run_int4_stage(
         target = config.min_cosine + SEARCH_MARGIN * (1.0 - config.min_cosine)
         budget = math.floor(config.max_int8_fraction * len(candidates)) if config.mixed_precision else 0
         sensitivity = search(candidates, evaluate, target, budget, sweep)
-        bits = {**fixed, **dict.fromkeys(sensitivity.excluded, 8)}
+        searched = {**fixed, **dict.fromkeys(sensitivity.excluded, 8)}
+        bits = widen_mixed_groups(cpu_fp32, searched, PACKED_PROJECTIONS)
         plan = prepared.plan(bits)
-        cpu_file, cpu_ops = cpu_model(cpu_fp32, plan, config.accuracy_level, PACKED_PROJECTIONS)
+        cpu_file, cpu_ops = cpu_model(
+            cpu_fp32,
+            plan,
+            config.accuracy_level,
+            PACKED_PROJECTIONS,
+            decode_fusions=True,
+            max_positions=config.max_positions,
+        )
         trt_file, trt_ops = tensorrt_model(trt_fp32, plan)
         cpu_out, trt_out = save_onnx(cpu_file, work / CPU_FILE), save_onnx(trt_file, work / TENSORRT_FILE)
         cpu_cos = judge.heldout_cosine(cpu_out)
@@ -194,7 +206,9 @@ def run_int4_stage(
         },
         "cpu": {"file": CPU_FILE, "heldout_cosine": cpu_cos, "ops": cpu_ops["counts"]},
         "tensorrt": {"file": TENSORRT_FILE, "heldout_cosine": trt_cos, "ops": trt_ops["counts"]},
-        "int8_layers": sensitivity.excluded,
+        "int8_layers": sensitivity.excluded
+        + sorted(n for n, b in bits.items() if b == 8 and n not in searched),
+        "int8_layers_widened_to_pack": sorted(n for n, b in bits.items() if b == 8 and n not in searched),
         "sensitivity": sensitivity.to_json(),
         "sensitivity_rule": "each layer measured alone at 4 bits (every other at 8) on the CPU file as ONNX "
         "Runtime runs it; from all at 4 bits, the worst go to 8 bits one by one until the lower search cosine "

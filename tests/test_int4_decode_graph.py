@@ -1,0 +1,139 @@
+"""The INT4 CPU file's decode-graph fusions (exporter/quantize/int4_packed_gqa.py, int4_skip_norm.py) and the
+widening of mixed packed groups, on the tiny pruned Llama / Qwen2 of tests/test_int4.py: the rewritten graph
+computes what the unfused one does, in prefill and in decode, batch 2 with left padding."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from test_int4 import Decoder
+
+from exporter.quantize import int4
+from exporter.quantize.int4_packed_gqa import fuse_packed_gqa
+from exporter.quantize.int4_skip_norm import fuse_skip_norms
+from exporter.quantize.int4_stage import PACKED_PROJECTIONS
+from exporter.runtime.generation import CachedDecoder
+from graph_passes.pack_matmuls import pack_matmuls
+
+MAX_POSITIONS = 256  # the tiny model's max_position_embeddings
+
+
+def _model(family: str):
+    """Tiny seeded decoder with head size 16 (GroupQueryAttention's rotary needs a multiple of 16), FFN 100
+    (not a multiple of the block), layer 1 pruned to one KV group of 2 query heads, layer 2 to 3 of 4."""
+    import torch
+    from test_decoder_export import FAMILIES, slice_heads
+
+    config_cls, model_cls = FAMILIES[family]
+    torch.manual_seed(0)
+    config = config_cls(
+        hidden_size=64,
+        intermediate_size=100,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_hidden_layers=3,
+        vocab_size=128,
+        max_position_embeddings=MAX_POSITIONS,
+        initializer_range=0.2,
+        attn_implementation="eager",
+    )
+    model = model_cls(config).eval()
+    slice_heads(model.model.layers[1].self_attn, [0], 2)
+    slice_heads(model.model.layers[2].self_attn, [0, 1], 1)
+    return model
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def decoder(request, tmp_path_factory):
+    return Decoder(request.param, tmp_path_factory.mktemp(request.param), _model(request.param))
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _prefill_and_steps(model: onnx.ModelProto, steps: int = 4) -> list[np.ndarray]:
+    """Logits of a left-padded batch-2 prefill (real tokens only) and of `steps` greedy decode steps."""
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 128, size=(2, 9))
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    decoder = CachedDecoder(_session(model))
+    decoder.reset(2, mask)
+    logits = decoder.forward(ids)
+    out = [logits[mask.astype(bool)]]
+    for _ in range(steps):
+        logits = decoder.forward(logits[:, -1].argmax(-1)[:, None])
+        out.append(logits)
+    return out
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def test_packed_gqa_and_skip_norm_fusions_are_exact_in_fp32(decoder):
+    packed = _copy(decoder.cpu)
+    pack_matmuls(packed, PACKED_PROJECTIONS)
+    before = _prefill_and_steps(packed)
+    attentions = sum(n.op_type == "GroupQueryAttention" for n in packed.graph.node)
+    fused = _copy(packed)
+    n_gqa = fuse_packed_gqa(fused, MAX_POSITIONS)
+    n_skip = fuse_skip_norms(fused)
+    ops = [n.op_type for n in fused.graph.node]
+    # Llama's q/k/v feed the rotary directly: every attention fuses; Qwen2's q/k/v biases sit between
+    # the Split and the rotary, so the pattern does not hold there and nothing is rewritten.
+    assert n_gqa == (attentions if decoder.family == "llama" else 0)
+    assert ops.count("RotaryEmbedding") == 2 * (attentions - n_gqa)
+    assert n_skip == ops.count("SkipSimplifiedLayerNormalization") > 0
+    assert fuse_packed_gqa(fused, MAX_POSITIONS) == 0 and fuse_skip_norms(fused) == 0  # idempotent
+    for want, got in zip(before, _prefill_and_steps(fused), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_gqa_fusion_alone_is_bit_exact_on_the_int4_file(decoder):
+    """Packed query + the kernel's own rotary read the same rows as the RotaryEmbedding nodes did."""
+    prepared = int4.prepare(decoder.cpu, decoder.sites, decoder.rows, method="awq")
+    plain, _ = int4.cpu_model(decoder.cpu, prepared.plan({}), 4, PACKED_PROJECTIONS)
+    fused = _copy(plain)
+    fuse_packed_gqa(fused, MAX_POSITIONS)
+    for want, got in zip(_prefill_and_steps(plain), _prefill_and_steps(fused), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_cpu_model_with_decode_fusions_keeps_the_quantized_function(decoder):
+    """The INT4 file as the stage writes it: fused, fewer nodes, same numbers up to accuracy_level 4's int8
+    rounding of activations (a skip-norm sum rounded once differently can flip one int8 code)."""
+    prepared = int4.prepare(decoder.cpu, decoder.sites, decoder.rows, method="awq")
+    plan = prepared.plan({})
+    plain, _ = int4.cpu_model(decoder.cpu, plan, 4, PACKED_PROJECTIONS)
+    fused, report = int4.cpu_model(
+        decoder.cpu, plan, 4, PACKED_PROJECTIONS, decode_fusions=True, max_positions=MAX_POSITIONS
+    )
+    assert len(fused.graph.node) < len(plain.graph.node)
+    assert report["counts"]["SkipSimplifiedLayerNormalization"] > 0
+    assert not {"Cos", "Sin"} & {n.op_type for n in fused.graph.node} or decoder.family != "llama"
+    cos = decoder.cosine(fused)
+    assert cos == pytest.approx(decoder.cosine(plain), abs=2e-3)
+    for want, got in zip(_prefill_and_steps(plain), _prefill_and_steps(fused), strict=True):
+        cosine = (want * got).sum(-1) / (np.linalg.norm(want, axis=-1) * np.linalg.norm(got, axis=-1))
+        assert cosine.min() > 0.995
+
+
+def test_mixed_groups_are_widened_to_pack(decoder):
+    k_proj = next(s.node for s in decoder.sites if "layers.0/self_attn/k_proj" in s.node)
+    bits = int4.widen_mixed_groups(decoder.cpu, {k_proj: 8}, PACKED_PROJECTIONS)
+    layer0 = {s.node for s in decoder.sites if "layers.0/self_attn/" in s.node and "o_proj" not in s.node}
+    assert {n for n, b in bits.items() if b == 8} == layer0 and len(layer0) == 3
+    prepared = int4.prepare(decoder.cpu, decoder.sites, decoder.rows, method="rtn")
+    model, report = int4.cpu_model(decoder.cpu, prepared.plan(bits), 4, PACKED_PROJECTIONS)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Split") == 2 * 3  # every q/k/v and gate/up group packed, layer 0's at 8 bits
+    assert report["counts"]["MatMulNBits_8bit"] == 1
