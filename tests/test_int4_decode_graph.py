@@ -137,3 +137,61 @@ def test_mixed_groups_are_widened_to_pack(decoder):
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("Split") == 2 * 3  # every q/k/v and gate/up group packed, layer 0's at 8 bits
     assert report["counts"]["MatMulNBits_8bit"] == 1
+
+
+def test_prefill_decode_pair_runs_each_file_as_itself(decoder, tmp_path):
+    """exporter.runtime.generation: INT8 dynamic file for the prompt, INT4 file for the steps, one cache. The
+    pair's prefill logits are the INT8 file's own, every step is the INT4 file's own on that cache, and the
+    whole is within the INT4 gate of fp32 (logit cosine over prefill + forced decode steps)."""
+    from exporter.quantize.cpu_int8 import build
+    from exporter.runtime.generation import generate
+
+    prepared = int4.prepare(decoder.cpu, decoder.sites, decoder.rows, method="awq")
+    decode_model, _ = int4.cpu_model(
+        decoder.cpu,
+        prepared.plan({}),
+        4,
+        PACKED_PROJECTIONS,
+        decode_fusions=True,
+        max_positions=MAX_POSITIONS,
+    )
+    int8_path = build(decoder.cpu_path, tmp_path / "model.int8.cpu.onnx", frozenset())
+    prefill, decode, fp32 = _session(onnx.load(str(int8_path))), _session(decode_model), _session(decoder.cpu)
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 128, size=(2, 12))
+    mask = np.ones_like(ids)
+    mask[0, :3] = 0
+    pair, alone, reference = CachedDecoder(decode, prefill), CachedDecoder(prefill), CachedDecoder(fp32)
+    for d in (pair, alone, reference):
+        d.reset(2, mask)
+    got, want, ref = pair.forward(ids), alone.forward(ids), reference.forward(ids)
+    np.testing.assert_array_equal(got, want)  # the prompt ran on the INT8 file
+    cosines = [_cosines(ref[mask.astype(bool)], got[mask.astype(bool)])]
+    steps = CachedDecoder(decode)
+    steps.reset(2)
+    steps._past, steps.attention_mask = dict(pair._past), pair.attention_mask  # the cache the pair holds
+    for _ in range(6):
+        token = ref[:, -1].argmax(-1)[:, None]  # fp32's tokens forced: the same work for every file
+        got, want, ref = pair.forward(token), steps.forward(token), reference.forward(token)
+        np.testing.assert_array_equal(got, want)  # each step ran on the INT4 file, on the pair's cache
+        cosines.append(_cosines(ref[:, -1], got[:, -1]))
+    assert np.concatenate(cosines).mean() >= 0.95
+    tokens = generate(decode, ids[:1], max_new_tokens=5, prefill=prefill)
+    assert tokens.shape == (1, 17)
+
+
+def test_pair_with_another_cache_layout_is_an_input_error(decoder, tmp_path):
+    from test_decoder_export import build_pruned_model
+
+    from export_errors import InputError
+    from exporter.export.decoder_with_past import export_decoder_with_past
+
+    other = tmp_path / "other.onnx"
+    export_decoder_with_past(build_pruned_model("llama"), other)  # 8 query / 4 KV heads of 8: not ours
+    with pytest.raises(InputError, match=r"past_key_values\.0\.key.*share one cache layout"):
+        CachedDecoder(_session(decoder.cpu), _session(onnx.load(str(other))))
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(-1, a.shape[-1]).astype(np.float64), b.reshape(-1, b.shape[-1]).astype(np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
