@@ -12,6 +12,7 @@ from test_int4 import Decoder
 
 from exporter.quantize import int4
 from exporter.quantize.int4_packed_gqa import fuse_packed_gqa
+from exporter.quantize.int4_padding_bias import simplify_attention_bias
 from exporter.quantize.int4_skip_norm import fuse_skip_norms
 from exporter.quantize.int4_stage import PACKED_PROJECTIONS
 from exporter.runtime.generation import CachedDecoder
@@ -87,13 +88,16 @@ def test_packed_gqa_and_skip_norm_fusions_are_exact_in_fp32(decoder):
     fused = _copy(packed)
     n_gqa = fuse_packed_gqa(fused, MAX_POSITIONS)
     n_skip = fuse_skip_norms(fused)
+    n_bias = simplify_attention_bias(fused, MAX_POSITIONS)
     ops = [n.op_type for n in fused.graph.node]
+    assert n_bias == attentions  # transformers' mask is causal-and-padding: every attention rewired
     # Llama's q/k/v feed the rotary directly: every attention fuses; Qwen2's q/k/v biases sit between
     # the Split and the rotary, so the pattern does not hold there and nothing is rewritten.
     assert n_gqa == (attentions if decoder.family == "llama" else 0)
     assert ops.count("RotaryEmbedding") == 2 * (attentions - n_gqa)
     assert n_skip == ops.count("SkipSimplifiedLayerNormalization") > 0
     assert fuse_packed_gqa(fused, MAX_POSITIONS) == 0 and fuse_skip_norms(fused) == 0  # idempotent
+    assert simplify_attention_bias(fused, MAX_POSITIONS) == attentions  # the new bias passes its own check
     for want, got in zip(before, _prefill_and_steps(fused), strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
@@ -195,3 +199,59 @@ def test_pair_with_another_cache_layout_is_an_input_error(decoder, tmp_path):
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = a.reshape(-1, a.shape[-1]).astype(np.float64), b.reshape(-1, b.shape[-1]).astype(np.float64)
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def test_padding_bias_alone_is_bit_exact_and_refuses_other_masks(decoder):
+    """The padding-only bias gives the very numbers of the exported mask (left-padded batch, prefill and
+    decode); a mask that also hides a key the kernel keeps (here: a 3-token sliding window) is left alone."""
+    prepared = int4.prepare(decoder.cpu, decoder.sites, decoder.rows, method="rtn")
+    plain, _ = int4.cpu_model(decoder.cpu, prepared.plan({}), 4, PACKED_PROJECTIONS)
+    fused = _copy(plain)
+    assert simplify_attention_bias(fused, MAX_POSITIONS) > 0
+    for want, got in zip(_prefill_and_steps(plain), _prefill_and_steps(fused), strict=True):
+        np.testing.assert_array_equal(got, want)
+    windowed = _copy(plain)
+    bias = next(n.input[10] for n in windowed.graph.node if n.op_type == "GroupQueryAttention")
+    _add_window(windowed, bias, 3)
+    assert simplify_attention_bias(windowed, MAX_POSITIONS) == 0
+    wide = _copy(plain)  # the same added subgraph with a window no position reaches: accepted
+    _add_window(wide, bias, 10 * MAX_POSITIONS)
+    assert simplify_attention_bias(wide, MAX_POSITIONS) > 0
+
+
+def _add_window(model: onnx.ModelProto, bias: str, window: int) -> None:
+    """bias += m where key t < query position - window (a sliding window the mask encodes)."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    banded = f"{bias}_window"
+    for node in graph.node:
+        if node.op_type == "GroupQueryAttention":
+            node.input[10] = banded
+    graph.initializer.append(numpy_helper.from_array(np.array(window, np.int64), "window"))
+    graph.initializer.append(numpy_helper.from_array(np.array(-3.0e38, np.float32), "low"))
+    graph.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero"))
+    graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "last"))
+    nodes = [
+        helper.make_node("Shape", [bias], ["b_shape"]),
+        helper.make_node("Gather", ["b_shape", "last"], ["b_total"], axis=0),
+        helper.make_node("ReduceSum", ["attention_mask"], ["unused"], keepdims=0),
+        helper.make_node("Shape", ["input_ids"], ["ids_shape"]),
+        helper.make_node("Gather", ["ids_shape", "last"], ["b_new"], axis=0),
+        helper.make_node("Sub", ["b_total", "b_new"], ["b_past"]),
+        helper.make_node("Squeeze", ["b_total"], ["t_total"]),
+        helper.make_node("Squeeze", ["b_past"], ["t_past"]),
+        helper.make_node("Range", ["zero_i", "t_total", "one_i"], ["keys"]),
+        helper.make_node("Range", ["t_past", "t_total", "one_i"], ["queries"]),
+        helper.make_node("Unsqueeze", ["queries", "last"], ["queries_col"]),
+        helper.make_node("Sub", ["queries_col", "keys"], ["distance"]),
+        helper.make_node("Greater", ["distance", "window"], ["far"]),
+        helper.make_node("Where", ["far", "low", "zero"], ["band"]),
+        helper.make_node("Add", [bias, "band"], [banded]),
+    ]
+    graph.initializer.append(numpy_helper.from_array(np.array(0, np.int64), "zero_i"))
+    graph.initializer.append(numpy_helper.from_array(np.array(1, np.int64), "one_i"))
+    position = max(i for i, n in enumerate(graph.node) if bias in n.output) + 1
+    existing = list(graph.node)
+    del graph.node[:]
+    graph.node.extend([*existing[:position], *nodes, *existing[position:]])
