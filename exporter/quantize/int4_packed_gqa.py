@@ -33,7 +33,9 @@ _COS, _SIN, _POSITIONS = 7, 8, 9  # GroupQueryAttention input slots (ONNX Runtim
 def fuse_packed_gqa(model: onnx.ModelProto, max_positions: int = 4096) -> int:
     """Rewrite, in place, every matching layer; returns how many attentions now read a packed query."""
     graph = model.graph
-    tables: dict[tuple[str, str], tuple[str, str]] = {}
+    if "position_ids" not in {i.name for i in graph.input}:
+        return 0  # the kernel's rotary needs the positions themselves
+    tables: dict[tuple[str, str], tuple[str, str] | None] = {}
     inits = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
     readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -55,7 +57,10 @@ def fuse_packed_gqa(model: onnx.ModelProto, max_positions: int = 4096) -> int:
         key = (rope_q.input[2], rope_q.input[3])
         if key not in tables:
             tables[key] = _position_tables(model, *key, max_positions)
-        inputs[_COS], inputs[_SIN] = tables[key]
+        table = tables[key]
+        if table is None:
+            continue
+        inputs[_COS], inputs[_SIN] = table
         inputs[_POSITIONS] = "position_ids"
         del attention.input[:]
         attention.input.extend(inputs)
@@ -127,9 +132,12 @@ def _match(attention, producer, readers, inits, outputs):  # type: ignore[no-unt
     return split, rope_q, rope_k
 
 
-def _position_tables(model: onnx.ModelProto, cos: str, sin: str, max_positions: int) -> tuple[str, str]:
+def _position_tables(
+    model: onnx.ModelProto, cos: str, sin: str, max_positions: int
+) -> tuple[str, str] | None:
     """The graph's own cos/sin rows evaluated at positions 0..max_positions-1, as initializers: the nodes
-    computing them from `position_ids` (and constants only) run once on ONNX Runtime."""
+    computing them from `position_ids` (and constants only) run once on ONNX Runtime; None when the rows
+    depend on anything else (the layer then keeps its RotaryEmbedding nodes)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -143,7 +151,7 @@ def _position_tables(model: onnx.ModelProto, cos: str, sin: str, max_positions: 
         node = producer.get(name)
         if node is None:
             if name not in inits and name != "position_ids":
-                raise ValueError(f"rotary rows {cos}/{sin} depend on {name}, not on position_ids alone")
+                return None
             continue
         if node.name not in needed:
             needed[node.name] = node
