@@ -12,7 +12,9 @@ something for weight-only quantization:
   export (it reads one global head count and FFN width from config.json).
 Ours: the export's own stages on the exported decoder: `model.onnx` (our onnxruntime passes), the INT8 CPU
 file (dynamic u8 x s8 of the fused graph, `exporter.quantize.cpu_int8.build`), a W8 file (MatMulNBits 8-bit,
-the INT4 stage's plan at 8 bits) and `model.int4.cpu.onnx` (`run_int4_stage`, random-id calibration).
+the INT4 stage's plan at 8 bits) and `model.int4.cpu.onnx` (`run_int4_stage`, random-id calibration), and
+the runtime's prefill/decode pair (exporter.runtime.generation: the prompt on the INT8 file, the steps on the
+INT4 file, one cache; timed, its accuracy is its two files' rows).
 Harness: plain ORT sessions, same options for every file (2 threads, all graph optimizations, thread
 spinning off unless --ort-spinning), batch 1, prefill `--prompt` tokens then `--new` greedy decode steps with
 the fp32 model's tokens forced (same work for every file), rounds interleaved in a new random order, medians.
