@@ -40,6 +40,8 @@ from exporter.engine_stage import run_engine_stage
 from exporter.export.decoder_with_past import export_decoder_with_past
 from exporter.export.deploy_files import write_deployment_files
 from exporter.export.external_data import save_onnx
+from exporter.export.streaming.choose import WHOLE_FILE_CHECK_BYTES, fp32_weight_bytes, use_streaming
+from exporter.export.streaming.stream import stream_decoder_export
 from exporter.export.task_heads import wrapper_for
 from exporter.export.torch_to_onnx import EXPORTER, EXPORTER_REASON, export_to_onnx, input_names_for
 from exporter.model_dir.loader import ModelDir, build_reference_model, load_model_dir
@@ -48,7 +50,7 @@ from exporter.outputs import check_output_dir, staged_output
 from exporter.quantize.int4_stage import Int4Config, load_decoder_calibration, run_int4_stage
 from exporter.quantize.int8_stage import run_int8_stage
 from exporter.report import files as report_io
-from exporter.report import stage_report, stage_table
+from exporter.report import memory, stage_report, stage_table
 from exporter.restructure.compact import save_compact
 from exporter.restructure.families import family_for
 from exporter.restructure.flops import FORMULA as FLOPS_FORMULA
@@ -59,11 +61,15 @@ from exporter.validate.compare import Comparison, check, compare_all
 from exporter.validate.eval_set import EvalSet, load_eval_set
 from exporter.validate.task_inputs import special_token_ids, task_validation_feeds
 from exporter.validate.tolerances import tolerance
-from graph_passes.pipeline import optimize
+from graph_passes.pipeline import optimize, optimize_file
 
 logger = logging.getLogger(__name__)
 
 Outputs = dict[str, np.ndarray]
+_NOT_LOADED = (
+    "per piece only: each streamed piece's ONNX vs its PyTorch piece on real hidden states "
+    "(streaming.checks_max_abs); the whole files are larger than WHOLE_FILE_CHECK_BYTES and are not loaded"
+)
 
 
 @dataclasses.dataclass
@@ -107,16 +113,32 @@ class _Run:
         self.eval_set: EvalSet | None = None
         self.special_ids: tuple[int | None, int | None] = (None, None)
         self.feeds: dict[str, np.ndarray] = {}
+        # False for a streamed model over choose.WHOLE_FILE_CHECK_BYTES: the files are checked piece by piece
+        self.whole_file_checks = True
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         logger.info("%s ...", name)
+        memory.reset_peak()
         yield
         self.report["timings_s"][name] = round(time.perf_counter() - start, 3)
+        self.report.setdefault("peak_rss_gib", {})[name] = memory.peak_gib()
 
     def execute(self, work: Path) -> None:
         torch.manual_seed(self.config.seed)
+        streamed = self._streamed_front(work)
+        if streamed is not None:
+            md, feeds, reference = streamed
+            uncompacted = None
+        else:
+            md, feeds, reference, uncompacted = self._whole_front(work)
+        self._tail(md, feeds, reference, uncompacted, work)
+
+    def _whole_front(
+        self, work: Path
+    ) -> tuple[ModelDir, dict[str, np.ndarray], Outputs, torch.nn.Module | None]:
+        """load -> reference -> restructure -> export with the whole model in memory."""
         with self.stage("load"):
             md = load_model_dir(
                 self.model_dir,
@@ -153,6 +175,86 @@ class _Run:
             self._export(md, wrapper, model, feeds, reference, work)
             self.report["deployment"] = write_deployment_files(work, md, plan)
         del model, wrapper  # later stages use ONNX only: free the weights
+        return md, feeds, reference, uncompacted
+
+    def _streamed_front(self, work: Path) -> tuple[ModelDir, dict[str, np.ndarray], Outputs] | None:
+        """load -> streamed reference + restructure + export, one decoder layer at a time
+        (exporter/export/streaming); None when the whole-model path applies (`--streaming`)."""
+        if self.config.streaming == "off" or not _is_safetensors_dir(self.model_dir):
+            if self.config.streaming == "on":
+                raise InputError(self.model_dir, "--streaming on reads safetensors weights (none found)")
+            return None
+        start = time.perf_counter()
+        memory.reset_peak()
+        md = load_model_dir(
+            self.model_dir,
+            adapter=self.config.adapter,
+            allow_pickle=self.config.allow_pickle,
+            task=self.config.task,
+            lazy=True,
+        )
+        if not use_streaming(self.config.streaming, md.task.with_past, self.model_dir, md.task.name):
+            return None
+        family_for(md.model_type, str(self.model_dir / "config.json"))
+        self.task = md.task
+        self._check_precision(md)
+        if self.config.eval_data is not None:
+            raise InputError("--eval-data", "not taken by the streaming export yet; pass --streaming off")
+        self.report["model"] = _model_json(md)
+        self.special_ids = special_token_ids(md.config, md.tokenizer_path)
+        self.report["timings_s"]["load"] = round(time.perf_counter() - start, 3)
+        self.report.setdefault("peak_rss_gib", {})["load"] = memory.peak_gib()
+        with self.stage("stream_export"):
+            self.feeds = feeds = self._feeds(md, None)
+            path = work / "model.exported.onnx"
+            result = stream_decoder_export(md, path, feeds, opset=self.config.opset)
+            reference = {"logits": result.reference_logits}
+            merge = result.lora_merge
+            self.report["model"]["lora_merged_modules"] = len(merge.merged_modules) if merge else 0
+            self.report["model"]["lora_max_abs_delta"] = merge.max_abs_delta if merge else 0.0
+            plan = result.plan
+            plan.save(work / "restructure_plan.json")
+            self.report["restructure"] = _restructure_json(plan)
+            self.report["streaming"] = {
+                "layers": len(plan.layers),
+                "checks_max_abs": result.checks,
+                "seconds": result.seconds,
+                "compact_model": "not written by the streaming export (restructure_plan.json says the shapes)",
+            }
+            (work / "decoder_manifest.json").write_text(
+                json.dumps(result.manifest.to_dict(), indent=2, sort_keys=True)
+            )
+            self.whole_file_checks = fp32_weight_bytes(self.model_dir) <= WHOLE_FILE_CHECK_BYTES
+            if self.whole_file_checks:
+                outputs = self._onnx_outputs(path, feeds)
+                self._check("onnx_fp32", reference, outputs, self.task.fp32_masks(feeds))
+            else:
+                self.report["streaming"]["not_checked_whole"] = ["onnx_fp32"]
+                self.report["streaming"]["whole_file_checks"] = _NOT_LOADED
+            self.artifacts["exported"] = path
+            self.report["export"] = {
+                "exporter": EXPORTER,
+                "reason": EXPORTER_REASON,
+                "opset": self.config.opset,
+                "task": self.task.name,
+                "task_source": md.task_source,
+                "architecture": md.architecture,
+                "outputs": list(self.task.outputs),
+                "streaming": True,
+            }
+            self._carry_generation_config(md, work)
+            self.report["deployment"] = write_deployment_files(work, md, plan)
+        return md, feeds, reference
+
+    def _tail(
+        self,
+        md: ModelDir,
+        feeds: dict[str, np.ndarray],
+        reference: Outputs,
+        uncompacted: torch.nn.Module | None,
+        work: Path,
+    ) -> None:
+        """graph passes -> INT8 / INT4 -> engine -> CPU engine candidates -> stage table -> report."""
         with self.stage("graph_passes"):
             self._optimize(md, feeds, reference, work)
         if self.config.precision == "int8":
@@ -214,15 +316,30 @@ class _Run:
         target: Literal["tensorrt", "onnxruntime"] = (
             "tensorrt" if self.choice.name == "tensorrt" else "onnxruntime"
         )
-        optimized, pipeline = optimize(
-            onnx.load(str(self.artifacts["exported"])),
-            target,
-            family=md.model_type,
-            strict_fusion=self.config.strict_fusion,
-            sparsity=self.config.sparsity,
-        )
-        path = save_onnx(optimized, work / "model.onnx")
+        if self.report["export"].get("streaming"):  # weights stay on disk (onnx-ir lazy external data)
+            path = work / "model.onnx"
+            pipeline = optimize_file(
+                self.artifacts["exported"],
+                path,
+                target,
+                family=md.model_type,
+                strict_fusion=self.config.strict_fusion,
+                sparsity=self.config.sparsity,
+            )
+        else:
+            optimized, pipeline = optimize(
+                onnx.load(str(self.artifacts["exported"])),
+                target,
+                family=md.model_type,
+                strict_fusion=self.config.strict_fusion,
+                sparsity=self.config.sparsity,
+            )
+            path = save_onnx(optimized, work / "model.onnx")
         self.report["graph_passes"] = pipeline.to_json()
+        self.artifacts["onnx"] = path
+        if not self.whole_file_checks:
+            self.report["streaming"]["not_checked_whole"].append("optimized_fp32")
+            return
         outputs = self._onnx_outputs(path, feeds)
         gate = "fp32" if self.config.sparsity != "enforce" else None
         self._check("optimized_fp32", reference, outputs, self.task.fp32_masks(feeds), gate)
@@ -286,8 +403,15 @@ class _Run:
         """Where the CPU serves: the applicable candidates, opened and judged (their accuracy checks)."""
         if self.choice.name == "tensorrt":
             return None
+        if not self.whole_file_checks:
+            self.report["cpu_engine"] = {
+                "skipped": "streamed model over WHOLE_FILE_CHECK_BYTES: not loaded whole"
+            }
+            return None
         with self.stage("cpu_engine"):
-            cpu = cpu_engine_stage.plan(self.artifacts, self.config.backend, self.config.cpu_engine)
+            cpu = cpu_engine_stage.plan(
+                self.artifacts, self.config.backend, self.config.cpu_engine, precision=self.config.precision
+            )
             decoder = self.task.with_past
             real = self.task.token_masks(feeds)
 
@@ -474,14 +598,14 @@ class _Run:
             return _decoder_prefill_outputs(path, feeds, optimized)
         return _onnxruntime_outputs(path, feeds, optimized)
 
-    def _feeds(self, md: ModelDir, wrapper: torch.nn.Module) -> dict[str, np.ndarray]:
+    def _feeds(self, md: ModelDir, wrapper: torch.nn.Module | None) -> dict[str, np.ndarray]:
         side = self.task.padding_side
         if md.tokenizer_path is not None:
             _, padding = load_tokenizer(md.tokenizer_path, side)
             self.report["model"]["tokenizer_padding"] = padding.to_json()
         return task_validation_feeds(
             self.task,
-            input_names_for(wrapper),
+            input_names_for(wrapper) if wrapper is not None else ["input_ids", "attention_mask"],
             md.tokenizer_path,
             md.config.vocab_size,
             self.config.validation_samples,
@@ -495,6 +619,8 @@ class _Run:
         if md.generation_config_path is None:
             return
         for folder in (work, work / "compact_model"):
+            if not folder.is_dir():  # the streaming export writes no compact_model/
+                continue
             shutil.copy2(md.generation_config_path, folder / md.generation_config_path.name)
         self.artifacts["generation_config"] = work / md.generation_config_path.name
 
@@ -549,6 +675,12 @@ class _Run:
         if gate is not None:
             check(comparisons, gate, what)
         return comparisons
+
+
+def _is_safetensors_dir(model_dir: Path) -> bool:
+    from exporter.model_dir.files import SAFETENSORS_FILE, SAFETENSORS_INDEX
+
+    return (model_dir / SAFETENSORS_FILE).exists() or (model_dir / SAFETENSORS_INDEX).exists()
 
 
 def _uses_token_types(md: ModelDir) -> bool:
@@ -633,6 +765,7 @@ def _check_cpu_engine_flag(config: ExportConfig, choice: BackendChoice) -> None:
         flags=cpu_selection.cpu_flags(),
         backend=restrict,
         pinned=config.cpu_engine,
+        precision=config.precision,
     )
 
 

@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--sequence-length", type=int, default=128, help="sequence length for validation and calibration"
     )
     p.add_argument("--batch-size", type=int, default=2, help="batch size for calibration")
+    p.add_argument(
+        "--streaming",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="KV-cache decoders: export one layer at a time from the safetensors shards (auto: when the "
+        "fp32 weights exceed 4 GiB)",
+    )
     p.add_argument("--strict-fusion", action="store_true", help="fail when an expected fusion did not fire")
     p.add_argument(
         "--sparsity",
@@ -184,6 +191,7 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
         sequence_length=args.sequence_length,
         batch_size=args.batch_size,
         strict_fusion=args.strict_fusion,
+        streaming=args.streaming,
         sparsity=args.sparsity,
         benchmark=not args.no_benchmark,
         benchmark_threads=args.threads,

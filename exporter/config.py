@@ -23,6 +23,9 @@ class ExportConfig:
     # the task (exporter/tasks/registry.py); None: the adapter's task_type, else config.json's architectures
     task: str | None = None
     opset: int = 17
+    # KV-cache decoders: export layer by layer from the safetensors shards (exporter/export/streaming);
+    # auto: when the fp32 weights exceed exporter.export.streaming.choose.THRESHOLD_BYTES
+    streaming: Literal["auto", "on", "off"] = "auto"
     # validation / calibration shapes
     batch_size: int = 2
     sequence_length: int = 128

@@ -73,14 +73,18 @@ class CpuEngineStage:
 
 
 def plan(
-    artifacts: Mapping[str, Path], backend: str, pinned: str | None, flags: frozenset[str] | None = None
+    artifacts: Mapping[str, Path],
+    backend: str,
+    pinned: str | None,
+    flags: frozenset[str] | None = None,
+    precision: str = "int8",
 ) -> CpuEngineStage:
-    """The candidates to measure on this machine (backend: the export's `--backend`)."""
+    """The candidates to measure on this machine (backend, precision: the export's `--backend`, `--precision`)."""
     flags = cpu_flags() if flags is None else flags
     unavailable = {"onnxruntime": None, "openvino": openvino_unavailable_reason()}
     restrict = backend if backend in ("onnxruntime", "openvino") else "auto"
     found, skipped = applicable(
-        artifacts, unavailable=unavailable, flags=flags, backend=restrict, pinned=pinned
+        artifacts, unavailable=unavailable, flags=flags, backend=restrict, pinned=pinned, precision=precision
     )
     return CpuEngineStage(found, skipped, flags, pinned)
 
@@ -102,6 +106,27 @@ def gate(precision: str, comparisons: list[Comparison], accuracy_target: float) 
     return ok, f"{', '.join(w for w in words if w)} ({precision} tolerance)"
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskAgreement:
+    """A task model's held-out agreement gate for the candidates judged here (the INT8 files' gate,
+    `--agreement-target`, as *their* runtime computes them): `measure(runner)` is the agreement of the
+    runner's task outputs with fp32 on the held-out samples (the caller's task code)."""
+
+    measure: Callable[[Runner], float]
+    target: float
+
+
+def agreement_gate(
+    passed: bool, words: str, agreement: float | None, target: float | None
+) -> tuple[bool, str]:
+    """The cosine gate joined by the task-agreement gate (when measured): both must pass."""
+    if agreement is None or target is None:
+        return passed, words
+    return passed and agreement >= target, (
+        f"{words}; held-out task agreement {agreement:.4f} >= {target} (--agreement-target)"
+    )
+
+
 def open_and_judge(
     stage: CpuEngineStage,
     stack: contextlib.ExitStack,
@@ -111,9 +136,12 @@ def open_and_judge(
     token_masks: Mapping[str, np.ndarray] | None,
     validation: dict[str, list[dict[str, Any]]],
     accuracy_target: float,
+    task_agreement: TaskAgreement | None = None,
 ) -> None:
     """Open (in `stack`) and judge every candidate the export has not already checked; reuse the export's
-    checks for the others. Results go into `stage.accuracy`, and `validation["cpu:<name>"]`."""
+    checks for the others. Results go into `stage.accuracy`, and `validation["cpu:<name>"]`.
+    `task_agreement` (task models): the INT8/INT4 candidates judged here must also pass it (the export's
+    own INT8 files already passed it in the INT8 stage)."""
     for app in stage.applicable:
         name, cand = app.candidate.name, app.candidate
         if name in EXPORT_CHECKS and EXPORT_CHECKS[name][0] in validation:
@@ -131,7 +159,12 @@ def open_and_judge(
             continue
         stage.runners[name] = runner
         validation[f"cpu:{name}"] = [c.to_json() for c in comparisons]
-        stage.accuracy[name] = (comparisons, *gate(cand.precision, comparisons, accuracy_target))
+        passed, words = gate(cand.precision, comparisons, accuracy_target)
+        if task_agreement is not None and cand.precision in ("int8", "int4"):
+            passed, words = agreement_gate(
+                passed, words, task_agreement.measure(runner), task_agreement.target
+            )
+        stage.accuracy[name] = (comparisons, passed, words)
 
 
 def extra_rows(stage: CpuEngineStage) -> list[ExtraStage]:

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import onnx
@@ -159,9 +160,66 @@ def optimize(
     Raises InputError for an unknown target / stage / family / sparsity mode, FusionNotAppliedError when
     `strict_fusion` and an expected fusion did not fire, GraphPassError (naming the pass) on a pass failure.
     """
+    ir_model, report = optimize_ir(
+        ir.serde.deserialize_model(model),
+        target,
+        stages=stages,
+        family=family,
+        strict_fusion=strict_fusion,
+        sparsity=sparsity,
+    )
+    return ir.serde.serialize_model(ir_model), report
+
+
+def optimize_file(
+    source: Path,
+    target_path: Path,
+    target: Target,
+    *,
+    family: str | None = None,
+    strict_fusion: bool = False,
+    sparsity: Literal["tag", "enforce", "off"] = "tag",
+) -> PipelineReport:
+    """`optimize` from file to file without holding the weights: onnx-ir loads the external data lazily
+    (each tensor read when a pass asks for its values) and `ir.save` streams the weights into one
+    `<target name>.data` beside `target_path`, 64 KiB-aligned. For the streaming export's large models."""
+    ir_model, report = optimize_ir(
+        ir.load(str(source)), target, family=family, strict_fusion=strict_fusion, sparsity=sparsity
+    )
+    written: list[Any] = []
+
+    def release_written(tensor: Any, info: Any) -> None:
+        # a lazily read tensor stays memory-mapped until released: drop each one once the next is reached
+        while written:
+            previous = written.pop()
+            if isinstance(previous, ir.ExternalTensor):
+                previous.release()
+        written.append(tensor)
+
+    ir.save(
+        ir_model,
+        str(target_path),
+        external_data=target_path.name + ".data",
+        alignment=64 * 1024,
+        callback=release_written,
+        max_workers=1,
+        max_in_flight_bytes=256 * 2**20,
+    )
+    return report
+
+
+def optimize_ir(
+    ir_model: ir.Model,
+    target: Target,
+    *,
+    stages: Sequence[str] = STAGES,
+    family: str | None = None,
+    strict_fusion: bool = False,
+    sparsity: Literal["tag", "enforce", "off"] = "tag",
+) -> tuple[ir.Model, PipelineReport]:
+    """`optimize` on an onnx-ir model, changed in place and returned."""
     _validate(target, stages, sparsity)
     start = time.perf_counter()
-    ir_model = ir.serde.deserialize_model(model)
     kind = family_kind(family, ir_model)
     report = PipelineReport(target, family, kind, list(stages), op_counts_before=dict(op_counts(ir_model)))
     for stage in STAGES:
@@ -184,7 +242,7 @@ def optimize(
         logger.warning(
             "fusion %s not applied in layer %s: %s", row["fusion"], row["layer"], row.get("reason")
         )
-    return ir.serde.serialize_model(ir_model), report
+    return ir_model, report
 
 
 def _validate(target: str, stages: Sequence[str], sparsity: str) -> None:

@@ -108,6 +108,9 @@ class TagSparsity2to4(GraphPass):
             if site is None:
                 continue
             status, detail = self._visit(site)
+            const = site.tensor_value.const_value
+            if isinstance(const, ir.ExternalTensor):
+                const.release()  # a lazily read weight (a streamed model's): unmap it once inspected
             detail["status"] = status
             census[status.split(":")[0]] += 1
             report.details.append(detail)

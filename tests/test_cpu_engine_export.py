@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from engines import load_runner
-from engines.cpu_selection import chosen_runner
+from engines.cpu_selection import bf16_unsupported_reason, chosen_runner, cpu_flags
 from engines.openvino_runner import openvino_unavailable_reason
 from export_errors import InputError
 from exporter.api import export_engine
@@ -45,9 +45,10 @@ def test_the_export_measures_every_candidate_and_records_the_fastest_passing(def
     report = json.loads((default_export.output_dir / "report.json").read_text())
     cpu = report["engine"]["cpu"]
     rows = {row["name"]: row for row in cpu["candidates"]}
-    expected = {"onnxruntime-int8", "onnxruntime-fp32"} | (
-        {"openvino-int8", "openvino-fp32"} if OV_SKIP is None else set()
+    openvino = {"openvino-int8", "openvino-fp32"} | (
+        {"openvino-bf16"} if bf16_unsupported_reason(cpu_flags()) is None else set()
     )
+    expected = {"onnxruntime-int8", "onnxruntime-fp32"} | (openvino if OV_SKIP is None else set())
     assert set(rows) == expected
     passing = [row for row in rows.values() if row["passed_gate"]]
     fastest = min(passing, key=lambda row: row["latency_ms"])
@@ -120,7 +121,8 @@ def test_backend_openvino_measures_openvino_only(bert_dir: Path, tmp_path: Path)
     config = ExportConfig(**SMALL, precision="fp32", backend="openvino")
     result = export_engine(bert_dir, tmp_path / "out", config)
     cpu = result.report["engine"]["cpu"]
-    assert cpu["engine"] == "openvino" and [r["name"] for r in cpu["candidates"]] == ["openvino-fp32"]
+    assert cpu["engine"] == "openvino"
+    assert [r["name"] for r in cpu["candidates"]] == ["openvino-fp32"]  # --precision fp32: no bf16
     assert cpu["skipped"]["onnxruntime-fp32"] == "not requested (--backend openvino)"
     assert result.report["backend"]["name"] == "openvino"
 
@@ -189,3 +191,66 @@ def test_weight_only_int8_keeps_activations_float(tmp_path: Path) -> None:
         assert np.all(
             np.abs(got - x @ weight) <= np.abs(x) @ np.broadcast_to(scale / 2, weight.shape) + 1e-4
         ), backend
+
+
+def test_task_agreement_joins_the_cosine_gate() -> None:
+    from exporter.cpu_engine_stage import agreement_gate
+
+    words = "mean token cosine >= 0.99 (int8, --accuracy-target)"
+    assert agreement_gate(True, words, None, None) == (True, words)  # not a task model: cosine alone
+    assert agreement_gate(True, words, 0.96, 0.95) == (
+        True,
+        f"{words}; held-out task agreement 0.9600 >= 0.95 (--agreement-target)",
+    )
+    assert agreement_gate(True, words, 0.90, 0.95)[0] is False  # cosine passed, labels changed: fails
+    assert agreement_gate(False, words, 1.0, 0.95)[0] is False
+
+
+@needs_openvino
+@pytest.mark.parametrize(("agreement", "passes"), [(1.0, True), (0.5, False)])
+def test_openvino_int8_candidate_is_judged_by_the_task_agreement_it_computes(
+    tmp_path: Path, agreement: float, passes: bool
+) -> None:
+    import contextlib
+
+    from engines.cpu_selection import applicable
+    from exporter.cpu_engine_stage import CpuEngineStage, TaskAgreement, open_and_judge
+
+    rng = np.random.default_rng(3)
+    weight = rng.normal(size=(16, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    path = tmp_path / "model.int8.openvino.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    found, skipped = applicable(
+        {"int8_openvino": path}, unavailable={"onnxruntime": None, "openvino": None}, flags=set()
+    )
+    stage = CpuEngineStage(found, skipped, frozenset(), None)
+    x = rng.normal(size=(3, 16)).astype(np.float32)
+    seen: list[str] = []
+
+    def measure(runner: object) -> float:
+        seen.append(type(runner).__name__)
+        return agreement
+
+    validation: dict = {}
+    with contextlib.ExitStack() as stack:
+        open_and_judge(
+            stage,
+            stack,
+            1,
+            {"y": x @ weight},
+            lambda runner: runner.infer({"x": x}),
+            None,
+            validation,
+            0.99,
+            TaskAgreement(measure, 0.95),
+        )
+    _, passed, words = stage.accuracy["openvino-int8"]
+    assert seen == ["OpenVinoRunner"] and passed is passes
+    assert f"held-out task agreement {agreement:.4f} >= 0.95" in words

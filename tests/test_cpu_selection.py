@@ -51,6 +51,15 @@ def test_bf16_is_a_candidate_only_where_the_cpu_computes_it(cpu: str, bf16: bool
     assert skipped["onnxruntime-int4"] == "no int4 file for it in this export"
     if not bf16:
         assert "neither AVX512-BF16 nor AMX-BF16" in skipped["openvino-bf16"]
+    # OpenVINO's INT8 candidate runs its float layers in bf16 exactly where the CPU computes bf16
+    int8_ov = next(a for a in found if a.candidate.name == "openvino-int8")
+    assert int8_ov.candidate.runner_options() == {
+        "backend": "openvino",
+        "precision": "bf16" if bf16 else "f32",
+    }
+    assert int8_ov.candidate.engine_precision == cpu_selection.int8_engine_precision(CPUS[cpu])
+    # the fp32 candidate stays f32 everywhere (OpenVINO's own default on BF16/AMX CPUs would be bf16)
+    assert next(a for a in found if a.candidate.name == "openvino-fp32").candidate.engine_precision == "f32"
     bf16_runs = [a for a in found if a.candidate.name == "openvino-bf16"]
     if bf16_runs:
         assert bf16_runs[0].path.name == "model.exported.onnx"
@@ -72,11 +81,17 @@ def test_files_and_runtimes_decide_what_applies() -> None:
     )
     assert names(found) == ["onnxruntime-int8", "onnxruntime-fp32"]
     assert skipped["openvino-int8"] == "openvino is not available: no module"
-    # an fp32 export: fp32 candidates only
+    # an fp32 export: fp32 files only; bf16 where the CPU has it for a quantized export, pinned for an fp32 one
     fp32 = {k: v for k, v in INT8_EXPORT.items() if k in ("exported", "onnx")}
-    found, skipped = applicable(fp32, unavailable=BOTH, flags=CPUS["Zen 4 (VNNI, AVX512-BF16)"])
+    bf16_cpu = CPUS["Zen 4 (VNNI, AVX512-BF16)"]
+    found, skipped = applicable(fp32, unavailable=BOTH, flags=bf16_cpu)
     assert names(found) == ["openvino-bf16", "onnxruntime-fp32", "openvino-fp32"]
     assert skipped["onnxruntime-int8"] == "no int8 file for it in this export"
+    found, skipped = applicable(fp32, unavailable=BOTH, flags=bf16_cpu, precision="fp32")
+    assert names(found) == ["onnxruntime-fp32", "openvino-fp32"]
+    assert skipped["openvino-bf16"].startswith("not requested (--precision fp32")
+    found, _ = applicable(fp32, unavailable=BOTH, flags=bf16_cpu, precision="fp32", pinned="openvino-bf16")
+    assert names(found) == ["openvino-bf16"]
     # an INT4 file (issue 16's CPU file) makes its candidate apply
     found, _ = applicable(
         {**INT8_EXPORT, "int4_cpu": Path("/out/model.int4.cpu.onnx")}, unavailable=BOTH, flags=set()

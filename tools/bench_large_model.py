@@ -1,6 +1,13 @@
-"""Benchmark (run by hand, not a test): peak memory of exporting a ~1B-parameter Llama-style model.
+"""Benchmark (run by hand, not a test): peak memory, wall time and disk of exporting large Llama-shaped models.
 
+    HF_HUB_OFFLINE=1 python tools/bench_large_model.py --shape llama-3.2-1b --streaming on [--precision fp32]
     HF_HUB_OFFLINE=1 python tools/bench_large_model.py [--variant as-is|free-loaded-weights|assign-weights|wired|wired-free-torch]
+
+`--shape` (llama-3.2-1b, llama-3.2-3b, llama-3.1-8b) writes a seeded random-init bf16 sharded folder of
+that model's shape (tied embeddings for 1B/3B as shipped) with the masks of issue 15 (a quarter of every
+layer's FFN neurons, one KV group in half the layers, one whole layer: its attention and MLP wholly masked)
+and a LoRA adapter on q_proj/v_proj (r=16), then exports it (`--streaming on`: layer by layer,
+exporter/export/streaming), per-layer progress on stderr. Without --shape: the issue 8 model below.
 
 Writes a seeded random-init MODEL_DIR (fp32 safetensors shards + pruning_masks.safetensors: one
 GQA group removed in every other layer, a quarter of each layer's FFN neurons), then runs
@@ -33,9 +40,29 @@ GIB = 1024**3
 SHARD_BYTES = 1 * GIB
 
 
+# hidden, layers, FFN, query heads, KV heads, vocab, tied embeddings (as the published configs say)
+SHAPES = {
+    "llama-3.2-1b": (2048, 16, 8192, 32, 8, 128256, True),
+    "llama-3.2-3b": (3072, 28, 8192, 24, 8, 128256, True),
+    "llama-3.1-8b": (4096, 32, 14336, 32, 8, 128256, False),
+}
+LORA_RANK = 16
+
+
 def llama_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from transformers import LlamaConfig
 
+    tied = False
+    if args.shape:
+        hidden, layers, ffn, heads, kv, vocab, tied = SHAPES[args.shape]
+        args.hidden, args.layers, args.intermediate, args.heads, args.kv_heads, args.vocab = (
+            hidden,
+            layers,
+            ffn,
+            heads,
+            kv,
+            vocab,
+        )
     return LlamaConfig(
         hidden_size=args.hidden,
         num_hidden_layers=args.layers,
@@ -44,7 +71,8 @@ def llama_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         num_key_value_heads=args.kv_heads,
         vocab_size=args.vocab,
         max_position_embeddings=2048,
-        tie_word_embeddings=False,
+        rope_theta=500000.0,
+        tie_word_embeddings=tied,
     )  # the loader builds with eager attention whatever the config says
 
 
@@ -58,11 +86,16 @@ def write_model_dir(model_dir: Path, args: argparse.Namespace) -> dict[str, floa
     from transformers import AutoModelForCausalLM
 
     config = llama_config(args)
+    dtype = torch.bfloat16 if args.shape else torch.float32
+    if args.shape:
+        config.dtype = dtype
     model_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(model_dir)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     shapes = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)  # tied checkpoints store the table once
     gen = torch.Generator().manual_seed(args.seed)
     weight_map: dict[str, str] = {}
     shard: dict[str, torch.Tensor] = {}
@@ -79,22 +112,50 @@ def write_model_dir(model_dir: Path, args: argparse.Namespace) -> dict[str, floa
 
     for name, shape in shapes.items():
         noise = torch.randn(shape, generator=gen)
-        shard[name] = noise * args.init_std if len(shape) >= 2 else 1.0 + noise * 0.1
-        total += shard[name].numel() * 4
-        if sum(t.numel() * 4 for t in shard.values()) >= SHARD_BYTES:
+        shard[name] = (noise * args.init_std if len(shape) >= 2 else 1.0 + noise * 0.1).to(dtype)
+        del noise
+        total += shard[name].numel() * 4  # fp32 bytes, what the bars are stated against
+        if sum(t.numel() * t.element_size() for t in shard.values()) >= SHARD_BYTES:
             flush()
     if shard:
         flush()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (model_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    save_file(masks(config), str(model_dir / "pruning_masks.safetensors"))
+    save_file(masks(config, whole_layer=bool(args.shape)), str(model_dir / "pruning_masks.safetensors"))
+    if args.shape:
+        write_adapter(model_dir / "adapter", config, gen)
     params = sum(int(torch.Size(s).numel()) for s in shapes.values())
-    return {"params": params, "weight_bytes": total, "shards": files}
+    disk = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
+    return {"params": params, "weight_bytes": total, "shards": files, "checkpoint_disk_bytes": disk}
 
 
-def masks(config) -> dict:  # type: ignore[no-untyped-def]
-    """One GQA group in every other layer; a quarter of every layer's FFN neurons (gate rows)."""
-    from exporter.testing.synthetic import gqa_group_masks, layer_param, row_mask
+def write_adapter(adapter_dir: Path, config, gen) -> None:  # type: ignore[no-untyped-def]
+    """A PEFT LoRA adapter on q_proj and v_proj of every layer (r=16, alpha=32), saved as PEFT saves it."""
+    import torch
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    LoraConfig(
+        r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+    ).save_pretrained(str(adapter_dir))
+    hd = config.hidden_size // config.num_attention_heads
+    tensors = {}
+    for layer in range(config.num_hidden_layers):
+        for name, out in (
+            ("q_proj", config.num_attention_heads * hd),
+            ("v_proj", config.num_key_value_heads * hd),
+        ):
+            key = f"base_model.model.model.layers.{layer}.self_attn.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(LORA_RANK, config.hidden_size, generator=gen) * 0.01
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out, LORA_RANK, generator=gen) * 0.01
+    save_file(tensors, str(adapter_dir / "adapter_model.safetensors"))
+
+
+def masks(config, whole_layer: bool = False) -> dict:  # type: ignore[no-untyped-def]
+    """One GQA group in every other layer; a quarter of every layer's FFN neurons (gate rows); with
+    `whole_layer`, one odd layer near the middle loses its attention and MLP whole (every o_proj and
+    down_proj column)."""
+    from exporter.testing.synthetic import column_mask, gqa_group_masks, layer_param, row_mask
 
     found = {}
     ffn, hidden = config.intermediate_size, config.hidden_size
@@ -102,6 +163,11 @@ def masks(config) -> dict:  # type: ignore[no-untyped-def]
         if layer % 2 == 0:
             found.update(gqa_group_masks(config, "llama", layer, kv_head=1))
         found[layer_param("llama", layer, "gate")] = row_mask((ffn, hidden), range(0, ffn, 4))
+    if whole_layer:
+        layer = config.num_hidden_layers // 2 | 1
+        q_width = config.num_attention_heads * (hidden // config.num_attention_heads)
+        found[layer_param("llama", layer, "o")] = column_mask((hidden, q_width), range(q_width))
+        found[layer_param("llama", layer, "down")] = column_mask((hidden, ffn), range(ffn))
     return {k: v.contiguous() for k, v in found.items()}
 
 
@@ -115,6 +181,7 @@ class MemorySampler:
         self.interval = interval
         self.stage = "start"
         self.peaks: dict[str, int] = {}
+        self.anon_peaks: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -133,6 +200,8 @@ class MemorySampler:
     def sample(self) -> None:
         rss = status_kib("VmRSS") * 1024
         self.peaks[self.stage] = max(self.peaks.get(self.stage, 0), rss)
+        anon = status_kib("RssAnon") * 1024  # without file-backed pages (ONNX Runtime maps external data)
+        self.anon_peaks[self.stage] = max(self.anon_peaks.get(self.stage, 0), anon)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -161,7 +230,50 @@ def status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def export_and_measure(model_dir: Path, out_dir: Path, variant: str = "as-is") -> dict[str, object]:
+def stream_only_and_measure(model_dir: Path, out_dir: Path) -> dict[str, object]:
+    """Only the streaming export stage (`stream_decoder_export`: read, merge, mask, compact, trace, check,
+    stitch), without the graph passes' second copy of the weights: for sizes whose two fp32 files would not
+    fit the disk (8B: 2 x 26 GiB beside a 15 GiB checkpoint)."""
+    import numpy as np
+
+    from exporter.export.streaming.stream import stream_decoder_export
+    from exporter.model_dir.loader import load_model_dir
+
+    sampler = MemorySampler()
+    start = time.perf_counter()
+    with sampler:
+        sampler.set_stage("load")
+        md = load_model_dir(model_dir, lazy=True)
+        sampler.set_stage("stream_export")
+        rng = np.random.default_rng(0)
+        mask = np.ones((2, 16), np.int64)
+        mask[0, :3] = 0
+        feeds = {"input_ids": rng.integers(0, md.config.vocab_size, (2, 16)), "attention_mask": mask}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        result = stream_decoder_export(md, out_dir / "model.exported.onnx", feeds)
+    disk = {p.name: p.stat().st_size for p in out_dir.iterdir() if p.is_file()}
+    return {
+        "baseline_rss_bytes": 0,
+        "peak_rss_bytes_vmhwm": status_kib("VmHWM") * 1024,
+        "peak_rss_bytes_ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "stage_peak_rss_bytes": sampler.peaks,
+        "stage_peak_rss_anon_bytes": sampler.anon_peaks,
+        "seconds": round(time.perf_counter() - start, 1),
+        "timings_s": {"stream_export": round(time.perf_counter() - start, 1)},
+        "out_files": sorted(disk),
+        "onnx_bytes": disk["model.exported.onnx"],
+        "data_bytes": disk.get("model.exported.onnx.data", 0),
+        "disk_bytes": disk,
+        "params_after": result.plan.params_after,
+        "validation": {},
+        "workaround": "none needed",
+        "streaming": {"checks_max_abs": result.checks, "seconds": result.seconds},
+    }
+
+
+def export_and_measure(
+    model_dir: Path, out_dir: Path, variant: str = "as-is", streaming: str = "off", precision: str = "fp32"
+) -> dict[str, object]:
     from exporter.api import export_engine
     from exporter.config import ExportConfig
 
@@ -181,23 +293,34 @@ def export_and_measure(model_dir: Path, out_dir: Path, variant: str = "as-is") -
         if variant == "wired-free-torch":
             free_torch_model_after_export()
     with sampler:
-        config = ExportConfig(precision="fp32", benchmark=False, sequence_length=16, validation_samples=2)
+        config = ExportConfig(
+            precision=precision,  # type: ignore[arg-type]
+            benchmark=False,
+            sequence_length=16,
+            validation_samples=2,
+            streaming=streaming,  # type: ignore[arg-type]
+        )
         try:
             result = export_engine(model_dir, out_dir, config)
         except Exception as exc:
             return {"error": f"{type(exc).__name__}: {exc}", "stage_peak_rss_bytes": sampler.peaks}
     files = sorted(p.name for p in out_dir.iterdir())
+    disk = {p.name: p.stat().st_size for p in out_dir.iterdir() if p.is_file()}
     return {
+        "disk_bytes": disk,
+        "timings_s": result.report["timings_s"],
+        "streaming": result.report.get("streaming"),
         "baseline_rss_bytes": baseline,
         "peak_rss_bytes_vmhwm": status_kib("VmHWM") * 1024,
         "peak_rss_bytes_ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "stage_peak_rss_bytes": sampler.peaks,
+        "stage_peak_rss_anon_bytes": sampler.anon_peaks,
         "seconds": round(time.perf_counter() - start, 1),
         "out_files": files,
         "onnx_bytes": (out_dir / "model.onnx").stat().st_size,
         "data_bytes": (out_dir / "model.onnx.data").stat().st_size if "model.onnx.data" in files else 0,
         "params_after": result.report["restructure"]["params_after"],
-        "validation": result.report["validation"],
+        "validation": result.report.get("validation", {}),
         "workaround": workaround,
     }
 
@@ -328,6 +451,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--init-std", type=float, default=0.02, help="std of the seeded weight init")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", choices=sorted(SHAPES), help="a published model's shape, bf16 shards + LoRA")
+    p.add_argument("--streaming", choices=["auto", "on", "off"], default="off")
+    p.add_argument("--precision", choices=["fp32", "int8", "int4"], default="fp32")
+    p.add_argument(
+        "--stream-only",
+        action="store_true",
+        help="measure only the streaming export stage (model.exported.onnx), not the whole pipeline",
+    )
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_large_model"))
     p.add_argument("--keep", action="store_true", help="keep MODEL_DIR and OUT_DIR")
     p.add_argument(
@@ -358,8 +489,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase == "write":
         print(json.dumps(write_model_dir(model_dir, args)))
         return 0
+    if args.phase == "export" and args.stream_only:
+        print(json.dumps(stream_only_and_measure(model_dir, out_dir)))
+        return 0
     if args.phase == "export":
-        print(json.dumps(export_and_measure(model_dir, out_dir, args.variant)))
+        print(
+            json.dumps(export_and_measure(model_dir, out_dir, args.variant, args.streaming, args.precision))
+        )
         return 0
     shutil.rmtree(args.workdir, ignore_errors=True)
     try:
@@ -397,6 +533,18 @@ def print_summary(written: dict, measured: dict) -> None:  # type: ignore[type-a
     for stage, rss in measured["stage_peak_rss_bytes"].items():
         print(f"| {stage} | {rss / GIB:.2f} | {rss / weights:.2f} |")
     print(f"workaround: {measured['workaround']}")
+    print(f"checkpoint on disk {written['checkpoint_disk_bytes'] / GIB:.2f} GiB")
+    print("| stage | seconds | peak RSS GiB | of which anonymous GiB |\n|---|---|---|---|")
+    for stage, seconds in measured["timings_s"].items():
+        rss = measured["stage_peak_rss_bytes"].get(stage)
+        anon = measured["stage_peak_rss_anon_bytes"].get(stage)
+        cells = ["-" if v is None else f"{v / GIB:.2f}" for v in (rss, anon)]
+        print(f"| {stage} | {seconds} | {cells[0]} | {cells[1]} |")
+    for name, size in sorted(measured["disk_bytes"].items()):
+        if size > 2**20:
+            print(f"disk {name}: {size / GIB:.2f} GiB")
+    if measured.get("streaming"):
+        print(f"streaming: {json.dumps(measured['streaming'])}")
     for check, comparisons in measured["validation"].items():
         for c in comparisons:
             print(f"validation {check} {c['output']}: max abs {c['max_abs']:.3g}")

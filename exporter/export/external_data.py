@@ -107,8 +107,9 @@ def _initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
 
 def _move_to_data_file(tensor: onnx.TensorProto, source_dir: Path, data, location: str) -> None:  # type: ignore[no-untyped-def]
     if uses_external_data(tensor):
-        payload = _read_external(tensor, source_dir)
-    elif tensor.HasField("raw_data") and len(tensor.raw_data) >= MIN_EXTERNAL_TENSOR_BYTES:
+        _copy_external(tensor, source_dir, data, location)
+        return
+    if tensor.HasField("raw_data") and len(tensor.raw_data) >= MIN_EXTERNAL_TENSOR_BYTES:
         payload = tensor.raw_data
     else:
         return
@@ -123,14 +124,30 @@ def _move_to_data_file(tensor: onnx.TensorProto, source_dir: Path, data, locatio
         entry.key, entry.value = key, value
 
 
-def _read_external(tensor: onnx.TensorProto, source_dir: Path) -> bytes:
+def _copy_external(tensor: onnx.TensorProto, source_dir: Path, data, location: str) -> None:  # type: ignore[no-untyped-def]
+    """An external tensor's bytes copied into `data` in 64 MiB chunks (never the whole tensor in memory)."""
     info = ExternalDataInfo(tensor)
     file = (source_dir / info.location).resolve()
     if source_dir.resolve() not in file.parents:
         raise ValueError(f"external data of {tensor.name!r} points outside {source_dir}: {info.location}")
+    offset = -(-data.tell() // ALIGNMENT) * ALIGNMENT
+    data.write(b"\0" * (offset - data.tell()))
+    length = 0
     with open(file, "rb") as handle:
         handle.seek(info.offset or 0)
-        return handle.read(info.length) if info.length is not None else handle.read()
+        left = info.length if info.length is not None else -1
+        while left != 0:
+            chunk = handle.read(64 * 2**20 if left < 0 else min(left, 64 * 2**20))
+            if not chunk:
+                break
+            data.write(chunk)
+            length += len(chunk)
+            left = left - len(chunk) if left > 0 else left
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
 
 
 @contextlib.contextmanager

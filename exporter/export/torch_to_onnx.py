@@ -164,12 +164,13 @@ def torchscript_export(
     output_names: list[str],
     dynamic_axes: dict[str, dict[int, str]],
     opset: int,
+    external: bool | None = None,
 ) -> Path:
     """The one call of torch.onnx.export (the TorchScript exporter, see EXPORTER_REASON); a model over
     the protobuf limit comes out as `path` + one `<name>.data` file (exporter/export/external_data.py).
     Rotary embeddings whose frequencies change at run time are traced from the positions
-    (exporter/export/rope.py)."""
-    large = external_data.needs_external_data(module)
+    (exporter/export/rope.py). `external`: force (True) or forbid (False) the one-data-file layout."""
+    large = external_data.needs_external_data(module) if external is None else external
     with (
         external_data.export_target(path, large) as target,
         warnings.catch_warnings(),

@@ -35,6 +35,7 @@ from exporter.model_dir.files import (
     read_json,
     read_weights,
 )
+from exporter.model_dir.lazy_weights import read_lazy_weights
 from exporter.model_dir.lora import Adapter, LoraMerge, check_adapter, merge_lora, read_adapter
 from exporter.model_dir.pooling import Pooling, read_pooling
 from exporter.model_dir.pruned_heads import apply_pruned_heads, read_pruned_heads
@@ -59,6 +60,7 @@ CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"  # carried into OUT_DIR as is (eos ids, sampling defaults)
 ADAPTER_DIR = "adapter"
 MaskSource = str  # "pruning_masks.safetensors" | "torch.nn.utils.prune" | "zeros-in-weights" | "none"
+ZEROS_PER_LAYER = "zeros-in-weights (looked for per layer while streaming)"
 
 
 @dataclass
@@ -98,10 +100,16 @@ class ModelDir:
 
 
 def load_model_dir(
-    path: str | Path, adapter: Path | None = None, allow_pickle: bool = False, task: str | None = None
+    path: str | Path,
+    adapter: Path | None = None,
+    allow_pickle: bool = False,
+    task: str | None = None,
+    lazy: bool = False,
 ) -> ModelDir:
     """Read and check a MODEL_DIR; every bad input raises an InputError naming the file and problem.
-    `task` overrides the task the folder asks for (exporter/tasks/registry.py)."""
+    `task` overrides the task the folder asks for (exporter/tasks/registry.py). `lazy`: the weights are
+    `LazyTensor`s read one at a time later (the streaming export); masks stored as zeros in the weights
+    are then found per layer as it is read (`masks` holds only the file / prune-pair forms)."""
     path = Path(path)
     if not path.is_dir():
         raise InputError(path, "MODEL_DIR not found (expected a folder with config.json and weights)")
@@ -123,11 +131,13 @@ def load_model_dir(
     if raw_adapter is not None:
         modules = NameMap([n for n, _ in skeleton.named_modules() if n], str(skeleton.base_model_prefix))
         lora = check_adapter(raw_adapter, skeleton, modules, params, chosen.task.name)
-    raw, weights_where = read_weights(path, allow_pickle)
+    raw, weights_where = read_lazy_weights(path) if lazy else read_weights(path, allow_pickle)
     raw, prune_masks = masks_io.split_prune_pairs(raw, weights_where)
+    if lazy:
+        prune_masks = {name: mask.load() for name, mask in prune_masks.items()}
     provided = set(lora.head_tensors) if lora is not None else set()
     weights, ignored = normalise_weights(raw, params, shapes, skeleton, weights_where, provided, chosen.task)
-    masks, source = read_masks(path, weights, prune_masks, params, shapes, skeleton, weights_where)
+    masks, source = read_masks(path, weights, prune_masks, params, shapes, skeleton, weights_where, lazy)
     return ModelDir(
         path=path,
         config=config,
@@ -314,8 +324,10 @@ def read_masks(
     shapes: Mapping[str, torch.Size],
     skeleton: nn.Module,
     weights_where: Path,
+    lazy: bool = False,
 ) -> tuple[dict[str, torch.Tensor], MaskSource]:
-    """The masks of whichever form the folder uses, validated and at full shape, and the form's name."""
+    """The masks of whichever form the folder uses, validated and at full shape, and the form's name.
+    `lazy`: zeros in the weights are looked for per layer by the streaming export, not here."""
     sources, masks = [], {}
     if prune_masks:
         for raw_name, mask in prune_masks.items():
@@ -332,6 +344,8 @@ def read_masks(
         sources.insert(0, masks_io.MASKS_FILE)
     if sources:
         return masks, "+".join(sources)
+    if lazy:
+        return {}, ZEROS_PER_LAYER
     zeros = masks_io.masks_from_zeros(weights, linear_weight_names(skeleton))
     return zeros, "zeros-in-weights" if zeros else "none"
 

@@ -323,3 +323,61 @@ def _mapped_key(key: str, key_mapping: Mapping[str, str]) -> str:
 
 def _base_name(peft_name: str) -> str:
     return peft_name.removeprefix(PEFT_PREFIX)
+
+
+def adapter_module(adapter: Adapter, key: str) -> str | None:
+    """Our module name a stored LoRA tensor belongs to (None for a modules_to_save tensor)."""
+    match = LORA_KEY.match(_mapped_key(key, adapter.key_mapping).removeprefix(PEFT_PREFIX))
+    return None if match is None else match["module"]
+
+
+def merge_lora_piece(
+    container: nn.Module, adapter: Adapter, prefixes: tuple[str, ...]
+) -> tuple[nn.Module, LoraMerge]:
+    """Merge the adapter's LoRA tensors for the modules under `prefixes` into `container`, with PEFT.
+
+    `container` holds one piece of the model (a decoder layer, the embeddings, the LM head) under the
+    model's own module names, so PEFT's matching (target_modules, rank_pattern / alpha_pattern keys,
+    layers_to_transform) sees exactly the names it sees on the whole model, and its merge (scaling,
+    rsLoRA, DoRA) is the one `merge_lora` applies to the whole model. Used by the streaming export,
+    one piece at a time. Raises an InputError if a tensor of the piece did not load."""
+    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+
+    piece = {
+        key: tensor
+        for key, tensor in adapter.tensors.items()
+        if (module := adapter_module(adapter, key)) is not None and module.startswith(prefixes)
+    }
+    if not piece:
+        return container, LoraMerge((), 0.0)
+    stored = {_mapped_key(key, adapter.key_mapping): tensor for key, tensor in piece.items()}
+    stored = {k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k: v for k, v in stored.items()}
+    config = _merge_config(adapter.config, container)
+    config.modules_to_save = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            peft_model = PeftModel(container, config)
+            set_peft_model_state_dict(peft_model, stored)
+        except (RuntimeError, ValueError) as exc:
+            raise InputError(
+                adapter.weights_file, f"PEFT could not load the adapter: {one_line(exc)}"
+            ) from exc
+    loaded = get_peft_model_state_dict(peft_model)
+    lost = [
+        key
+        for key, tensor in stored.items()
+        if (got := loaded.get(key)) is None
+        or got.shape != tensor.shape
+        or not torch.equal(got.float(), tensor.float())
+    ]
+    if lost:
+        raise InputError(
+            adapter.weights_file,
+            f"{len(lost)} of the adapter's tensors did not load into the model (e.g. {lost[0]!r})",
+        )
+    layers = {_base_name(n): m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    deltas = [float(m.get_delta_weight("default").abs().max()) for m in layers.values()]  # type: ignore[attr-defined]
+    plain = peft_model.merge_and_unload()
+    return plain, LoraMerge(tuple(sorted(layers)), max(deltas, default=0.0))

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from export_errors import InputError
@@ -106,7 +107,18 @@ def run_int8_stage(
     )
     save_onnx(fused, result.tensorrt_path)
     section = {
-        **({"openvino": _openvino_file(result, work)} if openvino_file else {}),
+        **(
+            {
+                "openvino": _openvino_file(
+                    result,
+                    work,
+                    None if decoder_with_past else exported,
+                    None if decoder_with_past else list(calibration.batches("calibration")),
+                )
+            }
+            if openvino_file
+            else {}
+        ),
         **result.report,
         "order": ["restructure", "cleanup", "calibrate (unfused)", "Q/DQ + sensitivity", "target fusion"],
         "cleanup_passes": cleanup.to_json(),
@@ -116,8 +128,14 @@ def run_int8_stage(
     return result, section
 
 
-def _openvino_file(result: QuantResult, work: Path) -> dict[str, Any]:
-    """The OpenVINO variant of the Q/DQ file, where OpenVINO can run it (else the reason, and no file)."""
+def _openvino_file(
+    result: QuantResult,
+    work: Path,
+    fp32_path: Path | None,
+    samples: list[dict[str, np.ndarray]] | None,
+) -> dict[str, Any]:
+    """The OpenVINO INT8 file, where OpenVINO can run it (else the reason, and no file): NNCF's recipe on
+    the compact fp32 graph where NNCF is installed (encoders), else the Q/DQ file rewritten."""
     from engines.openvino_runner import openvino_unavailable_reason
 
     reason = openvino_unavailable_reason()
@@ -125,9 +143,9 @@ def _openvino_file(result: QuantResult, work: Path) -> dict[str, Any]:
         return {"file": None, "reason": reason}
     start = time.perf_counter()
     result.openvino_path = work / OPENVINO_FILE
-    return build_openvino_file(result.tensorrt_path, result.openvino_path) | {
-        "seconds": time.perf_counter() - start
-    }
+    return build_openvino_file(
+        result.tensorrt_path, result.openvino_path, fp32_path=fp32_path, samples=samples
+    ) | {"seconds": time.perf_counter() - start}
 
 
 def _decoder_calibration(

@@ -78,6 +78,7 @@ class LoraSpec:
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, int] = field(default_factory=dict)
     b_std: float = LORA_B_STD
+    use_dora: bool = False  # weight-decomposed LoRA (magnitude vector per output row)
 
 
 def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
@@ -340,6 +341,7 @@ def write_lora_adapter(base: nn.Module, adapter_dir: Path, spec: LoraSpec, seed:
         rank_pattern=dict(spec.rank_pattern),
         alpha_pattern=dict(spec.alpha_pattern),
         lora_dropout=0.0,
+        use_dora=spec.use_dora,
     )
     peft_model = get_peft_model(copy.deepcopy(base), config)
     gen = torch.Generator().manual_seed(seed)

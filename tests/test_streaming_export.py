@@ -1,0 +1,251 @@
+"""Streaming export (exporter/export/streaming): one decoder layer at a time from the safetensors shards.
+
+Checked against the whole-model path on tiny Llama / Qwen2 / Mistral folders (bf16 shards, masks including
+a wholly masked attention and a wholly masked MLP): same inputs and outputs (names, order, shapes), and the
+same logits (<= 1e-5) on a prefill and a cached decode step, for the exported graph, the graph after the
+passes and the INT8 files. The per-layer LoRA merge equals PEFT's whole-model merge for LoRA, rsLoRA, DoRA
+and rank/alpha patterns.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export_errors import InputError
+from exporter import ExportConfig, export_engine
+from exporter.export.decoder_with_past import LayerAttentionShape, example_feeds
+from exporter.export.streaming import choose
+from exporter.export.streaming.layer_source import LayerSource
+from exporter.model_dir.lazy_weights import read_lazy_weights
+from exporter.model_dir.loader import build_reference_model, load_model_dir
+from exporter.testing.synthetic import LoraSpec, column_mask, layer_param, row_mask, write_model_dir
+
+EQUAL = 1e-5
+THREE = {"num_hidden_layers": 3}
+FP32 = dict(precision="fp32", benchmark=False, strict_fusion=True)
+
+
+def _masks(family: str) -> dict[str, torch.Tensor]:
+    return {
+        layer_param(family, 1, "o"): column_mask((64, 64), range(64)),  # layer 1: attention wholly masked
+        layer_param(family, 2, "down"): column_mask((64, 96), range(96)),  # layer 2: MLP wholly masked
+        layer_param(family, 0, "gate"): row_mask((96, 64), range(20)),
+    }
+
+
+def _layers(out) -> tuple[LayerAttentionShape | None, ...]:  # type: ignore[no-untyped-def]
+    manifest = json.loads((out / "decoder_manifest.json").read_text())
+    return tuple(None if x is None else LayerAttentionShape(**x) for x in manifest["layers"])
+
+
+def _assert_same_decoder(whole, streamed, vocab: int) -> None:  # type: ignore[no-untyped-def]
+    a = ort.InferenceSession(str(whole), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(streamed), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape) for i in a.get_inputs()] == [(i.name, i.shape) for i in b.get_inputs()]
+    assert [(o.name, o.shape) for o in a.get_outputs()] == [(o.name, o.shape) for o in b.get_outputs()]
+    layers = _layers(whole.parent)
+    for batch, past, seq in ((1, 0, 5), (3, 6, 1), (2, 4, 3)):
+        feeds = example_feeds(layers, vocab, batch, past, seq, seed=3)
+        for name, x, y in zip([o.name for o in a.get_outputs()], a.run(None, feeds), b.run(None, feeds)):
+            assert x.shape == y.shape, name
+            assert float(np.abs(x - y).max()) <= EQUAL, (name, batch, past, seq)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
+def exports(request, tmp_path_factory):
+    family = request.param
+    overrides = {"num_hidden_layers": 3}
+    if family == "mistral":
+        overrides["sliding_window"] = 4  # shorter than the test sequences: the window is exercised
+    src = write_model_dir(
+        tmp_path_factory.mktemp(f"{family}_dir"),
+        family,
+        masks=_masks(family),
+        tokenizer="llama3" if family != "qwen2" else False,  # qwen2: random token feeds
+        config_overrides=overrides,
+        shards=2,
+        dtype=torch.bfloat16,
+        generation_config=True,
+    )
+    whole = export_engine(
+        src, tmp_path_factory.mktemp("whole") / "out", ExportConfig(streaming="off", **FP32)
+    )
+    streamed = export_engine(
+        src, tmp_path_factory.mktemp("streamed") / "out", ExportConfig(streaming="on", **FP32)
+    )
+    return family, src, whole, streamed
+
+
+def test_streamed_equals_whole_model_export(exports):
+    _family, src, whole, streamed = exports
+    assert "streaming" in streamed.report and "streaming" not in whole.report
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    for artifact in ("exported", "onnx"):
+        _assert_same_decoder(whole.artifacts[artifact], streamed.artifacts[artifact], vocab)
+    passes = streamed.report["graph_passes"], whole.report["graph_passes"]
+    assert passes[0]["fusions_missed"] == passes[1]["fusions_missed"] == 0
+    assert passes[0]["fusions"] == passes[1]["fusions"]
+    assert passes[0]["op_counts_after"] == passes[1]["op_counts_after"]
+
+
+def test_streamed_removes_whole_sublayers(exports):
+    _, _, whole, streamed = exports
+    manifest = json.loads((streamed.output_dir / "decoder_manifest.json").read_text())
+    assert manifest["cache_layers"] == [0, 2]  # layer 1's attention is gone: one fewer KV pair
+    graph = onnx.load(str(streamed.artifacts["exported"]), load_external_data=False).graph
+    names = [n.name for n in graph.node if n.op_type == "MatMul"]
+    assert not [n for n in names if "/layers.1/self_attn/" in n]
+    assert not [n for n in names if "/layers.2/mlp/" in n]
+    assert [n for n in names if "/layers.0/self_attn/" in n] and [n for n in names if "/layers.1/mlp/" in n]
+    assert (
+        streamed.report["restructure"]["sublayers_removed"]
+        == whole.report["restructure"]["sublayers_removed"]
+    )
+    assert streamed.report["restructure"]["params_after"] == whole.report["restructure"]["params_after"]
+    for check in ("onnx_fp32", "optimized_fp32"):
+        assert streamed.report["validation"][check][0]["max_abs"] <= 1e-4
+
+
+def test_streamed_int8_equals_whole_model_int8(tmp_path):
+    src = write_model_dir(
+        tmp_path / "src",
+        "llama",
+        masks=_masks("llama"),
+        tokenizer="llama3",
+        config_overrides={"num_hidden_layers": 3},
+    )
+    config = dict(precision="int8", benchmark=False, calibration_samples=16)
+    whole = export_engine(src, tmp_path / "whole", ExportConfig(streaming="off", **config))
+    streamed = export_engine(src, tmp_path / "streamed", ExportConfig(streaming="on", **config))
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    for artifact in ("int8", "int8_cpu"):
+        _assert_same_decoder(whole.artifacts[artifact], streamed.artifacts[artifact], vocab)
+
+
+LORAS = {
+    "lora": LoraSpec(target_modules=("q_proj", "v_proj", "down_proj")),
+    "rslora": LoraSpec(target_modules=("q_proj", "k_proj", "up_proj"), use_rslora=True, r=8, lora_alpha=4),
+    "dora": LoraSpec(target_modules=("q_proj", "o_proj", "gate_proj"), use_dora=True),
+    "patterns": LoraSpec(
+        target_modules=("q_proj", "v_proj", "gate_proj"),
+        rank_pattern={"model.layers.1.self_attn.q_proj": 2, "gate_proj": 6},
+        alpha_pattern={"v_proj": 3},
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LORAS))
+def test_streamed_lora_merge_equals_peft(tmp_path, kind):
+    src = write_model_dir(
+        tmp_path / "src",
+        "llama",
+        lora=LORAS[kind],
+        masks=_masks("llama"),
+        dtype=torch.bfloat16,
+        config_overrides=THREE,
+    )
+    whole = build_reference_model(load_model_dir(src)).state_dict()
+    source = LayerSource(load_model_dir(src, lazy=True))
+    for index in range(source.num_layers):
+        layer = source.layer(index).state_dict()
+        assert layer, index
+        for name, tensor in layer.items():
+            want = whole[f"model.layers.{index}.{name}"]
+            assert torch.allclose(tensor, want, rtol=0, atol=1e-6), (kind, index, name)
+    merge = source.lora_merge()
+    assert merge is not None and len(merge.merged_modules) == source.num_layers * len(
+        LORAS[kind].target_modules
+    )
+
+
+def test_lazy_weights_keep_checkpoint_dtype_and_zero_masks(tmp_path):
+    src = write_model_dir(
+        tmp_path / "src",
+        "llama",
+        masks=_masks("llama"),
+        mask_form="zeros",
+        dtype=torch.bfloat16,
+        shards=3,
+        config_overrides=THREE,
+    )
+    tensors, _ = read_lazy_weights(src)
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    whole = build_reference_model(load_model_dir(src)).state_dict()
+    source = LayerSource(load_model_dir(src, lazy=True))
+    for index in range(source.num_layers):
+        for name, tensor in source.layer(index).state_dict().items():
+            assert torch.equal(tensor, whole[f"model.layers.{index}.{name}"])
+
+
+def test_auto_streams_above_the_threshold(tmp_path, monkeypatch):
+    src = write_model_dir(tmp_path / "src", "llama", tokenizer="llama3")
+    assert not choose.use_streaming("auto", True, src, "text-generation-with-past")
+    monkeypatch.setattr(choose, "THRESHOLD_BYTES", 0)
+    assert choose.use_streaming("auto", True, src, "text-generation-with-past")
+    result = export_engine(src, tmp_path / "out", ExportConfig(**FP32))
+    assert result.report["export"]["streaming"] is True
+
+
+def test_streaming_on_refuses_models_without_a_kv_cache(tmp_path):
+    src = write_model_dir(tmp_path / "src", "bert", tokenizer=True)
+    with pytest.raises(InputError, match="--streaming"):
+        export_engine(src, tmp_path / "out", ExportConfig(streaming="on", **FP32))
+
+
+def test_over_the_whole_file_budget_checks_pieces_only(tmp_path, monkeypatch):
+    """Above WHOLE_FILE_CHECK_BYTES the files are not loaded whole: the pieces' checks stand, and the
+    graph passes still run (onnx-ir, weights read lazily) and write a model.onnx equal to the small path's."""
+    import exporter.api
+
+    src = write_model_dir(
+        tmp_path / "src", "llama", tokenizer="llama3", masks=_masks("llama"), config_overrides=THREE
+    )
+    small = export_engine(src, tmp_path / "small", ExportConfig(streaming="on", **FP32))
+    monkeypatch.setattr(exporter.api, "WHOLE_FILE_CHECK_BYTES", 0)
+    large = export_engine(src, tmp_path / "large", ExportConfig(streaming="on", **FP32))
+    assert large.report["streaming"]["not_checked_whole"] == ["onnx_fp32", "optimized_fp32"]
+    assert large.report["streaming"]["checks_max_abs"]["onnx_vs_pytorch_piece"] <= 1e-4
+    assert "cpu_engine" not in large.report["timings_s"]
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    _assert_same_decoder(small.artifacts["onnx"], large.artifacts["onnx"], vocab)
+
+
+def test_masked_tables_take_the_in_memory_path(tmp_path):
+    """Masked embedding / LM head tables are not streamed as stored: the pieces are built and masked in fp32
+    like layers (LoRA merged on the layers), and the export still equals the whole-model one."""
+    masks = {
+        **_masks("llama"),
+        "model.embed_tokens.weight": row_mask((128, 64), range(0, 128, 3)),
+        "lm_head.weight": row_mask((128, 64), range(1, 128, 5)),
+    }
+    src = write_model_dir(
+        tmp_path / "src",
+        "llama",
+        masks=masks,
+        lora=LoraSpec(target_modules=("q_proj", "v_proj")),
+        config_overrides=THREE,
+        dtype=torch.bfloat16,
+    )
+    source = LayerSource(load_model_dir(src, lazy=True))
+    assert (
+        source.plain_table("model.embed_tokens.weight") is None
+        and source.plain_table("lm_head.weight") is None
+    )
+    whole = export_engine(src, tmp_path / "whole", ExportConfig(streaming="off", **FP32))
+    streamed = export_engine(src, tmp_path / "streamed", ExportConfig(streaming="on", **FP32))
+    assert streamed.report["model"]["lora_merged_modules"] == whole.report["model"]["lora_merged_modules"]
+    _assert_same_decoder(whole.artifacts["exported"], streamed.artifacts["exported"], 128)
+
+
+def test_report_gives_peak_memory_per_stage(exports):
+    _, _, whole, streamed = exports
+    for result in (whole, streamed):
+        peaks = result.report["peak_rss_gib"]
+        assert set(result.report["timings_s"]) <= set(peaks)
+        assert all(p is None or p > 0 for p in peaks.values())
