@@ -530,7 +530,11 @@ class _Run:
         """INT4 weight-only files, gated on held-out logit cosine (in the stage) and here on greedy agreement
         with the fp32 model (teacher-forced), and compared with the PyTorch reference for the report."""
         config = self.config
-        int4 = Int4Config(block_size=config.int4_block_size, lm_head=config.int4_lm_head)
+        int4 = Int4Config(
+            block_size=config.int4_block_size,
+            lm_head=config.int4_lm_head,
+            max_positions=int(getattr(md.config, "max_position_embeddings", 4096) or 4096),
+        )
         if config.int4_method:
             int4.method = config.int4_method
         if config.int4_accuracy_target is not None:

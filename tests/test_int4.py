@@ -36,10 +36,10 @@ def _session(model, optimize_graph: bool = False) -> ort.InferenceSession:
 class Decoder:
     """One exported tiny decoder: its fused CPU graph, its TensorRT-target graph, calibration rows."""
 
-    def __init__(self, family: str, root) -> None:
+    def __init__(self, family: str, root, model=None) -> None:
         self.family = family
         self.exported = root / "decoder.onnx"
-        export_decoder_with_past(build_pruned_model(family), self.exported)
+        export_decoder_with_past(build_pruned_model(family) if model is None else model, self.exported)
         self.cpu, _ = optimize(onnx.load(str(self.exported)), "onnxruntime", family=family, sparsity="off")
         self.trt, _ = optimize(onnx.load(str(self.exported)), "tensorrt", stages=("cleanup",), family=family)
         self.cpu_path = root / "cpu_fp32.onnx"

@@ -12,7 +12,9 @@ something for weight-only quantization:
   export (it reads one global head count and FFN width from config.json).
 Ours: the export's own stages on the exported decoder: `model.onnx` (our onnxruntime passes), the INT8 CPU
 file (dynamic u8 x s8 of the fused graph, `exporter.quantize.cpu_int8.build`), a W8 file (MatMulNBits 8-bit,
-the INT4 stage's plan at 8 bits) and `model.int4.cpu.onnx` (`run_int4_stage`, random-id calibration).
+the INT4 stage's plan at 8 bits) and `model.int4.cpu.onnx` (`run_int4_stage`, random-id calibration), and
+the runtime's prefill/decode pair (exporter.runtime.generation: the prompt on the INT8 file, the steps on the
+INT4 file, one cache; timed, its accuracy is its two files' rows).
 Harness: plain ORT sessions, same options for every file (2 threads, all graph optimizations, thread
 spinning off unless --ort-spinning), batch 1, prefill `--prompt` tokens then `--new` greedy decode steps with
 the fp32 model's tokens forced (same work for every file), rounds interleaved in a new random order, medians.
@@ -48,6 +50,8 @@ from exporter.quantize.int4_stage import PACKED_PROJECTIONS, Int4Config, run_int
 from exporter.runtime.generation import CachedDecoder, greedy_agreement
 from graph_passes import pipeline
 
+PAIR = "ours INT8 prefill + INT4 decode"  # exporter.runtime.generation.CachedDecoder(int4, prefill=int8)
+PAIR_PARTS = ("ours int8", "ours int4")
 OUTLIER_CHANNELS, OUTLIER_GAIN = [3, 77, 200, 401], 30.0
 HEAD_DIM = 64
 
@@ -227,6 +231,8 @@ def measure(
 ) -> dict[str, tuple[float, float]]:
     sessions = {name: session(path, args.threads, args.ort_spinning) for name, path in files.items()}
     runners = {name: CachedDecoder(s) for name, s in sessions.items()}
+    if PAIR_PARTS[0] in sessions and PAIR_PARTS[1] in sessions:  # the runtime's prefill/decode pair
+        runners[PAIR] = CachedDecoder(sessions[PAIR_PARTS[1]], prefill=sessions[PAIR_PARTS[0]])
     for runner in runners.values():
         timed(runner, tokens, args.prompt)  # warm-up
     times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in runners}
@@ -273,6 +279,10 @@ def main(args: argparse.Namespace) -> None:
         prompt = rng.integers(1000, 31000, size=(1, args.prompt))
         tokens = _greedy_tokens(files["ours fp32"], prompt, args)
         speeds = measure(files, args, tokens)
+        if PAIR in speeds:
+            row = {"model": variant, "file": PAIR, "prefill": speeds[PAIR][0], "decode": speeds[PAIR][1]}
+            rows.append({**row, "note": "prompt on the INT8 row's file, steps on the INT4 row's"})
+            print(json.dumps(rows[-1]), flush=True)
         for name, path in files.items():
             reference = files["genai fp32"] if name.startswith("genai") else files["ours fp32"]
             row = {
@@ -321,6 +331,11 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if "note" in r and "prefill" in r:
+            print(
+                f"| {r['model']} | {r['file']} | {r['prefill']:.0f} | {r['decode']:.1f} | — | — | — | {r['note']} |"
+            )
+            continue
         if "note" in r:
             print(f"| {r['model']} | {r['file']} | — | — | — | — | — | {r['note']} |")
             continue

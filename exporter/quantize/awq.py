@@ -135,12 +135,16 @@ def clip_weight(
     amax = np.abs(w).max(axis=1, keepdims=True)  # [k_blocks, 1, n]
     best_error = np.full((k_blocks, n), np.inf)
     best_ratio = np.ones((k_blocks, n), np.float32)
+    # Block b's error on column j is sum_m (x_b[m]·d_b[:, j])^2 = d_b[:, j]ᵀ G_b d_b[:, j], G_b = x_bᵀ x_b: one
+    # [block, block] Gram matrix per block, computed once for every ratio (M / block_size times fewer flops
+    # than multiplying the rows again; the INT4 stage spent most of its weight time here).
+    gram = np.einsum("mkb,mkc->kbc", xb, xb, dtype=np.float64).astype(np.float32)  # [k_blocks, bs, bs]
     for ratio in CLIP_RATIOS:
         limit = amax * np.float32(ratio)
         clipped = np.clip(w, -limit, limit).reshape(-1, n)[:k]
         diff = np.pad(weight - rtn_dequantized(clipped, bits, block_size), ((0, pad), (0, 0)))
         diff = diff.reshape(k_blocks, block_size, n)
-        error = np.stack([np.square(xb[:, b] @ diff[b]).sum(axis=0) for b in range(k_blocks)])  # per block
+        error = np.einsum("kbn,kbn->kn", np.matmul(gram, diff), diff)  # per (block, column)
         better = error < best_error
         best_error = np.where(better, error, best_error)
         best_ratio = np.where(better, np.float32(ratio), best_ratio)

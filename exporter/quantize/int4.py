@@ -33,10 +33,14 @@ from exporter import progress
 from exporter.quantize.awq import MAX_ROWS, Method, WeightReport, quantize_weight, search_input_scale
 from exporter.quantize.blocks import BlockQuantized, dequantize_blocks, quantize_blocks, tensorrt_blocks
 from exporter.quantize.calibration import CalibrationData
+from exporter.quantize.int4_packed_gqa import fuse_packed_gqa
+from exporter.quantize.int4_padding_bias import simplify_attention_bias
+from exporter.quantize.int4_skip_norm import fuse_skip_norms
 from exporter.quantize.ranges import _feeds_for, _session_with_outputs
 from graph_passes.dequantize_blockwise import MIN_OPSET, DequantizedWeight, MatMulToBlockwiseDequantize
 from graph_passes.matmul_nbits import MS_DOMAIN, MatMulToNBits
 from graph_passes.pack_matmuls import pack_matmuls
+from graph_passes.remove_dead_nodes import RemoveDeadNodes
 
 logger = logging.getLogger(__name__)
 
@@ -266,12 +270,23 @@ def embedding_table(model: onnx.ModelProto) -> str | None:
 
 
 def cpu_model(
-    model: onnx.ModelProto, plan: Plan, accuracy_level: int = 4, pack: Sequence[str] = ()
+    model: onnx.ModelProto,
+    plan: Plan,
+    accuracy_level: int = 4,
+    pack: Sequence[str] = (),
+    *,
+    decode_fusions: bool = False,
+    max_positions: int = 4096,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """MatMulNBits for every planned MatMul, gains folded, the embedding through GatherBlockQuantized.
     `pack`: projections (e.g. q/k/v, gate/up) sharing an input become one MatMulNBits + Split
     (graph_passes/pack_matmuls.py) where their bit widths agree: their quantized weights are concatenated
-    along N, which is exact (every output column has its own blocks)."""
+    along N, which is exact (every output column has its own blocks).
+    `decode_fusions`: fewer nodes per decode step (int4_packed_gqa.py: the packed q/k/v feeds
+    GroupQueryAttention with its own rotary, cos/sin tables of `max_positions` rows; int4_skip_norm.py:
+    residual Add + RMSNorm -> SkipSimplifiedLayerNormalization; int4_padding_bias.py: the exported
+    causal-and-padding mask -> a padding-only bias where the kernel's causality makes them equal), then dead
+    nodes removed."""
     proto = _with_gains(model, plan.gains)
     if plan.embedding is not None:
         _quantize_gather(proto, *plan.embedding)
@@ -283,7 +298,33 @@ def cpu_model(
             weights[packed] = concatenated([weights.pop(m) for m in members])
     ir_model = ir.from_proto(proto)
     result = MatMulToNBits(weights, accuracy_level)(ir_model)
-    return ir.to_proto(ir_model), result.report.to_json()  # type: ignore[attr-defined]
+    report: dict[str, Any] = result.report.to_json()  # type: ignore[attr-defined]
+    if not decode_fusions:
+        return ir.to_proto(ir_model), report
+    fused = ir.to_proto(ir_model)
+    report["counts"]["GroupQueryAttention_packed_rotary"] = fuse_packed_gqa(fused, max_positions)
+    report["counts"]["SkipSimplifiedLayerNormalization"] = fuse_skip_norms(fused)
+    report["counts"]["GroupQueryAttention_padding_bias"] = simplify_attention_bias(fused, max_positions)
+    ir_model = ir.from_proto(fused)
+    RemoveDeadNodes()(ir_model)
+    return ir.to_proto(ir_model), report
+
+
+def widen_mixed_groups(
+    model: onnx.ModelProto, bits: Mapping[str, int], roles: Sequence[str]
+) -> dict[str, int]:
+    """`bits` with every would-be packed group (MatMuls of `roles` sharing an input) that mixes 4 and 8 bits
+    widened to 8 bits as a whole: the group then stays one packed MatMulNBits (and its attention keeps the
+    packed, rotary-fused form) for a few more weight bytes, and accuracy can only gain."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and any(r in node.name for r in roles):
+            groups[node.input[0]].append(node.name)
+    widened = dict(bits)
+    for names in groups.values():
+        if len(names) > 1 and any(widened.get(n, 4) == 8 for n in names):
+            widened.update({n: 8 for n in names if widened.get(n, 4) == 4})
+    return widened
 
 
 def concatenated(members: Sequence[BlockQuantized]) -> BlockQuantized:

@@ -56,11 +56,33 @@ class CachedDecoder:
 
     `forward(new_ids)` appends `new_ids` (batch x new tokens) to the sequence and returns their
     logits; the first call with an empty cache is the prefill.
+
+    `prefill`: a second file of the same decoder (e.g. `model.int8.cpu.onnx`, whose dynamic INT8 kernels
+    are fastest on a whole prompt) that runs the calls with an empty cache, while `session_or_runner`
+    (e.g. `model.int4.cpu.onnx`, fastest per token) runs every later step. Both read and write the same
+    cache: the same `past_key_values.*` inputs with the same KV heads, head sizes and dtypes (checked
+    here, else InputError), and the cache one writes is what the other would have written for its own
+    weights, so each call is exactly that file's own computation on the cache it is given.
     """
 
-    def __init__(self, session_or_runner: Any) -> None:
+    def __init__(self, session_or_runner: Any, prefill: Any = None) -> None:
         self._step = _Step(session_or_runner)
         self._past_specs = self._read_past_specs()
+        self._prefill = None
+        if prefill is not None:
+            self._prefill = _Step(prefill)
+            theirs = {
+                n: (s[1], s[3], self._prefill.input_dtypes[n])
+                for n, s in self._prefill.input_shapes.items()
+                if _PAST.match(n)
+            }
+            for name in sorted(set(theirs) | set(self._past_specs)):
+                if theirs.get(name) != self._past_specs.get(name):
+                    raise InputError(
+                        name,
+                        f"prefill file has (KV heads, head size, dtype) {theirs.get(name)}, the decode file "
+                        f"{self._past_specs.get(name)}: a prefill/decode pair must share one cache layout",
+                    )
         self.attention_mask: np.ndarray | None = None
         self._past: dict[str, np.ndarray] = {}
 
@@ -104,7 +126,8 @@ class CachedDecoder:
             "position_ids": positions_from_mask(mask, new),
             **self._past,
         }
-        outputs = self._step.run(feeds)
+        step = self._prefill if self._prefill is not None and past_length == 0 else self._step
+        outputs = step.run(feeds)
         self._past = {name: outputs[name.replace("past_key_values", "present")] for name in self._past}
         return outputs["logits"]
 
@@ -120,15 +143,17 @@ def generate(
     seed: int | None = None,
     eos_token_id: int | None = None,
     attention_mask: np.ndarray | None = None,
+    prefill: Any = None,
 ) -> np.ndarray:
     """Prompt + generated tokens (batch x (prompt + n)), n <= max_new_tokens; stops when every row has
-    produced `eos_token_id`, rows that finished earlier are filled with it (as HF generate pads)."""
+    produced `eos_token_id`, rows that finished earlier are filled with it (as HF generate pads).
+    `prefill`: another file of the same decoder that runs the prompt (see `CachedDecoder`)."""
     input_ids = np.asarray(input_ids, dtype=np.int64)
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise InputError("input_ids", f"expected batch x prompt (prompt >= 1), got shape {input_ids.shape}")
     if do_sample and temperature <= 0:
         raise InputError("temperature", f"must be > 0 when sampling, got {temperature}")
-    decoder = CachedDecoder(session_or_runner)
+    decoder = CachedDecoder(session_or_runner, prefill)
     decoder.reset(input_ids.shape[0], attention_mask)
     rng = np.random.default_rng(seed)
     finished = np.zeros(input_ids.shape[0], dtype=bool)
