@@ -235,16 +235,7 @@ class _Run:
                 self.report["streaming"]["not_checked_whole"] = ["onnx_fp32"]
                 self.report["streaming"]["whole_file_checks"] = _NOT_LOADED
             self.artifacts["exported"] = path
-            self.report["export"] = {
-                "exporter": EXPORTER,
-                "reason": EXPORTER_REASON,
-                "opset": self.config.opset,
-                "task": self.task.name,
-                "task_source": md.task_source,
-                "architecture": md.architecture,
-                "outputs": list(self.task.outputs),
-                "streaming": True,
-            }
+            self.report["export"] = {**self._export_section(md), "streaming": True}
             self._carry_generation_config(md, work)
             self.report["deployment"] = write_deployment_files(work, md, plan)
         return md, feeds, reference
@@ -303,15 +294,7 @@ class _Run:
         self._check("onnx_fp32", reference, self._onnx_outputs(path, feeds), self.task.fp32_masks(feeds))
         self.artifacts["exported"] = path
         self._evaluate("onnx_fp32", lambda batch: self._onnx_outputs(path, batch))
-        self.report["export"] = {
-            "exporter": EXPORTER,
-            "reason": EXPORTER_REASON,
-            "opset": self.config.opset,
-            "task": self.task.name,
-            "task_source": md.task_source,
-            "architecture": md.architecture,
-            "outputs": list(self.task.outputs),
-        }
+        self.report["export"] = self._export_section(md)
 
     def _optimize(self, md: ModelDir, feeds: dict[str, np.ndarray], reference: Outputs, work: Path) -> None:
         """The backend's pass pipeline on the exported graph -> model.onnx, checked like the export.
@@ -604,6 +587,18 @@ class _Run:
                 f"(--agreement-target): {', '.join(misses)}; the held-out samples are the calibration data's: "
                 "calibrate on the task's own text (--calibration) to judge it on its own inputs"
             )
+
+    def _export_section(self, md: ModelDir) -> dict[str, Any]:
+        """report.json `export`: how the graph was made and what it computes."""
+        return {
+            "exporter": EXPORTER,
+            "reason": EXPORTER_REASON,
+            "opset": self.config.opset,
+            "task": self.task.name,
+            "task_source": md.task_source,
+            "architecture": md.architecture,
+            "outputs": list(self.task.outputs),
+        }
 
     def _onnx_outputs(self, path: Path, feeds: dict[str, np.ndarray], optimized: bool = False) -> Outputs:
         if self.task.with_past:

@@ -26,6 +26,8 @@ from collections import defaultdict
 import onnx
 from onnx import helper, numpy_helper
 
+from exporter.quantize.subgraph import upstream_model
+
 MS_DOMAIN = "com.microsoft"
 _COS, _SIN, _POSITIONS = 7, 8, 9  # GroupQueryAttention input slots (ONNX Runtime 1.32 schema)
 
@@ -141,37 +143,12 @@ def _position_tables(
     import numpy as np
     import onnxruntime as ort
 
-    graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    inits = {i.name: i for i in graph.initializer}
-    needed: dict[str, onnx.NodeProto] = {}
-    stack = [cos, sin]
-    while stack:
-        name = stack.pop()
-        node = producer.get(name)
-        if node is None:
-            if name not in inits and name != "position_ids":
-                return None
-            continue
-        if node.name not in needed:
-            needed[node.name] = node
-            stack.extend(i for i in node.input if i)
-    order = [n for n in graph.node if n.name in needed]
-    used = {i for n in order for i in n.input}
-    sub = helper.make_model(
-        helper.make_graph(
-            order,
-            "rotary_rows",
-            [helper.make_tensor_value_info("position_ids", onnx.TensorProto.INT64, [1, None])],
-            [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in (cos, sin)],
-            [inits[i] for i in used if i in inits],
-        ),
-        opset_imports=list(model.opset_import),
-        ir_version=model.ir_version,
-    )
+    sub = upstream_model(model, [cos, sin], "rotary_rows", allowed_inputs={"position_ids"})
+    if sub is None:
+        return None
     session = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
     ids = np.arange(max_positions, dtype=np.int64)[None, :]
-    rows = session.run(None, {"position_ids": ids})
+    rows = session.run(None, {i.name: ids for i in session.get_inputs()})  # position_ids, if read at all
     names = (f"{cos}_table", f"{sin}_table")
     for name, table in zip(names, rows, strict=True):
         model.graph.initializer.append(numpy_helper.from_array(table.reshape(max_positions, -1), name))

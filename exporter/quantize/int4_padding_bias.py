@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from exporter.quantize.subgraph import upstream_model
+
 MS_DOMAIN = "com.microsoft"
 _BIAS = 10  # GroupQueryAttention input slot (ONNX Runtime 1.32 schema)
 
@@ -90,38 +92,9 @@ def _masked_value(model: onnx.ModelProto, bias: str, max_positions: int) -> floa
     padding-only bias (checked on ONNX Runtime over prefill, a decode step and the last positions)."""
     import onnxruntime as ort
 
-    graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    inits = {i.name: i for i in graph.initializer}
-    inputs = {i.name: i for i in graph.input}
-    needed: dict[str, onnx.NodeProto] = {}
-    sources: set[str] = set()
-    stack = [bias]
-    while stack:
-        name = stack.pop()
-        node = producer.get(name)
-        if node is None:
-            if name in inputs:
-                sources.add(name)
-            elif name not in inits:
-                return None
-            continue
-        if node.name not in needed:
-            needed[node.name] = node
-            stack.extend(i for i in node.input if i)
-    order = [n for n in graph.node if n.name in needed]
-    used = {i for n in order for i in n.input}
-    sub = helper.make_model(
-        helper.make_graph(
-            order,
-            "attention_bias",
-            [inputs[s] for s in sorted(sources)],
-            [helper.make_tensor_value_info(bias, onnx.TensorProto.FLOAT, None)],
-            [inits[i] for i in used if i in inits],
-        ),
-        opset_imports=list(model.opset_import),
-        ir_version=model.ir_version,
-    )
+    sub = upstream_model(model, [bias], "attention_bias")
+    if sub is None:
+        return None
     try:
         session = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
     except Exception:
