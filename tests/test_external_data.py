@@ -146,7 +146,9 @@ def test_export_engine_end_to_end_with_external_data(force_external, model_dir_f
             }
             assert locations == {name + ".data"}, (name, locations)
         else:
-            assert name.endswith((".data", ".json", ".md")) or name == "export.log" or (out / name).is_dir(), name
+            assert (
+                name.endswith((".data", ".json", ".md")) or name == "export.log" or (out / name).is_dir()
+            ), name
     assert all(c["max_abs"] <= 1e-4 for c in result.report["validation"]["onnx_fp32"])
 
 
