@@ -113,7 +113,7 @@ def run_int8_stage(
                     result,
                     work,
                     None if decoder_with_past else exported,
-                    None if decoder_with_past else list(calibration.batches("calibration")),
+                    None if decoder_with_past else calibration.judge_batches("calibration"),
                 )
             }
             if openvino_file
