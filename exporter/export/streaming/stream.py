@@ -163,8 +163,7 @@ def stream_decoder_export(
         if embed_table is not None:
             with clock("stitch"):
                 data = scratch / "embed_tokens.fp32"
-                dims, length = tables.write_fp32(embed_table, data, transpose=False)
-                tables.point_initializer_at(piece, [rows, hidden_size], dims, data, length, vocab)
+                tables.stream_in(piece, embed_table, data, [rows, hidden_size], vocab, transpose=False)
             del embed_table
         with clock("onnx_check"):
             err = _check_piece(
@@ -262,8 +261,7 @@ def stream_decoder_export(
         if head_table is not None:
             with clock("stitch"):
                 data = scratch / "lm_head.fp32"
-                dims, length = tables.write_fp32(head_table, data, transpose=True)
-                tables.point_initializer_at(piece, [hidden_size, rows], dims, data, length, vocab)
+                tables.stream_in(piece, head_table, data, [hidden_size, rows], vocab, transpose=True)
             del head_table
         with clock("onnx_check"):
             err = _check_piece(

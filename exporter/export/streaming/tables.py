@@ -95,6 +95,15 @@ def point_initializer_at(
     return tensor.name
 
 
+def stream_in(
+    piece: Path, table: torch.Tensor, data: Path, standin_dims: list[int], vocab: int, transpose: bool
+) -> str:
+    """Write `table` (or its transpose) as fp32 to `data` and make the piece's stand-in initializer read it
+    (`write_fp32` then `point_initializer_at`). Returns the initializer's name."""
+    dims, length = write_fp32(table, data, transpose)
+    return point_initializer_at(piece, standin_dims, dims, data, length, vocab)
+
+
 def plain(name: str, lazy: LazyTensor | None, masks: dict, adapter_modules: set[str]) -> bool:
     """Whether the table `name` can be streamed as stored: in the checkpoint, unmasked, no LoRA on it."""
     module = name.rsplit(".", 1)[0]
