@@ -39,7 +39,12 @@ from exporter.engine_stage import run_engine_stage
 from exporter.export.decoder_with_past import export_decoder_with_past
 from exporter.export.deploy_files import write_deployment_files
 from exporter.export.external_data import save_onnx
-from exporter.export.streaming.choose import WHOLE_FILE_CHECK_BYTES, fp32_weight_bytes, use_streaming
+from exporter.export.streaming.choose import (
+    WHOLE_FILE_CHECK_BYTES,
+    fp32_weight_bytes,
+    small_for_auto,
+    use_streaming,
+)
 from exporter.export.streaming.stream import stream_decoder_export
 from exporter.export.task_heads import wrapper_for
 from exporter.export.torch_to_onnx import EXPORTER, EXPORTER_REASON, export_to_onnx, input_names_for
@@ -187,6 +192,8 @@ class _Run:
             if self.config.streaming == "on":
                 raise InputError(self.model_dir, "--streaming on reads safetensors weights (none found)")
             return None
+        if small_for_auto(self.config.streaming, self.model_dir):
+            return None  # the whole-model path loads the folder itself: not loaded twice
         start = time.perf_counter()
         memory.reset_peak()
         md = load_model_dir(

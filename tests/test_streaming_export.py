@@ -186,8 +186,10 @@ def test_lazy_weights_keep_checkpoint_dtype_and_zero_masks(tmp_path):
 def test_auto_streams_above_the_threshold(tmp_path, monkeypatch):
     src = write_model_dir(tmp_path / "src", "llama", tokenizer="llama3")
     assert not choose.use_streaming("auto", True, src, "text-generation-with-past")
+    assert choose.small_for_auto("auto", src) and not choose.small_for_auto("on", src)
     monkeypatch.setattr(choose, "THRESHOLD_BYTES", 0)
     assert choose.use_streaming("auto", True, src, "text-generation-with-past")
+    assert not choose.small_for_auto("auto", src)
     result = export_engine(src, tmp_path / "out", ExportConfig(**FP32))
     assert result.report["export"]["streaming"] is True
 

@@ -23,6 +23,12 @@ def fp32_weight_bytes(model_dir: Path) -> int:
     return sum(int(t.shape.numel()) * 4 for t in tensors.values())
 
 
+def small_for_auto(mode: str, model_dir: Path) -> bool:
+    """`auto` on a model at or under THRESHOLD_BYTES: the whole-model path, decided from the safetensors
+    headers alone (before anything loads the folder)."""
+    return mode == "auto" and fp32_weight_bytes(model_dir) <= THRESHOLD_BYTES
+
+
 def use_streaming(mode: str, with_past: bool, model_dir: Path, task: str) -> bool:
     """Whether to stream: `on` (only KV-cache decoders can), `off`, or `auto` (above THRESHOLD_BYTES)."""
     if mode == "off":
