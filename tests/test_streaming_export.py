@@ -10,6 +10,7 @@ and rank/alpha patterns.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -24,7 +25,14 @@ from exporter.export.streaming import choose
 from exporter.export.streaming.layer_source import LayerSource
 from exporter.model_dir.lazy_weights import read_lazy_weights
 from exporter.model_dir.loader import build_reference_model, load_model_dir
-from exporter.testing.synthetic import LoraSpec, column_mask, layer_param, row_mask, write_model_dir
+from exporter.testing.synthetic import (
+    LoraSpec,
+    column_mask,
+    layer_param,
+    row_mask,
+    tiny_config,
+    write_model_dir,
+)
 
 EQUAL = 1e-5
 THREE = {"num_hidden_layers": 3}
@@ -251,3 +259,36 @@ def test_report_gives_peak_memory_per_stage(exports):
         peaks = result.report["peak_rss_gib"]
         assert set(result.report["timings_s"]) <= set(peaks)
         assert all(p is None or p > 0 for p in peaks.values())
+
+
+def test_streaming_refuses_what_it_cannot_carry(tmp_path):
+    """Nothing dropped silently on the streamed path: a modules_to_save head in the adapter, and a NaN in a
+    checkpoint tensor (read only when its layer is built), are one-line input errors naming the file and
+    tensor."""
+    from safetensors.torch import load_file, save_file
+
+    src = write_model_dir(
+        tmp_path / "src", "llama", lora=LoraSpec(target_modules=("q_proj", "v_proj")), config_overrides=THREE
+    )
+    adapter = src / "adapter" / "adapter_model.safetensors"
+    config = json.loads((src / "adapter" / "adapter_config.json").read_text())
+    saved = load_file(str(adapter))
+    hidden, vocab = tiny_config("llama").hidden_size, tiny_config("llama").vocab_size
+    save_file({**saved, "base_model.model.lm_head.weight": torch.zeros(vocab, hidden)}, str(adapter))
+    (src / "adapter" / "adapter_config.json").write_text(
+        json.dumps({**config, "modules_to_save": ["lm_head"]})
+    )
+    with pytest.raises(InputError, match=r"modules_to_save tensors \('lm_head\.weight'\)"):
+        export_engine(src, tmp_path / "out_head", ExportConfig(streaming="on", **FP32))
+    assert not (tmp_path / "out_head").exists()
+
+    plain = write_model_dir(tmp_path / "plain", "llama", config_overrides=THREE)
+    weights = load_file(str(plain / "model.safetensors"))
+    name = "model.layers.2.mlp.down_proj.weight"
+    weights[name][0, 3] = float("nan")
+    save_file(weights, str(plain / "model.safetensors"))
+    with pytest.raises(
+        InputError, match=rf"model\.safetensors: tensor '{re.escape(name)}' .* 1 non-finite values"
+    ):
+        export_engine(plain, tmp_path / "out_nan", ExportConfig(streaming="on", **FP32))
+    assert not (tmp_path / "out_nan").exists()

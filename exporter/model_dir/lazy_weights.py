@@ -3,7 +3,8 @@
 `read_lazy_weights(path)` opens the safetensors file(s) of a MODEL_DIR (one file or HF shards) and
 returns name -> `LazyTensor`: the shape and dtype are known from the header, the bytes are read only
 when `load()` is called, in the checkpoint's dtype (a bf16 shard stays bf16 until the caller converts
-it). safetensors' `safe_open` reads a single tensor without touching the rest of the file, so the
+it), and checked finite then (a NaN names its file and tensor, as the whole-model load does).
+safetensors' `safe_open` reads a single tensor without touching the rest of the file, so the
 streaming export (exporter/export/streaming) holds one decoder layer at a time, never the model.
 Pickle checkpoints cannot be read per tensor: they are refused here (convert them to safetensors).
 """
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from export_errors import InputError
-from exporter.model_dir.files import SAFETENSORS_FILE, SAFETENSORS_INDEX, one_line, read_json
+from exporter.model_dir.files import SAFETENSORS_FILE, SAFETENSORS_INDEX, check_finite, one_line, read_json
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,11 @@ class LazyTensor:
 
         try:
             with safe_open(str(self.file), framework="pt") as handle:
-                return handle.get_tensor(self.name)
+                tensor = handle.get_tensor(self.name)
         except Exception as exc:  # safetensors raises several types on a truncated file
             raise InputError(self.file, f"cannot read tensor {self.name!r}: {one_line(exc)}") from exc
+        check_finite({self.name: tensor}, self.file)  # as the whole-model load does, when it is read
+        return tensor
 
     @property
     def nbytes(self) -> int:
