@@ -37,6 +37,7 @@ from exporter.quantize.int4_packed_gqa import fuse_packed_gqa
 from exporter.quantize.int4_padding_bias import simplify_attention_bias
 from exporter.quantize.int4_skip_norm import fuse_skip_norms
 from exporter.quantize.ranges import _feeds_for, _session_with_outputs
+from exporter.quantize.subgraph import GraphIndex
 from graph_passes.dequantize_blockwise import MIN_OPSET, DequantizedWeight, MatMulToBlockwiseDequantize
 from graph_passes.matmul_nbits import MS_DOMAIN, MatMulToNBits
 from graph_passes.pack_matmuls import pack_matmuls
@@ -76,13 +77,8 @@ class Plan:
 def find_sites(model: onnx.ModelProto) -> list[Site]:
     """Every MatMul with a constant 2-D weight, in graph order, with its foldable input-scale target."""
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
-    outputs = {o.name for o in graph.output}
+    index = GraphIndex.of(graph)
+    inits, producer, consumers, outputs = index.inits, index.producer, index.consumers, index.outputs
 
     def constant_matmul(node: onnx.NodeProto) -> bool:
         return (

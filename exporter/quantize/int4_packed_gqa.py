@@ -21,12 +21,10 @@ tests/test_int4.py against the unfused file, prefill and decode, batch 2 with le
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import onnx
 from onnx import helper, numpy_helper
 
-from exporter.quantize.subgraph import upstream_model
+from exporter.quantize.subgraph import GraphIndex, upstream_model
 
 MS_DOMAIN = "com.microsoft"
 _COS, _SIN, _POSITIONS = 7, 8, 9  # GroupQueryAttention input slots (ONNX Runtime 1.32 schema)
@@ -38,13 +36,8 @@ def fuse_packed_gqa(model: onnx.ModelProto, max_positions: int = 4096) -> int:
     if "position_ids" not in {i.name for i in graph.input}:
         return 0  # the kernel's rotary needs the positions themselves
     tables: dict[tuple[str, str], tuple[str, str] | None] = {}
-    inits = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            readers[name].append(node)
-    outputs = {o.name for o in graph.output}
+    index = GraphIndex.of(graph)
+    inits, producer, readers, outputs = index.inits, index.producer, index.consumers, index.outputs
     removed: set[str] = set()
     fused = 0
     for attention in graph.node:

@@ -18,15 +18,16 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
+from exporter.quantize.subgraph import GraphIndex
+
 MS_DOMAIN = "com.microsoft"
 
 
 def fuse_skip_norms(model: onnx.ModelProto) -> int:
     """Rewrite, in place, every matching Add + SimplifiedLayerNormalization; returns how many."""
     graph = model.graph
-    inits = {i.name for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    outputs = {o.name for o in graph.output}
+    index = GraphIndex.of(graph)
+    inits, producer, outputs = set(index.inits), index.producer, index.outputs
     replaced: dict[str, onnx.NodeProto] = {}
     removed: set[str] = set()
     for norm in graph.node:

@@ -1,16 +1,45 @@
-"""The part of a graph that computes some tensors, as a model of its own (to evaluate it once on ONNX Runtime).
+"""Graph lookups for the ONNX-proto rewrites of the INT4 CPU file, and the part of a graph that computes some
+tensors as a model of its own (to evaluate it once on ONNX Runtime).
 
-Two INT4 rewrites need a value the exported graph computes from its inputs alone: the rotary cos/sin rows
+`GraphIndex`: initializers, the node producing each tensor, the nodes reading it, the graph outputs: what
+every proto-level rewrite here looks up. Two INT4 rewrites need a value the exported graph computes from its inputs alone: the rotary cos/sin rows
 (int4_packed_gqa: tabulated over every position) and the attention bias (int4_padding_bias: checked against
 the padding-only bias). Both walk up from the tensor to graph inputs and initializers and run that slice.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections import defaultdict
 from collections.abc import Collection, Sequence
 
 import onnx
 from onnx import helper
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphIndex:
+    """Lookups of one graph as it is now (build a new one after a rewrite)."""
+
+    inits: dict[str, onnx.TensorProto]
+    producer: dict[str, onnx.NodeProto]
+    consumers: dict[str, list[onnx.NodeProto]]
+    inputs: dict[str, onnx.ValueInfoProto]
+    outputs: set[str]
+
+    @classmethod
+    def of(cls, graph: onnx.GraphProto) -> GraphIndex:
+        consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in graph.node:
+            for name in node.input:
+                consumers[name].append(node)
+        return cls(
+            inits={i.name: i for i in graph.initializer},
+            producer={o: n for n in graph.node for o in n.output},
+            consumers=consumers,
+            inputs={i.name: i for i in graph.input},
+            outputs={o.name for o in graph.output},
+        )
 
 
 def upstream_model(
@@ -20,9 +49,8 @@ def upstream_model(
     inputs the graph inputs reached (only `allowed_inputs`, when given); None when the outputs depend on
     anything else (a graph input not allowed, or a name nothing produces)."""
     graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    inits = {i.name: i for i in graph.initializer}
-    inputs = {i.name: i for i in graph.input}
+    index = GraphIndex.of(graph)
+    producer, inits, inputs = index.producer, index.inits, index.inputs
     needed: dict[str, onnx.NodeProto] = {}
     sources: set[str] = set()
     stack = list(outputs)
