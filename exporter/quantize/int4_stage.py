@@ -63,6 +63,12 @@ DEFAULT_BLOCK_SIZE = 32
 # lm_head: 4-bit unless the search widens it (`auto`); --int4-lm-head int4|int8 fixes it. Measured (same harness
 # as PACKED_PROJECTIONS, block 32, RTN): 8-bit lm_head decode 371.8 vs 4-bit 411.9 tok/s, file 40.9 vs 33.1 MiB.
 LM_HEAD_BITS = 4
+# lm_head block size (at least `block_size`): the lm_head is about half the weight bytes read per decode step
+# (vocab x hidden), and at block 32 its fp32 scales add 25% to its 4-bit codes (4 bytes per 16); at 128, 6%.
+# Measured (tools/bench_decoder.py --peers' llama-512, the gated INT4 file with only the lm_head requantized,
+# Sapphire Rapids, 2 threads, README "INT4"): decode 494.9 (block 32) -> 500.8 (64) -> 511.5 tok/s (128), file
+# 42.5 -> 41.0 MiB, held-out logit cosine vs fp32 0.9700 -> 0.9683 (both round-to-nearest).
+LM_HEAD_BLOCK_SIZE = 128
 # The CPU file packs q/k/v and gate/up into one MatMulNBits each (+ Split): measured with tools/bench_decoder.py
 # --peers' harness (llama-512, block 32, 2 threads, this session's Xeon): decode 445 -> 450 tok/s packing q/k/v,
 # 472 packing gate/up too (genai int4 465 in the same run); prefill unchanged. The mixed-precision search runs
@@ -78,6 +84,7 @@ class Int4Config:
     block_size: int = DEFAULT_BLOCK_SIZE
     accuracy_level: int = 4
     lm_head: LmHead = "auto"
+    lm_head_block_size: int = LM_HEAD_BLOCK_SIZE  # the lm_head's blocks: max(this, block_size)
     min_cosine: float = tolerance("int4").min_mean_cosine or 0.95
     mixed_precision: bool = True
     max_int8_fraction: float = 1.0  # the search may widen every layer to 8 bits (then the file is W8)
@@ -97,6 +104,10 @@ class Int4Config:
             check_block_size(self.block_size, 4)
         except ValueError as exc:
             raise InputError("--int4-block-size", str(exc)) from None
+        try:
+            check_block_size(self.lm_head_block_size, 4)
+        except ValueError as exc:
+            raise InputError("lm_head_block_size", str(exc)) from None
         if self.lm_head not in ("auto", "int4", "int8"):
             raise InputError("--int4-lm-head", f"choose auto, int4 or int8, got {self.lm_head!r}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
@@ -104,6 +115,9 @@ class Int4Config:
 
     def lm_head_bits(self) -> int:
         return {"auto": LM_HEAD_BITS, "int4": 4, "int8": 8}[self.lm_head]
+
+    def lm_head_block(self) -> int:
+        return max(self.lm_head_block_size, self.block_size)
 
 
 @dataclasses.dataclass
@@ -132,6 +146,7 @@ def run_int4_stage(
         sites = find_sites(cpu_fp32)
         rows = collect_rows(cpu_path, [s.x for s in sites], data)
         judge = Judge(cpu_path, data, config.sensitivity_samples, None)
+        blocks = {s.node: config.lm_head_block() for s in sites if _is_lm_head(cpu_fp32, s)}
         prepared = prepare(
             cpu_fp32,
             sites,
@@ -139,6 +154,7 @@ def run_int4_stage(
             method=config.method,
             block_size=config.block_size,
             accuracy_level=config.accuracy_level,
+            block_sizes=blocks,
         )
         fixed = {
             s.node: config.lm_head_bits()
@@ -206,13 +222,14 @@ def run_int4_stage(
         cpu_cos = judge.heldout_cosine(cpu_out)
         trt_cos = judge.heldout_cosine(trt_out, fake_quant=True)
         all4 = cpu_cosine_of(frozenset())  # the chosen method's all-4-bit CPU file, measured by the search
-        comparison = _method_comparison(cpu_fp32, sites, rows, fixed, cpu_cosine, config, all4)
+        comparison = _method_comparison(cpu_fp32, sites, rows, fixed, cpu_cosine, config, all4, blocks)
     report = {
         "method": config.method,
         "method_reason": "measured: README INT4 (AWQ-style input scales + clipping vs round-to-nearest)",
         "block_size": config.block_size,
         "accuracy_level": config.accuracy_level,
         "lm_head_bits": config.lm_head_bits(),
+        "lm_head_block_size": config.lm_head_block(),
         "target_min_cosine": config.min_cosine,
         "calibration": data.describe(),
         "files": {
@@ -263,7 +280,7 @@ def gate(report: dict[str, Any], target: float) -> None:
         )
 
 
-def _method_comparison(model, sites, rows, fixed, cosine, config, chosen: float) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def _method_comparison(model, sites, rows, fixed, cosine, config, chosen: float, blocks) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """Search cosine of the all-4-bit CPU file with each method (the chosen one measured by the search's
     own session: its switch all at 4 bits is that file)."""
     result = {config.method: chosen}
@@ -276,6 +293,7 @@ def _method_comparison(model, sites, rows, fixed, cosine, config, chosen: float)
                 method=other,
                 block_size=config.block_size,
                 accuracy_level=config.accuracy_level,
+                block_sizes=blocks,
             )
             result[other] = cosine(alternative.plan(fixed))
     return result
