@@ -35,6 +35,7 @@ from exporter.quantize.blocks import BlockQuantized, dequantize_blocks, quantize
 from exporter.quantize.calibration import CalibrationData
 from exporter.quantize.int4_packed_gqa import fuse_packed_gqa
 from exporter.quantize.int4_padding_bias import simplify_attention_bias
+from exporter.quantize.int4_qkv_bias import fold_split_biases
 from exporter.quantize.int4_skip_norm import fuse_skip_norms
 from exporter.quantize.ranges import _feeds_for, _session_with_outputs
 from exporter.quantize.subgraph import GraphIndex
@@ -299,7 +300,8 @@ def cpu_model(
     `pack`: projections (e.g. q/k/v, gate/up) sharing an input become one MatMulNBits + Split
     (graph_passes/pack_matmuls.py) where their bit widths agree: their quantized weights are concatenated
     along N, which is exact (every output column has its own blocks).
-    `decode_fusions`: fewer nodes per decode step (int4_packed_gqa.py: the packed q/k/v feeds
+    `decode_fusions`: fewer nodes per decode step (int4_qkv_bias.py: biases after a packed projection's
+    Split (Qwen2's q/k/v) fold into its MatMulNBits; int4_packed_gqa.py: the packed q/k/v feeds
     GroupQueryAttention with its own rotary, cos/sin tables of `max_positions` rows; int4_skip_norm.py:
     residual Add + RMSNorm -> SkipSimplifiedLayerNormalization; int4_padding_bias.py: the exported
     causal-and-padding mask -> a padding-only bias where the kernel's causality makes them equal), then dead
@@ -319,6 +321,7 @@ def cpu_model(
     if not decode_fusions:
         return ir.to_proto(ir_model), report
     fused = ir.to_proto(ir_model)
+    report["counts"]["MatMulNBits_bias_folded"] = fold_split_biases(fused)
     report["counts"]["GroupQueryAttention_packed_rotary"] = fuse_packed_gqa(fused, max_positions)
     report["counts"]["SkipSimplifiedLayerNormalization"] = fuse_skip_norms(fused)
     report["counts"]["GroupQueryAttention_padding_bias"] = simplify_attention_bias(fused, max_positions)
