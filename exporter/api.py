@@ -545,7 +545,19 @@ class _Run:
             self._seq_len(md),
             md.config.vocab_size,
         )
-        result = run_int4_stage(self.artifacts["exported"], work, calibration, int4, family=md.model_type)
+        reusable = (
+            self.choice.name != "tensorrt" and self.config.sparsity != "enforce" and self.whole_file_checks
+        )
+        result = (
+            run_int4_stage(  # model.onnx is the CPU file's fp32 graph where our onnxruntime pipeline wrote it
+                self.artifacts["exported"],
+                work,
+                calibration,
+                int4,
+                family=md.model_type,
+                optimized=self.artifacts["onnx"] if reusable else None,
+            )
+        )
         self.report["int4"] = section = result.report
         self.artifacts["int4"] = result.tensorrt_path
         self.artifacts["int4_cpu"] = result.cpu_path

@@ -377,7 +377,7 @@ def tensorrt_model(model: onnx.ModelProto, plan: Plan) -> tuple[onnx.ModelProto,
     from the same pre-rounding weight as the CPU file, on TensorRT's positive-scale grid (blocks.tensorrt_blocks);
     8-bit nodes per output channel. K not a multiple of the block: zero weight rows and a Pad of x (0 · 0)."""
     proto = _with_gains(model, plan.gains)
-    proto = _opset(proto, MIN_OPSET)
+    proto = with_opset(proto, MIN_OPSET)
     weights: dict[str, DequantizedWeight] = {}
     pads = {}
     for node, q in plan.weights.items():
@@ -410,7 +410,8 @@ def _with_gains(model: onnx.ModelProto, gains: Mapping[str, np.ndarray]) -> onnx
     return proto
 
 
-def _opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+def with_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """`model` at ONNX opset `version` at least (the version converter where it is older)."""
     current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if current >= version:
         return model
