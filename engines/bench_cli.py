@@ -6,6 +6,10 @@
                                                # and the CPU engine candidates the export measured
     engine-bench --compare a.onnx b.onnx       # interleaved in one process, ratios to the first
 
+An export folder whose report.json kept a prefill/decode pair (`--precision int4`: the prompt on
+model.int8.cpu.onnx, every step on model.int4.cpu.onnx) also gets two generations timed as one query each
+(engines/generation_runner.py): the pair, and the decode file alone, the prompt of `--shapes` then 32 steps.
+
 The CLI maps flags onto `BenchOptions` and calls `benchmark_models`; the printed summary follows
 trtexec's `printEpilog` (samples/common/sampleReporting.cpp) line for line, with the GPU lines
 (Enqueue/H2D/GPU Compute/D2H, Total GPU Compute Time) only when the runner timed them with CUDA events.
@@ -26,6 +30,7 @@ from typing import Any, NoReturn, TextIO
 import engines
 from engines import bench_inputs, benchmark, cpu_selection, stats
 from engines.benchmark import BenchConfig, BenchResult, Variant
+from engines.generation_runner import DEFAULT_STEPS, GenerationRunner, recorded_pair
 from export_errors import ExportEngineError, InputError
 
 logger = logging.getLogger(__name__)
@@ -64,6 +69,9 @@ class Target:
     backend: str = "auto"
     precision: str | None = None
     label: str | None = None
+    # a generation (engines/generation_runner.py): the prompt on `prefill` (None: on `path`), then the steps
+    generation_steps: int = 0
+    prefill: Path | None = None
 
 
 def model_targets(targets: Sequence[str | Path], backend: str = "auto") -> list[Target]:
@@ -77,6 +85,7 @@ def model_targets(targets: Sequence[str | Path], backend: str = "auto") -> list[
             found += _with_cpu_candidates(
                 target, [Target(p, FILE_BACKENDS.get(p.name, "auto")) for p in paths]
             )
+            found += _pair_generations(target)
         else:
             found += [Target(p, backend) for p in paths]
     return found
@@ -108,6 +117,20 @@ def _with_cpu_candidates(out_dir: Path, found: list[Target]) -> list[Target]:
         else:
             found[same] = target
     return found
+
+
+def _pair_generations(out_dir: Path) -> list[Target]:
+    """The export's prefill/decode pair and its decode file alone, each as one generation per query."""
+    pair = recorded_pair(out_dir)
+    if pair is None or not all(p.is_file() for p in pair):
+        return []
+    prefill, decode = pair
+    steps = DEFAULT_STEPS
+    return [
+        Target(decode, "onnxruntime", None, f"generation, pair: prompt {prefill.name} + {steps} steps {decode.name}",
+               steps, prefill),
+        Target(decode, "onnxruntime", None, f"generation: prompt + {steps} steps {decode.name}", steps),
+    ]  # fmt: skip
 
 
 def _key(target: Target) -> tuple[Path, str, str | None]:
@@ -172,16 +195,24 @@ def benchmark_models(
         variants = []
         for name, target in zip(names, found):
             path = target.path
-            runner = stack.enter_context(
-                # interleaved variants share the cores: an idle ORT pool spinning would slow the others
-                engines.load_runner(
-                    path,
-                    backend=target.backend,
-                    threads=options.threads,
-                    spinning=len(found) == 1,
-                    precision=target.precision,
-                )
+            # interleaved variants share the cores: an idle ORT pool spinning would slow the others
+            runner = engines.load_runner(
+                path,
+                backend=target.backend,
+                threads=options.threads,
+                spinning=len(found) == 1,
+                precision=target.precision,
             )
+            if target.generation_steps:
+                prefill = target.prefill
+                runner = GenerationRunner(
+                    runner,
+                    None
+                    if prefill is None
+                    else engines.load_runner(prefill, "onnxruntime", options.threads, False),
+                    target.generation_steps,
+                )
+            runner = stack.enter_context(runner)
             variants.append(Variant(name, runner, _feeds_for(path, runner, options)))
         return benchmark.run_interleaved(variants, options.config, progress)
 

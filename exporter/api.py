@@ -52,6 +52,7 @@ from exporter.logfile import export_log
 from exporter.model_dir.loader import ModelDir, build_reference_model, load_model_dir
 from exporter.model_dir.tokenizer import load_tokenizer
 from exporter.outputs import check_output_dir, staged_output
+from exporter.quantize import int4_pair
 from exporter.quantize.int4_stage import Int4Config, load_decoder_calibration, run_int4_stage
 from exporter.quantize.int8_stage import run_int8_stage
 from exporter.report import files as report_io
@@ -60,6 +61,7 @@ from exporter.restructure.compact import save_compact
 from exporter.restructure.families import family_for
 from exporter.restructure.flops import FORMULA as FLOPS_FORMULA
 from exporter.restructure.remove_dead import restructure
+from exporter.runtime import decoder_pair
 from exporter.runtime.generation import CachedDecoder
 from exporter.tasks.spec import Task
 from exporter.validate.compare import Comparison, check, compare_all
@@ -420,10 +422,17 @@ class _Run:
                 outputs,
                 real,
                 self.report["validation"],
-                self.config.accuracy_target,
+                self._cpu_accuracy_target(),
                 self.task_agreement,
             )
         return cpu
+
+    def _cpu_accuracy_target(self) -> float:
+        """The quantized CPU candidates' mean-cosine gate: --accuracy-target (INT8); an INT4 export's file is
+        judged at its own target (--int4-accuracy-target, else the int4 tolerance), as its stage gated it."""
+        if self.config.precision == "int4":
+            return self.config.int4_accuracy_target or tolerance("int4").min_mean_cosine or 0.95
+        return self.config.accuracy_target
 
     def _choose_cpu_engine(
         self,
@@ -536,7 +545,19 @@ class _Run:
             self._seq_len(md),
             md.config.vocab_size,
         )
-        result = run_int4_stage(self.artifacts["exported"], work, calibration, int4, family=md.model_type)
+        reusable = (
+            self.choice.name != "tensorrt" and self.config.sparsity != "enforce" and self.whole_file_checks
+        )
+        result = (
+            run_int4_stage(  # model.onnx is the CPU file's fp32 graph where our onnxruntime pipeline wrote it
+                self.artifacts["exported"],
+                work,
+                calibration,
+                int4,
+                family=md.model_type,
+                optimized=self.artifacts["onnx"] if reusable else None,
+            )
+        )
         self.report["int4"] = section = result.report
         self.artifacts["int4"] = result.tensorrt_path
         self.artifacts["int4_cpu"] = result.cpu_path
@@ -556,6 +577,76 @@ class _Run:
                     f"{bar} (int4 tolerance); free-running {section[variant]['free_running_agreement']:.3f}, "
                     f"logit cosine {section[variant]['logit_mean_cosine']:.5f}"
                 )
+        if self.choice.name != "tensorrt" and config.int4_prefill != "off" and self.whole_file_checks:
+            self._int4_pair(feeds, reference, work, result.cpu_path, int4.min_cosine, bar)
+
+    def _int4_pair(
+        self,
+        feeds: dict[str, np.ndarray],
+        reference: Outputs,
+        work: Path,
+        decode: Path,
+        min_cosine: float,
+        min_agreement: float,
+    ) -> None:
+        """The prefill/decode pair (exporter/quantize/int4_pair.py): the INT8 prompt file, gated (its prefill
+        logits vs the reference at the INT4 cosine target; the pair's generation vs fp32 at the INT4 greedy
+        bar), kept where its prefill is measured faster (--no-benchmark: by the README's measurement) or asked
+        (--int4-prefill int8, where a gate miss raises); recorded as deployment.decoder_pair."""
+        forced = self.config.int4_prefill == "int8"
+        path, weights = int4_pair.build_prefill_file(
+            self.artifacts["onnx"], work, self.config.cpu_int8_weights
+        )
+        real = {"logits": feeds["attention_mask"].astype(bool)}
+        outputs = _decoder_prefill_outputs(path, feeds, optimized=True)
+        cosine = self._check("int4_prefill", reference, outputs, real, None)[0].mean_cosine
+        rows = [ids[m.astype(bool)][:16] for ids, m in zip(feeds["input_ids"], feeds["attention_mask"])]
+        pair_gate = decoder_pair.judge_pair(self.artifacts["onnx"], path, decode, rows[:2], min_agreement)
+        problems = []
+        if cosine < min_cosine:
+            problems.append(f"{path.name} prefill logit cosine vs the reference {cosine:.5f} < {min_cosine}")
+        if not pair_gate["passed"]:
+            problems.append(
+                f"the pair's greedy agreement with fp32 {pair_gate['greedy_agreement']:.3f} < {min_agreement}"
+            )
+        if problems and forced:
+            raise ValidationError(f"INT4 prefill/decode pair (--int4-prefill int8): {'; '.join(problems)}")
+        timing: dict[str, Any] = {"timed": False, "why": "--no-benchmark: kept by the README's measurement"}
+        if self.config.benchmark and not problems:
+            prompt = feeds["input_ids"][:1][:, feeds["attention_mask"][0].astype(bool)]
+            timing = decoder_pair.time_prefills(path, decode, prompt, self.config.benchmark_threads)
+            timing.update(timed=True, prompt_tokens=int(prompt.shape[1]))
+            if not forced and timing["prefill_file_ms"] >= timing["decode_file_ms"]:
+                problems.append(
+                    f"{path.name} prefill {timing['prefill_file_ms']:.1f} ms is not faster than "
+                    f"{decode.name}'s {timing['decode_file_ms']:.1f} ms"
+                )
+        kept = not problems
+        self.report["int4"]["pair"] = {
+            "prefill": path.name,
+            "decode": decode.name,
+            "kept": kept,
+            "why_not": problems,
+            "prefill_weights": weights,
+            "prefill_gate": {
+                "mean_cosine": cosine,
+                "min_mean_cosine": min_cosine,
+                "passed": cosine >= min_cosine,
+            },
+            "pair_gate": pair_gate,
+            "timing": timing,
+        }
+        if not kept:
+            path.unlink()
+            return
+        self.artifacts["int4_prefill"] = path
+        self.report["deployment"]["decoder_pair"] = {
+            "prefill": path.name,
+            "decode": decode.name,
+            "engine": "onnxruntime",
+            "how": "the prompt (a call with an empty cache) on prefill, every later step on decode, one cache: "
+            "exporter.runtime.generation.CachedDecoder(decode, prefill=...); used where the CPU engine serves decode",
+        }
 
     def _agreement_gate(
         self, section: dict[str, Any], heldout: dict[str, np.ndarray], files: dict[str, Path | None]

@@ -153,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="--precision int4 gate: minimum held-out mean logit cosine vs fp32 (default 0.95)",
     )
     p.add_argument(
+        "--int4-prefill",
+        choices=["auto", "int8", "off"],
+        default="auto",
+        help="--precision int4 on a CPU: also write model.int8.cpu.onnx to run the prompt (dynamic INT8, faster "
+        "on whole prompts) while model.int4.cpu.onnx runs every step; auto: kept where it passes its gate "
+        "and its prefill is measured faster; int8: always; off: never",
+    )
+    p.add_argument(
         "--agreement-target",
         type=_ranged("agreement_target", float),
         default=0.99,
@@ -230,6 +238,7 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
         int4_block_size=args.int4_block_size,
         int4_lm_head=args.int4_lm_head,
         int4_accuracy_target=args.int4_accuracy_target,
+        int4_prefill=args.int4_prefill,
         agreement_target=args.agreement_target,
         eval_data=args.eval_data,
         sequence_length=args.sequence_length,

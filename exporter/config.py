@@ -44,6 +44,10 @@ class ExportConfig:
     int4_block_size: int = 32
     int4_lm_head: Literal["auto", "int4", "int8"] = "auto"
     int4_accuracy_target: float | None = None  # None: the "int4" row of exporter/validate/tolerances.py
+    # the prompt on a dynamic INT8 file beside the INT4 one (exporter/quantize/int4_pair.py): "auto" keeps it
+    # where it passes its gate and its prefill is faster (timed unless --no-benchmark), "int8" always (a gate
+    # miss raises), "off" never
+    int4_prefill: Literal["auto", "int8", "off"] = "auto"
     # INT8 of classifiers, taggers and QA models: held-out task agreement with fp32 (labels, spans)
     agreement_target: float = 0.99
     eval_data: Path | None = None  # labeled JSONL (exporter/tasks/eval_data.py): accuracy at every stage

@@ -28,7 +28,7 @@ def test_flags_reach_the_config() -> None:
          "--no-benchmark", "--threads", "3", "--allow-pickle", "--seed", "5", "--sequence-length", "64",
          "--task", "text-generation", "--calibration-method", "mse", "--batch-size", "4",
          "--calibration-decode-steps", "3", "--cpu-int8-weights", "reduced", "--int4-method", "rtn",
-         "--int4-block-size", "64", "--int4-lm-head", "int8", "--int4-accuracy-target", "0.97"]
+         "--int4-block-size", "64", "--int4-lm-head", "int8", "--int4-accuracy-target", "0.97", "--int4-prefill", "off"]
     )  # fmt: skip
     config = config_from_args(args)
     expected = ExportConfig(
@@ -36,7 +36,7 @@ def test_flags_reach_the_config() -> None:
         accuracy_target=0.95, strict_fusion=True, sparsity="off", benchmark=False, benchmark_threads=3,
         allow_pickle=True, seed=5, sequence_length=64, task="text-generation", calibration_method="mse",
         batch_size=4, calibration_decode_steps=3, cpu_int8_weights="reduced", int4_method="rtn",
-        int4_block_size=64, int4_lm_head="int8", int4_accuracy_target=0.97,
+        int4_block_size=64, int4_lm_head="int8", int4_accuracy_target=0.97, int4_prefill="off",
     )  # fmt: skip
     assert config == expected
     defaults = config_from_args(build_parser().parse_args(["m", "-o", "o"]))

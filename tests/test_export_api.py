@@ -209,8 +209,13 @@ def test_int4_decoder_writes_both_files_gated(family, model_dir_factory, tmp_pat
         assert int4[variant]["heldout_cosine"] >= tolerance("int4").min_mean_cosine
         assert int4[variant]["greedy_agreement"] >= tolerance("int4").min_greedy_agreement, int4[variant]
         assert "free_running_agreement" in int4[variant]
+    # the prompt file of the prefill/decode pair (--int4-prefill auto; untimed here: kept where it passes its
+    # gate; tests/test_int4_pair.py)
+    pair = result.report["int4"]["pair"]
+    prefill = ["model.int8.cpu.onnx"] if pair["kept"] else []
+    assert pair["kept"] or pair["why_not"], pair
     assert sorted(p.name for p in result.artifacts.values()) == sorted(
-        ["model.exported.onnx", "model.onnx", "model.int4.onnx", "model.int4.cpu.onnx"]
+        ["model.exported.onnx", "model.onnx", "model.int4.onnx", "model.int4.cpu.onnx", *prefill]
     )
     nodes = onnx.load(tmp_path / "out" / "model.int4.cpu.onnx").graph.node
     ops = [n.op_type for n in nodes]

@@ -189,7 +189,7 @@ def our_files(model: nn.Module, root: Path, args: argparse.Namespace) -> dict[st
     )
     config = Int4Config(**json.loads(args.int4_config))
     start = time.perf_counter()
-    result = run_int4_stage(exported, root, data, config, family="llama")
+    result = run_int4_stage(exported, root, data, config, family="llama", optimized=files["fp32"])
     seconds = time.perf_counter() - start
     files["int4"] = result.cpu_path
     report = result.report

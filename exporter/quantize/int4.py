@@ -35,6 +35,7 @@ from exporter.quantize.blocks import BlockQuantized, dequantize_blocks, quantize
 from exporter.quantize.calibration import CalibrationData
 from exporter.quantize.int4_packed_gqa import fuse_packed_gqa
 from exporter.quantize.int4_padding_bias import simplify_attention_bias
+from exporter.quantize.int4_qkv_bias import fold_split_biases
 from exporter.quantize.int4_skip_norm import fuse_skip_norms
 from exporter.quantize.ranges import _feeds_for, _session_with_outputs
 from exporter.quantize.subgraph import GraphIndex
@@ -161,9 +162,15 @@ class Prepared:
     block_size: int
     embedding: tuple[str, np.ndarray] | None = None
     activation_block: int | None = None  # errors measured with x rounded as MatMulNBits accuracy_level 4 does
+    # node -> its own block size where it is not `block_size` (the lm_head: int4_stage.LM_HEAD_BLOCK_SIZE)
+    block_sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
     _cache: dict[tuple[str, int], tuple[BlockQuantized, WeightReport]] = dataclasses.field(
         default_factory=dict
     )
+
+    def block_of(self, node: str) -> int:
+        """The block size of `node`'s weight (MatMulNBits' activation blocks at accuracy_level 4 follow it)."""
+        return self.block_sizes.get(node, self.block_size)
 
     def quantized(self, node: str, bits: int) -> tuple[BlockQuantized, WeightReport]:
         if (node, bits) not in self._cache:
@@ -172,12 +179,12 @@ class Prepared:
             self._cache[(node, bits)] = quantize_weight(
                 self.weights[node],
                 bits=bits,
-                block_size=self.block_size,
+                block_size=self.block_of(node),
                 method=self.method,
                 activations=None if self.rows is None else self.rows[site.x],
                 scale=s,
                 alpha=alpha,
-                activation_block=self.activation_block,
+                activation_block=None if self.activation_block is None else self.block_of(node),
             )
         return self._cache[(node, bits)]
 
@@ -218,11 +225,21 @@ def prepare(
     method: Method = "awq",
     block_size: int = 32,
     accuracy_level: int = 4,
+    block_sizes: Mapping[str, int] | None = None,
 ) -> Prepared:
     """AWQ: input scales searched per group of weights sharing x (on their 4-bit error) and folded: down's
     into up's columns first (it changes up's weight before up's own search), then each norm gain's group.
-    `accuracy_level` 4: the searches measure errors with x rounded as MatMulNBits' int8 path rounds it."""
+    `accuracy_level` 4: the searches measure errors with x rounded as MatMulNBits' int8 path rounds it.
+    `block_sizes`: nodes whose weight takes another block size than `block_size` (searched at it too)."""
+    block_sizes = dict(block_sizes or {})
     act = block_size if accuracy_level == 4 else None
+
+    def block(node: str) -> int:
+        return block_sizes.get(node, block_size)
+
+    def act_of(node: str) -> int | None:
+        return None if act is None else block(node)
+
     inits = {i.name: i for i in model.graph.initializer}
     weights = {s.node: numpy_helper.to_array(inits[s.weight]).astype(np.float32) for s in sites}
     gains: dict[str, np.ndarray] = {}
@@ -230,7 +247,9 @@ def prepare(
     if method == "awq" and rows is not None:
         for site in sites:
             if site.fold and site.fold[0] == "columns" and site.fold[1] in weights:
-                s, alpha, _ = search_input_scale([weights[site.node]], rows[site.x], 4, block_size, act)
+                s, alpha, _ = search_input_scale(
+                    [weights[site.node]], rows[site.x], 4, block(site.node), act_of(site.node)
+                )
                 scales[site.node] = (s, alpha)
                 weights[site.fold[1]] = weights[site.fold[1]] / s[None, :]
         groups: dict[str, list[Site]] = defaultdict(list)
@@ -238,8 +257,11 @@ def prepare(
             if site.fold and site.fold[0] == "gain":
                 groups[site.fold[1]].append(site)
         for gain, members in groups.items():
+            first = members[
+                0
+            ].node  # a group reads one x: its members share a block size (the lm_head is alone)
             s, alpha, _ = search_input_scale(
-                [weights[m.node] for m in members], rows[members[0].x], 4, block_size, act
+                [weights[m.node] for m in members], rows[members[0].x], 4, block(first), act_of(first)
             )
             gains[gain] = (numpy_helper.to_array(inits[gain]).astype(np.float32) / s).astype(np.float32)
             scales.update({m.node: (s, alpha) for m in members})
@@ -247,7 +269,7 @@ def prepare(
     embedding = None
     if table is not None and inits[table].dims[1] % block_size == 0:
         embedding = (table, numpy_helper.to_array(inits[table]).astype(np.float32))
-    return Prepared(sites, weights, scales, gains, rows, method, block_size, embedding, act)
+    return Prepared(sites, weights, scales, gains, rows, method, block_size, embedding, act, block_sizes)
 
 
 def embedding_table(model: onnx.ModelProto) -> str | None:
@@ -278,7 +300,8 @@ def cpu_model(
     `pack`: projections (e.g. q/k/v, gate/up) sharing an input become one MatMulNBits + Split
     (graph_passes/pack_matmuls.py) where their bit widths agree: their quantized weights are concatenated
     along N, which is exact (every output column has its own blocks).
-    `decode_fusions`: fewer nodes per decode step (int4_packed_gqa.py: the packed q/k/v feeds
+    `decode_fusions`: fewer nodes per decode step (int4_qkv_bias.py: biases after a packed projection's
+    Split (Qwen2's q/k/v) fold into its MatMulNBits; int4_packed_gqa.py: the packed q/k/v feeds
     GroupQueryAttention with its own rotary, cos/sin tables of `max_positions` rows; int4_skip_norm.py:
     residual Add + RMSNorm -> SkipSimplifiedLayerNormalization; int4_padding_bias.py: the exported
     causal-and-padding mask -> a padding-only bias where the kernel's causality makes them equal), then dead
@@ -298,6 +321,7 @@ def cpu_model(
     if not decode_fusions:
         return ir.to_proto(ir_model), report
     fused = ir.to_proto(ir_model)
+    report["counts"]["MatMulNBits_bias_folded"] = fold_split_biases(fused)
     report["counts"]["GroupQueryAttention_packed_rotary"] = fuse_packed_gqa(fused, max_positions)
     report["counts"]["SkipSimplifiedLayerNormalization"] = fuse_skip_norms(fused)
     report["counts"]["GroupQueryAttention_padding_bias"] = simplify_attention_bias(fused, max_positions)
@@ -353,7 +377,7 @@ def tensorrt_model(model: onnx.ModelProto, plan: Plan) -> tuple[onnx.ModelProto,
     from the same pre-rounding weight as the CPU file, on TensorRT's positive-scale grid (blocks.tensorrt_blocks);
     8-bit nodes per output channel. K not a multiple of the block: zero weight rows and a Pad of x (0 · 0)."""
     proto = _with_gains(model, plan.gains)
-    proto = _opset(proto, MIN_OPSET)
+    proto = with_opset(proto, MIN_OPSET)
     weights: dict[str, DequantizedWeight] = {}
     pads = {}
     for node, q in plan.weights.items():
@@ -386,7 +410,8 @@ def _with_gains(model: onnx.ModelProto, gains: Mapping[str, np.ndarray]) -> onnx
     return proto
 
 
-def _opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+def with_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """`model` at ONNX opset `version` at least (the version converter where it is older)."""
     current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if current >= version:
         return model

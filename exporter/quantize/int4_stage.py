@@ -36,6 +36,7 @@ from exporter.quantize.blocks import check_block_size
 from exporter.quantize.calibration import CalibrationData, load_calibration
 from exporter.quantize.int4 import (
     EMBEDDING,
+    MIN_OPSET,
     SWITCH_INPUT,
     Plan,
     Prepared,
@@ -47,6 +48,7 @@ from exporter.quantize.int4 import (
     switchable_models,
     tensorrt_model,
     widen_mixed_groups,
+    with_opset,
 )
 from exporter.quantize.int8 import Judge, _session
 from exporter.quantize.sensitivity import search
@@ -63,6 +65,12 @@ DEFAULT_BLOCK_SIZE = 32
 # lm_head: 4-bit unless the search widens it (`auto`); --int4-lm-head int4|int8 fixes it. Measured (same harness
 # as PACKED_PROJECTIONS, block 32, RTN): 8-bit lm_head decode 371.8 vs 4-bit 411.9 tok/s, file 40.9 vs 33.1 MiB.
 LM_HEAD_BITS = 4
+# lm_head block size (at least `block_size`): the lm_head is about half the weight bytes read per decode step
+# (vocab x hidden), and at block 32 its fp32 scales add 25% to its 4-bit codes (4 bytes per 16); at 128, 6%.
+# Measured (tools/bench_decoder.py --peers' llama-512, the gated INT4 file with only the lm_head requantized,
+# Sapphire Rapids, 2 threads, README "INT4"): decode 494.9 (block 32) -> 500.8 (64) -> 511.5 tok/s (128), file
+# 42.5 -> 41.0 MiB, held-out logit cosine vs fp32 0.9700 -> 0.9683 (both round-to-nearest).
+LM_HEAD_BLOCK_SIZE = 128
 # The CPU file packs q/k/v and gate/up into one MatMulNBits each (+ Split): measured with tools/bench_decoder.py
 # --peers' harness (llama-512, block 32, 2 threads, this session's Xeon): decode 445 -> 450 tok/s packing q/k/v,
 # 472 packing gate/up too (genai int4 465 in the same run); prefill unchanged. The mixed-precision search runs
@@ -78,6 +86,7 @@ class Int4Config:
     block_size: int = DEFAULT_BLOCK_SIZE
     accuracy_level: int = 4
     lm_head: LmHead = "auto"
+    lm_head_block_size: int = LM_HEAD_BLOCK_SIZE  # the lm_head's blocks: max(this, block_size)
     min_cosine: float = tolerance("int4").min_mean_cosine or 0.95
     mixed_precision: bool = True
     max_int8_fraction: float = 1.0  # the search may widen every layer to 8 bits (then the file is W8)
@@ -97,6 +106,10 @@ class Int4Config:
             check_block_size(self.block_size, 4)
         except ValueError as exc:
             raise InputError("--int4-block-size", str(exc)) from None
+        try:
+            check_block_size(self.lm_head_block_size, 4)
+        except ValueError as exc:
+            raise InputError("lm_head_block_size", str(exc)) from None
         if self.lm_head not in ("auto", "int4", "int8"):
             raise InputError("--int4-lm-head", f"choose auto, int4 or int8, got {self.lm_head!r}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
@@ -104,6 +117,9 @@ class Int4Config:
 
     def lm_head_bits(self) -> int:
         return {"auto": LM_HEAD_BITS, "int4": 4, "int8": 8}[self.lm_head]
+
+    def lm_head_block(self) -> int:
+        return max(self.lm_head_block_size, self.block_size)
 
 
 @dataclasses.dataclass
@@ -120,18 +136,27 @@ def run_int4_stage(
     config: Int4Config,
     *,
     family: str,
+    optimized: Path | None = None,
 ) -> Int4Result:
-    """Both INT4 files from the exported fp32 decoder, gated on held-out logit cosine vs fp32."""
+    """Both INT4 files from the exported fp32 decoder, gated on held-out logit cosine vs fp32. `optimized`: the
+    export's model.onnx when our onnxruntime pipeline wrote it (2:4 tags at most, no enforced sparsity): the
+    CPU file's fp32 graph, instead of optimizing `exported` again (~8 s of the stage on a 45M model)."""
     config.validate()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        cpu_fp32, _ = optimize(onnx.load(str(exported)), "onnxruntime", family=family, sparsity="off")
+        if optimized is not None:
+            cpu_fp32 = onnx.load(str(optimized))
+        else:
+            cpu_fp32, _ = optimize(onnx.load(str(exported)), "onnxruntime", family=family, sparsity="off")
         trt_fp32, _ = optimize(onnx.load(str(exported)), "tensorrt", stages=("cleanup",), family=family)
+        # opset 21 once (the blocked DequantizeLinear's): tensorrt_model converts per call otherwise (~2 s each)
+        trt_fp32 = with_opset(trt_fp32, MIN_OPSET)
         cpu_path = save_onnx(cpu_fp32, Path(tmp) / "cpu_fp32.onnx")
         data = decoder_calibration.for_decoder(calibration, cpu_path, 0)
         sites = find_sites(cpu_fp32)
         rows = collect_rows(cpu_path, [s.x for s in sites], data)
         judge = Judge(cpu_path, data, config.sensitivity_samples, None)
+        blocks = {s.node: config.lm_head_block() for s in sites if _is_lm_head(cpu_fp32, s)}
         prepared = prepare(
             cpu_fp32,
             sites,
@@ -139,6 +164,7 @@ def run_int4_stage(
             method=config.method,
             block_size=config.block_size,
             accuracy_level=config.accuracy_level,
+            block_sizes=blocks,
         )
         fixed = {
             s.node: config.lm_head_bits()
@@ -189,7 +215,12 @@ def run_int4_stage(
 
         target = config.min_cosine + SEARCH_MARGIN * (1.0 - config.min_cosine)
         budget = math.floor(config.max_int8_fraction * len(candidates)) if config.mixed_precision else 0
-        sensitivity = search(candidates, evaluate, target, budget, sweep)
+        # The lm_head last: at 8 bits it adds as many bytes per decode step as ~20 attention projections, so the
+        # search first reaches the target without widening it, and widens it only where that fails.
+        heads = [n for n in candidates if n in blocks]
+        sensitivity = search([n for n in candidates if n not in heads], evaluate, target, budget, sweep)
+        if heads and not sensitivity.met:
+            sensitivity = search(candidates, evaluate, target, budget, sweep)
         searched = {**fixed, **dict.fromkeys(sensitivity.excluded, 8)}
         bits = widen_mixed_groups(cpu_fp32, searched, PACKED_PROJECTIONS)
         plan = prepared.plan(bits)
@@ -206,13 +237,14 @@ def run_int4_stage(
         cpu_cos = judge.heldout_cosine(cpu_out)
         trt_cos = judge.heldout_cosine(trt_out, fake_quant=True)
         all4 = cpu_cosine_of(frozenset())  # the chosen method's all-4-bit CPU file, measured by the search
-        comparison = _method_comparison(cpu_fp32, sites, rows, fixed, cpu_cosine, config, all4)
+        comparison = _method_comparison(cpu_fp32, sites, rows, fixed, cpu_cosine, config, all4, blocks)
     report = {
         "method": config.method,
         "method_reason": "measured: README INT4 (AWQ-style input scales + clipping vs round-to-nearest)",
         "block_size": config.block_size,
         "accuracy_level": config.accuracy_level,
         "lm_head_bits": config.lm_head_bits(),
+        "lm_head_block_size": config.lm_head_block(),
         "target_min_cosine": config.min_cosine,
         "calibration": data.describe(),
         "files": {
@@ -227,7 +259,8 @@ def run_int4_stage(
         "sensitivity": sensitivity.to_json(),
         "sensitivity_rule": "each layer measured alone at 4 bits (every other at 8) on the CPU file as ONNX "
         "Runtime runs it; from all at 4 bits, the worst go to 8 bits one by one until the lower search cosine "
-        "of the two files reaches the target",
+        "of the two files reaches the target; the lm_head (the most bytes per decode step) only where the "
+        "target is out of reach without it",
         "method_comparison_search_cosine": comparison,
         "layers": layer_report(sites, plan),
         "embedding": None
@@ -263,7 +296,7 @@ def gate(report: dict[str, Any], target: float) -> None:
         )
 
 
-def _method_comparison(model, sites, rows, fixed, cosine, config, chosen: float) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def _method_comparison(model, sites, rows, fixed, cosine, config, chosen: float, blocks) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """Search cosine of the all-4-bit CPU file with each method (the chosen one measured by the search's
     own session: its switch all at 4 bits is that file)."""
     result = {config.method: chosen}
@@ -276,6 +309,7 @@ def _method_comparison(model, sites, rows, fixed, cosine, config, chosen: float)
                 method=other,
                 block_size=config.block_size,
                 accuracy_level=config.accuracy_level,
+                block_sizes=blocks,
             )
             result[other] = cosine(alternative.plan(fixed))
     return result

@@ -4,6 +4,12 @@ The export records its choice in report.json (`engine`): the TensorRT plan where
 TensorRT runs here; else the CPU engine chosen by measurement (`engine.cpu`: runtime, file and precision,
 engines/cpu_selection.py), opened exactly as it was timed. An export from before `engine.cpu` was recorded
 serves its CPU INT8 file on ONNX Runtime when present, else `model.onnx`. `file=` overrides the choice.
+
+A KV-cache decoder exported with `--precision int4` may record a prefill/decode pair
+(`deployment.decoder_pair`: `prefill` runs the prompt, `decode` every later step; exporter/quantize/int4_pair.py):
+when the chosen CPU engine serves the pair's decode file, `Serving.prefill` is the prefill file, run on
+ONNX Runtime beside it (exporter.runtime.generation.CachedDecoder(decode, prefill=...)). `file=` serves that
+one file alone.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ class Serving:
     backend: str = "auto"
     precision: str | None = None
     threads: int | None = None
+    prefill: Path | None = None  # the pair's prompt file (ONNX Runtime), where the export recorded one
 
 
 def serving_engine(out_dir: Path, report: dict[str, Any], file: str | None = None) -> Serving:
@@ -41,14 +48,25 @@ def serving_engine(out_dir: Path, report: dict[str, Any], file: str | None = Non
     cpu = engine.get("cpu")
     if isinstance(cpu, dict) and cpu.get("file"):
         openvino = cpu.get("engine") == "openvino"
+        pair = decoder_pair(report)
+        prefill = None
+        if pair is not None and pair.get("decode") == cpu["file"] and cpu.get("engine") == "onnxruntime":
+            prefill = _existing(out_dir / pair["prefill"], "the prefill file report.json pairs is missing")
         return Serving(
             _existing(out_dir / cpu["file"], "the file report.json names to serve the export is missing"),
             backend=str(cpu.get("engine", "auto")),
             precision=cpu.get("engine_precision") if openvino else None,
             threads=cpu.get("threads"),
+            prefill=prefill,
         )
     name = CPU_INT8_FILE if (out_dir / CPU_INT8_FILE).is_file() else FP32_FILE
     return Serving(_existing(out_dir / name, "the file report.json names to serve the export is missing"))
+
+
+def decoder_pair(report: dict[str, Any]) -> dict[str, str] | None:
+    """report.json's prefill/decode pair ({"prefill": file, "decode": file}), None where none was kept."""
+    pair = report.get("deployment", {}).get("decoder_pair")
+    return pair if isinstance(pair, dict) and pair.get("prefill") and pair.get("decode") else None
 
 
 def _existing(path: Path, problem: str) -> Path:

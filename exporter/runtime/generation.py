@@ -195,19 +195,27 @@ def greedy_agreement(
     `logit_min_cosine` the cosine of the two logit vectors. Free-running generation is also reported:
     `free_running_agreement` (same token at the same step when each model generates on its own) and
     `mean_identical_prefix` (new tokens before the first difference).
+
+    `candidate` may be a prefill/decode pair `(decode, prefill)` (see `CachedDecoder`): it generates as the
+    pair does, and is teacher-forced as it would run, the prompt on `prefill`, then one token per step on
+    `decode` (a pair's one-call scoring would judge the prefill file alone).
     """
+    decode, prefill = candidate if isinstance(candidate, tuple) else (candidate, None)
     hits, free_hits, cosines, prefixes, steps = 0, 0, [], [], 0
     for prompt in prompts:
         ids = np.asarray(prompt, dtype=np.int64)[None, :]
         ref_tokens = generate(reference, ids, max_new_tokens=max_new_tokens)
-        cand_tokens = generate(candidate, ids, max_new_tokens=max_new_tokens)
+        cand_tokens = generate(decode, ids, max_new_tokens=max_new_tokens, prefill=prefill)
         new_ref = ref_tokens[0, ids.shape[1] :]
         new_cand = cand_tokens[0, ids.shape[1] :]
         same = new_ref == new_cand[: len(new_ref)]
         free_hits += int(same.sum())
         prefixes.append(int(np.argmin(same)) if not same.all() else len(same))
         ref_logits = _scored(reference, ref_tokens[:, :-1])[0, ids.shape[1] - 1 :]
-        cand_logits = _scored(candidate, ref_tokens[:, :-1])[0, ids.shape[1] - 1 :]
+        if prefill is None:
+            cand_logits = _scored(decode, ref_tokens[:, :-1])[0, ids.shape[1] - 1 :]
+        else:
+            cand_logits = _scored_in_steps(decode, prefill, ref_tokens[:, :-1], ids.shape[1])[0]
         hits += int((cand_logits.argmax(axis=-1) == new_ref).sum())
         cosines.append(_row_cosines(ref_logits, cand_logits))
         steps += len(new_ref)
@@ -228,6 +236,16 @@ def _scored(session_or_runner: Any, tokens: np.ndarray) -> np.ndarray:
     decoder = CachedDecoder(session_or_runner)
     decoder.reset(tokens.shape[0])
     return decoder.forward(tokens)
+
+
+def _scored_in_steps(decode: Any, prefill: Any, tokens: np.ndarray, prompt: int) -> np.ndarray:
+    """Logits of the last prompt position and of every later position of `tokens`, as a pair generates:
+    the prompt in one call on `prefill`, then one token per call on `decode` with the cache."""
+    decoder = CachedDecoder(decode, prefill)
+    decoder.reset(tokens.shape[0])
+    logits = [decoder.forward(tokens[:, :prompt])[:, -1:]]
+    logits += [decoder.forward(tokens[:, t : t + 1]) for t in range(prompt, tokens.shape[1])]
+    return np.concatenate(logits, axis=1)
 
 
 def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -14,6 +14,9 @@ results follow transformers' pipelines on the same model:
 - `generate(prompt)` -> the prompt's continuation (greedy unless `do_sample`), with the KV cache when exported
   with one. A decoder classifier's batch is padded on the right (its real tokens keep their positions, as
   when each text runs alone).
+- `decoder()` -> a `CachedDecoder` on the serving file: where the export kept a prefill/decode pair
+  (`--precision int4`: the prompt on the INT8 file, every step on the INT4 one; engine_choice.py), both files,
+  as `generate` runs them.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from engines.base import Runner
 from export_errors import InputError
 from exporter.model_dir.tokenizer import find_tokenizer
 from exporter.runtime.engine_choice import serving_engine
-from exporter.runtime.generation import generate
+from exporter.runtime.generation import CachedDecoder, generate
 from exporter.tasks import spans
 from exporter.tasks.metrics import probabilities, softmax
 from exporter.tasks.registry import find_task
@@ -71,9 +74,19 @@ class ExportedModel:
         )
         self.runner.__enter__()
         self._inputs = [spec.name for spec in self.runner.input_specs]
+        self.prefill_runner: Runner | None = None  # the pair's prompt file, where the export kept one
+        if self.serving.prefill is not None:
+            self.prefill_runner = load_runner(
+                self.serving.prefill,
+                backend="onnxruntime",
+                threads=threads if threads is not None else self.serving.threads,
+            )
+            self.prefill_runner.__enter__()
 
     def close(self) -> None:
         self.runner.__exit__(None, None, None)
+        if self.prefill_runner is not None:
+            self.prefill_runner.__exit__(None, None, None)
 
     def __enter__(self) -> ExportedModel:
         return self
@@ -194,10 +207,18 @@ class ExportedModel:
                 top_k=top_k,
                 seed=seed,
                 eos_token_id=eos,
+                prefill=self.prefill_runner,
             )
         else:
             tokens = self._generate_without_cache(ids, max_new_tokens, eos)
         return str(self.tokenizer.decode(tokens[0, ids.shape[1] :], skip_special_tokens=True))
+
+    def decoder(self) -> CachedDecoder:
+        """The KV cache of one generation on the serving file(s): `reset(batch)`, then `forward(ids)`; the
+        first call runs on the pair's prefill file where the export kept one."""
+        if self.task.metric != "causal-lm" or not self.task.with_past:
+            raise InputError("decoder", f"this export is a {self.task.name} model without a KV cache")
+        return CachedDecoder(self.runner, prefill=self.prefill_runner)
 
     # ------------------------------------------------------------------------------------------- helpers
 
