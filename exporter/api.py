@@ -229,6 +229,7 @@ class _Run:
                 "layers": len(plan.layers),
                 "checks_max_abs": result.checks,
                 "seconds": result.seconds,
+                "layer_traces": result.layer_traces,
                 "compact_model": "not written by the streaming export (restructure_plan.json says the shapes)",
             }
             (work / "decoder_manifest.json").write_text(

@@ -292,3 +292,45 @@ def test_streaming_refuses_what_it_cannot_carry(tmp_path):
     ):
         export_engine(plain, tmp_path / "out_nan", ExportConfig(streaming="on", **FP32))
     assert not (tmp_path / "out_nan").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_reused_layer_graphs_equal_tracing_each_layer(tmp_path, family):
+    """A layer signature traced once and reused (streaming/reuse.py) gives the same stitched graph (nodes,
+    names, initializer values) as tracing every layer, with fewer traces."""
+    from onnx import numpy_helper
+
+    from exporter.export.streaming.stream import stream_decoder_export
+
+    masks = {
+        layer_param(family, 1, "o"): column_mask((64, 64), range(64)),
+        layer_param(family, 0, "gate"): row_mask((96, 64), range(20)),
+    }
+    src = write_model_dir(
+        tmp_path / "src",
+        family,
+        masks=masks,
+        tokenizer=False,
+        config_overrides={"num_hidden_layers": 4},
+        shards=2,
+        dtype=torch.bfloat16,
+    )
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(0, 100, (2, 8)), "attention_mask": np.ones((2, 8), np.int64)}
+    graphs, traces = [], []
+    for reuse in (False, True):
+        path = tmp_path / f"reuse{int(reuse)}" / "model.onnx"
+        path.parent.mkdir()
+        result = stream_decoder_export(
+            load_model_dir(src, lazy=True), path, feeds, progress=False, reuse_traces=reuse
+        )
+        graphs.append(onnx.load(str(path)).graph)
+        traces.append(result.layer_traces)
+    assert traces == [4, 3]  # layers 2 and 3 share a signature
+    a, b = graphs
+    assert [(n.name, n.op_type, list(n.input), list(n.output)) for n in a.node] == [
+        (n.name, n.op_type, list(n.input), list(n.output)) for n in b.node
+    ]
+    assert [t.name for t in a.initializer] == [t.name for t in b.initializer]
+    for x, y in zip(a.initializer, b.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(x), numpy_helper.to_array(y), err_msg=x.name)

@@ -13,6 +13,7 @@ reference, what the whole-model path's `build_reference_model` computes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import shutil
 import time
@@ -34,7 +35,7 @@ from exporter.export.decoder_with_past import (
     past_names,
     positions_from_mask,
 )
-from exporter.export.streaming import tables
+from exporter.export.streaming import reuse, tables
 from exporter.export.streaming.layer_source import LayerSource
 from exporter.export.streaming.pieces import (
     EMBEDS,
@@ -64,6 +65,7 @@ class StreamResult:
     lora_merge: LoraMerge | None
     checks: dict[str, float]  # worst errors: compact vs reference layer, ONNX piece vs PyTorch piece
     seconds: dict[str, float]  # time per sub-stage, summed over the layers
+    layer_traces: int = 0  # decoder layers traced by TorchScript (the others reuse a signature's graph)
 
 
 @dataclasses.dataclass
@@ -114,9 +116,17 @@ def _cases(feeds: dict[str, np.ndarray], vocab: int) -> list[_Case]:
 
 
 def stream_decoder_export(
-    md: ModelDir, path: Path, feeds: dict[str, np.ndarray], *, opset: int = 17, progress: bool = True
+    md: ModelDir,
+    path: Path,
+    feeds: dict[str, np.ndarray],
+    *,
+    opset: int = 17,
+    progress: bool = True,
+    reuse_traces: bool = True,
 ) -> StreamResult:
-    """Export `md` (loaded lazily) to a decoder-with-past ONNX at `path` (+ `<name>.data`) layer by layer."""
+    """Export `md` (loaded lazily) to a decoder-with-past ONNX at `path` (+ `<name>.data`) layer by layer.
+    `reuse_traces`: trace once per layer signature and reuse that graph (exporter/export/streaming/reuse.py);
+    False traces every layer."""
     if opset < 17:
         raise InputError("--opset", f"decoder export needs opset >= 17, got {opset}")
     path = Path(path)
@@ -133,6 +143,8 @@ def stream_decoder_export(
     layers_plan: list[LayerPlan] = []
     shapes: list[LayerAttentionShape | None] = []
     stitched: StitchedGraph | None = None
+    templates: dict[tuple, reuse.Template | None] = {}
+    traces = 0
     params_before = params_after = 0
     try:
         # ---- prefix: embeddings, rotary cos/sin, causal masks
@@ -211,7 +223,20 @@ def stream_decoder_export(
             with clock("trace"), torch.no_grad():
                 trace_args = _layer_args(cases[2], mask_of_layer[index], kv, hd, index, random_hidden=True)
                 piece = scratch / f"layer{index}.onnx"
-                torchscript_export(wrapper, trace_args, piece, l_in, l_out, l_axes, opset, True)
+                trace = functools.partial(
+                    _trace_to, wrapper, trace_args, l_in, l_out, l_axes, opset
+                )  # trace(path): the layer's TorchScript export
+                sig = reuse.signature(compact, mask_of_layer[index]) if reuse_traces else None
+                if sig is not None and sig not in templates:
+                    templates[sig] = reuse.trace_template(compact, index, previous, trace, scratch)
+                    traces += 1
+                template = templates.get(sig) if sig is not None else None
+                if template is None:
+                    trace(piece)
+                    traces += 1
+            if template is not None:
+                with clock("write_piece"):
+                    reuse.write_piece(template, compact, index, previous, piece)
             kv_shape = None if kv is None else LayerAttentionShape(_q_heads(compact, hd), kv, hd)
             del layer, compact, wrapper  # free the weights before ONNX Runtime maps the piece's
             with clock("onnx_check"):
@@ -310,7 +335,21 @@ def stream_decoder_export(
     )
     seconds = {k: round(v, 3) for k, v in clock.seconds.items()}
     logger.info("streaming export: %s", seconds)
-    return StreamResult(manifest, plan_all, logits[0].numpy(), source.lora_merge(), worst, seconds)
+    return StreamResult(
+        manifest, plan_all, logits[0].numpy(), source.lora_merge(), worst, seconds, layer_traces=traces
+    )
+
+
+def _trace_to(
+    wrapper: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    names_in: list[str],
+    names_out: list[str],
+    axes: dict[str, dict[int, str]],
+    opset: int,
+    target: Path,
+) -> None:
+    torchscript_export(wrapper, args, target, names_in, names_out, axes, opset, True)
 
 
 def _params(module: nn.Module) -> int:
