@@ -36,16 +36,15 @@ def layer_of(node: ir.Node) -> int | None:
 
 
 def by_layer(nodes: Iterable[ir.Node]) -> list[list[ir.Node]]:
-    """`nodes` grouped per decoder layer, in layer order; nodes of no layer each alone, first."""
-    layers: dict[int, list[ir.Node]] = defaultdict(list)
-    alone: list[list[ir.Node]] = []
+    """`nodes` grouped by decoder layer and first input (the MatMuls reading one activation: q/k/v, gate/up
+    stay together, as quantize_dynamic quantizes that activation once for all of them), in layer order;
+    nodes of no layer first, grouped the same way."""
+    groups: dict[tuple[int, str], list[ir.Node]] = defaultdict(list)
     for node in nodes:
         layer = layer_of(node)
-        if layer is None:
-            alone.append([node])
-        else:
-            layers[layer].append(node)
-    return alone + [layers[k] for k in sorted(layers)]
+        source = node.inputs[0].name if node.inputs and node.inputs[0] is not None else ""
+        groups[(-1 if layer is None else layer, source or "")].append(node)
+    return [groups[key] for key in sorted(groups, key=lambda k: k[0])]
 
 
 def extract(graph: ir.Graph, nodes: list[ir.Node], folder: Path, name: str, with_data: bool = True) -> Path:
@@ -157,6 +156,8 @@ def splice(model: ir.Model, nodes: list[ir.Node], piece: onnx.ModelProto) -> Non
     )
     for old, value in replacements:
         value.name = old.name
+        value.type = old.type if old.type is not None else value.type
+        value.shape = old.shape if old.shape is not None else value.shape
     graph.extend(new_nodes)
     orphans = {v.name: v for n in nodes for v in n.inputs if v is not None and v.is_initializer()}
     graph.remove(nodes, safe=True)
