@@ -336,6 +336,7 @@ class _Run:
             }
             self.artifacts[f"{precision}_cpu"] = path
             self.artifacts["onnx"] = path
+        _release_freed_memory()  # the quantized weights were freed: give their heap back before the check
         with self.stage("validate_end_to_end"):
             self._end_to_end(path, precision, feeds, reference)
         self.report["engine"] = {"skipped": "streamed per-piece quantization writes the CPU file only"}
@@ -820,6 +821,17 @@ _NOT_WRITTEN_PER_PIECE = {
     "sensitivity_search": "no layer is kept in higher precision: the held-out search runs the whole model "
     "many times; the end-to-end gate judges the all-quantized file instead",
 }
+
+
+def _release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc keeps large freed arenas mapped: measured at 8B, ~7 GiB of
+    freed quantized weights stayed resident into the next stage)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

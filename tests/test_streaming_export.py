@@ -351,7 +351,7 @@ def _int8_plain_cpu_file(exported, out):  # type: ignore[no-untyped-def]
     return save_onnx(model, out)
 
 
-def test_per_piece_int8_equals_whole_model_quantization(tmp_path):
+def test_per_piece_int8_equals_whole_model_quantization(tmp_path, monkeypatch):
     """quantized.int8_cpu_file, piece by piece on the lazily loaded graph, writes the file the whole-model
     functions write on the whole graph: the INT8 stage's file itself (plain graph, which that stage keeps for
     this model), and quantize_dynamic + INT8 embeddings of the fused graph (what the streamed export writes)."""
@@ -374,6 +374,18 @@ def test_per_piece_int8_equals_whole_model_quantization(tmp_path):
     report = quantized.int8_cpu_file(whole.artifacts["exported"], plain, "llama", False, fuse=False)
     assert report["embeddings"] and cpu["embeddings"]
     _assert_same_decoder(whole.artifacts["int8_cpu"], plain, vocab)
+    # the LM head and the table in chunks (as at 8B): the same file
+    monkeypatch.setattr(quantized, "INT8_CHUNK_BYTES", 16 * 1024)
+    chunked = tmp_path / "chunked" / "model.int8.cpu.onnx"
+    chunked.parent.mkdir()
+    quantized.int8_cpu_file(whole.artifacts["exported"], chunked, "llama", False, fuse=False)
+    monkeypatch.undo()
+    a, b = (onnx.load(str(p)).graph for p in (plain, chunked))
+    assert sorted(t.name for t in a.initializer) == sorted(t.name for t in b.initializer)
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in a.initializer}
+    for t in b.initializer:
+        np.testing.assert_array_equal(values[t.name], onnx.numpy_helper.to_array(t), err_msg=t.name)
+    _assert_same_decoder(whole.artifacts["int8_cpu"], chunked, vocab)
     fused = tmp_path / "fused" / "model.int8.cpu.onnx"
     fused.parent.mkdir()
     quantized.int8_cpu_file(whole.artifacts["exported"], fused, "llama", False)

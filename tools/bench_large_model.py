@@ -335,7 +335,9 @@ def export_and_measure(
         except Exception as exc:
             return {
                 "error": f"{type(exc).__name__}: {exc}",
+                "seconds": round(time.perf_counter() - start, 1),
                 "stage_peak_rss_bytes": sampler.peaks,
+                "stage_peak_rss_anon_bytes": sampler.anon_peaks,
                 "stage_peak_disk_bytes": sampler.disk_peaks,
             }
     files = sorted(p.name for p in out_dir.iterdir())
@@ -553,9 +555,14 @@ def main(argv: list[str] | None = None) -> int:
 def print_summary(written: dict, measured: dict) -> None:  # type: ignore[type-arg]
     weights = written["weight_bytes"]
     if "error" in measured:
-        print(f"export FAILED: {measured['error']}")
+        print(f"export FAILED after {measured.get('seconds')} s: {measured['error']}")
+        print("| stage | peak RSS GiB | x weights | anonymous GiB | peak disk written GiB |")
         for stage, rss in measured["stage_peak_rss_bytes"].items():
-            print(f"| {stage} | {rss / GIB:.2f} GiB | {rss / weights:.2f}x |")
+            anon = measured.get("stage_peak_rss_anon_bytes", {}).get(stage, 0)
+            disk = measured.get("stage_peak_disk_bytes", {}).get(stage, 0)
+            print(
+                f"| {stage} | {rss / GIB:.2f} | {rss / weights:.2f}x | {anon / GIB:.2f} | {disk / GIB:.2f} |"
+            )
         return
     peak = measured["peak_rss_bytes_vmhwm"]
     print(
