@@ -39,7 +39,6 @@ from exporter.engine_stage import run_engine_stage
 from exporter.export.decoder_with_past import export_decoder_with_past
 from exporter.export.deploy_files import write_deployment_files
 from exporter.export.external_data import save_onnx
-from exporter.export.streaming import quantized as streamed_quantized
 from exporter.export.streaming.choose import (
     WHOLE_FILE_CHECK_BYTES,
     fp32_weight_bytes,
@@ -53,6 +52,7 @@ from exporter.logfile import export_log
 from exporter.model_dir.loader import ModelDir, build_reference_model, load_model_dir
 from exporter.model_dir.tokenizer import load_tokenizer
 from exporter.outputs import check_output_dir, staged_output
+from exporter.quantize import per_piece as streamed_quantized
 from exporter.quantize.cpu_features import reduce_weight_range
 from exporter.quantize.int4_stage import CPU_FILE as INT4_CPU_FILE
 from exporter.quantize.int4_stage import Int4Config, load_decoder_calibration, run_int4_stage

@@ -355,7 +355,7 @@ def test_per_piece_int8_equals_whole_model_quantization(tmp_path, monkeypatch):
     """quantized.int8_cpu_file, piece by piece on the lazily loaded graph, writes the file the whole-model
     functions write on the whole graph: the INT8 stage's file itself (plain graph, which that stage keeps for
     this model), and quantize_dynamic + INT8 embeddings of the fused graph (what the streamed export writes)."""
-    from exporter.export.streaming import quantized
+    from exporter.quantize import per_piece as quantized
 
     src = write_model_dir(
         tmp_path / "src",
@@ -402,7 +402,7 @@ def test_per_piece_int4_equals_whole_model_rtn(tmp_path):
     """quantized.int4_cpu_file equals int4.cpu_model of the whole fused graph with every weight (and the
     embedding) in round-to-nearest 4-bit blocks, q/k/v and gate/up packed."""
     from exporter.export.external_data import save_onnx
-    from exporter.export.streaming import quantized
+    from exporter.quantize import per_piece as quantized
     from exporter.quantize.int4 import cpu_model, find_sites, prepare
     from exporter.quantize.int4_stage import PACKED_PROJECTIONS
     from graph_passes.pipeline import optimize

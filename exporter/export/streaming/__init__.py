@@ -10,8 +10,8 @@ masked, planned and compacted), `stitch` (each piece's ONNX appended to one grap
 one external-data file, then dropped), `stream` (the driver: per layer, the PyTorch reference on real
 hidden states, the compact layer checked against it, its ONNX checked against the compact layer on
 ONNX Runtime, then freed), `reuse` (one trace per layer signature, its graph reused with each layer's
-weights), `piecewise` + `quantized` (the INT8/INT4 CPU files of a model too large to load, quantized one
-piece at a time by the whole-model stages' functions on the lazily loaded graph). `choose` decides when
+weights), `piecewise` (cut a piece out of a lazily loaded graph and splice its rewrite back: what
+exporter/quantize/per_piece.py quantizes the INT8/INT4 CPU files of a model too large to load with). `choose` decides when
 the API takes this path.
 
 The stitched graph has the whole-model export's I/O names, KV-cache contract and node names
