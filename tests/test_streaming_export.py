@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export_errors import InputError
+from export_errors import InputError, ValidationError
 from exporter import ExportConfig, export_engine
 from exporter.export.decoder_with_past import LayerAttentionShape, example_feeds
 from exporter.export.streaming import choose
@@ -52,12 +52,12 @@ def _layers(out) -> tuple[LayerAttentionShape | None, ...]:  # type: ignore[no-u
     return tuple(None if x is None else LayerAttentionShape(**x) for x in manifest["layers"])
 
 
-def _assert_same_decoder(whole, streamed, vocab: int) -> None:  # type: ignore[no-untyped-def]
+def _assert_same_decoder(whole, streamed, vocab: int, manifest_dir=None) -> None:  # type: ignore[no-untyped-def]
     a = ort.InferenceSession(str(whole), providers=["CPUExecutionProvider"])
     b = ort.InferenceSession(str(streamed), providers=["CPUExecutionProvider"])
     assert [(i.name, i.shape) for i in a.get_inputs()] == [(i.name, i.shape) for i in b.get_inputs()]
     assert [(o.name, o.shape) for o in a.get_outputs()] == [(o.name, o.shape) for o in b.get_outputs()]
-    layers = _layers(whole.parent)
+    layers = _layers(manifest_dir or whole.parent)
     for batch, past, seq in ((1, 0, 5), (3, 6, 1), (2, 4, 3)):
         feeds = example_feeds(layers, vocab, batch, past, seq, seed=3)
         for name, x, y in zip([o.name for o in a.get_outputs()], a.run(None, feeds), b.run(None, feeds)):
@@ -292,3 +292,164 @@ def test_streaming_refuses_what_it_cannot_carry(tmp_path):
     ):
         export_engine(plain, tmp_path / "out_nan", ExportConfig(streaming="on", **FP32))
     assert not (tmp_path / "out_nan").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_reused_layer_graphs_equal_tracing_each_layer(tmp_path, family):
+    """A layer signature traced once and reused (streaming/reuse.py) gives the same stitched graph (nodes,
+    names, initializer values) as tracing every layer, with fewer traces."""
+    from onnx import numpy_helper
+
+    from exporter.export.streaming.stream import stream_decoder_export
+
+    masks = {
+        layer_param(family, 1, "o"): column_mask((64, 64), range(64)),
+        layer_param(family, 0, "gate"): row_mask((96, 64), range(20)),
+    }
+    src = write_model_dir(
+        tmp_path / "src",
+        family,
+        masks=masks,
+        tokenizer=False,
+        config_overrides={"num_hidden_layers": 4},
+        shards=2,
+        dtype=torch.bfloat16,
+    )
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(0, 100, (2, 8)), "attention_mask": np.ones((2, 8), np.int64)}
+    graphs, traces = [], []
+    for reuse in (False, True):
+        path = tmp_path / f"reuse{int(reuse)}" / "model.onnx"
+        path.parent.mkdir()
+        result = stream_decoder_export(
+            load_model_dir(src, lazy=True), path, feeds, progress=False, reuse_traces=reuse
+        )
+        graphs.append(onnx.load(str(path)).graph)
+        traces.append(result.layer_traces)
+    assert traces == [4, 3]  # layers 2 and 3 share a signature
+    a, b = graphs
+    assert [(n.name, n.op_type, list(n.input), list(n.output)) for n in a.node] == [
+        (n.name, n.op_type, list(n.input), list(n.output)) for n in b.node
+    ]
+    assert [t.name for t in a.initializer] == [t.name for t in b.initializer]
+    for x, y in zip(a.initializer, b.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(x), numpy_helper.to_array(y), err_msg=x.name)
+
+
+def _int8_plain_cpu_file(exported, out):  # type: ignore[no-untyped-def]
+    """The whole-model functions on the whole graph: cleanup, our fusions, quantize_dynamic, INT8 embeddings."""
+    from exporter.export.external_data import save_onnx
+    from exporter.quantize import cpu_int8
+    from exporter.quantize.embeddings import quantize_embeddings
+    from graph_passes.pipeline import optimize
+
+    cleaned, _ = optimize(onnx.load(str(exported)), "tensorrt", stages=("cleanup",), family="llama")
+    fused, _ = optimize(cleaned, "onnxruntime", family="llama", sparsity="off")
+    fp32 = save_onnx(fused, out.parent / "fused.onnx")
+    cpu_int8.build(fp32, out.parent / "q.onnx", frozenset(), reduce_range=False)
+    model, _ = quantize_embeddings(onnx.load(str(out.parent / "q.onnx")))
+    return save_onnx(model, out)
+
+
+def test_per_piece_int8_equals_whole_model_quantization(tmp_path, monkeypatch):
+    """quantized.int8_cpu_file, piece by piece on the lazily loaded graph, writes the file the whole-model
+    functions write on the whole graph: the INT8 stage's file itself (plain graph, which that stage keeps for
+    this model), and quantize_dynamic + INT8 embeddings of the fused graph (what the streamed export writes)."""
+    from exporter.quantize import per_piece as quantized
+
+    src = write_model_dir(
+        tmp_path / "src",
+        "llama",
+        masks=_masks("llama"),
+        tokenizer="llama3",
+        config_overrides={"num_hidden_layers": 3, "vocab_size": 1100},  # 1100 x 64: the table is quantized
+    )
+    config = dict(precision="int8", benchmark=False, calibration_samples=16, cpu_int8_weights="full")
+    whole = export_engine(src, tmp_path / "whole", ExportConfig(streaming="off", **config))
+    cpu = whole.report["int8"]["cpu"]
+    assert not cpu["auto_excluded"] and not cpu["fusion"]["applied"]  # the stage's file: all quantized, plain
+    vocab = 1100
+    plain = tmp_path / "plain" / "model.int8.cpu.onnx"
+    plain.parent.mkdir()
+    report = quantized.int8_cpu_file(whole.artifacts["exported"], plain, "llama", False, fuse=False)
+    assert report["embeddings"] and cpu["embeddings"]
+    _assert_same_decoder(whole.artifacts["int8_cpu"], plain, vocab)
+    # the LM head and the table in chunks (as at 8B): the same file
+    monkeypatch.setattr(quantized, "INT8_CHUNK_BYTES", 16 * 1024)
+    chunked = tmp_path / "chunked" / "model.int8.cpu.onnx"
+    chunked.parent.mkdir()
+    quantized.int8_cpu_file(whole.artifacts["exported"], chunked, "llama", False, fuse=False)
+    monkeypatch.undo()
+    a, b = (onnx.load(str(p)).graph for p in (plain, chunked))
+    assert sorted(t.name for t in a.initializer) == sorted(t.name for t in b.initializer)
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in a.initializer}
+    for t in b.initializer:
+        np.testing.assert_array_equal(values[t.name], onnx.numpy_helper.to_array(t), err_msg=t.name)
+    _assert_same_decoder(whole.artifacts["int8_cpu"], chunked, vocab)
+    fused = tmp_path / "fused" / "model.int8.cpu.onnx"
+    fused.parent.mkdir()
+    quantized.int8_cpu_file(whole.artifacts["exported"], fused, "llama", False)
+    reference = tmp_path / "ref" / "model.int8.cpu.onnx"
+    reference.parent.mkdir()
+    _assert_same_decoder(
+        _int8_plain_cpu_file(whole.artifacts["exported"], reference), fused, vocab, whole.output_dir
+    )
+    a, b = (onnx.load(str(p)).graph for p in (reference, fused))
+    assert sorted(n.op_type for n in a.node) == sorted(n.op_type for n in b.node)
+
+
+def test_per_piece_int4_equals_whole_model_rtn(tmp_path):
+    """quantized.int4_cpu_file equals int4.cpu_model of the whole fused graph with every weight (and the
+    embedding) in round-to-nearest 4-bit blocks, q/k/v and gate/up packed."""
+    from exporter.export.external_data import save_onnx
+    from exporter.quantize import per_piece as quantized
+    from exporter.quantize.int4 import cpu_model, find_sites, prepare
+    from exporter.quantize.int4_stage import PACKED_PROJECTIONS
+    from graph_passes.pipeline import optimize
+
+    src = write_model_dir(
+        tmp_path / "src", "llama", masks=_masks("llama"), tokenizer="llama3", config_overrides=THREE
+    )
+    whole = export_engine(src, tmp_path / "whole", ExportConfig(streaming="off", **FP32))
+    cleaned, _ = optimize(onnx.load(str(whole.artifacts["exported"])), "tensorrt", stages=("cleanup",))
+    fused, _ = optimize(cleaned, "onnxruntime", family="llama", sparsity="off")
+    plan = prepare(fused, find_sites(fused), None, method="rtn", block_size=32).plan()
+    model, _ = cpu_model(fused, plan, 4, PACKED_PROJECTIONS)
+    reference = save_onnx(model, tmp_path / "model.int4.reference.onnx")
+    out = tmp_path / "piece" / "model.int4.cpu.onnx"
+    out.parent.mkdir()
+    report = quantized.int4_cpu_file(whole.artifacts["exported"], out, "llama", 32, 4, 4)
+    assert report["embedding"] is not None
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    _assert_same_decoder(reference, out, vocab, whole.output_dir)
+    a, b = (onnx.load(str(p)).graph for p in (reference, out))
+    assert sorted(n.op_type for n in a.node) == sorted(n.op_type for n in b.node)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_large_streamed_model_is_quantized_per_piece_and_gated(tmp_path, monkeypatch, precision):
+    """Over WHOLE_FILE_CHECK_BYTES an INT8/INT4 export writes the CPU file per piece, checks it end to end
+    (prefill + cached decode steps vs the streamed PyTorch reference), removes the fp32 intermediate, says
+    what it did not write; a file that misses the gate fails the export."""
+    import exporter.api
+    from exporter.validate import tolerances
+
+    src = write_model_dir(
+        tmp_path / "src", "llama", tokenizer="llama3", masks=_masks("llama"), config_overrides=THREE
+    )
+    monkeypatch.setattr(exporter.api, "WHOLE_FILE_CHECK_BYTES", 0)
+    config = dict(precision=precision, benchmark=False)
+    out = export_engine(src, tmp_path / "out", ExportConfig(streaming="on", **config))
+    files = {p.name for p in out.output_dir.iterdir()}
+    cpu_file = f"model.{precision}.cpu.onnx"
+    assert cpu_file in files and "model.exported.onnx" not in files and "model.onnx" not in files
+    assert out.artifacts["onnx"].name == cpu_file
+    e2e = out.report["validation_end_to_end"]
+    assert e2e["decode_steps"] == 3 and e2e["gate"]["passed"]
+    assert e2e["mean_cosine"] >= tolerances.tolerance(precision).min_mean_cosine
+    assert out.report[precision]["not_written"]["tensorrt_files"]
+    assert {"stream_export", precision, "validate_end_to_end"} <= set(out.report["peak_rss_gib"])
+    strict = {**tolerances.TOLERANCES, precision: tolerances.Tolerance(min_mean_cosine=1.01)}
+    monkeypatch.setattr(tolerances, "TOLERANCES", strict)
+    with pytest.raises(ValidationError, match="end to end"):
+        export_engine(src, tmp_path / "fails", ExportConfig(streaming="on", **config))

@@ -177,11 +177,18 @@ def masks(config, whole_layer: bool = False) -> dict:  # type: ignore[no-untyped
 class MemorySampler:
     """VmRSS of this process every `interval` s; the peak per stage of export_engine (from its log)."""
 
-    def __init__(self, interval: float = 0.02) -> None:
+    def __init__(
+        self, interval: float = 0.02, disk_root: Path | None = None, skip: Path | None = None
+    ) -> None:
         self.interval = interval
         self.stage = "start"
         self.peaks: dict[str, int] = {}
         self.anon_peaks: dict[str, int] = {}
+        # bytes of the files under `disk_root` but not under `skip` (the export's OUT_DIR and its staging
+        # folder beside it; the checkpoint is skipped), sampled every second: the peak per stage
+        self.disk_root, self.skip = disk_root, skip
+        self.disk_peaks: dict[str, int] = {}
+        self._ticks = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -197,11 +204,34 @@ class MemorySampler:
         self.sample()
         self.stage = stage
 
+    def end_stage(self, stage: str) -> None:
+        """The peaks sampled since the last stage ended belong to `stage` (exporter.progress logs a stage's
+        line when it ends)."""
+        self.sample()
+        for peaks in (self.peaks, self.anon_peaks, self.disk_peaks):
+            if self.stage in peaks:
+                peaks[stage] = max(peaks.get(stage, 0), peaks.pop(self.stage))
+        if self.disk_root is not None:
+            self.disk_peaks[stage] = max(self.disk_peaks.get(stage, 0), self.disk_bytes())
+
     def sample(self) -> None:
         rss = status_kib("VmRSS") * 1024
         self.peaks[self.stage] = max(self.peaks.get(self.stage, 0), rss)
         anon = status_kib("RssAnon") * 1024  # without file-backed pages (ONNX Runtime maps external data)
         self.anon_peaks[self.stage] = max(self.anon_peaks.get(self.stage, 0), anon)
+        self._ticks += 1
+        if self.disk_root is not None and self._ticks % max(1, int(1 / self.interval)) == 0:
+            self.disk_peaks[self.stage] = max(self.disk_peaks.get(self.stage, 0), self.disk_bytes())
+
+    def disk_bytes(self) -> int:
+        total = 0
+        for path in self.disk_root.rglob("*"):  # type: ignore[union-attr]
+            try:
+                if path.is_file() and (self.skip is None or self.skip not in path.parents):
+                    total += path.stat().st_size
+            except FileNotFoundError:  # removed while walking
+                pass
+        return total
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -217,10 +247,10 @@ class StageHandler(logging.Handler):
         self.sampler = sampler
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.name == "exporter.api" and record.msg == "%s ...":
+        if getattr(record, "stage", None) is not None and getattr(record, "seconds", None) is not None:
+            self.sampler.end_stage(str(record.stage))  # type: ignore[attr-defined]
+        elif record.name == "exporter.api" and record.msg == "%s ...":
             self.sampler.set_stage(str(record.args[0]) if record.args else "?")  # type: ignore[index]
-        elif record.name == "exporter.export.torch_to_onnx" or record.name == "exporter.export.external_data":
-            self.sampler.set_stage(f"after {record.name.rsplit('.', 1)[1]}")
 
 
 def status_kib(field: str) -> int:
@@ -278,7 +308,7 @@ def export_and_measure(
     from exporter.config import ExportConfig
 
     baseline = status_kib("VmRSS") * 1024
-    sampler = MemorySampler()
+    sampler = MemorySampler(disk_root=out_dir.parent, skip=model_dir)
     logging.getLogger().addHandler(StageHandler(sampler))
     logging.getLogger().setLevel(logging.INFO)
     start = time.perf_counter()
@@ -303,8 +333,15 @@ def export_and_measure(
         try:
             result = export_engine(model_dir, out_dir, config)
         except Exception as exc:
-            return {"error": f"{type(exc).__name__}: {exc}", "stage_peak_rss_bytes": sampler.peaks}
+            return {
+                "error": f"{type(exc).__name__}: {exc}",
+                "seconds": round(time.perf_counter() - start, 1),
+                "stage_peak_rss_bytes": sampler.peaks,
+                "stage_peak_rss_anon_bytes": sampler.anon_peaks,
+                "stage_peak_disk_bytes": sampler.disk_peaks,
+            }
     files = sorted(p.name for p in out_dir.iterdir())
+    main_file = result.artifacts["onnx"]
     disk = {p.name: p.stat().st_size for p in out_dir.iterdir() if p.is_file()}
     return {
         "disk_bytes": disk,
@@ -317,10 +354,17 @@ def export_and_measure(
         "stage_peak_rss_anon_bytes": sampler.anon_peaks,
         "seconds": round(time.perf_counter() - start, 1),
         "out_files": files,
-        "onnx_bytes": (out_dir / "model.onnx").stat().st_size,
-        "data_bytes": (out_dir / "model.onnx.data").stat().st_size if "model.onnx.data" in files else 0,
+        "main_file": main_file.name,
+        "onnx_bytes": main_file.stat().st_size,
+        "data_bytes": disk.get(main_file.name + ".data", 0),
         "params_after": result.report["restructure"]["params_after"],
         "validation": result.report.get("validation", {}),
+        "validation_end_to_end": result.report.get("validation_end_to_end"),
+        "stage_peak_disk_bytes": sampler.disk_peaks,
+        "report_peak_rss_gib": result.report.get("peak_rss_gib", {}),
+        "quantized_seconds": {
+            k: result.report[k]["cpu"].get("seconds_by_step") for k in ("int8", "int4") if k in result.report
+        },
         "workaround": workaround,
     }
 
@@ -511,9 +555,14 @@ def main(argv: list[str] | None = None) -> int:
 def print_summary(written: dict, measured: dict) -> None:  # type: ignore[type-arg]
     weights = written["weight_bytes"]
     if "error" in measured:
-        print(f"export FAILED: {measured['error']}")
+        print(f"export FAILED after {measured.get('seconds')} s: {measured['error']}")
+        print("| stage | peak RSS GiB | x weights | anonymous GiB | peak disk written GiB |")
         for stage, rss in measured["stage_peak_rss_bytes"].items():
-            print(f"| {stage} | {rss / GIB:.2f} GiB | {rss / weights:.2f}x |")
+            anon = measured.get("stage_peak_rss_anon_bytes", {}).get(stage, 0)
+            disk = measured.get("stage_peak_disk_bytes", {}).get(stage, 0)
+            print(
+                f"| {stage} | {rss / GIB:.2f} | {rss / weights:.2f}x | {anon / GIB:.2f} | {disk / GIB:.2f} |"
+            )
         return
     peak = measured["peak_rss_bytes_vmhwm"]
     print(
@@ -521,8 +570,9 @@ def print_summary(written: dict, measured: dict) -> None:  # type: ignore[type-a
         f"in {written['shards']} shards; after restructure {measured['params_after'] / 1e9:.3f}B"
     )
     print(f"export: {measured['seconds']} s; OUT_DIR files: {', '.join(measured['out_files'])}")
+    main = measured.get("main_file", "model.onnx")
     print(
-        f"model.onnx {measured['onnx_bytes'] / 2**20:.1f} MiB, model.onnx.data {measured['data_bytes'] / GIB:.2f} GiB"
+        f"{main} {measured['onnx_bytes'] / 2**20:.1f} MiB, {main}.data {measured['data_bytes'] / GIB:.2f} GiB"
     )
     print(
         f"peak RSS {peak / GIB:.2f} GiB = {peak / weights:.2f}x the fp32 weights "
@@ -534,12 +584,27 @@ def print_summary(written: dict, measured: dict) -> None:  # type: ignore[type-a
         print(f"| {stage} | {rss / GIB:.2f} | {rss / weights:.2f} |")
     print(f"workaround: {measured['workaround']}")
     print(f"checkpoint on disk {written['checkpoint_disk_bytes'] / GIB:.2f} GiB")
-    print("| stage | seconds | peak RSS GiB | of which anonymous GiB |\n|---|---|---|---|")
+    print(
+        "| stage | seconds | peak RSS GiB | of which anonymous GiB | peak disk written GiB |\n|---|---|---|---|---|"
+    )
+    disk_peaks = measured.get("stage_peak_disk_bytes", {})
     for stage, seconds in measured["timings_s"].items():
         rss = measured["stage_peak_rss_bytes"].get(stage)
         anon = measured["stage_peak_rss_anon_bytes"].get(stage)
-        cells = ["-" if v is None else f"{v / GIB:.2f}" for v in (rss, anon)]
-        print(f"| {stage} | {seconds} | {cells[0]} | {cells[1]} |")
+        cells = ["-" if v is None else f"{v / GIB:.2f}" for v in (rss, anon, disk_peaks.get(stage))]
+        print(f"| {stage} | {seconds} | {cells[0]} | {cells[1]} | {cells[2]} |")
+    if disk_peaks:
+        peak_disk = max(disk_peaks.values())
+        print(
+            f"peak disk written {peak_disk / GIB:.2f} GiB = {peak_disk / written['checkpoint_disk_bytes']:.2f}x "
+            "the checkpoint"
+        )
+    if measured.get("report_peak_rss_gib"):
+        print(f"report peak_rss_gib (VmHWM per stage): {json.dumps(measured['report_peak_rss_gib'])}")
+    if measured.get("validation_end_to_end"):
+        print(f"end to end: {json.dumps(measured['validation_end_to_end'])}")
+    if measured.get("quantized_seconds"):
+        print(f"quantized per piece, seconds: {json.dumps(measured['quantized_seconds'])}")
     for name, size in sorted(measured["disk_bytes"].items()):
         if size > 2**20:
             print(f"disk {name}: {size / GIB:.2f} GiB")

@@ -1,18 +1,22 @@
 """The streaming export driver: prefix, then each decoder layer, then the suffix; each checked, stitched, freed.
 
 Per decoder layer i: read + merge + mask (`LayerSource.layer`), the PyTorch reference outputs on the
-real hidden states of two cases (a prefill of the validation feeds with an empty past, then one cached
-decode step), plan and compact the layer (the restructure family), the compact layer checked against
+real hidden states of the cases (a prefill of the validation feeds with an empty past, then DECODE_STEPS
+cached decode steps), plan and compact the layer (the restructure family), the compact layer checked against
 the reference layer (fp32 tolerance), traced at its own widths (`LayerForExport`), its ONNX checked
 on ONNX Runtime against the compact layer (hidden state and present keys/values, fp32 tolerance),
 appended to the stitched graph (weights to the data file), then freed. The reference hidden states
 (not the compact ones) go on to layer i+1, so the logits at the end are the streamed masked+merged
-reference, what the whole-model path's `build_reference_model` computes.
+reference, what the whole-model path's `build_reference_model` computes; its logits on every case are
+returned, so the final (quantized) files can be checked end to end against them.
+
+Layers with the same signature reuse one traced graph (exporter/export/streaming/reuse.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import shutil
 import time
@@ -34,7 +38,7 @@ from exporter.export.decoder_with_past import (
     past_names,
     positions_from_mask,
 )
-from exporter.export.streaming import tables
+from exporter.export.streaming import reuse, tables
 from exporter.export.streaming.layer_source import LayerSource
 from exporter.export.streaming.pieces import (
     EMBEDS,
@@ -61,9 +65,12 @@ class StreamResult:
     manifest: DecoderManifest
     plan: RestructurePlan
     reference_logits: np.ndarray  # the streamed PyTorch reference on the prefill feeds
+    decode_ids: list[np.ndarray]  # each cached decode step's tokens (batch x 1)
+    decode_logits: list[np.ndarray]  # the streamed reference's logits of each decode step
     lora_merge: LoraMerge | None
     checks: dict[str, float]  # worst errors: compact vs reference layer, ONNX piece vs PyTorch piece
     seconds: dict[str, float]  # time per sub-stage, summed over the layers
+    layer_traces: int = 0  # decoder layers traced by TorchScript (the others reuse a signature's graph)
 
 
 @dataclasses.dataclass
@@ -94,29 +101,44 @@ class _Clock:
         return _Timer()
 
 
+DECODE_STEPS = 3  # cached decode steps after the prefill, in every layer's checks and the reference logits
+
+
 def _cases(feeds: dict[str, np.ndarray], vocab: int) -> list[_Case]:
-    """The prefill of the validation feeds, one decode step after it (seeded token), and the trace case."""
+    """The prefill of the validation feeds, DECODE_STEPS cached decode steps after it (seeded tokens), and
+    the trace case (always last)."""
     ids, mask = feeds["input_ids"].astype(np.int64), feeds["attention_mask"].astype(np.int64)
     prefill = {
         "input_ids": ids,
         "attention_mask": mask,
         "position_ids": positions_from_mask(mask, ids.shape[1]),
     }
+    cases = [_Case("prefill", prefill, 0)]
     rng = np.random.default_rng(1)
-    mask2 = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
-    decode = {
-        "input_ids": rng.integers(0, vocab, (ids.shape[0], 1), dtype=np.int64),
-        "attention_mask": mask2,
-        "position_ids": positions_from_mask(mask2, 1),
-    }
+    for step in range(DECODE_STEPS):
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
+        decode = {
+            "input_ids": rng.integers(0, vocab, (ids.shape[0], 1), dtype=np.int64),
+            "attention_mask": mask,
+            "position_ids": positions_from_mask(mask, 1),
+        }
+        cases.append(_Case(f"decode{step + 1}", decode, ids.shape[1] + step))
     trace = example_feeds((), min(vocab, tables.STANDIN_ROWS), batch=2, past=3, seq=4)  # ids fit a stand-in
-    return [_Case("prefill", prefill, 0), _Case("decode", decode, ids.shape[1]), _Case("trace", trace, 3)]
+    return [*cases, _Case("trace", trace, 3)]
 
 
 def stream_decoder_export(
-    md: ModelDir, path: Path, feeds: dict[str, np.ndarray], *, opset: int = 17, progress: bool = True
+    md: ModelDir,
+    path: Path,
+    feeds: dict[str, np.ndarray],
+    *,
+    opset: int = 17,
+    progress: bool = True,
+    reuse_traces: bool = True,
 ) -> StreamResult:
-    """Export `md` (loaded lazily) to a decoder-with-past ONNX at `path` (+ `<name>.data`) layer by layer."""
+    """Export `md` (loaded lazily) to a decoder-with-past ONNX at `path` (+ `<name>.data`) layer by layer.
+    `reuse_traces`: trace once per layer signature and reuse that graph (exporter/export/streaming/reuse.py);
+    False traces every layer."""
     if opset < 17:
         raise InputError("--opset", f"decoder export needs opset >= 17, got {opset}")
     path = Path(path)
@@ -133,6 +155,8 @@ def stream_decoder_export(
     layers_plan: list[LayerPlan] = []
     shapes: list[LayerAttentionShape | None] = []
     stitched: StitchedGraph | None = None
+    templates: dict[tuple, reuse.Template | None] = {}
+    traces = 0
     params_before = params_after = 0
     try:
         # ---- prefix: embeddings, rotary cos/sin, causal masks
@@ -158,7 +182,7 @@ def stream_decoder_export(
             piece = scratch / "prefix.onnx"
             if embed_table is not None:
                 shell.model.embed_tokens = nn.Embedding(rows, hidden_size)
-            torchscript_export(prefix, _prefix_args(cases[2], hd), piece, p_in, p_out, p_axes, opset, True)
+            torchscript_export(prefix, _prefix_args(cases[-1], hd), piece, p_in, p_out, p_axes, opset, True)
         del prefix, shell  # the outputs to check against are computed: free the embedding table
         if embed_table is not None:
             with clock("stitch"):
@@ -167,7 +191,7 @@ def stream_decoder_export(
             del embed_table
         with clock("onnx_check"):
             err = _check_piece(
-                piece, p_in, p_out, [(c.name, _prefix_args(c, hd), c.prefix) for c in cases[:2]], "prefix"
+                piece, p_in, p_out, [(c.name, _prefix_args(c, hd), c.prefix) for c in cases[:-1]], "prefix"
             )
             worst["onnx_vs_pytorch_piece"] = max(worst["onnx_vs_pytorch_piece"], err)
         inputs: list[str] = []
@@ -193,13 +217,13 @@ def stream_decoder_export(
                 plan.params_before = before
             with clock("pytorch"), torch.no_grad():
                 full_kv = _kv_heads(layer, hd)
-                reference = _run_cases(layer, index, cases[:2], mask_of_layer, full_kv, hd)
+                reference = _run_cases(layer, index, cases[:-1], mask_of_layer, full_kv, hd)
             with clock("compact"), torch.no_grad():
                 compact = source.family.apply_layer(layer, plan, hd) or layer
                 plan.params_after = source.family.layer_params(compact)
                 params_after += _params(compact)
                 kv = _kv_heads(compact, hd)
-                got = _run_cases(compact, index, cases[:2], mask_of_layer, kv, hd)
+                got = _run_cases(compact, index, cases[:-1], mask_of_layer, kv, hd)
                 err = max(_max_error(g[0], r[0]) for g, r in zip(got, reference))
                 if err > tol:
                     raise ValidationError(
@@ -209,19 +233,34 @@ def stream_decoder_export(
             wrapper = LayerForExport(compact, index, mask_of_layer[index]).eval()
             l_in, l_out, l_axes = wrapper.names(previous)
             with clock("trace"), torch.no_grad():
-                trace_args = _layer_args(cases[2], mask_of_layer[index], kv, hd, index, random_hidden=True)
+                trace_args = _layer_args(cases[-1], mask_of_layer[index], kv, hd, index, random_hidden=True)
                 piece = scratch / f"layer{index}.onnx"
-                torchscript_export(wrapper, trace_args, piece, l_in, l_out, l_axes, opset, True)
+                trace = functools.partial(
+                    _trace_to, wrapper, trace_args, l_in, l_out, l_axes, opset
+                )  # trace(path): the layer's TorchScript export
+                sig = reuse.signature(compact, mask_of_layer[index]) if reuse_traces else None
+                if sig is not None and sig not in templates:
+                    templates[sig] = reuse.trace_template(compact, index, previous, trace, scratch)
+                    traces += 1
+                template = templates.get(sig) if sig is not None else None
+                if template is None:
+                    trace(piece)
+                    traces += 1
+            if template is not None:
+                with clock("write_piece"):
+                    reuse.write_piece(template, compact, index, previous, piece)
             kv_shape = None if kv is None else LayerAttentionShape(_q_heads(compact, hd), kv, hd)
             del layer, compact, wrapper  # free the weights before ONNX Runtime maps the piece's
             with clock("onnx_check"):
                 runs = [
                     (
                         c.name,
-                        _layer_args(c, mask_of_layer[index], kv, hd, index, past=_past_for(c, got, kv, hd)),
+                        _layer_args(
+                            c, mask_of_layer[index], kv, hd, index, past=_past_for(k, c, got, kv, hd)
+                        ),
                         out,
                     )
-                    for c, out in zip(cases[:2], got)
+                    for k, (c, out) in enumerate(zip(cases[:-1], got))
                 ]
                 err = _check_piece(piece, l_in, l_out, runs, f"layer {index}")
                 worst["onnx_vs_pytorch_piece"] = max(worst["onnx_vs_pytorch_piece"], err)
@@ -229,7 +268,7 @@ def stream_decoder_export(
                 stitched.append(piece, f"layer{index}")
                 shutil.rmtree(scratch, ignore_errors=True)
                 scratch.mkdir()
-            for case, out in zip(cases[:2], reference):
+            for case, out in zip(cases[:-1], reference):
                 case.hidden = out[0]
             shapes.append(kv_shape)
             layers_plan.append(plan)
@@ -249,9 +288,9 @@ def stream_decoder_export(
             base_params += 0 if source.tied else table_values
         with clock("pytorch"), torch.no_grad():
             if head_table is not None:
-                logits = [tables.chunked_logits(norm(case.hidden), head_table) for case in cases[:2]]
+                logits = [tables.chunked_logits(norm(case.hidden), head_table) for case in cases[:-1]]
             else:
-                logits = [suffix(case.hidden) for case in cases[:2]]
+                logits = [suffix(case.hidden) for case in cases[:-1]]
         s_in, s_out, s_axes = suffix.names(previous)
         with clock("trace"):
             piece = scratch / "suffix.onnx"
@@ -268,7 +307,7 @@ def stream_decoder_export(
                 piece,
                 s_in,
                 s_out,
-                [(c.name, (c.hidden,), [out]) for c, out in zip(cases[:2], logits)],
+                [(c.name, (c.hidden,), [out]) for c, out in zip(cases[:-1], logits)],
                 "suffix",
             )
             worst["onnx_vs_pytorch_piece"] = max(worst["onnx_vs_pytorch_piece"], err)
@@ -310,7 +349,29 @@ def stream_decoder_export(
     )
     seconds = {k: round(v, 3) for k, v in clock.seconds.items()}
     logger.info("streaming export: %s", seconds)
-    return StreamResult(manifest, plan_all, logits[0].numpy(), source.lora_merge(), worst, seconds)
+    return StreamResult(
+        manifest,
+        plan_all,
+        logits[0].numpy(),
+        [c.feeds["input_ids"] for c in cases[1:-1]],
+        [x.numpy() for x in logits[1:]],
+        source.lora_merge(),
+        worst,
+        seconds,
+        layer_traces=traces,
+    )
+
+
+def _trace_to(
+    wrapper: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    names_in: list[str],
+    names_out: list[str],
+    axes: dict[str, dict[int, str]],
+    opset: int,
+    target: Path,
+) -> None:
+    torchscript_export(wrapper, args, target, names_in, names_out, axes, opset, True)
 
 
 def _params(module: nn.Module) -> int:
@@ -370,30 +431,25 @@ def _layer_args(
 def _run_cases(
     layer: nn.Module, index: int, cases: list[_Case], mask_of_layer: list[int | None], kv: int | None, hd: int
 ) -> list[tuple[torch.Tensor, ...]]:
-    """The layer on the prefill (empty past) then the decode step (past = its own prefill presents)."""
+    """The layer on the prefill (empty past) then each decode step (past = the previous case's presents)."""
     wrapper = LayerForExport(layer, index, mask_of_layer[index]).eval()
     results: list[tuple[torch.Tensor, ...]] = []
-    for case in cases:
-        past = None
-        if kv is not None:
-            if case.name == "prefill":
-                empty = torch.zeros(case.feeds["input_ids"].shape[0], kv, 0, hd)
-                past = (empty, empty)
-            else:
-                past = (results[0][1], results[0][2])
+    for k, case in enumerate(cases):
+        past = _past_for(k, case, results, kv, hd)
         results.append(tuple(wrapper(*_layer_args(case, mask_of_layer[index], kv, hd, index, past=past))))
     return results
 
 
 def _past_for(
-    case: _Case, got: list[tuple[torch.Tensor, ...]], kv: int | None, hd: int
+    k: int, case: _Case, got: list[tuple[torch.Tensor, ...]], kv: int | None, hd: int
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Case `k`'s past: empty for the prefill, else the presents case k-1 returned."""
     if kv is None:
         return None
-    if case.name == "prefill":
+    if k == 0:
         empty = torch.zeros(case.feeds["input_ids"].shape[0], kv, 0, hd)
         return empty, empty
-    return got[0][1], got[0][2]
+    return got[k - 1][1], got[k - 1][2]
 
 
 def _max_error(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
