@@ -28,7 +28,7 @@ from exporter.export.external_data import save_onnx
 from exporter.quantize import decoder_calibration
 from exporter.quantize.calibration import CalibrationData, load_calibration
 from exporter.quantize.int8 import QuantConfig, QuantResult, quantize
-from exporter.quantize.openvino_int8 import OPENVINO_FILE, build_openvino_file
+from exporter.quantize.openvino_int8 import OPENVINO_FILE, NncfJob, build_openvino_file, start_nncf
 from graph_passes.pipeline import optimize
 
 logger = logging.getLogger(__name__)
@@ -72,9 +72,6 @@ def run_int8_stage(
     tokenizer's own; causal LMs pad on the left, as generation does). `openvino_file`: also write
     `model.int8.openvino.onnx` where OpenVINO is installed (the CPU engine's candidate)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cleaned, cleanup = optimize(onnx.load(str(exported)), "tensorrt", stages=("cleanup",), family=family)
-        cleaned_path = Path(tmp) / "model.cleaned.onnx"
-        save_onnx(cleaned, cleaned_path)
         calibration = load_calibration(
             config.calibration,
             tokenizer_path,
@@ -86,6 +83,15 @@ def run_int8_stage(
             vocab_size=vocab_size,
             padding_side=padding_side,
         )
+        # encoders: NNCF's OpenVINO file is written in a second process meanwhile (openvino_int8.py)
+        job = (
+            _start_openvino_file(work, exported, calibration)
+            if openvino_file and not decoder_with_past
+            else None
+        )
+        cleaned, cleanup = optimize(onnx.load(str(exported)), "tensorrt", stages=("cleanup",), family=family)
+        cleaned_path = Path(tmp) / "model.cleaned.onnx"
+        save_onnx(cleaned, cleaned_path)
         decoder_report = None
         if decoder_with_past:
             steps = config.calibration_decode_steps
@@ -101,11 +107,16 @@ def run_int8_stage(
             quant_config.smoothing = smoothing
         if config.calibration_method:
             quant_config.method = config.calibration_method
-        result = quantize(cleaned_path, work, calibration, quant_config)
-    fused, fusion = optimize(
-        onnx.load(str(result.tensorrt_path)), "tensorrt", stages=("fusion",), family=family
-    )
-    save_onnx(fused, result.tensorrt_path)
+        try:
+            result = quantize(cleaned_path, work, calibration, quant_config)
+            fused, fusion = optimize(
+                onnx.load(str(result.tensorrt_path)), "tensorrt", stages=("fusion",), family=family
+            )
+            save_onnx(fused, result.tensorrt_path)
+        except BaseException:  # a failed stage leaves no process behind writing into OUT_DIR
+            if job is not None:
+                job.cancel()
+            raise
     section = {
         **(
             {
@@ -114,6 +125,7 @@ def run_int8_stage(
                     work,
                     None if decoder_with_past else exported,
                     None if decoder_with_past else calibration.judge_batches("calibration"),
+                    job,
                 )
             }
             if openvino_file
@@ -128,14 +140,26 @@ def run_int8_stage(
     return result, section
 
 
+def _start_openvino_file(work: Path, exported: Path, calibration: CalibrationData) -> NncfJob | None:
+    """NNCF's recipe for the OpenVINO INT8 file, started in a forked process now that its inputs exist
+    (the compact fp32 graph, the calibration samples), where OpenVINO and NNCF are installed."""
+    from engines.openvino_runner import openvino_unavailable_reason
+
+    if openvino_unavailable_reason() is not None:
+        return None
+    return start_nncf(exported, calibration.judge_batches("calibration"), work / OPENVINO_FILE)
+
+
 def _openvino_file(
     result: QuantResult,
     work: Path,
     fp32_path: Path | None,
     samples: list[dict[str, np.ndarray]] | None,
+    job: NncfJob | None = None,
 ) -> dict[str, Any]:
     """The OpenVINO INT8 file, where OpenVINO can run it (else the reason, and no file): NNCF's recipe on
-    the compact fp32 graph where NNCF is installed (encoders), else the Q/DQ file rewritten."""
+    the compact fp32 graph where NNCF is installed (encoders; `job`'s file where it was started early),
+    else the Q/DQ file rewritten."""
     from engines.openvino_runner import openvino_unavailable_reason
 
     reason = openvino_unavailable_reason()
@@ -144,7 +168,7 @@ def _openvino_file(
     start = time.perf_counter()
     result.openvino_path = work / OPENVINO_FILE
     return build_openvino_file(
-        result.tensorrt_path, result.openvino_path, fp32_path=fp32_path, samples=samples
+        result.tensorrt_path, result.openvino_path, fp32_path=fp32_path, samples=samples, job=job
     ) | {"seconds": time.perf_counter() - start}
 
 
