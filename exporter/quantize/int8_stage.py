@@ -63,6 +63,7 @@ def run_int8_stage(
     smoothing: bool | None = None,
     padding_side: str | None = None,
     openvino_file: bool = False,
+    openvino_job: NncfJob | None = None,
 ) -> tuple[QuantResult, dict[str, Any]]:
     """Quantize the exported compact fp32 graph; returns the result and the report section.
     `decoder_with_past`: calibrate on prefills (position ids and empty pasts added to the token ids)
@@ -70,28 +71,15 @@ def run_int8_stage(
     (exporter/quantize/decoder_calibration.py). `smoothing`: SmoothQuant migration before the Q/DQ file (None: the
     measured default for the model kind). `padding_side`: where calibration text is padded (None: the
     tokenizer's own; causal LMs pad on the left, as generation does). `openvino_file`: also write
-    `model.int8.openvino.onnx` where OpenVINO is installed (the CPU engine's candidate)."""
+    `model.int8.openvino.onnx` where OpenVINO is installed (the CPU engine's candidate); `openvino_job`:
+    NNCF's recipe for that file, already running (`start_openvino_file`; the caller stops it on failure)."""
     with tempfile.TemporaryDirectory() as tmp:
-        calibration = load_calibration(
-            config.calibration,
-            tokenizer_path,
-            input_names,
-            config.batch_size,
-            sequence_length,
-            num_samples=config.calibration_samples,
-            seed=config.seed,
-            vocab_size=vocab_size,
-            padding_side=padding_side,
-        )
-        # encoders: NNCF's OpenVINO file is written in a second process meanwhile (openvino_int8.py)
-        job = (
-            _start_openvino_file(work, exported, calibration)
-            if openvino_file and not decoder_with_past
-            else None
-        )
         cleaned, cleanup = optimize(onnx.load(str(exported)), "tensorrt", stages=("cleanup",), family=family)
         cleaned_path = Path(tmp) / "model.cleaned.onnx"
         save_onnx(cleaned, cleaned_path)
+        calibration = _calibration(
+            config, tokenizer_path, input_names, sequence_length, vocab_size, padding_side
+        )
         decoder_report = None
         if decoder_with_past:
             steps = config.calibration_decode_steps
@@ -107,16 +95,11 @@ def run_int8_stage(
             quant_config.smoothing = smoothing
         if config.calibration_method:
             quant_config.method = config.calibration_method
-        try:
-            result = quantize(cleaned_path, work, calibration, quant_config)
-            fused, fusion = optimize(
-                onnx.load(str(result.tensorrt_path)), "tensorrt", stages=("fusion",), family=family
-            )
-            save_onnx(fused, result.tensorrt_path)
-        except BaseException:  # a failed stage leaves no process behind writing into OUT_DIR
-            if job is not None:
-                job.cancel()
-            raise
+        result = quantize(cleaned_path, work, calibration, quant_config)
+    fused, fusion = optimize(
+        onnx.load(str(result.tensorrt_path)), "tensorrt", stages=("fusion",), family=family
+    )
+    save_onnx(fused, result.tensorrt_path)
     section = {
         **(
             {
@@ -125,7 +108,7 @@ def run_int8_stage(
                     work,
                     None if decoder_with_past else exported,
                     None if decoder_with_past else calibration.judge_batches("calibration"),
-                    job,
+                    openvino_job,
                 )
             }
             if openvino_file
@@ -140,14 +123,48 @@ def run_int8_stage(
     return result, section
 
 
-def _start_openvino_file(work: Path, exported: Path, calibration: CalibrationData) -> NncfJob | None:
-    """NNCF's recipe for the OpenVINO INT8 file, started in a forked process now that its inputs exist
-    (the compact fp32 graph, the calibration samples), where OpenVINO and NNCF are installed."""
+def start_openvino_file(
+    exported: Path,
+    work: Path,
+    config: ExportConfig,
+    *,
+    tokenizer_path: Path | None,
+    input_names: list[str],
+    sequence_length: int,
+    vocab_size: int,
+    padding_side: str | None = None,
+) -> NncfJob | None:
+    """An encoder's OpenVINO INT8 file by NNCF's recipe, started in a forked process as soon as its inputs
+    exist (the compact fp32 graph; the calibration samples `run_int8_stage` loads, loaded the same way), so
+    that it runs beside the graph passes and the INT8 search (exporter/quantize/openvino_int8.py); None
+    where OpenVINO or NNCF is missing (`run_int8_stage` then builds the file itself, or says why not)."""
     from engines.openvino_runner import openvino_unavailable_reason
 
     if openvino_unavailable_reason() is not None:
         return None
+    calibration = _calibration(config, tokenizer_path, input_names, sequence_length, vocab_size, padding_side)
     return start_nncf(exported, calibration.judge_batches("calibration"), work / OPENVINO_FILE)
+
+
+def _calibration(
+    config: ExportConfig,
+    tokenizer_path: Path | None,
+    input_names: list[str],
+    sequence_length: int,
+    vocab_size: int,
+    padding_side: str | None,
+) -> CalibrationData:
+    return load_calibration(
+        config.calibration,
+        tokenizer_path,
+        input_names,
+        config.batch_size,
+        sequence_length,
+        num_samples=config.calibration_samples,
+        seed=config.seed,
+        vocab_size=vocab_size,
+        padding_side=padding_side,
+    )
 
 
 def _openvino_file(
@@ -158,8 +175,8 @@ def _openvino_file(
     job: NncfJob | None = None,
 ) -> dict[str, Any]:
     """The OpenVINO INT8 file, where OpenVINO can run it (else the reason, and no file): NNCF's recipe on
-    the compact fp32 graph where NNCF is installed (encoders; `job`'s file where it was started early),
-    else the Q/DQ file rewritten."""
+    the compact fp32 graph where NNCF is installed (encoders; `job`'s file where it was started early), else
+    the Q/DQ file rewritten."""
     from engines.openvino_runner import openvino_unavailable_reason
 
     reason = openvino_unavailable_reason()
