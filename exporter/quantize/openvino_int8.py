@@ -65,6 +65,9 @@ logger = logging.getLogger(__name__)
 OPENVINO_FILE = "model.int8.openvino.onnx"
 # NNCF's bias correction after quantization (its "fast" variant: a sub-model run per layer with a bias).
 BIAS_CORRECTION = True
+# Niceness of the process that runs NNCF beside the export (`NncfJob`): it takes the cores the export leaves
+# idle and yields where the export uses both.
+CHILD_NICENESS = 19
 
 
 def weight_only_int8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
@@ -231,6 +234,7 @@ def _nncf_child(
             return
         import nncf
 
+        os.nice(CHILD_NICENESS)
         _one_thread_sessions()
         start = time.perf_counter()
         model = nncf_ptq(fp32_path, samples)
