@@ -285,6 +285,8 @@ def build_openvino_file(
     graph) and calibration `samples`, NNCF's recipe where NNCF imports (from `job` where one was started:
     its result, else run here); otherwise (or if NNCF fails) the Q/DQ file at `qdq_path`, rewritten."""
     if job is not None:
+        if job.out != out:
+            raise ValueError(f"the NNCF job writes {job.out}, not {out}")
         why_not_nncf = None
     elif fp32_path is None or not samples:
         why_not_nncf = (
