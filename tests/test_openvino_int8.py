@@ -148,7 +148,10 @@ def test_nncf_in_a_forked_process_writes_the_same_file(tmp_path: Path) -> None:
     assert job is not None
     section = build_openvino_file(tmp_path / "unused.onnx", tmp_path / "forked.onnx", job=job)
     assert (
-        section["recipe"] == "nncf" and section["from"] == "fp32.onnx" and "forked process" in section["ran"] and section["process_cpu_s"] > 0
+        section["recipe"] == "nncf"
+        and section["from"] == "fp32.onnx"
+        and "forked process" in section["ran"]
+        and section["process_cpu_s"] > 0
     )
     assert section["nncf_version"] == here["nncf_version"] and section["nncf_seconds"] > 0
     _same_file(tmp_path / "here.onnx", tmp_path / "forked.onnx")
@@ -227,3 +230,16 @@ def test_a_cancelled_job_leaves_no_process(tmp_path: Path, monkeypatch: pytest.M
     assert job is not None
     job.cancel()
     assert not job._process.is_alive() and not (tmp_path / "f.onnx").exists()
+
+
+@needs_nncf
+def test_nncfs_sessions_in_the_forked_process_take_one_thread_without_spinning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import nncf.onnx.engine as engine
+
+    monkeypatch.setattr(engine, "rt", engine.rt)  # restored after the test: the patch is the child's only
+    openvino_int8._one_thread_sessions()
+    options = engine.rt.SessionOptions()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"

@@ -257,8 +257,14 @@ def _one_thread_sessions() -> None:
     2 cores: NNCF alone 4.7 s wall / 6.0 s CPU with the default, 5.2 s / 5.2 s on one thread)."""
     import types
 
-    import nncf.onnx.engine
     import onnxruntime as ort
+
+    try:
+        import nncf.onnx.engine as engine
+    except ImportError:  # another NNCF layout: its sessions keep ONNX Runtime's defaults
+        return
+    if getattr(engine, "rt", None) is not ort:
+        return
 
     def options() -> ort.SessionOptions:
         opts = ort.SessionOptions()
@@ -266,7 +272,7 @@ def _one_thread_sessions() -> None:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return opts
 
-    nncf.onnx.engine.rt = types.SimpleNamespace(SessionOptions=options, InferenceSession=ort.InferenceSession)  # type: ignore[attr-defined]
+    engine.rt = types.SimpleNamespace(SessionOptions=options, InferenceSession=ort.InferenceSession)  # type: ignore[attr-defined]
 
 
 def _first_line(exc: BaseException) -> str:
