@@ -58,7 +58,8 @@ from exporter.quantize.cpu_features import reduce_weight_range
 from exporter.quantize.int4_stage import CPU_FILE as INT4_CPU_FILE
 from exporter.quantize.int4_stage import Int4Config, load_decoder_calibration, run_int4_stage
 from exporter.quantize.int8 import CPU_FILE as INT8_CPU_FILE
-from exporter.quantize.int8_stage import DECODER_CPU_FUSION, run_int8_stage
+from exporter.quantize.int8_stage import DECODER_CPU_FUSION, run_int8_stage, start_openvino_file
+from exporter.quantize.openvino_int8 import NncfJob
 from exporter.report import files as report_io
 from exporter.report import memory, stage_report, stage_table
 from exporter.restructure.compact import save_compact
@@ -276,11 +277,16 @@ class _Run:
             self._streamed_quantized(md, feeds, reference, work)
             report_io.write(work, self.report)
             return
-        with self.stage("graph_passes"):
-            self._optimize(md, feeds, reference, work)
-        if self.config.precision == "int8":
-            with self.stage("int8"):
-                self._int8(md, feeds, reference, work)
+        openvino_job = self._start_openvino_int8(md, feeds, work)  # runs beside the next two stages
+        try:
+            with self.stage("graph_passes"):
+                self._optimize(md, feeds, reference, work)
+            if self.config.precision == "int8":
+                with self.stage("int8"):
+                    self._int8(md, feeds, reference, work, openvino_job)
+        finally:
+            if openvino_job is not None:
+                openvino_job.cancel()  # a no-op once collected; on failure no process is left writing OUT_DIR
         if self.config.precision == "int4":
             with self.stage("int4"):
                 self._int4(md, feeds, reference, work)
@@ -592,7 +598,34 @@ class _Run:
         logger.info("CPU engine: %s on %s (%s)", chosen.name, chosen.chosen.path.name, chosen.reason)
         return chosen
 
-    def _int8(self, md: ModelDir, feeds: dict[str, np.ndarray], reference: Outputs, work: Path) -> None:
+    def _openvino_int8_wanted(self) -> bool:
+        return self.choice.name != "tensorrt" and self.config.backend != "onnxruntime"
+
+    def _start_openvino_int8(self, md: ModelDir, feeds: dict[str, np.ndarray], work: Path) -> NncfJob | None:
+        """An encoder's OpenVINO INT8 file (NNCF's recipe) started in a second process as soon as the
+        exported graph exists: mostly one core of Python, beside the graph passes and the INT8 stage (README
+        "Export speed"); collected at the INT8 stage's end, before anything is timed."""
+        if self.config.precision != "int8" or self.task.with_past or not self._openvino_int8_wanted():
+            return None
+        return start_openvino_file(
+            self.artifacts["exported"],
+            work,
+            self.config,
+            tokenizer_path=md.tokenizer_path,
+            input_names=list(feeds),
+            sequence_length=self._seq_len(md),
+            vocab_size=md.config.vocab_size,
+            padding_side=self.task.padding_side,
+        )
+
+    def _int8(
+        self,
+        md: ModelDir,
+        feeds: dict[str, np.ndarray],
+        reference: Outputs,
+        work: Path,
+        openvino_job: NncfJob | None = None,
+    ) -> None:
         """INT8 artifacts, gated on held-out accuracy vs fp32 and compared with the PyTorch reference.
         KV-cache decoders are calibrated on prefills and also get greedy agreement vs the fp32 model;
         classifiers, taggers and QA models are also gated on their held-out task agreement."""
@@ -607,7 +640,8 @@ class _Run:
             vocab_size=md.config.vocab_size,
             decoder_with_past=self.task.with_past,
             padding_side=self.task.padding_side,
-            openvino_file=self.choice.name != "tensorrt" and self.config.backend != "onnxruntime",
+            openvino_file=self._openvino_int8_wanted(),
+            openvino_job=openvino_job,
         )
         self.report["int8"] = section
         self.artifacts["int8"] = result.tensorrt_path

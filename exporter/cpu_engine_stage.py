@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from engines import benchmark, load_runner, stats
-from engines.base import Runner
+from engines.base import Runner, open_together
 from engines.benchmark import BenchConfig, Variant
 from engines.cpu_selection import (
     Applicable,
@@ -142,6 +142,8 @@ def open_and_judge(
     checks for the others. Results go into `stage.accuracy`, and `validation["cpu:<name>"]`.
     `task_agreement` (task models): the INT8/INT4 candidates judged here must also pass it (the export's
     own INT8 files already passed it in the INT8 stage)."""
+    to_open: list[tuple[Applicable, Runner]] = []
+    failed: dict[str, Exception] = {}
     for app in stage.applicable:
         name, cand = app.candidate.name, app.candidate
         if name in EXPORT_CHECKS and EXPORT_CHECKS[name][0] in validation:
@@ -149,13 +151,19 @@ def open_and_judge(
             stage.accuracy[name] = (comparisons, *gate(cand.precision, comparisons, accuracy_target))
             continue
         try:
-            runner = stack.enter_context(
-                load_runner(app.path, threads=threads, spinning=False, **_options(app))
-            )
+            to_open.append((app, load_runner(app.path, threads=threads, spinning=False, **_options(app))))
+        except Exception as exc:
+            failed[name] = exc
+    # compiled two at a time (engines.base.open_together), then judged one by one
+    opened = open_together([runner for _, runner in to_open], stack)
+    for (app, runner), error in zip(to_open, opened):
+        name, cand = app.candidate.name, app.candidate
+        try:
+            if error is not None:
+                raise error
             comparisons = compare_all(reference, outputs(runner), token_masks)
         except Exception as exc:  # a runtime that cannot load or run a file loses, with the reason
-            stage.errors[name] = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            logger.warning("CPU engine candidate %s could not run: %s", name, stage.errors[name])
+            failed[name] = exc
             continue
         stage.runners[name] = runner
         validation[f"cpu:{name}"] = [c.to_json() for c in comparisons]
@@ -165,6 +173,9 @@ def open_and_judge(
                 passed, words, task_agreement.measure(runner), task_agreement.target
             )
         stage.accuracy[name] = (comparisons, passed, words)
+    for name, exc in failed.items():
+        stage.errors[name] = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        logger.warning("CPU engine candidate %s could not run: %s", name, stage.errors[name])
 
 
 def extra_rows(stage: CpuEngineStage) -> list[ExtraStage]:

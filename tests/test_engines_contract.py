@@ -179,3 +179,37 @@ def test_tensorrt_refuses_shapes_outside_the_profile(tmp_path) -> None:  # type:
         pytest.raises(InputError, match=r"input 'x' has shape \(5, 5, 4\), outside the engine's profile"),
     ):
         runner.infer(_feeds(batch=5))
+
+
+def test_open_together_activates_every_runner_and_returns_the_failures() -> None:
+    """engines.base.open_together: runners activated on worker threads, the active ones closed by the
+    stack, a failed activation returned (not raised) in its runner's place."""
+    import contextlib
+
+    from engines.base import Runner, open_together
+
+    events: list[str] = []
+
+    class Fake(Runner):
+        def __init__(self, name: str, fails: bool = False) -> None:
+            super().__init__()
+            self.name, self.fails = name, fails
+
+        def _activate(self) -> None:
+            if self.fails:
+                raise RuntimeError(f"{self.name} cannot load")
+            events.append(f"open {self.name}")
+
+        def _deactivate(self) -> None:
+            events.append(f"close {self.name}")
+
+        def _infer(self, feeds):  # type: ignore[no-untyped-def]
+            return {}
+
+    runners = [Fake("a"), Fake("b", fails=True), Fake("c")]
+    with contextlib.ExitStack() as stack:
+        errors = open_together(runners, stack)
+        assert [type(e).__name__ if e else None for e in errors] == [None, "RuntimeError", None]
+        assert str(errors[1]) == "b cannot load"
+        assert sorted(events) == ["open a", "open c"]
+    assert sorted(events[2:]) == ["close a", "close c"]

@@ -126,3 +126,120 @@ def test_an_nncf_failure_falls_back_to_the_qdq_recipe(
     assert section["recipe"] == "qdq"
     assert section["why_not_nncf"] == "nncf.quantize failed: unsupported node"
     assert (tmp_path / "c.onnx").is_file()
+
+
+def _same_file(a: Path, b: Path) -> None:
+    """Same nodes, same initializer values (their encodings may differ: inline vs reloaded external data)."""
+    x, y = onnx.load(str(a)), onnx.load(str(b))
+    assert [n.SerializeToString() for n in x.graph.node] == [n.SerializeToString() for n in y.graph.node]
+    xs, ys = ({t.name: numpy_helper.to_array(t) for t in m.graph.initializer} for m in (x, y))
+    assert xs.keys() == ys.keys()
+    for name, value in xs.items():
+        assert value.dtype == ys[name].dtype and np.array_equal(value, ys[name]), name
+
+
+@needs_nncf
+def test_nncf_in_a_forked_process_writes_the_same_file(tmp_path: Path) -> None:
+    fp32 = _mlp(tmp_path / "fp32.onnx")
+    here = build_openvino_file(
+        tmp_path / "unused.onnx", tmp_path / "here.onnx", fp32_path=fp32, samples=_samples()
+    )
+    job = openvino_int8.start_nncf(fp32, _samples(), tmp_path / "forked.onnx")
+    assert job is not None
+    section = build_openvino_file(tmp_path / "unused.onnx", tmp_path / "forked.onnx", job=job)
+    assert (
+        section["recipe"] == "nncf"
+        and section["from"] == "fp32.onnx"
+        and "forked process" in section["ran"]
+        and section["process_cpu_s"] > 0
+    )
+    assert section["nncf_version"] == here["nncf_version"] and section["nncf_seconds"] > 0
+    _same_file(tmp_path / "here.onnx", tmp_path / "forked.onnx")
+
+
+@needs_nncf
+def test_nncf_gets_the_weights_as_external_data_and_computes_the_same(tmp_path: Path) -> None:
+    """NNCF's external-data path (each of its model copies holds the graph only) gives the file that the
+    weights held inline give."""
+    import nncf
+
+    fp32 = _mlp(tmp_path / "fp32.onnx")
+    inline = nncf.quantize(
+        onnx.load(str(fp32)),
+        nncf.Dataset(_samples()),
+        model_type=nncf.ModelType.TRANSFORMER,
+        subset_size=len(_samples()),
+    )
+    onnx.save(inline, tmp_path / "inline.onnx")
+    onnx.save(openvino_int8.nncf_ptq(fp32, _samples()), tmp_path / "external.onnx")
+    _same_file(tmp_path / "inline.onnx", tmp_path / "external.onnx")
+
+
+def _forked_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: object) -> dict[str, object]:
+    qdq = _mlp(tmp_path / "qdq.onnx")
+    monkeypatch.setattr(openvino_int8, "nncf_unavailable_reason", lambda: None)
+    monkeypatch.setattr(openvino_int8, "nncf_ptq", fails)  # the forked child inherits the patch
+    monkeypatch.setattr(openvino_int8.importlib.util, "find_spec", lambda name: object())
+    job = openvino_int8.start_nncf(qdq, _samples(2), tmp_path / "d.onnx")
+    assert job is not None
+    return build_openvino_file(qdq, tmp_path / "d.onnx", job=job)
+
+
+def test_a_failure_in_the_forked_process_falls_back_to_the_qdq_recipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fails(*_: object) -> onnx.ModelProto:
+        raise RuntimeError("unsupported node\nstack trace ...")
+
+    section = _forked_failure(tmp_path, monkeypatch, fails)
+    assert section["recipe"] == "qdq" and section["why_not_nncf"] == "nncf.quantize failed: unsupported node"
+    assert (tmp_path / "d.onnx").is_file()
+
+
+def test_a_dead_forked_process_falls_back_to_the_qdq_recipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    section = _forked_failure(tmp_path, monkeypatch, lambda *_: os._exit(3))
+    assert section["recipe"] == "qdq"
+    assert (
+        section["why_not_nncf"] == "nncf.quantize failed: NNCF's process ended without a result (exit code 3)"
+    )
+
+
+def test_nncf_that_does_not_import_in_the_forked_process_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    qdq = _mlp(tmp_path / "qdq.onnx")
+    monkeypatch.setattr(openvino_int8, "nncf_unavailable_reason", lambda: "nncf does not import (broken)")
+    monkeypatch.setattr(openvino_int8.importlib.util, "find_spec", lambda name: object())
+    job = openvino_int8.start_nncf(qdq, _samples(2), tmp_path / "e.onnx")
+    assert job is not None
+    section = build_openvino_file(qdq, tmp_path / "e.onnx", job=job)
+    assert section["recipe"] == "qdq" and section["why_not_nncf"] == "nncf does not import (broken)"
+
+
+def test_a_cancelled_job_leaves_no_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    monkeypatch.setattr(openvino_int8, "nncf_unavailable_reason", lambda: None)
+    monkeypatch.setattr(openvino_int8, "nncf_ptq", lambda *_: time.sleep(60))
+    monkeypatch.setattr(openvino_int8.importlib.util, "find_spec", lambda name: object())
+    job = openvino_int8.start_nncf(_mlp(tmp_path / "qdq.onnx"), _samples(2), tmp_path / "f.onnx")
+    assert job is not None
+    job.cancel()
+    assert not job._process.is_alive() and not (tmp_path / "f.onnx").exists()
+
+
+@needs_nncf
+def test_nncfs_sessions_in_the_forked_process_take_one_thread_without_spinning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import nncf.onnx.engine as engine
+
+    monkeypatch.setattr(engine, "rt", engine.rt)  # restored after the test: the patch is the child's only
+    openvino_int8._one_thread_sessions()
+    options = engine.rt.SessionOptions()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"

@@ -28,7 +28,7 @@ from exporter.export.external_data import save_onnx
 from exporter.quantize import decoder_calibration
 from exporter.quantize.calibration import CalibrationData, load_calibration
 from exporter.quantize.int8 import QuantConfig, QuantResult, quantize
-from exporter.quantize.openvino_int8 import OPENVINO_FILE, build_openvino_file
+from exporter.quantize.openvino_int8 import OPENVINO_FILE, NncfJob, build_openvino_file, start_nncf
 from graph_passes.pipeline import optimize
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ def run_int8_stage(
     smoothing: bool | None = None,
     padding_side: str | None = None,
     openvino_file: bool = False,
+    openvino_job: NncfJob | None = None,
 ) -> tuple[QuantResult, dict[str, Any]]:
     """Quantize the exported compact fp32 graph; returns the result and the report section.
     `decoder_with_past`: calibrate on prefills (position ids and empty pasts added to the token ids)
@@ -70,21 +71,14 @@ def run_int8_stage(
     (exporter/quantize/decoder_calibration.py). `smoothing`: SmoothQuant migration before the Q/DQ file (None: the
     measured default for the model kind). `padding_side`: where calibration text is padded (None: the
     tokenizer's own; causal LMs pad on the left, as generation does). `openvino_file`: also write
-    `model.int8.openvino.onnx` where OpenVINO is installed (the CPU engine's candidate)."""
+    `model.int8.openvino.onnx` where OpenVINO is installed (the CPU engine's candidate); `openvino_job`:
+    NNCF's recipe for that file, already running (`start_openvino_file`; the caller stops it on failure)."""
     with tempfile.TemporaryDirectory() as tmp:
         cleaned, cleanup = optimize(onnx.load(str(exported)), "tensorrt", stages=("cleanup",), family=family)
         cleaned_path = Path(tmp) / "model.cleaned.onnx"
         save_onnx(cleaned, cleaned_path)
-        calibration = load_calibration(
-            config.calibration,
-            tokenizer_path,
-            input_names,
-            config.batch_size,
-            sequence_length,
-            num_samples=config.calibration_samples,
-            seed=config.seed,
-            vocab_size=vocab_size,
-            padding_side=padding_side,
+        calibration = _calibration(
+            config, tokenizer_path, input_names, sequence_length, vocab_size, padding_side
         )
         decoder_report = None
         if decoder_with_past:
@@ -114,6 +108,7 @@ def run_int8_stage(
                     work,
                     None if decoder_with_past else exported,
                     None if decoder_with_past else calibration.judge_batches("calibration"),
+                    openvino_job,
                 )
             }
             if openvino_file
@@ -128,14 +123,60 @@ def run_int8_stage(
     return result, section
 
 
+def start_openvino_file(
+    exported: Path,
+    work: Path,
+    config: ExportConfig,
+    *,
+    tokenizer_path: Path | None,
+    input_names: list[str],
+    sequence_length: int,
+    vocab_size: int,
+    padding_side: str | None = None,
+) -> NncfJob | None:
+    """An encoder's OpenVINO INT8 file by NNCF's recipe, started in a forked process as soon as its inputs
+    exist (the compact fp32 graph; the calibration samples `run_int8_stage` loads, loaded the same way), so
+    that it runs beside the graph passes and the INT8 search (exporter/quantize/openvino_int8.py); None
+    where OpenVINO or NNCF is missing (`run_int8_stage` then builds the file itself, or says why not)."""
+    from engines.openvino_runner import openvino_unavailable_reason
+
+    if openvino_unavailable_reason() is not None:
+        return None
+    calibration = _calibration(config, tokenizer_path, input_names, sequence_length, vocab_size, padding_side)
+    return start_nncf(exported, calibration.judge_batches("calibration"), work / OPENVINO_FILE)
+
+
+def _calibration(
+    config: ExportConfig,
+    tokenizer_path: Path | None,
+    input_names: list[str],
+    sequence_length: int,
+    vocab_size: int,
+    padding_side: str | None,
+) -> CalibrationData:
+    return load_calibration(
+        config.calibration,
+        tokenizer_path,
+        input_names,
+        config.batch_size,
+        sequence_length,
+        num_samples=config.calibration_samples,
+        seed=config.seed,
+        vocab_size=vocab_size,
+        padding_side=padding_side,
+    )
+
+
 def _openvino_file(
     result: QuantResult,
     work: Path,
     fp32_path: Path | None,
     samples: list[dict[str, np.ndarray]] | None,
+    job: NncfJob | None = None,
 ) -> dict[str, Any]:
     """The OpenVINO INT8 file, where OpenVINO can run it (else the reason, and no file): NNCF's recipe on
-    the compact fp32 graph where NNCF is installed (encoders), else the Q/DQ file rewritten."""
+    the compact fp32 graph where NNCF is installed (encoders; `job`'s file where it was started early), else
+    the Q/DQ file rewritten."""
     from engines.openvino_runner import openvino_unavailable_reason
 
     reason = openvino_unavailable_reason()
@@ -144,7 +185,7 @@ def _openvino_file(
     start = time.perf_counter()
     result.openvino_path = work / OPENVINO_FILE
     return build_openvino_file(
-        result.tensorrt_path, result.openvino_path, fp32_path=fp32_path, samples=samples
+        result.tensorrt_path, result.openvino_path, fp32_path=fp32_path, samples=samples, job=job
     ) | {"seconds": time.perf_counter() - start}
 
 

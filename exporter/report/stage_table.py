@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from engines.base import Runner
+from engines.base import Runner, open_together
 from engines.onnxruntime_runner import OnnxRuntimeRunner
 from engines.torch_runner import TorchRunner
 from exporter.report import stage_report
@@ -99,11 +99,15 @@ def measure(
             if key and key not in artifacts:
                 continue
             if key:
-                runner = OnnxRuntimeRunner(artifacts[key], threads=threads, spinning=False)
+                runner: Runner = OnnxRuntimeRunner(artifacts[key], threads=threads, spinning=False)
             else:
                 runner = TorchRunner(reference_wrapper, list(feeds), output_names, threads=threads)
-            runners.append((name, stack.enter_context(runner)))
+            runners.append((name, runner))
             info[name] = StageInfo(path=artifacts.get(key), note=note)
+        # sessions built two at a time (engines.base.open_together); all built before anything is timed
+        error = next((e for e in open_together([r for _, r in runners], stack) if e is not None), None)
+        if error is not None:
+            raise error
         for row in extra or []:
             runners.append((row.name, row.runner))
             info[row.name] = row.info
