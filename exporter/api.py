@@ -478,6 +478,7 @@ class _Run:
             decoder_with_past=self.task.with_past,
             padding_side=self.task.padding_side,
             openvino_file=self.choice.name != "tensorrt" and self.config.backend != "onnxruntime",
+            fused=self._onnxruntime_fused(),
         )
         self.report["int8"] = section
         self.artifacts["int8"] = result.tensorrt_path
@@ -502,6 +503,14 @@ class _Run:
             self._agreement_gate(
                 section, result.heldout, {"tensorrt": result.tensorrt_path, "cpu": result.cpu_path}
             )
+
+    def _onnxruntime_fused(self) -> Path | None:
+        """model.onnx where it is graph_passes' onnxruntime pipeline on the whole exported graph with weights
+        unchanged (no --sparsity enforce): the INT8 stage's CPU file needs that same fused graph."""
+        passes = self.report.get("graph_passes", {})
+        if passes.get("target") != "onnxruntime" or self.config.sparsity == "enforce":
+            return None
+        return None if self.report["export"].get("streaming") else self.artifacts.get("onnx")
 
     def _check_precision(self, md: ModelDir) -> None:
         """INT4 is weight-only: it pays where weight bytes per token bound the time (decoding with a cache)."""

@@ -45,7 +45,7 @@ from exporter.quantize.calibration import CalibrationData
 from exporter.quantize.cpu_features import WEIGHT_RANGES, WeightRange, reduce_weight_range
 from exporter.quantize.embeddings import QuantizedTable, quantize_embeddings
 from exporter.quantize.outliers import SUFFIX, split_outliers
-from exporter.quantize.ranges import DEFAULT_PERCENTILE, METHODS, cached_channel_max, collect_ranges
+from exporter.quantize.ranges import DEFAULT_PERCENTILE, METHODS, Maxima, cached_channel_max, collect_ranges
 from exporter.quantize.sensitivity import SWITCH_INPUT, search, switchable_model
 from exporter.validate.tolerances import tolerance
 from graph_passes.insert_qdq import Exclusions, InsertQDQ, activation_tensors, plan
@@ -88,6 +88,9 @@ class QuantConfig:
     # Set for KV-cache decoders by exporter/quantize/int8_stage.py: GroupQueryAttention is not quantized, the
     # projections around it are, and the fused file is faster (measured there).
     cpu_graph_passes_family: str | None = None
+    # That pipeline's output on the graph being quantized where the export already ran it (graph_passes'
+    # onnxruntime model.onnx, sparsity tags aside): used instead of running the fusions again.
+    cpu_fused_source: Path | None = None
     # sensitive CPU layers: this many outlier input channels go to a thin fp32 MatMul (0: whole layer fp32)
     cpu_outlier_channels: int = 4
     num_heads: int = 0  # for ONNX Runtime's Attention fusion in the CPU variant (0: detect from the graph)
@@ -138,14 +141,20 @@ def quantize(
         calibration = dataclasses.replace(calibration, batch=config.batch)
     judge = Judge(fp32_onnx, calibration, config.sensitivity_samples, reference)
     report: dict[str, Any] = {"calibration": calibration.describe(), "target_min_cosine": config.min_cosine}
-    maxima: dict[tuple[str, str], np.ndarray] = {}  # channel maxima per (file, tensor), measured once
+    maxima = Maxima()  # per (file, tensor), measured once
     with tempfile.TemporaryDirectory() as tmp:
         source = fp32_onnx
         if config.smoothing:
             from exporter.quantize.smooth import smooth
 
-            source, report["smoothing"] = smooth(fp32_onnx, Path(tmp), calibration, config, cache=maxima)
-        trt_cosine = _tensorrt_variant(source, out_dir / TENSORRT_FILE, calibration, config, judge, report)
+            # the Q/DQ activations' maxima come in the same pass: the ranges' first pass when nothing is smoothed
+            activations = activation_tensors(plan(ir.load(str(fp32_onnx)), config.exclusions()))
+            source, report["smoothing"] = smooth(
+                fp32_onnx, Path(tmp), calibration, config, cache=maxima, also=activations
+            )
+        trt_cosine = _tensorrt_variant(
+            source, out_dir / TENSORRT_FILE, calibration, config, judge, report, maxima
+        )
         cpu_path, cpu_cosine = None, None
         if config.cpu_variant:
             cpu_path = out_dir / CPU_FILE
@@ -168,14 +177,20 @@ def quantize(
 
 
 def _tensorrt_variant(
-    fp32: Path, out: Path, data: CalibrationData, config: QuantConfig, judge: Judge, report: dict[str, Any]
+    fp32: Path,
+    out: Path,
+    data: CalibrationData,
+    config: QuantConfig,
+    judge: Judge,
+    report: dict[str, Any],
+    maxima: Maxima | None = None,
 ) -> float:
     start = time.perf_counter()
     proto = onnx.load(str(fp32))
     decisions = plan(ir.from_proto(proto), config.exclusions())
-    ranges = collect_ranges(
-        proto, activation_tensors(decisions), data, config.method, config.percentile, config.num_samples
-    )
+    names = activation_tensors(decisions)
+    known = maxima.absmax(fp32, names) if maxima is not None else {}
+    ranges = collect_ranges(proto, names, data, config.method, config.percentile, config.num_samples, known)
     candidates = [d.node for d in decisions if d.quantized]
 
     built: dict[frozenset[str], tuple[onnx.ModelProto, Any]] = {}
@@ -226,7 +241,7 @@ def _cpu_variant(
     config: QuantConfig,
     judge: Judge,
     report: dict[str, Any],
-    maxima: dict[tuple[str, str], np.ndarray] | None = None,
+    maxima: Maxima | None = None,
 ) -> float:
     start = time.perf_counter()
     source, fusion = _fused_or_plain(fp32, tmp, judge, config)
@@ -292,7 +307,7 @@ def _outlier_split(
     tmp: Path,
     config: QuantConfig,
     data: CalibrationData,
-    maxima: dict[tuple[str, str], np.ndarray] | None = None,
+    maxima: Maxima | None = None,
 ):  # type: ignore[no-untyped-def]
     """`split(treated) -> (model path, nodes to keep fp32)`: treated MatMuls get the outlier-channel split
     (exporter/quantize/outliers.py) when `config.cpu_outlier_channels` > 0, the rest stay fp32."""
@@ -307,18 +322,19 @@ def _outlier_split(
         and inits.get(n.input[1]) == 2
         and config.cpu_outlier_channels
     }
-    maxima = (
-        cached_channel_max(
-            maxima, source, base, sorted({inputs[n] for n in splittable}), data, tmp, config.num_samples
-        )
-        if splittable
-        else {}
-    )
+    measured: dict[str, np.ndarray] = {}
+
+    def channel_maxima() -> dict[str, np.ndarray]:
+        """Measured when a layer is first treated (a search that treats none needs no pass)."""
+        if not measured:
+            tensors = sorted({inputs[n] for n in splittable})
+            measured.update(cached_channel_max(maxima, source, base, tensors, data, tmp, config.num_samples))
+        return measured
 
     def split(treated: frozenset[str]) -> tuple[Path, frozenset[str]]:
-        chosen = {n: maxima[inputs[n]] for n in treated if n in splittable}
-        if not chosen:
+        if not any(n in splittable for n in treated):
             return source, treated
+        chosen = {n: channel_maxima()[inputs[n]] for n in treated if n in splittable}
         model = split_outliers(onnx.load(str(source)), chosen, config.cpu_outlier_channels)
         path = tmp / "cpu_split.onnx"
         save_onnx(model, path)
@@ -341,7 +357,9 @@ def _fused_or_plain(fp32: Path, tmp: Path, judge: Judge, config: QuantConfig) ->
         return fp32, {"applied": False, "reason": "disabled"}
     fused = tmp / "fused.onnx"
     try:
-        if config.cpu_graph_passes_family:
+        if config.cpu_graph_passes_family and config.cpu_fused_source is not None:
+            ops = _without_sparsity_tags(config.cpu_fused_source, fused)
+        elif config.cpu_graph_passes_family:
             ops = _our_fusions(fp32, fused, config.cpu_graph_passes_family)
         else:
             ops = quantize_cpu.fuse_transformer(fp32, fused, config.num_heads, config.hidden_size)
@@ -365,6 +383,23 @@ def _our_fusions(fp32: Path, out: Path, family: str) -> dict[str, int]:
     model, report = optimize(onnx.load(str(fp32)), "onnxruntime", family=family, sparsity="off")
     save_onnx(model, out)
     return {op: count for op, count in report.op_counts_after.items() if count}
+
+
+def _without_sparsity_tags(source: Path, out: Path) -> dict[str, int]:
+    """`source` (the export's fused model.onnx) without its 2:4 sparsity tags: what `_our_fusions` writes for
+    the same graph (measured on the 45M Llama: the same nodes and initializers; only generated names of
+    non-quantized nodes differ). Op counts after, as `_our_fusions` returns them."""
+    from graph_passes.base import op_counts
+    from graph_passes.tag_sparsity_2to4 import METADATA_KEY
+
+    model = onnx.load(str(source))
+    for node in model.graph.node:
+        kept = [prop for prop in node.metadata_props if prop.key != METADATA_KEY]
+        if len(kept) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+    save_onnx(model, out)
+    return {op: count for op, count in op_counts(ir.from_proto(model)).items() if count}
 
 
 def _user_excluded(model_path: Path, exclusions: Exclusions) -> frozenset[str]:
