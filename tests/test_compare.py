@@ -49,3 +49,21 @@ def test_non_finite_and_shape_errors() -> None:
         compare("logits", reference, bad)
     with pytest.raises(ValidationError, match="shape"):
         compare("logits", reference, reference[:1])
+
+
+def test_token_mask_rows_equal_selected_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A [batch, sequence] mask over [batch, sequence, vocab] outputs: compared in place, the same numbers (and
+    index into the selection) as comparing `output[mask]`; a non-finite value at a padded position is ignored."""
+    monkeypatch.setattr(compare_module, "BLOCK_ELEMENTS", 100)
+    rng = np.random.default_rng(2)
+    reference = rng.standard_normal((3, 6, 40)).astype(np.float32)
+    candidate = reference + rng.standard_normal((3, 6, 40)).astype(np.float32) * 1e-2
+    mask = rng.random((3, 6)) > 0.4
+    candidate[~mask] = np.inf  # padding: not part of the comparison
+    (in_place,) = compare_module.compare_all({"logits": reference}, {"logits": candidate}, {"logits": mask})
+    selected = compare("logits", reference[mask], candidate[mask])
+    assert in_place == selected
+    assert len(in_place.worst_index) == 2
+    candidate[mask.nonzero()[0][0], mask.nonzero()[1][0], 5] = np.nan
+    with pytest.raises(ValidationError, match="non-finite"):
+        compare_module.compare_all({"logits": reference}, {"logits": candidate}, {"logits": mask})

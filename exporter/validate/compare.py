@@ -35,25 +35,32 @@ class Comparison:
 BLOCK_ELEMENTS = 1 << 18
 
 
-def compare(name: str, reference: np.ndarray, candidate: np.ndarray) -> Comparison:
+def compare(
+    name: str, reference: np.ndarray, candidate: np.ndarray, rows: np.ndarray | None = None
+) -> Comparison:
     """Statistics in float64, computed over blocks of rows of the [-1, last axis] view: max abs error and
     where, mean abs error, per-row cosine. Each row's numbers are computed as on the whole array; only the
-    mean abs error's sum is grouped by block (float64 rounding, ~1e-16 relative)."""
+    mean abs error's sum is grouped by block (float64 rounding, ~1e-16 relative). `rows`: only these rows of
+    that view, as if they had been selected first (`reference[mask]` for a mask over all but the last axis;
+    indices are into the selection), without copying them out."""
     if reference.shape != candidate.shape:
         raise ValidationError(
             f"{name}: shape {candidate.shape} differs from the reference's {reference.shape}"
         )
-    if not np.all(np.isfinite(candidate)):
-        raise ValidationError(f"{name}: non-finite values in the output")
     flat_ref = reference.reshape(-1, reference.shape[-1])
     flat_cand = candidate.reshape(-1, candidate.shape[-1])
-    rows, columns = flat_ref.shape
+    if rows is None and not np.all(np.isfinite(candidate)):
+        raise ValidationError(f"{name}: non-finite values in the output")
+    count, columns = (len(rows), flat_ref.shape[1]) if rows is not None else flat_ref.shape
     step = max(1, BLOCK_ELEMENTS // max(columns, 1))
-    cosine = np.empty(rows, dtype=np.float64)
+    cosine = np.empty(count, dtype=np.float64)
     total, worst, worst_at = 0.0, -np.inf, 0
-    for start in range(0, rows, step):
-        ref = flat_ref[start : start + step].astype(np.float64)
-        cand = flat_cand[start : start + step].astype(np.float64)
+    for start in range(0, count, step):
+        block = slice(start, start + step) if rows is None else rows[start : start + step]
+        ref = flat_ref[block].astype(np.float64)
+        cand = flat_cand[block].astype(np.float64)
+        if rows is not None and not np.all(np.isfinite(cand)):
+            raise ValidationError(f"{name}: non-finite values in the output")
         diff = np.abs(ref - cand)
         at = int(
             np.argmax(diff)
@@ -63,8 +70,11 @@ def compare(name: str, reference: np.ndarray, candidate: np.ndarray) -> Comparis
         total += float(diff.sum())
         norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
         cosine[start : start + step] = np.sum(ref * cand, axis=1) / np.maximum(norms, 1e-30)
-    where = tuple(int(i) for i in np.unravel_index(worst_at, reference.shape))
-    return Comparison(name, worst, total / flat_ref.size, float(cosine.mean()), float(cosine.min()), where)
+    shape = reference.shape if rows is None else (count, columns)
+    where = tuple(int(i) for i in np.unravel_index(worst_at, shape))
+    return Comparison(
+        name, worst, total / (count * columns), float(cosine.mean()), float(cosine.min()), where
+    )
 
 
 def compare_all(
@@ -78,9 +88,15 @@ def compare_all(
     for name, ref in reference.items():
         cand = candidate[name]
         token_mask = (masks or {}).get(name)
-        if token_mask is not None:
-            ref, cand = ref[token_mask], cand[token_mask]
-        results.append(compare(name, ref, cand))
+        if token_mask is None:
+            results.append(compare(name, ref, cand))
+        elif (
+            ref.shape == cand.shape and ref.ndim == token_mask.ndim + 1 and ref.shape[:-1] == token_mask.shape
+        ):
+            # the mask selects whole rows of the [-1, last axis] view: compared in place
+            results.append(compare(name, ref, cand, np.flatnonzero(token_mask.reshape(-1))))
+        else:
+            results.append(compare(name, ref[token_mask], cand[token_mask]))
     return results
 
 
