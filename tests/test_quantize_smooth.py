@@ -61,9 +61,13 @@ def test_smoothing_pass_measures_the_ranges_maxima(tmp_path: Path, monkeypatch) 
     passes = []
     original = ranges_module._passes
     monkeypatch.setattr(ranges_module, "_passes", lambda *a: passes.append(a[-1]) or original(*a))
+    sessions = []
+    build = ranges_module._session_with_outputs
+    monkeypatch.setattr(ranges_module, "_session_with_outputs", lambda *a: sessions.append(a[1]) or build(*a))
     config = QuantConfig(method="mse", smoothing=True)
     result = quantize(tmp_path / "fp32.onnx", tmp_path / "out", _data(), config)
     assert result.report["smoothing"]["smoothed"] == []
     assert result.report["tensorrt"]["ranges"] == direct
     # the CPU file's outlier split measures nothing unless the search treats a layer
     assert result.report["cpu"]["auto_excluded"] == [] and passes == ["smoothing", "ranges: mse"]
+    assert len(sessions) == 1 and set(names) <= set(sessions[0])  # the histograms run SmoothQuant's session

@@ -190,7 +190,11 @@ def _tensorrt_variant(
     decisions = plan(ir.from_proto(proto), config.exclusions())
     names = activation_tensors(decisions)
     known = maxima.absmax(fp32, names) if maxima is not None else {}
-    ranges = collect_ranges(proto, names, data, config.method, config.percentile, config.num_samples, known)
+    session = maxima.take_session(fp32) if maxima is not None else None
+    ranges = collect_ranges(
+        proto, names, data, config.method, config.percentile, config.num_samples, known, session
+    )
+    del session
     candidates = [d.node for d in decisions if d.quantized]
 
     built: dict[frozenset[str], tuple[onnx.ModelProto, Any]] = {}

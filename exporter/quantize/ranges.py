@@ -47,10 +47,13 @@ def collect_ranges(
     percentile: float = DEFAULT_PERCENTILE,
     limit: int | None = None,
     amax: dict[str, float] | None = None,
+    session: ort.InferenceSession | None = None,
 ) -> dict[str, float]:
     """amax per tensor, by `method`, from the first `limit` calibration samples (all when None). `amax`: max |x|
     per tensor already measured on the same model and samples (exporter/quantize/int8.py takes it from the
-    channel maxima SmoothQuant measured): the first pass runs only for the tensors it lacks."""
+    channel maxima SmoothQuant measured): the first pass runs only for the tensors it lacks. `session`: a
+    calibration session of the same model whose outputs include every tensor (the one that measured `amax`:
+    `Maxima.take_session`), used instead of building another."""
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose from {METHODS}")
     names = list(dict.fromkeys(tensor_names))
@@ -70,7 +73,9 @@ def collect_ranges(
                     amax[name] = max(amax[name], _absmax(array))
             if method == "max":
                 return amax
-        if missing != names:
+        elif session is None or not set(names) <= {o.name for o in session.get_outputs()}:
+            session = _session_with_outputs(proto, names, Path(tmp))
+        if missing and missing != names:
             session = _session_with_outputs(proto, names, Path(tmp))
         hists = {n: np.zeros(NUM_BINS, dtype=np.int64) for n in names}
         for outputs in _passes(session, names, data, limit, f"ranges: {method}"):
@@ -240,15 +245,16 @@ def measure_maxima(
     tmp: Path,
     limit: int | None,
     desc: str,
+    session: ort.InferenceSession | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """One pass over the calibration samples: max |x| per last-axis channel of each of `channels`, and max |x|
     of each of `whole` (any shapes: a decoder's attention scores grow along their last axis with the decode
-    steps)."""
+    steps). `session`: the calibration session to run (its outputs include both lists; built when None)."""
     names = list(dict.fromkeys([*channels, *whole]))
     per_channel, overall = set(channels), set(whole)
     result: dict[str, np.ndarray] = {}
     amax = {n: 0.0 for n in whole}
-    session = _session_with_outputs(model, names, tmp)
+    session = session or _session_with_outputs(model, names, tmp)
     for outputs in _passes(session, names, data, limit, desc):
         for name, value in outputs.items():
             if name not in per_channel:
@@ -272,6 +278,12 @@ class Maxima:
 
     channels: dict[tuple[str, str], np.ndarray] = dataclasses.field(default_factory=dict)
     whole: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
+    # the last calibration session per model file: the Q/DQ ranges' histogram pass reuses SmoothQuant's
+    sessions: dict[str, ort.InferenceSession] = dataclasses.field(default_factory=dict)
+
+    def take_session(self, path: Path) -> ort.InferenceSession | None:
+        """The calibration session kept for the model at `path` (handed over: the cache lets go of it)."""
+        return self.sessions.pop(_key(path), None)
 
     def absmax(self, path: Path, tensors: list[str]) -> dict[str, float]:
         """max |x| of those of `tensors` measured on the model at `path`."""
@@ -298,7 +310,9 @@ def cached_channel_max(
     missing = [t for t in tensors if (key, t) not in cache.channels]
     missing_whole = [t for t in whole if (key, t) not in cache.whole]
     if missing or missing_whole:
-        channels, amax = measure_maxima(model, missing, missing_whole, data, tmp, limit, desc)
+        names = list(dict.fromkeys([*missing, *missing_whole]))
+        cache.sessions[key] = session = _session_with_outputs(model, names, tmp)
+        channels, amax = measure_maxima(model, missing, missing_whole, data, tmp, limit, desc, session)
         cache.channels.update({(key, name): value for name, value in channels.items()})
         cache.whole.update({(key, name): value for name, value in amax.items()})
     return {t: cache.channels[(key, t)] for t in tensors}
