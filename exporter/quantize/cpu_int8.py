@@ -50,9 +50,9 @@ def fuse_transformer(
     return dict(Counter(n.op_type for n in onnx.load(str(out_path), load_external_data=False).graph.node))
 
 
-def candidates(model_path: Path) -> list[str]:
+def candidates(model_path: Path | onnx.ModelProto) -> list[str]:
     """Nodes that dynamic quantization would quantize: MatMul/Gemm with a constant weight, fused Attention."""
-    model = onnx.load(str(model_path), load_external_data=False)
+    model = _graph_of(model_path)
     initializers = {i.name for i in model.graph.initializer}
     names = []
     for node in model.graph.node:
@@ -65,10 +65,10 @@ def candidates(model_path: Path) -> list[str]:
     return names
 
 
-def layer_inputs(model_path: Path, names: list[str]) -> dict[str, dict[str, int | None]]:
+def layer_inputs(model_path: Path | onnx.ModelProto, names: list[str]) -> dict[str, dict[str, int | None]]:
     """Per candidate node: {activation input: None, weight input: per-channel axis} as quantize_dynamic
     quantizes them (MatMul/Attention weight [K, N]: axis 1; Gemm with transB: axis 0)."""
-    model = onnx.load(str(model_path), load_external_data=False)
+    model = _graph_of(model_path)
     wanted = set(names)
     layers: dict[str, dict[str, int | None]] = {}
     for node in model.graph.node:
@@ -76,6 +76,11 @@ def layer_inputs(model_path: Path, names: list[str]) -> dict[str, dict[str, int 
             trans_b = any(a.name == "transB" and a.i for a in node.attribute)
             layers[node.name] = {node.input[0]: None, node.input[1]: 0 if trans_b else 1}
     return layers
+
+
+def _graph_of(model: Path | onnx.ModelProto) -> onnx.ModelProto:
+    """The model as given, or read from its path (its nodes and initializer names are what is used)."""
+    return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
 
 
 def build(model_path: Path, out_path: Path, excluded: frozenset[str], reduce_range: bool = False) -> Path:

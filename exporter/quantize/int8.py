@@ -249,11 +249,12 @@ def _cpu_variant(
 ) -> float:
     start = time.perf_counter()
     source, fusion = _fused_or_plain(fp32, tmp, judge, config)
-    quantizable = quantize_cpu.candidates(source)
-    user_excluded = _user_excluded(source, config.exclusions()) & frozenset(quantizable)
+    graph = onnx.load(str(source))  # read once for the node lists below (the file stays the source)
+    quantizable = quantize_cpu.candidates(graph)
+    user_excluded = _user_excluded(graph, config.exclusions()) & frozenset(quantizable)
     candidates = [n for n in quantizable if n not in user_excluded]
 
-    split = _outlier_split(source, candidates, tmp, config, judge.data, maxima)
+    split = _outlier_split(source, candidates, tmp, config, judge.data, maxima, graph)
     reduce_range, range_reason = reduce_weight_range(config.cpu_weight_range)
 
     built: dict[frozenset[str], Path] = {}
@@ -268,7 +269,8 @@ def _cpu_variant(
             built[treated] = quantize_cpu.build(model_path, out, excluded, reduce_range)
         return built[treated]
 
-    layers = quantize_cpu.layer_inputs(source, candidates)
+    layers = quantize_cpu.layer_inputs(graph, candidates)
+    del graph
     sweep = lambda names: judge.sweep(switchable_model(onnx.load(str(source)), layers, None), candidates)  # noqa: E731
     sensitivity = _search(candidates, lambda ex: judge.search_cosine(build(ex)), config, sweep)
     final = build(frozenset(sensitivity.excluded))
@@ -312,10 +314,11 @@ def _outlier_split(
     config: QuantConfig,
     data: CalibrationData,
     maxima: Maxima | None = None,
+    base: onnx.ModelProto | None = None,
 ):  # type: ignore[no-untyped-def]
     """`split(treated) -> (model path, nodes to keep fp32)`: treated MatMuls get the outlier-channel split
     (exporter/quantize/outliers.py) when `config.cpu_outlier_channels` > 0, the rest stay fp32."""
-    base = onnx.load(str(source))
+    base = base if base is not None else onnx.load(str(source))
     inputs = {n.name: n.input[0] for n in base.graph.node if n.name in candidates}
     inits = {i.name: len(i.dims) for i in base.graph.initializer}
     splittable = {
@@ -406,8 +409,10 @@ def _without_sparsity_tags(source: Path, out: Path) -> dict[str, int]:
     return {op: count for op, count in op_counts(ir.from_proto(model)).items() if count}
 
 
-def _user_excluded(model_path: Path, exclusions: Exclusions) -> frozenset[str]:
-    graph = ir.load(str(model_path)).graph
+def _user_excluded(model: onnx.ModelProto, exclusions: Exclusions) -> frozenset[str]:
+    if not (exclusions.names or exclusions.op_types or exclusions.regex):
+        return frozenset()
+    graph = ir.from_proto(model).graph
     return frozenset(n.name for n in graph if n.name and exclusions.reason(n))
 
 
