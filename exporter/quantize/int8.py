@@ -21,6 +21,7 @@ high precision). Every decision and the rule behind it goes into `QuantResult.re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -142,7 +143,10 @@ def quantize(
     judge = Judge(fp32_onnx, calibration, config.sensitivity_samples, reference)
     report: dict[str, Any] = {"calibration": calibration.describe(), "target_min_cosine": config.min_cosine}
     maxima = Maxima()  # per (file, tensor), measured once
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        # the CPU file's first build (everything quantized) starts now, beside the TensorRT file's passes
+        prep = _prepare_cpu(fp32_onnx, Path(tmp), config, judge) if config.cpu_variant else None
+        stack.callback(lambda: prep.first.close() if prep is not None and prep.first is not None else None)
         source = fp32_onnx
         if config.smoothing:
             from exporter.quantize.smooth import smooth
@@ -156,9 +160,9 @@ def quantize(
             source, out_dir / TENSORRT_FILE, calibration, config, judge, report, maxima
         )
         cpu_path, cpu_cosine = None, None
-        if config.cpu_variant:
+        if prep is not None:
             cpu_path = out_dir / CPU_FILE
-            cpu_cosine = _cpu_variant(fp32_onnx, cpu_path, Path(tmp), config, judge, report, maxima)
+            cpu_cosine = _cpu_variant(prep, cpu_path, Path(tmp), config, judge, report, maxima)
     report["files"] = {
         TENSORRT_FILE: "TensorRT (explicit Q/DQ, symmetric s8, static ranges)",
         **(
@@ -238,8 +242,51 @@ def _tensorrt_variant(
     return cosine
 
 
+# The CPU file's first build runs in a child interpreter (ONNX Runtime's quantizer is single-threaded Python:
+# 5 s on the 45M Llama) while this process calibrates the TensorRT file, for sources of at least this size.
+BACKGROUND_BUILD_BYTES = 32 * 2**20
+
+
+@dataclasses.dataclass
+class _CpuPrep:
+    """What the CPU file is built from, decided before the TensorRT file (its first build may be under way)."""
+
+    source: Path
+    fusion: dict[str, Any]
+    graph: onnx.ModelProto
+    quantizable: list[str]
+    user_excluded: frozenset[str]
+    reduce_range: bool
+    range_reason: str
+    first: quantize_cpu.BackgroundBuild | None
+    seconds: float
+
+
+def _prepare_cpu(fp32: Path, tmp: Path, config: QuantConfig, judge: Judge) -> _CpuPrep:
+    start = time.perf_counter()
+    source, fusion = _fused_or_plain(fp32, tmp, judge, config)
+    graph = onnx.load(str(source))  # read once for the node lists below (the file stays the source)
+    quantizable = quantize_cpu.candidates(graph)
+    user_excluded = _user_excluded(graph, config.exclusions()) & frozenset(quantizable)
+    reduce_range, range_reason = reduce_weight_range(config.cpu_weight_range)
+    first = None
+    if source.stat().st_size >= BACKGROUND_BUILD_BYTES:  # all quantized: always the search's first build
+        first = quantize_cpu.BackgroundBuild(source, tmp / "cpu_candidate0.onnx", user_excluded, reduce_range)
+    return _CpuPrep(
+        source,
+        fusion,
+        graph,
+        quantizable,
+        user_excluded,
+        reduce_range,
+        range_reason,
+        first,
+        time.perf_counter() - start,
+    )
+
+
 def _cpu_variant(
-    fp32: Path,
+    prep: _CpuPrep,
     out: Path,
     tmp: Path,
     config: QuantConfig,
@@ -247,15 +294,11 @@ def _cpu_variant(
     report: dict[str, Any],
     maxima: Maxima | None = None,
 ) -> float:
-    start = time.perf_counter()
-    source, fusion = _fused_or_plain(fp32, tmp, judge, config)
-    graph = onnx.load(str(source))  # read once for the node lists below (the file stays the source)
-    quantizable = quantize_cpu.candidates(graph)
-    user_excluded = _user_excluded(graph, config.exclusions()) & frozenset(quantizable)
-    candidates = [n for n in quantizable if n not in user_excluded]
-
+    start = time.perf_counter() - prep.seconds
+    source, fusion, graph, user_excluded = prep.source, prep.fusion, prep.graph, prep.user_excluded
+    reduce_range, range_reason = prep.reduce_range, prep.range_reason
+    candidates = [n for n in prep.quantizable if n not in user_excluded]
     split = _outlier_split(source, candidates, tmp, config, judge.data, maxima, graph)
-    reduce_range, range_reason = reduce_weight_range(config.cpu_weight_range)
 
     built: dict[frozenset[str], Path] = {}
 
@@ -266,11 +309,12 @@ def _cpu_variant(
             model_path, fp32_nodes = split(treated)
             excluded = fp32_nodes | user_excluded
             out = tmp / f"cpu_candidate{len(built)}.onnx"
-            built[treated] = quantize_cpu.build(model_path, out, excluded, reduce_range)
+            background = prep.first.result() if prep.first is not None and not treated else None
+            built[treated] = background or quantize_cpu.build(model_path, out, excluded, reduce_range)
         return built[treated]
 
     layers = quantize_cpu.layer_inputs(graph, candidates)
-    del graph
+    del graph, prep.graph
     sweep = lambda names: judge.sweep(switchable_model(onnx.load(str(source)), layers, None), candidates)  # noqa: E731
     sensitivity = _search(candidates, lambda ex: judge.search_cosine(build(ex)), config, sweep)
     final = build(frozenset(sensitivity.excluded))
