@@ -642,6 +642,7 @@ class _Run:
             padding_side=self.task.padding_side,
             openvino_file=self._openvino_int8_wanted(),
             openvino_job=openvino_job,
+            fused=self._onnxruntime_fused(),
         )
         self.report["int8"] = section
         self.artifacts["int8"] = result.tensorrt_path
@@ -659,13 +660,22 @@ class _Run:
             self._check("int8_cpu", reference, cpu_outputs, real, gate)
             self._evaluate("int8_cpu", lambda batch: self._onnx_outputs(cpu_path, batch, optimized=True))
         if self.task.with_past:
+            reference_session = _ort_session(self.artifacts["onnx"])  # one fp32 session for both files
             for variant, path in (("tensorrt", result.tensorrt_path), ("cpu", result.cpu_path)):
                 if path is not None:
-                    section[variant].update(_decoder_int8_quality(self.artifacts["onnx"], path, feeds))
+                    section[variant].update(_decoder_int8_quality(reference_session, path, feeds))
         if self.task.gate_on_agreement:
             self._agreement_gate(
                 section, result.heldout, {"tensorrt": result.tensorrt_path, "cpu": result.cpu_path}
             )
+
+    def _onnxruntime_fused(self) -> Path | None:
+        """model.onnx where it is graph_passes' onnxruntime pipeline on the whole exported graph with weights
+        unchanged (no --sparsity enforce): the INT8 stage's CPU file needs that same fused graph."""
+        passes = self.report.get("graph_passes", {})
+        if passes.get("target") != "onnxruntime" or self.config.sparsity == "enforce":
+            return None
+        return None if self.report["export"].get("streaming") else self.artifacts.get("onnx")
 
     def _check_precision(self, md: ModelDir) -> None:
         """INT4 is weight-only: it pays where weight bytes per token bound the time (decoding with a cache)."""
@@ -723,8 +733,9 @@ class _Run:
         cpu = _decoder_prefill_outputs(result.cpu_path, feeds, optimized=True)
         self._check("int4_cpu", reference, cpu, real, None)
         bar = tolerance("int4").min_greedy_agreement or 0.0
+        reference_session = _ort_session(self.artifacts["onnx"])
         for variant, path in (("tensorrt", result.tensorrt_path), ("cpu", result.cpu_path)):
-            section[variant].update(_decoder_int8_quality(self.artifacts["onnx"], path, feeds))
+            section[variant].update(_decoder_int8_quality(reference_session, path, feeds))
             agreement = section[variant]["greedy_agreement"]
             if agreement < bar:
                 raise ValidationError(
@@ -1057,19 +1068,23 @@ def _check_cpu_engine_flag(config: ExportConfig, choice: BackendChoice) -> None:
     )
 
 
-def _decoder_int8_quality(
-    fp32: Path, int8: Path, feeds: dict[str, np.ndarray], prompts: int = 2, new_tokens: int = 16
-) -> dict[str, Any]:
-    """Greedy agreement and logit cosine of the INT8 decoder vs the fp32 optimized model over a short
-    generation from the first validation prompts (real tokens only, at most 16), both as ORT runs them."""
+def _ort_session(path: Path) -> Any:
+    """An ONNX Runtime CPU session with its default optimizations (as deployed)."""
     import onnxruntime as ort
 
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _decoder_int8_quality(
+    reference: Any, int8: Path, feeds: dict[str, np.ndarray], prompts: int = 2, new_tokens: int = 16
+) -> dict[str, Any]:
+    """Greedy agreement and logit cosine of the INT8 decoder vs the fp32 optimized model (`reference`: its
+    session) over a short generation from the first validation prompts (real tokens only, at most 16), both as
+    ORT runs them."""
     from exporter.runtime.generation import greedy_agreement
 
     rows = [ids[mask.astype(bool)][:16] for ids, mask in zip(feeds["input_ids"], feeds["attention_mask"])]
-    reference, candidate = (
-        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32, int8)
-    )
+    candidate = _ort_session(int8)
     quality = greedy_agreement(reference, candidate, rows[:prompts], max_new_tokens=new_tokens)
     return {**quality, "quality_vs": "fp32 model.onnx (greedy agreement teacher-forced on its tokens)"}
 

@@ -149,7 +149,15 @@ def test_task_on_an_encoder_is_refused(model_dir_factory, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_int8_decoder_reports_greedy_agreement_and_logit_cosine(family, model_dir_factory, tmp_path) -> None:
+def test_int8_decoder_reports_greedy_agreement_and_logit_cosine(
+    family, model_dir_factory, tmp_path, monkeypatch
+) -> None:
+    from exporter.quantize import int8
+
+    def fused_again(*args: object) -> None:
+        raise AssertionError("the INT8 stage ran the fusions model.onnx already holds")
+
+    monkeypatch.setattr(int8, "_our_fusions", fused_again)  # (a failure there reads "fusion failed")
     masks, _ = family_masks(family)
     config = dataclasses.replace(FP32, precision="int8", calibration="random")
     result = export_engine(model_dir_factory(family, masks=masks), tmp_path / "out", config)
@@ -166,7 +174,11 @@ def test_int8_decoder_reports_greedy_agreement_and_logit_cosine(family, model_di
     )
     # quantized from our fused graph: GroupQueryAttention per layer, its projections on integer kernels
     assert cpu["fusion"]["applied"] and cpu["fusion"]["max_abs_vs_fp32"] <= 1e-4, cpu["fusion"]
-    ops = [n.op_type for n in onnx.load(tmp_path / "out" / "model.int8.cpu.onnx").graph.node]
+    after = result.report["graph_passes"]["op_counts_after"]
+    assert cpu["fusion"]["ops"] == {op: count for op, count in after.items() if count}
+    nodes = onnx.load(tmp_path / "out" / "model.int8.cpu.onnx").graph.node
+    assert not [n.name for n in nodes if any(p.key == "sparsity_2to4" for p in n.metadata_props)]
+    ops = [n.op_type for n in nodes]
     layers = len(json.loads((tmp_path / "out" / "decoder_manifest.json").read_text())["layers"])
     assert ops.count("GroupQueryAttention") == layers and "Softmax" not in ops
     assert ops.count("DynamicQuantizeLinear") + ops.count("DynamicQuantizeMatMul") > 0

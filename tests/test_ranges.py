@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -128,3 +130,77 @@ def test_unknown_method_is_rejected() -> None:
     data = CalibrationData({"x": np.ones((2, 64), np.float32)}, {}, batch=1, source="test")
     with pytest.raises(ValueError, match="unknown calibration method"):
         collect_ranges(_relu_model(), ["n"], data, method="kl")
+
+
+def _relu_model_with_head() -> onnx.ModelProto:
+    """x -> Neg n -> Relu y -> MatMul (a 'head' nobody calibrates) -> z (the graph output); k: dynamic width."""
+    head = helper.make_tensor("head", TensorProto.FLOAT, [64, 3], np.ones(64 * 3, np.float32).tolist())
+    graph = helper.make_graph(
+        [
+            helper.make_node("Neg", ["x"], ["n"]),
+            helper.make_node("Relu", ["n"], ["y"]),
+            helper.make_node("MatMul", ["y", "head"], ["z"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["b", 3])],
+        [head],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_calibration_graph_holds_only_what_the_measured_tensors_need() -> None:
+    from exporter.quantize.ranges import needed_for
+
+    model = _relu_model_with_head()
+    pruned = needed_for(model, ["n"])
+    assert [n.op_type for n in pruned.graph.node] == ["Neg"]
+    assert [o.name for o in pruned.graph.output] == ["n"] and not pruned.graph.initializer
+    assert [n.op_type for n in needed_for(model, ["y", "n"]).graph.node] == ["Neg", "Relu"]
+    assert len(model.graph.node) == 3 and model.graph.initializer  # the model itself is untouched
+
+
+@pytest.mark.parametrize("method", ["max", "mse"])
+def test_known_amax_replaces_the_first_pass(
+    method: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """SmoothQuant's pass hands the ranges their max |x|: the same ranges with one pass fewer."""
+    from exporter.quantize import ranges as ranges_module
+
+    x = _outlier_data(size=64 * 50).reshape(50, 64)
+    data = CalibrationData({"x": x}, {"x": x[:2]}, batch=8, source="test")
+    model = _relu_model_with_head()
+    measured = collect_ranges(model, ["n", "y"], data, method=method)
+    channels, amax = ranges_module.measure_maxima(model, ["y"], ["n", "y"], data, tmp_path, None, "t")
+    assert amax == {"n": float(np.abs(x).max()), "y": float(np.maximum(-x, 0).max())}
+    assert channels["y"].tolist() == np.maximum(-x, 0).max(axis=0).tolist()
+    passes = []
+    original = ranges_module._passes
+    monkeypatch.setattr(ranges_module, "_passes", lambda *a: passes.append(a[-1]) or original(*a))
+    assert collect_ranges(model, ["n", "y"], data, method=method, amax=amax) == measured
+    assert passes == ([] if method == "max" else [f"ranges: {method}"])
+    passes.clear()  # only the tensors without a known amax get a first pass
+    assert collect_ranges(model, ["n", "y"], data, method=method, amax={"n": amax["n"]}) == measured
+    assert passes == ["ranges: max"] + ([] if method == "max" else [f"ranges: {method}"])
+    wrong = collect_ranges(model, ["n"], data, method="max", amax={"n": 123.0})
+    assert wrong == {"n": 123.0}  # the given maxima are used as they are
+
+
+def test_whole_tensor_maxima_take_any_shapes(tmp_path: Path) -> None:
+    """Decode steps grow the attention scores' last axis: max |x| of such a tensor needs no fixed width."""
+    from exporter.quantize.ranges import measure_maxima
+
+    graph = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["n"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "k"])],
+        [helper.make_tensor_value_info("n", TensorProto.FLOAT, ["b", "k"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    rng = np.random.default_rng(3)
+    main, step = rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=(6, 5)).astype(np.float32) * 9
+    data = CalibrationData(
+        {"x": main}, {"x": main[:1]}, batch=2, source="test", groups={"calibration": [{"x": step}]}
+    )
+    _, amax = measure_maxima(model, [], ["n"], data, tmp_path, None, "t")
+    assert amax == {"n": float(np.abs(step).max())}

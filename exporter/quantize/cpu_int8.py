@@ -15,7 +15,10 @@ fused graph is checked against the plain one numerically and dropped if it disag
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -50,9 +53,9 @@ def fuse_transformer(
     return dict(Counter(n.op_type for n in onnx.load(str(out_path), load_external_data=False).graph.node))
 
 
-def candidates(model_path: Path) -> list[str]:
+def candidates(model_path: Path | onnx.ModelProto) -> list[str]:
     """Nodes that dynamic quantization would quantize: MatMul/Gemm with a constant weight, fused Attention."""
-    model = onnx.load(str(model_path), load_external_data=False)
+    model = _graph_of(model_path)
     initializers = {i.name for i in model.graph.initializer}
     names = []
     for node in model.graph.node:
@@ -65,10 +68,10 @@ def candidates(model_path: Path) -> list[str]:
     return names
 
 
-def layer_inputs(model_path: Path, names: list[str]) -> dict[str, dict[str, int | None]]:
+def layer_inputs(model_path: Path | onnx.ModelProto, names: list[str]) -> dict[str, dict[str, int | None]]:
     """Per candidate node: {activation input: None, weight input: per-channel axis} as quantize_dynamic
     quantizes them (MatMul/Attention weight [K, N]: axis 1; Gemm with transB: axis 0)."""
-    model = onnx.load(str(model_path), load_external_data=False)
+    model = _graph_of(model_path)
     wanted = set(names)
     layers: dict[str, dict[str, int | None]] = {}
     for node in model.graph.node:
@@ -76,6 +79,11 @@ def layer_inputs(model_path: Path, names: list[str]) -> dict[str, dict[str, int 
             trans_b = any(a.name == "transB" and a.i for a in node.attribute)
             layers[node.name] = {node.input[0]: None, node.input[1]: 0 if trans_b else 1}
     return layers
+
+
+def _graph_of(model: Path | onnx.ModelProto) -> onnx.ModelProto:
+    """The model as given, or read from its path (its nodes and initializer names are what is used)."""
+    return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
 
 
 def build(model_path: Path, out_path: Path, excluded: frozenset[str], reduce_range: bool = False) -> Path:
@@ -94,6 +102,49 @@ def build(model_path: Path, out_path: Path, excluded: frozenset[str], reduce_ran
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
     )
     return out_path
+
+
+class BackgroundBuild:
+    """`build(...)` in a child interpreter at low priority (`nice`), for the caller to overlap with its own work:
+    ONNX Runtime's quantizer is single-threaded Python. `result()` waits; None if the child failed (its
+    stderr goes to the log), and the caller builds in-process."""
+
+    def __init__(
+        self, model_path: Path, out_path: Path, excluded: frozenset[str], reduce_range: bool
+    ) -> None:
+        root = str(Path(__file__).resolve().parents[2])  # this checkout's packages, whatever the child's path
+        code = (
+            "import json, os, sys; os.nice(10); sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
+            "from exporter.quantize.cpu_int8 import build; a = json.loads(sys.argv[1]); "
+            "build(Path(a[0]), Path(a[1]), frozenset(a[2]), a[3])"
+        )
+        args = json.dumps([str(model_path), str(out_path), sorted(excluded), reduce_range])
+        self.out_path = out_path
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by result() or close())
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", code, args, root], stdout=subprocess.DEVNULL, stderr=self.log
+        )
+
+    def close(self) -> None:
+        """Stop the child if it still runs (the caller failed before needing its file)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+    def result(self) -> Path | None:
+        code = self.process.wait()
+        self.log.seek(0)
+        text = self.log.read().decode(errors="replace")
+        self.log.close()
+        if code != 0:
+            logger.warning(
+                "background INT8 CPU build failed (exit %d), building in-process: %s", code, text[-2000:]
+            )
+            return None
+        if text:
+            logger.info("background INT8 CPU build: %s", text[-2000:])
+        return self.out_path
 
 
 def integer_kernel_counts(model_path: Path, threads: int = 2) -> dict[str, int]:

@@ -21,6 +21,7 @@ high precision). Every decision and the rule behind it goes into `QuantResult.re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -45,7 +46,7 @@ from exporter.quantize.calibration import CalibrationData
 from exporter.quantize.cpu_features import WEIGHT_RANGES, WeightRange, reduce_weight_range
 from exporter.quantize.embeddings import QuantizedTable, quantize_embeddings
 from exporter.quantize.outliers import SUFFIX, split_outliers
-from exporter.quantize.ranges import DEFAULT_PERCENTILE, METHODS, cached_channel_max, collect_ranges
+from exporter.quantize.ranges import DEFAULT_PERCENTILE, METHODS, Maxima, cached_channel_max, collect_ranges
 from exporter.quantize.sensitivity import SWITCH_INPUT, search, switchable_model
 from exporter.validate.tolerances import tolerance
 from graph_passes.insert_qdq import Exclusions, InsertQDQ, activation_tensors, plan
@@ -88,6 +89,9 @@ class QuantConfig:
     # Set for KV-cache decoders by exporter/quantize/int8_stage.py: GroupQueryAttention is not quantized, the
     # projections around it are, and the fused file is faster (measured there).
     cpu_graph_passes_family: str | None = None
+    # That pipeline's output on the graph being quantized where the export already ran it (graph_passes'
+    # onnxruntime model.onnx, sparsity tags aside): used instead of running the fusions again.
+    cpu_fused_source: Path | None = None
     # sensitive CPU layers: this many outlier input channels go to a thin fp32 MatMul (0: whole layer fp32)
     cpu_outlier_channels: int = 4
     num_heads: int = 0  # for ONNX Runtime's Attention fusion in the CPU variant (0: detect from the graph)
@@ -138,18 +142,27 @@ def quantize(
         calibration = dataclasses.replace(calibration, batch=config.batch)
     judge = Judge(fp32_onnx, calibration, config.sensitivity_samples, reference)
     report: dict[str, Any] = {"calibration": calibration.describe(), "target_min_cosine": config.min_cosine}
-    maxima: dict[tuple[str, str], np.ndarray] = {}  # channel maxima per (file, tensor), measured once
-    with tempfile.TemporaryDirectory() as tmp:
+    maxima = Maxima()  # per (file, tensor), measured once
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        # the CPU file's first build (everything quantized) starts now, beside the TensorRT file's passes
+        prep = _prepare_cpu(fp32_onnx, Path(tmp), config, judge) if config.cpu_variant else None
+        stack.callback(lambda: prep.first.close() if prep is not None and prep.first is not None else None)
         source = fp32_onnx
         if config.smoothing:
             from exporter.quantize.smooth import smooth
 
-            source, report["smoothing"] = smooth(fp32_onnx, Path(tmp), calibration, config, cache=maxima)
-        trt_cosine = _tensorrt_variant(source, out_dir / TENSORRT_FILE, calibration, config, judge, report)
+            # the Q/DQ activations' maxima come in the same pass: the ranges' first pass when nothing is smoothed
+            activations = activation_tensors(plan(ir.load(str(fp32_onnx)), config.exclusions()))
+            source, report["smoothing"] = smooth(
+                fp32_onnx, Path(tmp), calibration, config, cache=maxima, also=activations
+            )
+        trt_cosine = _tensorrt_variant(
+            source, out_dir / TENSORRT_FILE, calibration, config, judge, report, maxima
+        )
         cpu_path, cpu_cosine = None, None
-        if config.cpu_variant:
+        if prep is not None:
             cpu_path = out_dir / CPU_FILE
-            cpu_cosine = _cpu_variant(fp32_onnx, cpu_path, Path(tmp), config, judge, report, maxima)
+            cpu_cosine = _cpu_variant(prep, cpu_path, Path(tmp), config, judge, report, maxima)
     report["files"] = {
         TENSORRT_FILE: "TensorRT (explicit Q/DQ, symmetric s8, static ranges)",
         **(
@@ -168,14 +181,24 @@ def quantize(
 
 
 def _tensorrt_variant(
-    fp32: Path, out: Path, data: CalibrationData, config: QuantConfig, judge: Judge, report: dict[str, Any]
+    fp32: Path,
+    out: Path,
+    data: CalibrationData,
+    config: QuantConfig,
+    judge: Judge,
+    report: dict[str, Any],
+    maxima: Maxima | None = None,
 ) -> float:
     start = time.perf_counter()
     proto = onnx.load(str(fp32))
     decisions = plan(ir.from_proto(proto), config.exclusions())
+    names = activation_tensors(decisions)
+    known = maxima.absmax(fp32, names) if maxima is not None else {}
+    session = maxima.take_session(fp32) if maxima is not None else None
     ranges = collect_ranges(
-        proto, activation_tensors(decisions), data, config.method, config.percentile, config.num_samples
+        proto, names, data, config.method, config.percentile, config.num_samples, known, session
     )
+    del session
     candidates = [d.node for d in decisions if d.quantized]
 
     built: dict[frozenset[str], tuple[onnx.ModelProto, Any]] = {}
@@ -219,23 +242,63 @@ def _tensorrt_variant(
     return cosine
 
 
+# The CPU file's first build runs in a child interpreter (ONNX Runtime's quantizer is single-threaded Python:
+# 5 s on the 45M Llama) while this process calibrates the TensorRT file, for sources of at least this size.
+BACKGROUND_BUILD_BYTES = 32 * 2**20
+
+
+@dataclasses.dataclass
+class _CpuPrep:
+    """What the CPU file is built from, decided before the TensorRT file (its first build may be under way)."""
+
+    source: Path
+    fusion: dict[str, Any]
+    graph: onnx.ModelProto
+    quantizable: list[str]
+    user_excluded: frozenset[str]
+    reduce_range: bool
+    range_reason: str
+    first: quantize_cpu.BackgroundBuild | None
+    seconds: float
+
+
+def _prepare_cpu(fp32: Path, tmp: Path, config: QuantConfig, judge: Judge) -> _CpuPrep:
+    start = time.perf_counter()
+    source, fusion = _fused_or_plain(fp32, tmp, judge, config)
+    graph = onnx.load(str(source))  # read once for the node lists below (the file stays the source)
+    quantizable = quantize_cpu.candidates(graph)
+    user_excluded = _user_excluded(graph, config.exclusions()) & frozenset(quantizable)
+    reduce_range, range_reason = reduce_weight_range(config.cpu_weight_range)
+    first = None
+    if source.stat().st_size >= BACKGROUND_BUILD_BYTES:  # all quantized: always the search's first build
+        first = quantize_cpu.BackgroundBuild(source, tmp / "cpu_candidate0.onnx", user_excluded, reduce_range)
+    return _CpuPrep(
+        source,
+        fusion,
+        graph,
+        quantizable,
+        user_excluded,
+        reduce_range,
+        range_reason,
+        first,
+        time.perf_counter() - start,
+    )
+
+
 def _cpu_variant(
-    fp32: Path,
+    prep: _CpuPrep,
     out: Path,
     tmp: Path,
     config: QuantConfig,
     judge: Judge,
     report: dict[str, Any],
-    maxima: dict[tuple[str, str], np.ndarray] | None = None,
+    maxima: Maxima | None = None,
 ) -> float:
-    start = time.perf_counter()
-    source, fusion = _fused_or_plain(fp32, tmp, judge, config)
-    quantizable = quantize_cpu.candidates(source)
-    user_excluded = _user_excluded(source, config.exclusions()) & frozenset(quantizable)
-    candidates = [n for n in quantizable if n not in user_excluded]
-
-    split = _outlier_split(source, candidates, tmp, config, judge.data, maxima)
-    reduce_range, range_reason = reduce_weight_range(config.cpu_weight_range)
+    start = time.perf_counter() - prep.seconds
+    source, fusion, graph, user_excluded = prep.source, prep.fusion, prep.graph, prep.user_excluded
+    reduce_range, range_reason = prep.reduce_range, prep.range_reason
+    candidates = [n for n in prep.quantizable if n not in user_excluded]
+    split = _outlier_split(source, candidates, tmp, config, judge.data, maxima, graph)
 
     built: dict[frozenset[str], Path] = {}
 
@@ -246,10 +309,12 @@ def _cpu_variant(
             model_path, fp32_nodes = split(treated)
             excluded = fp32_nodes | user_excluded
             out = tmp / f"cpu_candidate{len(built)}.onnx"
-            built[treated] = quantize_cpu.build(model_path, out, excluded, reduce_range)
+            background = prep.first.result() if prep.first is not None and not treated else None
+            built[treated] = background or quantize_cpu.build(model_path, out, excluded, reduce_range)
         return built[treated]
 
-    layers = quantize_cpu.layer_inputs(source, candidates)
+    layers = quantize_cpu.layer_inputs(graph, candidates)
+    del graph, prep.graph
     sweep = lambda names: judge.sweep(switchable_model(onnx.load(str(source)), layers, None), candidates)  # noqa: E731
     sensitivity = _search(candidates, lambda ex: judge.search_cosine(build(ex)), config, sweep)
     final = build(frozenset(sensitivity.excluded))
@@ -292,11 +357,12 @@ def _outlier_split(
     tmp: Path,
     config: QuantConfig,
     data: CalibrationData,
-    maxima: dict[tuple[str, str], np.ndarray] | None = None,
+    maxima: Maxima | None = None,
+    base: onnx.ModelProto | None = None,
 ):  # type: ignore[no-untyped-def]
     """`split(treated) -> (model path, nodes to keep fp32)`: treated MatMuls get the outlier-channel split
     (exporter/quantize/outliers.py) when `config.cpu_outlier_channels` > 0, the rest stay fp32."""
-    base = onnx.load(str(source))
+    base = base if base is not None else onnx.load(str(source))
     inputs = {n.name: n.input[0] for n in base.graph.node if n.name in candidates}
     inits = {i.name: len(i.dims) for i in base.graph.initializer}
     splittable = {
@@ -307,18 +373,19 @@ def _outlier_split(
         and inits.get(n.input[1]) == 2
         and config.cpu_outlier_channels
     }
-    maxima = (
-        cached_channel_max(
-            maxima, source, base, sorted({inputs[n] for n in splittable}), data, tmp, config.num_samples
-        )
-        if splittable
-        else {}
-    )
+    measured: dict[str, np.ndarray] = {}
+
+    def channel_maxima() -> dict[str, np.ndarray]:
+        """Measured when a layer is first treated (a search that treats none needs no pass)."""
+        if not measured:
+            tensors = sorted({inputs[n] for n in splittable})
+            measured.update(cached_channel_max(maxima, source, base, tensors, data, tmp, config.num_samples))
+        return measured
 
     def split(treated: frozenset[str]) -> tuple[Path, frozenset[str]]:
-        chosen = {n: maxima[inputs[n]] for n in treated if n in splittable}
-        if not chosen:
+        if not any(n in splittable for n in treated):
             return source, treated
+        chosen = {n: channel_maxima()[inputs[n]] for n in treated if n in splittable}
         model = split_outliers(onnx.load(str(source)), chosen, config.cpu_outlier_channels)
         path = tmp / "cpu_split.onnx"
         save_onnx(model, path)
@@ -341,7 +408,9 @@ def _fused_or_plain(fp32: Path, tmp: Path, judge: Judge, config: QuantConfig) ->
         return fp32, {"applied": False, "reason": "disabled"}
     fused = tmp / "fused.onnx"
     try:
-        if config.cpu_graph_passes_family:
+        if config.cpu_graph_passes_family and config.cpu_fused_source is not None:
+            ops = _without_sparsity_tags(config.cpu_fused_source, fused)
+        elif config.cpu_graph_passes_family:
             ops = _our_fusions(fp32, fused, config.cpu_graph_passes_family)
         else:
             ops = quantize_cpu.fuse_transformer(fp32, fused, config.num_heads, config.hidden_size)
@@ -367,8 +436,27 @@ def _our_fusions(fp32: Path, out: Path, family: str) -> dict[str, int]:
     return {op: count for op, count in report.op_counts_after.items() if count}
 
 
-def _user_excluded(model_path: Path, exclusions: Exclusions) -> frozenset[str]:
-    graph = ir.load(str(model_path)).graph
+def _without_sparsity_tags(source: Path, out: Path) -> dict[str, int]:
+    """`source` (the export's fused model.onnx) without its 2:4 sparsity tags: what `_our_fusions` writes for
+    the same graph (measured on the 45M Llama: the same nodes and initializers; only generated names of
+    non-quantized nodes differ). Op counts after, as `_our_fusions` returns them."""
+    from graph_passes.base import op_counts
+    from graph_passes.tag_sparsity_2to4 import METADATA_KEY
+
+    model = onnx.load(str(source))
+    for node in model.graph.node:
+        kept = [prop for prop in node.metadata_props if prop.key != METADATA_KEY]
+        if len(kept) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+    save_onnx(model, out)
+    return {op: count for op, count in op_counts(ir.from_proto(model)).items() if count}
+
+
+def _user_excluded(model: onnx.ModelProto, exclusions: Exclusions) -> frozenset[str]:
+    if not (exclusions.names or exclusions.op_types or exclusions.regex):
+        return frozenset()
+    graph = ir.from_proto(model).graph
     return frozenset(n.name for n in graph if n.name and exclusions.reason(n))
 
 
@@ -468,19 +556,29 @@ class Judge:
             yield ref, _run(session, {**feeds, **(extra or {})}), feeds.get("attention_mask")
 
 
+# Rows per block of `token_cosines`: selected rows are gathered a few MB at a time (in cache for the sums)
+# instead of copying every real token's logits out first.
+COSINE_BLOCK_ROWS = 64
+
+
 def token_cosines(reference: np.ndarray, output: np.ndarray, attention_mask: np.ndarray | None) -> np.ndarray:
     """Cosine per token (vectors on the last axis), over unmasked tokens when the mask matches [batch, seq]."""
     ref = reference.reshape(-1, reference.shape[-1])
     out = output.reshape(-1, output.shape[-1])
+    rows = np.arange(len(ref))
     if attention_mask is not None and reference.ndim == 3 and attention_mask.shape == reference.shape[:2]:
-        real = attention_mask.reshape(-1).astype(bool)  # real tokens only, before any arithmetic
-        ref, out = ref[real], out[real]
-    # float64 sums without float64 copies of [tokens, vocab] logits (16x faster on a 32k vocabulary, same values)
-    dot = np.einsum("ij,ij->i", ref, out, dtype=np.float64)
-    denom = np.sqrt(np.einsum("ij,ij->i", ref, ref, dtype=np.float64)) * np.sqrt(
-        np.einsum("ij,ij->i", out, out, dtype=np.float64)
-    )
-    return np.where(denom > 0, dot / np.maximum(denom, 1e-30), 1.0)
+        rows = np.flatnonzero(attention_mask.reshape(-1))  # real tokens only, before any arithmetic
+    cosines = np.empty(len(rows), dtype=np.float64)
+    for start in range(0, len(rows), COSINE_BLOCK_ROWS):
+        block = rows[start : start + COSINE_BLOCK_ROWS]
+        r, o = ref[block], out[block]
+        # float64 sums without float64 copies of [tokens, vocab] logits (16x faster on a 32k vocabulary)
+        dot = np.einsum("ij,ij->i", r, o, dtype=np.float64)
+        denom = np.sqrt(np.einsum("ij,ij->i", r, r, dtype=np.float64)) * np.sqrt(
+            np.einsum("ij,ij->i", o, o, dtype=np.float64)
+        )
+        cosines[start : start + len(block)] = np.where(denom > 0, dot / np.maximum(denom, 1e-30), 1.0)
+    return cosines
 
 
 def _session(model: onnx.ModelProto | Path, optimize: bool, threads: int = 2) -> ort.InferenceSession:

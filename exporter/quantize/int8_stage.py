@@ -64,6 +64,7 @@ def run_int8_stage(
     padding_side: str | None = None,
     openvino_file: bool = False,
     openvino_job: NncfJob | None = None,
+    fused: Path | None = None,
 ) -> tuple[QuantResult, dict[str, Any]]:
     """Quantize the exported compact fp32 graph; returns the result and the report section.
     `decoder_with_past`: calibrate on prefills (position ids and empty pasts added to the token ids)
@@ -72,7 +73,10 @@ def run_int8_stage(
     measured default for the model kind). `padding_side`: where calibration text is padded (None: the
     tokenizer's own; causal LMs pad on the left, as generation does). `openvino_file`: also write
     `model.int8.openvino.onnx` where OpenVINO is installed (the CPU engine's candidate); `openvino_job`:
-    NNCF's recipe for that file, already running (`start_openvino_file`; the caller stops it on failure)."""
+    NNCF's recipe for that file, already running (`start_openvino_file`; the caller stops it on failure).
+    `fused`: graph_passes' onnxruntime pipeline already run on `exported` for `family` (the export's
+    model.onnx), which the decoder's CPU file is quantized from instead of fusing again
+    (QuantConfig.cpu_fused_source)."""
     with tempfile.TemporaryDirectory() as tmp:
         cleaned, cleanup = optimize(onnx.load(str(exported)), "tensorrt", stages=("cleanup",), family=family)
         cleaned_path = Path(tmp) / "model.cleaned.onnx"
@@ -91,6 +95,7 @@ def run_int8_stage(
         if decoder_with_past:
             quant_config.smoothing = DECODER_SMOOTHING
             quant_config.cpu_graph_passes_family = family if DECODER_CPU_FUSION else None
+            quant_config.cpu_fused_source = fused
         if smoothing is not None:
             quant_config.smoothing = smoothing
         if config.calibration_method:

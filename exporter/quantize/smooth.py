@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from onnx import numpy_helper
 
 from exporter.export.external_data import save_onnx
 from exporter.quantize.calibration import CalibrationData
-from exporter.quantize.ranges import cached_channel_max
+from exporter.quantize.ranges import Maxima, cached_channel_max
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +37,14 @@ def smooth(
     data: CalibrationData,
     config: Any,
     alpha: float = ALPHA,
-    cache: dict[tuple[str, str], np.ndarray] | None = None,
+    cache: Maxima | None = None,
+    also: Sequence[str] = (),
 ) -> tuple[Path, dict[str, Any]]:
-    """Write the smoothed fp32 model to `tmp`; return its path and what was smoothed. `cache`: channel maxima
-    shared with the CPU file's outlier split (exporter/quantize/ranges.py cached_channel_max)."""
+    """Write the smoothed fp32 model to `tmp`; return its path and what was smoothed (`fp32` itself, nothing
+    written, when no activation qualifies: the same graph). `cache`: channel maxima shared with the Q/DQ
+    ranges and the CPU file's outlier split (exporter/quantize/ranges.py cached_channel_max); `also`: tensors
+    whose max |x| is measured into `cache` in the same pass over the calibration set (the Q/DQ file's
+    activations: the ranges' first pass when nothing is smoothed)."""
     model = onnx.load(str(fp32))
     inits = {i.name: i for i in model.graph.initializer}
     consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -47,7 +52,7 @@ def smooth(
         if node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
             consumers[node.input[0]].append(node)
     channel_max = cached_channel_max(
-        cache, fp32, model, list(consumers), data, tmp, config.num_samples, "smoothing"
+        cache, fp32, model, list(consumers), data, tmp, config.num_samples, "smoothing", whole=also
     )
     smoothed = []
     for tensor, nodes in consumers.items():
@@ -67,13 +72,16 @@ def smooth(
                 "ratio_before": float(act.max() / np.median(act)),
             }
         )
+    report = {"alpha": alpha, "outlier_ratio": OUTLIER_RATIO, "smoothed": smoothed}
+    if not smoothed:
+        return fp32, report
     used = {i for n in model.graph.node for i in n.input}
     unused = [i for i in model.graph.initializer if i.name not in used]
     for init in unused:
         model.graph.initializer.remove(init)
     path = tmp / "smoothed.onnx"
     save_onnx(model, path)
-    return path, {"alpha": alpha, "outlier_ratio": OUTLIER_RATIO, "smoothed": smoothed}
+    return path, report
 
 
 def _apply(model, tensor, nodes, weights, s, inits) -> None:  # type: ignore[no-untyped-def]
