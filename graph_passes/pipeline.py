@@ -186,6 +186,13 @@ def optimize_file(
     ir_model, report = optimize_ir(
         ir.load(str(source)), target, family=family, strict_fusion=strict_fusion, sparsity=sparsity
     )
+    save_streamed(ir_model, target_path)
+    return report
+
+
+def save_streamed(ir_model: ir.Model, path: Path, alignment: int = 64 * 1024) -> None:
+    """`ir_model` at `path`, its weights streamed into one `<name>.data` (`alignment`-aligned), each lazily
+    read tensor unmapped once the next is written: a large model's weights never all sit in memory."""
     written: list[Any] = []
 
     def release_written(tensor: Any, info: Any) -> None:
@@ -198,14 +205,13 @@ def optimize_file(
 
     ir.save(
         ir_model,
-        str(target_path),
-        external_data=target_path.name + ".data",
-        alignment=64 * 1024,
+        str(path),
+        external_data=path.name + ".data",
+        alignment=alignment,
         callback=release_written,
         max_workers=1,
         max_in_flight_bytes=256 * 2**20,
     )
-    return report
 
 
 def optimize_ir(

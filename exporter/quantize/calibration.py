@@ -17,6 +17,7 @@ import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -236,3 +237,26 @@ def _shapes(feeds: dict[str, np.ndarray]) -> dict[str, list[int]]:
 
 def _count(feeds: dict[str, np.ndarray]) -> int:
     return next(iter(feeds.values())).shape[0] if feeds else 0
+
+
+def load_stage_calibration(
+    config: Any,
+    tokenizer_path: str | Path | None,
+    input_names: list[str],
+    sequence_length: int,
+    vocab_size: int | None,
+    padding_side: str | None = None,
+) -> CalibrationData:
+    """The samples the INT8 and INT4 stages calibrate and judge on, from the export's flags (`--calibration`,
+    `--batch-size`, `--calibration-samples`, `--seed`): one call, so both stages read the same text."""
+    return load_calibration(
+        config.calibration,
+        tokenizer_path,
+        input_names,
+        config.batch_size,
+        sequence_length,
+        num_samples=config.calibration_samples,
+        seed=config.seed,
+        vocab_size=vocab_size,
+        padding_side=padding_side,
+    )

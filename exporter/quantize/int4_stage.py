@@ -33,7 +33,7 @@ from exporter.export.external_data import save_onnx
 from exporter.quantize import decoder_calibration
 from exporter.quantize.awq import METHODS, Method
 from exporter.quantize.blocks import check_block_size
-from exporter.quantize.calibration import CalibrationData, load_calibration
+from exporter.quantize.calibration import CalibrationData, load_stage_calibration
 from exporter.quantize.int4 import (
     EMBEDDING,
     MIN_OPSET,
@@ -324,13 +324,4 @@ def load_decoder_calibration(
     config: Any, tokenizer_path: Path | None, input_names: list[str], sequence_length: int, vocab_size: int
 ) -> CalibrationData:
     """Token calibration samples (as the INT8 stage loads them; prefills are added by the stage)."""
-    return load_calibration(
-        config.calibration,
-        tokenizer_path,
-        input_names,
-        config.batch_size,
-        sequence_length,
-        num_samples=config.calibration_samples,
-        seed=config.seed,
-        vocab_size=vocab_size,
-    )
+    return load_stage_calibration(config, tokenizer_path, input_names, sequence_length, vocab_size)

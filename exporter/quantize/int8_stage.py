@@ -26,7 +26,7 @@ from export_errors import InputError
 from exporter.config import ExportConfig
 from exporter.export.external_data import save_onnx
 from exporter.quantize import decoder_calibration
-from exporter.quantize.calibration import CalibrationData, load_calibration
+from exporter.quantize.calibration import CalibrationData, load_stage_calibration
 from exporter.quantize.int8 import QuantConfig, QuantResult, quantize
 from exporter.quantize.openvino_int8 import OPENVINO_FILE, NncfJob, build_openvino_file, start_nncf
 from graph_passes.pipeline import optimize
@@ -159,16 +159,8 @@ def _calibration(
     vocab_size: int,
     padding_side: str | None,
 ) -> CalibrationData:
-    return load_calibration(
-        config.calibration,
-        tokenizer_path,
-        input_names,
-        config.batch_size,
-        sequence_length,
-        num_samples=config.calibration_samples,
-        seed=config.seed,
-        vocab_size=vocab_size,
-        padding_side=padding_side,
+    return load_stage_calibration(
+        config, tokenizer_path, input_names, sequence_length, vocab_size, padding_side
     )
 
 

@@ -17,7 +17,6 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -25,6 +24,7 @@ import onnx_ir as ir
 from onnx import helper
 
 from exporter.export.external_data import ALIGNMENT
+from graph_passes.pipeline import save_streamed
 
 _LAYER = re.compile(r"/layers\.(\d+)/")
 
@@ -201,22 +201,5 @@ def _value_info(value: ir.Value) -> onnx.ValueInfoProto:
 
 def save(model: ir.Model, path: Path) -> None:
     """`model` at `path` with its weights streamed into one `<name>.data`, each lazily read tensor unmapped
-    once the next is written (as graph_passes.pipeline.optimize_file does)."""
-    written: list[Any] = []
-
-    def release_written(tensor: Any, info: Any) -> None:
-        while written:
-            previous = written.pop()
-            if isinstance(previous, ir.ExternalTensor):
-                previous.release()
-        written.append(tensor)
-
-    ir.save(
-        model,
-        str(path),
-        external_data=path.name + ".data",
-        alignment=ALIGNMENT,
-        callback=release_written,
-        max_workers=1,
-        max_in_flight_bytes=256 * 2**20,
-    )
+    once the next is written (graph_passes.pipeline.save_streamed, as optimize_file saves)."""
+    save_streamed(model, path, ALIGNMENT)
