@@ -249,3 +249,16 @@ def test_int4_on_an_encoder_is_refused_with_the_reason(model_dir_factory, tmp_pa
             model_dir_factory("bert"), tmp_path / "out", dataclasses.replace(FP32, precision="int4")
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_int8_decoder_cpu_file_keeps_the_fusions_with_padded_text_calibration(
+    model_dir_factory, tmp_path
+) -> None:
+    """Text calibration pads (on the left for a causal LM); GroupQueryAttention fills padded rows differently
+    from the unfused graph, which the CPU file's fusion check once counted (2.95 there: the plain graph was
+    quantized instead). The check reads real tokens only, so the fused graph is kept and exact on them."""
+    masks, _ = family_masks("llama")
+    config = dataclasses.replace(FP32, precision="int8")
+    result = export_engine(model_dir_factory("llama", masks=masks, tokenizer=True), tmp_path / "out", config)
+    fusion = result.report["int8"]["cpu"]["fusion"]
+    assert fusion["applied"] and fusion["max_abs_vs_fp32"] <= 1e-4, fusion

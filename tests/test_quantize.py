@@ -121,3 +121,20 @@ def test_cpu_layer_stays_fp32_without_outlier_split(tmp_path: Path) -> None:
     assert cpu["ort_optimized_graph_ops"].get("DynamicQuantizeMatMul", 0) == 3
     assert cpu["ort_optimized_graph_ops"].get("MatMul") == 1
     assert result.cpu_cosine >= 0.99
+
+
+def test_fusion_check_reads_real_tokens_only():
+    """The CPU file's fusion check ignores padded positions (never read; a fused attention kernel fills them
+    differently) and still sees an error on any real token."""
+    from exporter.quantize.int8 import max_abs_on_real_tokens
+
+    ref = np.zeros((2, 4, 3), dtype=np.float32)
+    mask = np.array([[0, 0, 1, 1], [1, 1, 1, 1]], dtype=np.int64)  # left padding in the first row
+    out = ref.copy()
+    out[0, :2] = 5.0  # padding only
+    assert max_abs_on_real_tokens(ref, out, mask) == 0.0
+    assert max_abs_on_real_tokens(ref, out, None) == 5.0
+    out[1, 3, 2] = 0.25  # a real token
+    assert max_abs_on_real_tokens(ref, out, mask) == 0.25
+    pooled = np.zeros((2, 3), dtype=np.float32)  # no [batch, sequence] layout: compared whole
+    assert max_abs_on_real_tokens(pooled, pooled + 1.0, mask) == 1.0
