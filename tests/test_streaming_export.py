@@ -353,8 +353,9 @@ def _int8_plain_cpu_file(exported, out):  # type: ignore[no-untyped-def]
 
 def test_per_piece_int8_equals_whole_model_quantization(tmp_path, monkeypatch):
     """quantized.int8_cpu_file, piece by piece on the lazily loaded graph, writes the file the whole-model
-    functions write on the whole graph: the INT8 stage's file itself (plain graph, which that stage keeps for
-    this model), and quantize_dynamic + INT8 embeddings of the fused graph (what the streamed export writes)."""
+    functions write on the whole graph: the INT8 stage's file itself (fused graph, all quantized), and
+    quantize_dynamic + INT8 embeddings of the fused graph (what the streamed export writes); the plain graph
+    in chunks (as at 8B) equals it unchunked."""
     from exporter.quantize import per_piece as quantized
 
     src = write_model_dir(
@@ -367,13 +368,12 @@ def test_per_piece_int8_equals_whole_model_quantization(tmp_path, monkeypatch):
     config = dict(precision="int8", benchmark=False, calibration_samples=16, cpu_int8_weights="full")
     whole = export_engine(src, tmp_path / "whole", ExportConfig(streaming="off", **config))
     cpu = whole.report["int8"]["cpu"]
-    assert not cpu["auto_excluded"] and not cpu["fusion"]["applied"]  # the stage's file: all quantized, plain
+    assert not cpu["auto_excluded"] and cpu["fusion"]["applied"]  # the stage's file: all quantized, fused
     vocab = 1100
     plain = tmp_path / "plain" / "model.int8.cpu.onnx"
     plain.parent.mkdir()
     report = quantized.int8_cpu_file(whole.artifacts["exported"], plain, "llama", False, fuse=False)
     assert report["embeddings"] and cpu["embeddings"]
-    _assert_same_decoder(whole.artifacts["int8_cpu"], plain, vocab)
     # the LM head and the table in chunks (as at 8B): the same file
     monkeypatch.setattr(quantized, "INT8_CHUNK_BYTES", 16 * 1024)
     chunked = tmp_path / "chunked" / "model.int8.cpu.onnx"
@@ -385,10 +385,11 @@ def test_per_piece_int8_equals_whole_model_quantization(tmp_path, monkeypatch):
     values = {t.name: onnx.numpy_helper.to_array(t) for t in a.initializer}
     for t in b.initializer:
         np.testing.assert_array_equal(values[t.name], onnx.numpy_helper.to_array(t), err_msg=t.name)
-    _assert_same_decoder(whole.artifacts["int8_cpu"], chunked, vocab)
+    _assert_same_decoder(plain, chunked, vocab, whole.output_dir)
     fused = tmp_path / "fused" / "model.int8.cpu.onnx"
     fused.parent.mkdir()
     quantized.int8_cpu_file(whole.artifacts["exported"], fused, "llama", False)
+    _assert_same_decoder(whole.artifacts["int8_cpu"], fused, vocab)
     reference = tmp_path / "ref" / "model.int8.cpu.onnx"
     reference.parent.mkdir()
     _assert_same_decoder(
