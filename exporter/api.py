@@ -317,7 +317,7 @@ class _Run:
         self, md: ModelDir, feeds: dict[str, np.ndarray], reference: Outputs, work: Path
     ) -> None:
         """The CPU INT8/INT4 file quantized one piece at a time from the streamed fp32 graph (never loaded
-        whole: exporter/export/streaming/quantized.py), checked end to end (prefill + cached decode steps)
+        whole: exporter/quantize/per_piece.py), checked end to end (prefill + cached decode steps)
         against the streamed PyTorch reference, then the fp32 intermediate removed (disk)."""
         precision = self.config.precision
         exported = self.artifacts["exported"]
