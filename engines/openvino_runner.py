@@ -121,11 +121,9 @@ def _specs(path: Path, compiled: Any) -> tuple[list[TensorSpec], list[TensorSpec
     """I/O specs. OpenVINO's dynamic dimensions carry no names, and names are what ties `attention_mask`'s
     shape to `input_ids`' (engines/bench_inputs.py): for an ONNX file they are read from the file."""
     if path.suffix == ".onnx":
-        import onnx
+        from engines.onnx_inputs import onnx_input_specs, onnx_output_specs, read_io
 
-        from engines.onnx_inputs import onnx_input_specs, onnx_output_specs
-
-        model = onnx.load(str(path), load_external_data=False)
+        model = read_io(path)  # the I/O only: OpenVINO has read the file already, weights and all
         return onnx_input_specs(model), onnx_output_specs(model)
     return [_ov_spec(port) for port in compiled.inputs], [_ov_spec(port) for port in compiled.outputs]
 
