@@ -41,7 +41,7 @@ from engines.cpu_selection import (
     cpu_flags,
     cpu_kind,
 )
-from engines.openvino_runner import openvino_unavailable_reason
+from engines.openvino_runner import openvino_unavailable_reason, shared_reads
 from exporter.report.stage_report import StageInfo
 from exporter.report.stage_table import ExtraStage
 from exporter.validate.compare import Comparison, compare_all
@@ -167,8 +167,9 @@ def open_and_judge(
             to_open.append((app, load_runner(app.path, threads=threads, spinning=False, **_options(app))))
         except Exception as exc:
             failed[name] = exc
-    # compiled two at a time (engines.base.open_together), then judged one by one
-    opened = open_together([runner for _, runner in to_open], stack)
+    # compiled two at a time (engines.base.open_together), a file read once by OpenVINO, then judged one by one
+    with shared_reads():
+        opened = open_together([runner for _, runner in to_open], stack)
     for (app, runner), error in zip(to_open, opened):
         name, cand = app.candidate.name, app.candidate
         try:
