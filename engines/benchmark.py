@@ -188,6 +188,9 @@ class Variant:
 
 
 Progress = Callable[[float], None]
+# The caller's stopping rule beyond `iterations`: given every variant's queries so far, the indices of the
+# variants it still needs timed (each up to `max_iterations`); see `run_interleaved`.
+More = Callable[[Sequence[list[Iteration]]], set[int]]
 
 
 def _now_ms() -> float:
@@ -219,10 +222,11 @@ def _warm_up(variants: Sequence[Variant], warmup_ms: float) -> list[tuple[int, f
 
 
 def _timed(
-    variants: Sequence[Variant], config: BenchConfig, progress: Progress | None
+    variants: Sequence[Variant], config: BenchConfig, progress: Progress | None, more: More | None = None
 ) -> list[list[Iteration]]:
     """Round-robin until every variant has `iterations` queries and `duration_s` of time: wallclock
-    time for a single variant (as trtexec), each variant's own accumulated query time when interleaved."""
+    time for a single variant (as trtexec), each variant's own accumulated query time when interleaved;
+    then, with `more`, the variants it names, one round at a time, each up to `max_iterations`."""
     target_ms = config.duration_s * 1000.0
     runs: list[list[Iteration]] = [[] for _ in variants]
     spent = [0.0] * len(variants)
@@ -236,6 +240,8 @@ def _timed(
             for i in range(len(variants))
             if len(runs[i]) < config.iterations or spent[i] < target_ms or not _confident(runs[i], config)
         ]
+        if not pending and more is not None:
+            pending = sorted(i for i in more(runs) if len(runs[i]) < config.max_iterations)
         if not pending:
             return runs
         for i in pending:
@@ -260,16 +266,21 @@ def _fraction(count: int, spent_ms: float, config: BenchConfig) -> float:
 
 
 def run_interleaved(
-    variants: Sequence[Variant], config: BenchConfig | None = None, progress: Progress | None = None
+    variants: Sequence[Variant],
+    config: BenchConfig | None = None,
+    progress: Progress | None = None,
+    more: More | None = None,
 ) -> list[BenchResult]:
-    """Time `variants` (runners already active) round-robin in this process; one result per variant."""
+    """Time `variants` (runners already active) round-robin in this process; one result per variant.
+    `more`: a caller's stopping rule, asked after each round once every variant has met `config`'s own
+    (e.g. exporter/cpu_engine_stage.py: until the fastest candidate is told apart from the rest)."""
     if not variants:
         raise ValueError("nothing to benchmark")
     config = config or BenchConfig()
     for variant in variants:
         variant.runner.validate_feeds(variant.feeds)
     warm = _warm_up(variants, config.warmup_ms)
-    runs = _timed(variants, config, progress)
+    runs = _timed(variants, config, progress, more)
     results = []
     for variant, (wq, wms), its in zip(variants, warm, runs):
         walltime = its[-1].end_ms - its[0].start_ms if len(variants) == 1 else sum(it.host_ms for it in its)

@@ -69,6 +69,7 @@ from exporter.restructure.remove_dead import restructure
 from exporter.runtime import decoder_pair
 from exporter.runtime.generation import CachedDecoder
 from exporter.tasks.spec import Task
+from exporter.validate import sessions as check_sessions
 from exporter.validate.compare import Comparison, check, compare_all
 from exporter.validate.eval_set import EvalSet, load_eval_set
 from exporter.validate.task_inputs import special_token_ids, task_validation_feeds
@@ -187,7 +188,7 @@ class _Run:
             save_compact(model, plan, work / "compact_model")
             self._carry_generation_config(md, work)
             self.report["restructure"] = _restructure_json(plan)
-        with self.stage("export"):
+        with self.stage("export"), check_sessions.shared():  # the decoder's validation session, reused
             self._export(md, wrapper, model, feeds, reference, work)
             self.report["deployment"] = write_deployment_files(work, md, plan)
         del model, wrapper  # later stages use ONNX only: free the weights
@@ -998,25 +999,14 @@ def _torch_outputs(wrapper: torch.nn.Module, feeds: dict[str, np.ndarray]) -> Ou
 def _onnxruntime_outputs(path: Path, feeds: dict[str, np.ndarray], optimized: bool = False) -> Outputs:
     """Run with ONNX Runtime's own graph optimizations off, so they cannot hide a bug of ours;
     `optimized` runs as deployed (the CPU INT8 model is judged as ORT's integer kernels compute it)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if not optimized:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = check_sessions.check_session(path, optimized)
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))
 
 
 def _decoder_prefill_outputs(path: Path, feeds: dict[str, np.ndarray], optimized: bool = False) -> Outputs:
     """Logits of a prefill with an empty past, ONNX Runtime optimizations off unless `optimized`."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if not optimized:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    decoder = CachedDecoder(session)
+    decoder = CachedDecoder(check_sessions.check_session(path, optimized))
     decoder.reset(feeds["input_ids"].shape[0], feeds["attention_mask"])
     return {"logits": decoder.forward(feeds["input_ids"])}
 

@@ -9,8 +9,10 @@ Where TensorRT does not serve, the export measures the candidates of engines/cpu
 - latency at the export's shapes: candidates that are already stages of the stage table take their
   row, the others join the stage table's one interleaved measurement as extra rows
   (exporter/report/stage_table.py). Without a stage table (`--no-benchmark`), nothing is timed and the
-  default order decides; KV-cache decoders (no stage table) are timed here on a fixed small budget: a
-  prefill of the validation length and one decode step after it, ranked by prefill + 64 decode steps.
+  default order decides; KV-cache decoders (no stage table) are timed here on a small budget: a
+  prefill of the validation length and one decode step after it, ranked by prefill + 64 decode steps,
+  6 rounds and then only while the fastest passing candidate is not told apart from another (~95%
+  intervals of the medians), at most 10.
 
 The choice goes to `report["engine"]["cpu"]` (engine, file, precision, the candidates table, why
 each other lost): what `engine-bench OUT_DIR` and the runtime open.
@@ -21,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ import numpy as np
 
 from engines import benchmark, load_runner, stats
 from engines.base import Runner, open_together
-from engines.benchmark import BenchConfig, Variant
+from engines.benchmark import BenchConfig, Iteration, Variant
 from engines.cpu_selection import (
     Applicable,
     Choice,
@@ -39,7 +41,7 @@ from engines.cpu_selection import (
     cpu_flags,
     cpu_kind,
 )
-from engines.openvino_runner import openvino_unavailable_reason
+from engines.openvino_runner import openvino_unavailable_reason, shared_reads
 from exporter.report.stage_report import StageInfo
 from exporter.report.stage_table import ExtraStage
 from exporter.validate.compare import Comparison, compare_all
@@ -53,7 +55,18 @@ EXPORT_CHECKS: dict[str, tuple[str, str]] = {
     "onnxruntime-fp32": ("optimized_fp32", "onnx fp32 optimized"),
 }
 DECODE_STEPS_RANKED = 64  # decoders: rank by the time of a prefill + this many decode steps
-DECODER_TIMING = BenchConfig(warmup_ms=50.0, iterations=10, duration_s=0.0, avg_runs=1, percentiles=(90.0,))
+# Decoders: every candidate timed MIN_DECODER_ROUNDS rounds, then only while the fastest passing candidate's
+# score is not told apart from another passing one's (their ~95% intervals overlap), up to 10 rounds (the
+# fixed count before: a decision that is clear after 6 rounds is not timed 4 more times).
+MIN_DECODER_ROUNDS = 6
+DECODER_TIMING = BenchConfig(
+    warmup_ms=50.0,
+    iterations=MIN_DECODER_ROUNDS,
+    duration_s=0.0,
+    avg_runs=1,
+    percentiles=(90.0,),
+    max_iterations=10,
+)
 
 # outputs (candidate name -> outputs on the validation feeds), for the caller's model kind
 Outputs = Callable[[Runner], dict[str, np.ndarray]]
@@ -154,8 +167,9 @@ def open_and_judge(
             to_open.append((app, load_runner(app.path, threads=threads, spinning=False, **_options(app))))
         except Exception as exc:
             failed[name] = exc
-    # compiled two at a time (engines.base.open_together), then judged one by one
-    opened = open_together([runner for _, runner in to_open], stack)
+    # compiled two at a time (engines.base.open_together), a file read once by OpenVINO, then judged one by one
+    with shared_reads():
+        opened = open_together([runner for _, runner in to_open], stack)
     for (app, runner), error in zip(to_open, opened):
         name, cand = app.candidate.name, app.candidate
         try:
@@ -204,14 +218,18 @@ def time_decoder_candidates(
     prefill: Callable[[Runner], tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
 ) -> dict[str, float]:
     """KV-cache decoders: each candidate's prefill feeds and one decode step after it (`prefill(runner)`
-    gives both), timed interleaved on a fixed budget; the score is prefill + 64 decode steps, in ms."""
+    gives both), timed interleaved (`DECODER_TIMING`, stopping rule `unresolved`); the score is prefill +
+    64 decode steps, in ms. The candidates not opened by the judging are opened two at a time."""
     runners = dict(stage.runners)
-    for app in stage.applicable:
-        name = app.candidate.name
-        if name not in runners and name not in stage.errors:
-            runners[name] = stack.enter_context(
-                load_runner(app.path, threads=threads, spinning=False, **_options(app))
-            )
+    to_open = {
+        app.candidate.name: load_runner(app.path, threads=threads, spinning=False, **_options(app))
+        for app in stage.applicable
+        if app.candidate.name not in runners and app.candidate.name not in stage.errors
+    }
+    error = next((e for e in open_together(list(to_open.values()), stack) if e is not None), None)
+    if error is not None:
+        raise error
+    runners |= to_open
     variants = []
     for name, runner in runners.items():
         prefill_feeds, decode_feeds = prefill(runner)
@@ -219,13 +237,44 @@ def time_decoder_candidates(
             Variant(f"{name}:prefill", runner, prefill_feeds),
             Variant(f"{name}:decode", runner, decode_feeds),
         ]
+    names = list(runners)
+    passing = {name for name in names if stage.accuracy.get(name, ([], False, ""))[1]}
+
+    def more(runs: Sequence[list[Iteration]]) -> set[int]:
+        scores = {name: score_interval(runs[2 * i], runs[2 * i + 1]) for i, name in enumerate(names)}
+        return {2 * names.index(n) + k for n in unresolved(scores, passing) for k in (0, 1)}
+
     results = {
         r.name: stats.median(sorted(it.latency_ms for it in r.iterations))
-        for r in benchmark.run_interleaved(variants, DECODER_TIMING)
+        for r in benchmark.run_interleaved(variants, DECODER_TIMING, more=more)
     }
     return {
         name: results[f"{name}:prefill"] + DECODE_STEPS_RANKED * results[f"{name}:decode"] for name in runners
     }
+
+
+def score_interval(prefill: Sequence[Iteration], decode: Sequence[Iteration]) -> tuple[float, float, float]:
+    """A decoder candidate's score (prefill + 64 decode steps, ms) as (median, low, high): the medians, and
+    the ends of their distribution-free ~95% intervals (engines/stats.py median_ci) combined the same way."""
+    p = sorted(it.latency_ms for it in prefill)
+    d = sorted(it.latency_ms for it in decode)
+    (p_low, p_high), (d_low, d_high) = stats.median_ci(p), stats.median_ci(d)
+    return (
+        stats.median(p) + DECODE_STEPS_RANKED * stats.median(d),
+        p_low + DECODE_STEPS_RANKED * d_low,
+        p_high + DECODE_STEPS_RANKED * d_high,
+    )
+
+
+def unresolved(scores: Mapping[str, tuple[float, float, float]], passing: set[str]) -> set[str]:
+    """The candidates still to time: the fastest (lowest median score) of those that pass their gate and every
+    passing one whose interval overlaps its interval; none once the fastest is told apart from all the others
+    (then more rounds would not change the choice, at ~95% confidence). Candidates that fail their gate cannot
+    be chosen: timed the minimum only (all of them are ranked when none passes)."""
+    pool = [name for name in scores if name in passing] or list(scores)
+    leader = min(pool, key=lambda name: scores[name][0])
+    rivals = {name for name in pool if name != leader and scores[name][1] <= scores[leader][2]}
+    return {leader, *rivals} if rivals else set()
 
 
 def choose_engine(stage: CpuEngineStage, latencies: Mapping[str, float] | None) -> Choice:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
+from onnxscript.rewriter._matcher import SimplePatternMatcher
 
 from graph_passes.base import GraphPass, PassReport, op_counts
 
@@ -101,7 +103,7 @@ class RewriteRulesPass(GraphPass):
 
     def apply(self, model: ir.Model, report: PassReport) -> None:
         before = op_counts(model)
-        rule_set = pattern.RewriteRuleSet(list(self.rules()))
+        rule_set = pattern.RewriteRuleSet([dispatch_on_root(rule) for rule in self.rules()])
         applied = rule_set.apply_to_model(model)
         common_passes.RemoveUnusedNodesPass()(model)
         if applied:
@@ -115,6 +117,29 @@ class RewriteRulesPass(GraphPass):
         if applied:
             report.counts["applied"] = applied
         report.details.extend(_failure_reasons(tracer))
+
+
+def dispatch_on_root(rule: pattern.RewriteRule) -> pattern.RewriteRule:
+    """`rule`, trying to match only at nodes of its pattern's root op type and domain (changed in place).
+
+    onnxscript tries every rule at every node; a node whose op type or domain differs from the pattern's root
+    (output) node fails at once with no node matched, which its tracer does not record (score 0). So
+    skipping those attempts changes neither the rewrites nor the failure reasons, and on a decoder of ~5,000
+    nodes with ~100 commuted rules it removes nearly all of the ~500,000 attempts (tests pin the same graph
+    and reasons). Rules with another matcher than onnxscript's default are left as they are."""
+    if type(rule._matcher) is not SimplePatternMatcher:
+        return rule
+    root = rule._target_pattern.output_nodes[0]
+    op_matches, domain_matches = root.op.matches, root.domain.matches
+    try_rewrite = rule.try_rewrite
+
+    def at_root(model: ir.Model, graph: ir.Graph | ir.Function, node: ir.Node, **kwargs: Any) -> Any:
+        if not (op_matches(node.op_type) and domain_matches(node.domain)):
+            return None
+        return try_rewrite(model, graph, node, **kwargs)
+
+    rule.try_rewrite = at_root  # type: ignore[method-assign]
+    return rule
 
 
 def _failure_reasons(tracer: MatchingTracer) -> list[dict[str, str]]:

@@ -180,3 +180,29 @@ def test_median_ci_is_distribution_free_order_statistics() -> None:
     assert stats.median_ci(values) == (41.0, 61.0)
     assert stats.median_ci([3.0]) == (3.0, 3.0)
     assert stats.median_ci_relative([10.0] * 12) == 0.0
+
+
+def test_more_times_only_the_variants_the_callers_rule_names_up_to_max_iterations() -> None:
+    """`more` (a caller's stopping rule) is asked once every variant has `iterations`: the variants it
+    names get one more query per round, none past `max_iterations`; an empty answer stops the loop."""
+    config = dataclasses.replace(FAST, iterations=3, max_iterations=7)
+    asked: list[tuple[int, ...]] = []
+
+    def more(runs):  # type: ignore[no-untyped-def]
+        asked.append(tuple(len(r) for r in runs))
+        return {1, 2} if len(runs[1]) < 5 else {2}
+
+    with EchoRunner() as a, EchoRunner() as b, EchoRunner() as c:
+        variants = [Variant(n, r, FEEDS) for n, r in (("a", a), ("b", b), ("c", c))]
+        results = benchmark.run_interleaved(variants, config, more=more)
+    assert [len(r.iterations) for r in results] == [3, 5, 7]
+    assert asked[0] == (3, 3, 3)  # first asked when the config's own rule is met
+
+
+def test_more_returning_nothing_keeps_the_fixed_count() -> None:
+    config = dataclasses.replace(FAST, iterations=4, max_iterations=10)
+    with EchoRunner() as a, EchoRunner() as b:
+        results = benchmark.run_interleaved(
+            [Variant("a", a, FEEDS), Variant("b", b, FEEDS)], config, more=lambda runs: set()
+        )
+    assert [len(r.iterations) for r in results] == [4, 4]

@@ -37,6 +37,7 @@ from transformers import DynamicCache
 from export_errors import InputError, ValidationError
 from exporter.export.torch_to_onnx import EXPORTER, torchscript_export
 from exporter.restructure.families.llama import renumber_cache_slots
+from exporter.validate.sessions import check_session
 from exporter.validate.tolerances import tolerance
 
 logger = logging.getLogger(__name__)
@@ -306,11 +307,7 @@ def validate_decoder(
 ) -> float:
     """ORT (graph optimizations off) vs PyTorch on a prefill with an empty past and a padded decode
     step, shapes other than the traced ones. Raises ValidationError beyond the fp32 tolerance."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = check_session(path)  # optimizations off; the export stage's check reuses it (sessions.shared)
     names = [o.name for o in session.get_outputs()]
     worst = 0.0
     for batch, past, seq in ((1, 0, 5), (3, 6, 1)):

@@ -1,0 +1,68 @@
+"""Check sessions shared within a stage (exporter/validate/sessions.py): the same file with the same options
+gets the same session inside `shared()` only, a rewritten file or other options a new one, and the
+decoder's export stage builds one session for model.exported.onnx instead of two (same check numbers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from graph_models import decomposed_layernorm_graph
+from test_decoder_export import build_pruned_model
+
+from exporter import api
+from exporter.export.decoder_with_past import export_decoder_with_past
+from exporter.validate import sessions
+
+
+@pytest.fixture
+def built(monkeypatch):
+    """Counts the sessions ONNX Runtime builds, by (file name, optimizations on)."""
+    counts: dict[tuple[str, bool], int] = {}
+    real = ort.InferenceSession
+
+    def counting(path, options=None, *args, **kwargs):  # type: ignore[no-untyped-def]
+        on = options is None or options.graph_optimization_level != ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        key = (str(path).rsplit("/", 1)[-1], on)
+        counts[key] = counts.get(key, 0) + 1
+        return real(path, options, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", counting)
+    return counts
+
+
+def test_same_file_same_options_share_one_session_inside_the_block_only(tmp_path, built):
+    path = tmp_path / "m.onnx"
+    onnx.save(decomposed_layernorm_graph(), str(path))
+    outside = [sessions.check_session(path), sessions.check_session(path)]
+    assert outside[0] is not outside[1]
+    with sessions.shared():
+        first = sessions.check_session(path)
+        assert sessions.check_session(path) is first
+        optimized = sessions.check_session(path, optimized=True)
+        assert optimized is not first
+        assert sessions.check_session(path, optimized=True) is optimized  # the last one is kept
+        assert sessions.check_session(path) is not first  # one session kept, not two
+        onnx.save(decomposed_layernorm_graph(hidden=8), str(path))  # rewritten: another file
+        assert sessions.check_session(path) is not first
+        with sessions.shared():  # nested: the same sharing
+            again = sessions.check_session(path)
+        assert sessions.check_session(path) is again
+    assert sessions.check_session(path) is not again  # after the block: nothing kept
+    assert built[("m.onnx", False)] == 6 and built[("m.onnx", True)] == 1
+
+
+def test_the_decoder_export_stage_builds_one_session_for_its_file_with_the_same_numbers(tmp_path, built):
+    path = tmp_path / "model.exported.onnx"
+    rng = np.random.default_rng(0)
+    mask = np.ones((2, 7), np.int64)
+    mask[1, :2] = 0  # left padding
+    feeds = {"input_ids": rng.integers(0, 100, (2, 7)), "attention_mask": mask}
+    with sessions.shared():
+        export_decoder_with_past(build_pruned_model("llama", seed=1), path)  # validates on ORT
+        shared = api._decoder_prefill_outputs(path, feeds)["logits"]
+    assert built == {("model.exported.onnx", False): 1}
+    fresh = api._decoder_prefill_outputs(path, feeds)["logits"]  # a new session, as before the sharing
+    assert built == {("model.exported.onnx", False): 2}
+    np.testing.assert_array_equal(shared, fresh)
