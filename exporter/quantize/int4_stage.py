@@ -50,6 +50,7 @@ from exporter.quantize.int4 import (
     widen_mixed_groups,
     with_opset,
 )
+from exporter.quantize.int4_search import search_by_cost, step_bytes, units
 from exporter.quantize.int8 import Judge, _session
 from exporter.quantize.sensitivity import search
 from exporter.validate.tolerances import tolerance
@@ -78,6 +79,10 @@ LM_HEAD_BLOCK_SIZE = 128
 PACKED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 SEARCH_MARGIN = 0.25  # the search aims this fraction of the way from the target to 1 (as INT8)
 LmHead = Literal["auto", "int4", "int8"]
+# Mixed-precision order: "cost" widens the pieces with the most error per extra byte read per decode step
+# (exporter/quantize/int4_search.py), "worst" the worst first whatever their size (the INT8 stage's search).
+Search = Literal["cost", "worst"]
+DEFAULT_SEARCH: Search = "cost"
 
 
 @dataclasses.dataclass
@@ -98,6 +103,7 @@ class Int4Config:
     # Rows of the CPU file's rotary tables (GroupQueryAttention's own rotary reads positions < this):
     # the model's max_position_embeddings, as onnxruntime-genai's builder sizes its cos/sin caches.
     max_positions: int = 4096
+    search: Search = DEFAULT_SEARCH
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -112,6 +118,8 @@ class Int4Config:
             raise InputError("lm_head_block_size", str(exc)) from None
         if self.lm_head not in ("auto", "int4", "int8"):
             raise InputError("--int4-lm-head", f"choose auto, int4 or int8, got {self.lm_head!r}")
+        if self.search not in ("cost", "worst"):
+            raise InputError("search", f"choose cost or worst, got {self.search!r}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise InputError("accuracy_level", f"MatMulNBits takes 0..4, got {self.accuracy_level}")
 
@@ -218,9 +226,27 @@ def run_int4_stage(
         # The lm_head last: at 8 bits it adds as many bytes per decode step as ~20 attention projections, so the
         # search first reaches the target without widening it, and widens it only where that fails.
         heads = [n for n in candidates if n in blocks]
-        sensitivity = search([n for n in candidates if n not in heads], evaluate, target, budget, sweep)
+        if config.search == "cost":
+            cost = _extra_step_bytes(prepared, candidates)
+
+            def sweep_units(groups: Sequence[tuple[str, ...]]) -> dict[tuple[str, ...], float]:
+                samples = min(config.sweep_samples, config.sensitivity_samples)
+                return {
+                    u: judge.switched_cosine(cpu_switch, switch(set(candidates) - set(u)), samples)
+                    for u in groups
+                }
+
+            def run_search(names: Sequence[str]):  # type: ignore[no-untyped-def]
+                groups = units(cpu_fp32, names, PACKED_PROJECTIONS)
+                return search_by_cost(groups, cost, evaluate, target, budget, sweep_units)
+        else:
+
+            def run_search(names: Sequence[str]):  # type: ignore[no-untyped-def]
+                return search(names, evaluate, target, budget, sweep)
+
+        sensitivity = run_search([n for n in candidates if n not in heads])
         if heads and not sensitivity.met:
-            sensitivity = search(candidates, evaluate, target, budget, sweep)
+            sensitivity = run_search(candidates)
         searched = {**fixed, **dict.fromkeys(sensitivity.excluded, 8)}
         bits = widen_mixed_groups(cpu_fp32, searched, PACKED_PROJECTIONS)
         plan = prepared.plan(bits)
@@ -257,10 +283,16 @@ def run_int4_stage(
         + sorted(n for n, b in bits.items() if b == 8 and n not in searched),
         "int8_layers_widened_to_pack": sorted(n for n, b in bits.items() if b == 8 and n not in searched),
         "sensitivity": sensitivity.to_json(),
-        "sensitivity_rule": "each layer measured alone at 4 bits (every other at 8) on the CPU file as ONNX "
-        "Runtime runs it; from all at 4 bits, the worst go to 8 bits one by one until the lower search cosine "
-        "of the two files reaches the target; the lm_head (the most bytes per decode step) only where the "
-        "target is out of reach without it",
+        "search": config.search,
+        "sensitivity_rule": "each piece (a packed q/k/v or gate/up group is one) measured alone at 4 bits "
+        "(every other at 8) on the CPU file as ONNX Runtime runs it; from all at 4 bits, the pieces go to 8 bits "
+        + (
+            "in order of error per extra byte read per decode step"
+            if config.search == "cost"
+            else "worst first"
+        )
+        + " one by one until the lower search cosine of the two files reaches the target; the lm_head (the "
+        "most bytes per decode step) only where the target is out of reach without it",
         "method_comparison_search_cosine": comparison,
         "layers": layer_report(sites, plan),
         "embedding": None
@@ -270,6 +302,23 @@ def run_int4_stage(
     }
     gate(report, config.min_cosine)
     return Int4Result(work / CPU_FILE, work / TENSORRT_FILE, report)
+
+
+def _extra_step_bytes(prepared: Prepared, candidates: Sequence[str]) -> dict[str, float]:
+    """Per candidate, the bytes a decode step reads more at 8 bits than at 4 (the embedding: one row)."""
+    cost: dict[str, float] = {}
+    for name in candidates:
+        if name == EMBEDDING:
+            assert prepared.embedding is not None
+            hidden = prepared.embedding[1].shape[1]
+            cost[name] = step_bytes(hidden, 1, 8, prepared.block_size) - step_bytes(
+                hidden, 1, 4, prepared.block_size
+            )
+            continue
+        k, n = prepared.weights[name].shape
+        block = prepared.block_of(name)
+        cost[name] = step_bytes(k, n, 8, block) - step_bytes(k, n, 4, block)
+    return cost
 
 
 def layer_report(sites: list[Site], plan: Plan) -> list[dict[str, Any]]:
