@@ -43,6 +43,7 @@ from exporter.quantize.int4 import (
     Site,
     collect_rows,
     cpu_model,
+    embedding_table,
     find_sites,
     prepare,
     switchable_models,
@@ -62,7 +63,12 @@ CPU_FILE = "model.int4.cpu.onnx"
 TENSORRT_FILE = "model.int4.onnx"
 # Measured (tools/bench_decoder.py --int4-methods, README "INT4"): see the README table for the numbers.
 DEFAULT_METHOD: Method = "awq"
-DEFAULT_BLOCK_SIZE = 32
+# Layer projections' block size. Measured (tools/bench_decoder.py --peers' llama-512, run_int4_stage with the
+# cost-aware search, Sapphire Rapids, 2 threads, README "INT4"): decode 442.4 (block 32) -> 488.3 (64) -> 510.8
+# tok/s (128) vs the builder's int4 446.8 in the same run, held-out logit cosine 0.9718 -> 0.9707 -> 0.9710 (the
+# search widens layers 0-3's attention at 128 instead of 0-1's), file 41.2 -> 39.7 -> 38.2 MiB. At most the
+# model's hidden size (`effective_block_size`): a block longer than K is only padding.
+DEFAULT_BLOCK_SIZE = 128
 # lm_head: 4-bit unless the search widens it (`auto`); --int4-lm-head int4|int8 fixes it. Measured (same harness
 # as PACKED_PROJECTIONS, block 32, RTN): 8-bit lm_head decode 371.8 vs 4-bit 411.9 tok/s, file 40.9 vs 33.1 MiB.
 LM_HEAD_BITS = 4
@@ -127,6 +133,7 @@ class Int4Config:
         return {"auto": LM_HEAD_BITS, "int4": 4, "int8": 8}[self.lm_head]
 
     def lm_head_block(self) -> int:
+        """The lm_head's block before clamping to the model (`effective_block_sizes`)."""
         return max(self.lm_head_block_size, self.block_size)
 
 
@@ -164,13 +171,13 @@ def run_int4_stage(
         sites = find_sites(cpu_fp32)
         rows = collect_rows(cpu_path, [s.x for s in sites], data)
         judge = Judge(cpu_path, data, config.sensitivity_samples, None)
-        blocks = {s.node: config.lm_head_block() for s in sites if _is_lm_head(cpu_fp32, s)}
+        block, blocks = effective_block_sizes(cpu_fp32, sites, config)
         prepared = prepare(
             cpu_fp32,
             sites,
             rows,
             method=config.method,
-            block_size=config.block_size,
+            block_size=block,
             accuracy_level=config.accuracy_level,
             block_sizes=blocks,
         )
@@ -225,7 +232,7 @@ def run_int4_stage(
         budget = math.floor(config.max_int8_fraction * len(candidates)) if config.mixed_precision else 0
         # The lm_head last: at 8 bits it adds as many bytes per decode step as ~20 attention projections, so the
         # search first reaches the target without widening it, and widens it only where that fails.
-        heads = [n for n in candidates if n in blocks]
+        heads = [s.node for s in sites if s.node in candidates and _is_lm_head(cpu_fp32, s)]
         if config.search == "cost":
             cost = _extra_step_bytes(prepared, candidates)
 
@@ -263,14 +270,16 @@ def run_int4_stage(
         cpu_cos = judge.heldout_cosine(cpu_out)
         trt_cos = judge.heldout_cosine(trt_out, fake_quant=True)
         all4 = cpu_cosine_of(frozenset())  # the chosen method's all-4-bit CPU file, measured by the search
-        comparison = _method_comparison(cpu_fp32, sites, rows, fixed, cpu_cosine, config, all4, blocks)
+        comparison = _method_comparison(cpu_fp32, sites, rows, fixed, cpu_cosine, config, all4, block, blocks)
     report = {
         "method": config.method,
         "method_reason": "measured: README INT4 (AWQ-style input scales + clipping vs round-to-nearest)",
-        "block_size": config.block_size,
+        "block_size": block,
+        "block_size_requested": config.block_size,
+        "block_sizes_other": dict(blocks),
         "accuracy_level": config.accuracy_level,
         "lm_head_bits": config.lm_head_bits(),
-        "lm_head_block_size": config.lm_head_block(),
+        "lm_head_block_size": max(config.lm_head_block_size, block),
         "target_min_cosine": config.min_cosine,
         "calibration": data.describe(),
         "files": {
@@ -302,6 +311,33 @@ def run_int4_stage(
     }
     gate(report, config.min_cosine)
     return Int4Result(work / CPU_FILE, work / TENSORRT_FILE, report)
+
+
+def effective_block_sizes(
+    model: onnx.ModelProto, sites: Sequence[Site], config: Int4Config
+) -> tuple[int, dict[str, int]]:
+    """The file's block size and the nodes taking another: `config.block_size` at most the hidden size (the
+    embedding's width, else the smallest K; a block longer than K would be padding only), each node's at most
+    its own K (a pruned o_proj reads fewer than hidden inputs), the lm_head `config.lm_head_block()`."""
+    inits = {i.name: i for i in model.graph.initializer}
+    widths = {s.node: int(inits[s.weight].dims[0]) for s in sites}
+    table = embedding_table(model)
+    hidden = (
+        int(inits[table].dims[1]) if table is not None else min(widths.values(), default=config.block_size)
+    )
+    block = min(config.block_size, _pow2_at_most(hidden))
+    blocks = {}
+    for site in sites:
+        if _is_lm_head(model, site):
+            blocks[site.node] = max(config.lm_head_block_size, block)
+        elif _pow2_at_most(widths[site.node]) < block:
+            blocks[site.node] = _pow2_at_most(widths[site.node])
+    return block, blocks
+
+
+def _pow2_at_most(k: int) -> int:
+    """The largest power of two <= k, at least 16 (MatMulNBits' smallest block)."""
+    return max(16, 1 << (max(k, 1).bit_length() - 1))
 
 
 def _extra_step_bytes(prepared: Prepared, candidates: Sequence[str]) -> dict[str, float]:
@@ -345,7 +381,9 @@ def gate(report: dict[str, Any], target: float) -> None:
         )
 
 
-def _method_comparison(model, sites, rows, fixed, cosine, config, chosen: float, blocks) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def _method_comparison(
+    model, sites, rows, fixed, cosine, config, chosen: float, block, blocks
+) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """Search cosine of the all-4-bit CPU file with each method (the chosen one measured by the search's
     own session: its switch all at 4 bits is that file)."""
     result = {config.method: chosen}
@@ -356,7 +394,7 @@ def _method_comparison(model, sites, rows, fixed, cosine, config, chosen: float,
                 sites,
                 rows,
                 method=other,
-                block_size=config.block_size,
+                block_size=block,
                 accuracy_level=config.accuracy_level,
                 block_sizes=blocks,
             )
