@@ -93,3 +93,50 @@ def test_a_group_is_widened_as_one_unit_and_its_cost_is_summed():
     result = search_by_cost([("q", "k", "v"), ("o",)], cost, evaluate, 0.999, 10, sweep)
     assert result.excluded == ["o", "q", "k", "v"]
     assert result.layer_error["q"] == pytest.approx(0.05)
+
+
+def _decoder_graph(hidden: int, o_width: int) -> onnx.ModelProto:
+    """Embedding [V, hidden] -> q/k/v (K = hidden) -> o_proj (K = o_width, a pruned layer) -> lm_head."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    shapes = {"q": (hidden, hidden), "k": (hidden, 16), "o": (o_width, hidden), "lm_head": (hidden, 50)}
+    inits = [numpy_helper.from_array(np.zeros((50, hidden), np.float32), "embed")]
+    inits += [numpy_helper.from_array(np.zeros(s, np.float32), f"w_{n}") for n, s in shapes.items()]
+    nodes = [
+        helper.make_node("Gather", ["embed", "input_ids"], ["x"], name="embed_gather"),
+        helper.make_node("MatMul", ["x", "w_q"], ["q"], name="/l0/q_proj/MatMul"),
+        helper.make_node("MatMul", ["x", "w_k"], ["k"], name="/l0/k_proj/MatMul"),
+        helper.make_node("MatMul", ["a", "w_o"], ["o"], name="/l0/o_proj/MatMul"),
+        helper.make_node("MatMul", ["o", "w_lm_head"], ["logits"], name="/lm_head/MatMul"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [1, 1]),
+            helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [1, 1, o_width]),
+        ],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(graph)
+
+
+@pytest.mark.parametrize(
+    ("hidden", "o_width", "requested", "block", "others"),
+    [
+        (512, 256, 128, 128, {"/lm_head/MatMul": 128}),  # the bench model's widths: 128 everywhere
+        (64, 32, 128, 64, {"/l0/o_proj/MatMul": 32, "/lm_head/MatMul": 128}),  # tiny: at most hidden, o at K
+        (512, 256, 32, 32, {"/lm_head/MatMul": 128}),  # --int4-block-size 32: as asked, lm_head 128
+        (512, 100, 128, 128, {"/l0/o_proj/MatMul": 64, "/lm_head/MatMul": 128}),  # K 100: 64, not 128 padded
+    ],
+)
+def test_effective_block_sizes(hidden, o_width, requested, block, others):
+    from exporter.quantize import int4
+    from exporter.quantize.int4_stage import Int4Config, effective_block_sizes
+
+    model = _decoder_graph(hidden, o_width)
+    sites = int4.find_sites(model)
+    got_block, got_others = effective_block_sizes(model, sites, Int4Config(block_size=requested))
+    assert (got_block, got_others) == (block, others)
