@@ -332,7 +332,12 @@ class _Run:
             else:
                 lm_head = {"auto": 4, "int4": 4, "int8": 8}[self.config.int4_lm_head]
                 section = streamed_quantized.int4_cpu_file(
-                    exported, work / INT4_CPU_FILE, md.model_type, self.config.int4_block_size, 4, lm_head
+                    exported,
+                    work / INT4_CPU_FILE,
+                    md.model_type,
+                    self.config.int4_block_size or 32,  # per piece: the block it was measured at
+                    4,
+                    lm_head,
                 )
                 section["method_reason"] = (
                     "round-to-nearest per piece: AWQ scales and the 4/8-bit search need whole-model runs"
@@ -696,12 +701,13 @@ class _Run:
         with the fp32 model (teacher-forced), and compared with the PyTorch reference for the report."""
         config = self.config
         int4 = Int4Config(
-            block_size=config.int4_block_size,
             lm_head=config.int4_lm_head,
             max_positions=int(getattr(md.config, "max_position_embeddings", 4096) or 4096),
         )
         if config.int4_method:
             int4.method = config.int4_method
+        if config.int4_block_size:
+            int4.block_size = config.int4_block_size
         if config.int4_accuracy_target is not None:
             int4.min_cosine = config.int4_accuracy_target
         calibration = load_decoder_calibration(

@@ -41,7 +41,8 @@ class ExportConfig:
     accuracy_target: float = 0.99  # INT8 mean token cosine vs fp32 on held-out data
     # INT4 weight-only (causal LMs with a KV cache; exporter/quantize/int4_stage.py)
     int4_method: Literal["awq", "rtn"] | None = None  # None: the measured default (AWQ-style)
-    int4_block_size: int = 32
+    # None: the INT4 stage's measured default (int4_stage.DEFAULT_BLOCK_SIZE); the per-piece streamed file 32
+    int4_block_size: int | None = None
     int4_lm_head: Literal["auto", "int4", "int8"] = "auto"
     int4_accuracy_target: float | None = None  # None: the "int4" row of exporter/validate/tolerances.py
     # the prompt on a dynamic INT8 file beside the INT4 one (exporter/quantize/int4_pair.py): "auto" keeps it

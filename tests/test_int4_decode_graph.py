@@ -13,6 +13,7 @@ from test_int4 import Decoder
 from exporter.quantize import int4
 from exporter.quantize.int4_packed_gqa import fuse_packed_gqa
 from exporter.quantize.int4_padding_bias import simplify_attention_bias
+from exporter.quantize.int4_prelude import compact_lengths
 from exporter.quantize.int4_skip_norm import fuse_skip_norms
 from exporter.quantize.int4_stage import PACKED_PROJECTIONS
 from exporter.runtime.generation import CachedDecoder
@@ -100,6 +101,60 @@ def test_packed_gqa_and_skip_norm_fusions_are_exact_in_fp32(decoder):
     assert simplify_attention_bias(fused, MAX_POSITIONS) == attentions  # the new bias passes its own check
     for want, got in zip(before, _prefill_and_steps(fused), strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_compact_lengths_and_padding_bias_are_bit_exact(decoder):
+    """The attention's length inputs from 3 shape reads (int4_prelude.py) and the padding bias sharing one of
+    them: same logits bit for bit, prefill and decode steps of a left-padded batch of 2, fewer nodes."""
+    packed = _copy(decoder.cpu)
+    pack_matmuls(packed, PACKED_PROJECTIONS)
+    fuse_packed_gqa(packed, MAX_POSITIONS)  # Llama: the rotary's own shape reads leave the graph
+    fuse_skip_norms(packed)
+    simplify_attention_bias(packed, MAX_POSITIONS)
+    before = _prefill_and_steps(packed)
+    attentions = sum(n.op_type == "GroupQueryAttention" for n in packed.graph.node)
+    compact = _copy(packed)
+    assert compact_lengths(compact) == attentions
+    assert compact_lengths(compact) == 0  # already compact: nothing to do
+    for want, got in zip(before, _prefill_and_steps(compact), strict=True):
+        np.testing.assert_array_equal(got, want)
+    prelude = {"Shape", "Expand", "Cast", "Squeeze", "Sub", "Slice", "Concat", "Equal", "Where", "Unsqueeze"}
+
+    def live_prelude(model):  # what the file keeps once dead nodes are gone (as int4.cpu_model does)
+        import onnx_ir as ir
+
+        from graph_passes.remove_dead_nodes import RemoveDeadNodes
+
+        ir_model = ir.from_proto(model)
+        RemoveDeadNodes()(ir_model)
+        return sum(n.op_type in prelude for n in ir.to_proto(ir_model).graph.node)
+
+    if decoder.family == "llama":  # Qwen2's unfused rotary still reads the old shape nodes here
+        assert live_prelude(compact) < live_prelude(packed)
+    assert live_prelude(compact) <= live_prelude(packed)
+
+
+def test_lengths_computed_otherwise_are_left_alone(decoder):
+    """A length input that is not the shape arithmetic (here seqlens_k from the mask's row sums, a
+    right-padding convention) fails the check: nothing is rewired."""
+    model = _copy(decoder.cpu)
+    simplify_attention_bias(model, MAX_POSITIONS)
+    graph = model.graph
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], np.int64), "rowsum_axes"))
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array(1, np.int64), "rowsum_one"))
+    graph.node.insert(
+        0, onnx.helper.make_node("ReduceSum", ["attention_mask", "rowsum_axes"], ["rowsum"], keepdims=0)
+    )
+    graph.node.insert(1, onnx.helper.make_node("Sub", ["rowsum", "rowsum_one"], ["rowsum_last"]))
+    graph.node.insert(
+        2, onnx.helper.make_node("Cast", ["rowsum_last"], ["rowsum_k"], to=onnx.TensorProto.INT32)
+    )
+    for node in graph.node:
+        if node.op_type == "GroupQueryAttention":
+            node.input[5] = "rowsum_k"
+    nodes = len(graph.node)
+    assert compact_lengths(model) == 0
+    assert len(graph.node) == nodes
 
 
 def test_gqa_fusion_alone_is_bit_exact_on_the_int4_file(decoder):

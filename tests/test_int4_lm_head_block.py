@@ -60,10 +60,11 @@ def test_lm_head_block_is_at_least_the_block_and_checked():
         Int4Config(lm_head_block_size=100).validate()
 
 
+@pytest.mark.parametrize("kind", ["cost", "worst"])
 @pytest.mark.parametrize("met_without", [True, False])
-def test_the_lm_head_is_widened_last(decoder, tmp_path, monkeypatch, met_without):
-    """The mixed-precision search runs first without the lm_head among its candidates; only where that misses
-    the target does it run again with it (an 8-bit lm_head is the most bytes per decode step)."""
+def test_the_lm_head_is_widened_last(decoder, tmp_path, monkeypatch, met_without, kind):
+    """The mixed-precision search (either order) runs first without the lm_head among its candidates; only
+    where that misses the target does it run again with it (an 8-bit lm_head is the most bytes per step)."""
     from exporter.quantize import int4_stage
     from exporter.quantize.sensitivity import SensitivityResult
 
@@ -74,8 +75,15 @@ def test_the_lm_head_is_widened_last(decoder, tmp_path, monkeypatch, met_without
         met = met_without or len(calls) > 1
         return SensitivityResult([], 1.0, 1.0, {}, [], met=met)
 
+    def search_by_cost(units, cost, evaluate, target, budget, sweep):  # type: ignore[no-untyped-def]
+        assert all(n in cost for u in units for n in u)
+        return search([n for u in units for n in u], evaluate, target, budget, sweep)
+
     monkeypatch.setattr(int4_stage, "search", search)
-    config = Int4Config(min_cosine=0.5)  # the stub widens nothing: the all-4-bit tiny model passes this gate
+    monkeypatch.setattr(int4_stage, "search_by_cost", search_by_cost)
+    config = Int4Config(
+        min_cosine=0.5, search=kind
+    )  # the stub widens nothing: the all-4-bit tiny model passes
     int4_stage.run_int4_stage(decoder.exported, tmp_path, decoder.calibration, config, family=decoder.family)
     head = _lm_head(decoder)
     assert head not in calls[0] and len(calls) == (1 if met_without else 2)

@@ -35,6 +35,7 @@ from exporter.quantize.blocks import BlockQuantized, dequantize_blocks, quantize
 from exporter.quantize.calibration import CalibrationData
 from exporter.quantize.int4_packed_gqa import fuse_packed_gqa
 from exporter.quantize.int4_padding_bias import simplify_attention_bias
+from exporter.quantize.int4_prelude import compact_lengths
 from exporter.quantize.int4_qkv_bias import fold_split_biases
 from exporter.quantize.int4_skip_norm import fuse_skip_norms
 from exporter.quantize.ranges import _feeds_for, _session_with_outputs
@@ -304,8 +305,8 @@ def cpu_model(
     Split (Qwen2's q/k/v) fold into its MatMulNBits; int4_packed_gqa.py: the packed q/k/v feeds
     GroupQueryAttention with its own rotary, cos/sin tables of `max_positions` rows; int4_skip_norm.py:
     residual Add + RMSNorm -> SkipSimplifiedLayerNormalization; int4_padding_bias.py: the exported
-    causal-and-padding mask -> a padding-only bias where the kernel's causality makes them equal), then dead
-    nodes removed."""
+    causal-and-padding mask -> a padding-only bias where the kernel's causality makes them equal;
+    int4_prelude.py: the attention's length inputs from 3 shape reads), then dead nodes removed."""
     proto = _with_gains(model, plan.gains)
     if plan.embedding is not None:
         _quantize_gather(proto, *plan.embedding)
@@ -325,6 +326,7 @@ def cpu_model(
     report["counts"]["GroupQueryAttention_packed_rotary"] = fuse_packed_gqa(fused, max_positions)
     report["counts"]["SkipSimplifiedLayerNormalization"] = fuse_skip_norms(fused)
     report["counts"]["GroupQueryAttention_padding_bias"] = simplify_attention_bias(fused, max_positions)
+    report["counts"]["GroupQueryAttention_compact_lengths"] = compact_lengths(fused)
     ir_model = ir.from_proto(fused)
     RemoveDeadNodes()(ir_model)
     return ir.to_proto(ir_model), report

@@ -1,5 +1,5 @@
 """GroupQueryAttention's attention_bias: the exported causal-and-padding mask (~40 shape/compare nodes per
-step) ==> a padding-only bias from attention_mask (7 nodes), where the kernel's own causality makes the two
+step) ==> a padding-only bias from attention_mask (6 nodes), where the kernel's own causality makes the two
 equal (the INT4 CPU file's decode graph).
 
 Why: at batch 1 each ONNX Runtime node costs a few microseconds whatever its size; transformers' exported
@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from exporter.quantize.int4_prelude import SEQUENCE_SHAPE, sequence_shape_node
 from exporter.quantize.subgraph import upstream_model
 
 MS_DOMAIN = "com.microsoft"
@@ -50,6 +51,9 @@ def simplify_attention_bias(model: onnx.ModelProto, max_positions: int = 4096) -
             node.input[_BIAS] = new
         rewired += len(nodes)
         added.extend(subgraph)
+    have = {o for n in graph.node for o in n.output}
+    unique = {n.output[0]: n for n in added if n.output[0] not in have}  # one Shape(input_ids)[1:2]
+    added = list(unique.values())
     if added:
         existing = list(graph.node)
         del graph.node[:]
@@ -67,7 +71,6 @@ def _padding_bias(model: onnx.ModelProto, bias: str, masked: float) -> tuple[str
             numpy_helper.from_array(np.array(0.0, np.float32), f"{p}_open"),
             numpy_helper.from_array(np.array([1, 2], np.int64), f"{p}_axes"),
             numpy_helper.from_array(np.array([1], np.int64), f"{p}_one"),
-            numpy_helper.from_array(np.array([2], np.int64), f"{p}_two"),
             numpy_helper.from_array(np.array([1, 1], np.int64), f"{p}_ones"),
         ]
     )
@@ -77,10 +80,9 @@ def _padding_bias(model: onnx.ModelProto, bias: str, masked: float) -> tuple[str
             "Where", [f"{p}_is_pad", f"{p}_masked", f"{p}_open"], [f"{p}_2d"], name=f"{p}_where"
         ),
         helper.make_node("Unsqueeze", [f"{p}_2d", f"{p}_axes"], [f"{p}_4d"], name=f"{p}_unsqueeze"),
-        helper.make_node("Shape", ["input_ids"], [f"{p}_ids_shape"], name=f"{p}_shape"),
-        helper.make_node("Slice", [f"{p}_ids_shape", f"{p}_one", f"{p}_two"], [f"{p}_s"], name=f"{p}_slice"),
+        sequence_shape_node(),  # [S]: shared with the attention's length inputs (int4_prelude.py)
         helper.make_node(
-            "Concat", [f"{p}_ones", f"{p}_s", f"{p}_one"], [f"{p}_target"], axis=0, name=f"{p}_concat"
+            "Concat", [f"{p}_ones", SEQUENCE_SHAPE, f"{p}_one"], [f"{p}_target"], axis=0, name=f"{p}_concat"
         ),
         helper.make_node("Expand", [f"{p}_4d", f"{p}_target"], [f"{p}_bias"], name=f"{p}_expand"),
     ]

@@ -43,6 +43,7 @@ from exporter.quantize.int4 import (
     Site,
     collect_rows,
     cpu_model,
+    embedding_table,
     find_sites,
     prepare,
     switchable_models,
@@ -50,6 +51,7 @@ from exporter.quantize.int4 import (
     widen_mixed_groups,
     with_opset,
 )
+from exporter.quantize.int4_search import search_by_cost, step_bytes, units
 from exporter.quantize.int8 import Judge, _session
 from exporter.quantize.sensitivity import search
 from exporter.validate.tolerances import tolerance
@@ -61,7 +63,12 @@ CPU_FILE = "model.int4.cpu.onnx"
 TENSORRT_FILE = "model.int4.onnx"
 # Measured (tools/bench_decoder.py --int4-methods, README "INT4"): see the README table for the numbers.
 DEFAULT_METHOD: Method = "awq"
-DEFAULT_BLOCK_SIZE = 32
+# Layer projections' block size. Measured (tools/bench_decoder.py --peers' llama-512, run_int4_stage with the
+# cost-aware search, Sapphire Rapids, 2 threads, README "INT4"): decode 442.4 (block 32) -> 488.3 (64) -> 510.8
+# tok/s (128) vs the builder's int4 446.8 in the same run, held-out logit cosine 0.9718 -> 0.9707 -> 0.9710 (the
+# search widens layers 0-3's attention at 128 instead of 0-1's), file 41.2 -> 39.7 -> 38.2 MiB. At most the
+# model's hidden size (`effective_block_size`): a block longer than K is only padding.
+DEFAULT_BLOCK_SIZE = 128
 # lm_head: 4-bit unless the search widens it (`auto`); --int4-lm-head int4|int8 fixes it. Measured (same harness
 # as PACKED_PROJECTIONS, block 32, RTN): 8-bit lm_head decode 371.8 vs 4-bit 411.9 tok/s, file 40.9 vs 33.1 MiB.
 LM_HEAD_BITS = 4
@@ -78,6 +85,10 @@ LM_HEAD_BLOCK_SIZE = 128
 PACKED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 SEARCH_MARGIN = 0.25  # the search aims this fraction of the way from the target to 1 (as INT8)
 LmHead = Literal["auto", "int4", "int8"]
+# Mixed-precision order: "cost" widens the pieces with the most error per extra byte read per decode step
+# (exporter/quantize/int4_search.py), "worst" the worst first whatever their size (the INT8 stage's search).
+Search = Literal["cost", "worst"]
+DEFAULT_SEARCH: Search = "cost"
 
 
 @dataclasses.dataclass
@@ -98,6 +109,7 @@ class Int4Config:
     # Rows of the CPU file's rotary tables (GroupQueryAttention's own rotary reads positions < this):
     # the model's max_position_embeddings, as onnxruntime-genai's builder sizes its cos/sin caches.
     max_positions: int = 4096
+    search: Search = DEFAULT_SEARCH
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -112,6 +124,8 @@ class Int4Config:
             raise InputError("lm_head_block_size", str(exc)) from None
         if self.lm_head not in ("auto", "int4", "int8"):
             raise InputError("--int4-lm-head", f"choose auto, int4 or int8, got {self.lm_head!r}")
+        if self.search not in ("cost", "worst"):
+            raise InputError("search", f"choose cost or worst, got {self.search!r}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise InputError("accuracy_level", f"MatMulNBits takes 0..4, got {self.accuracy_level}")
 
@@ -119,6 +133,7 @@ class Int4Config:
         return {"auto": LM_HEAD_BITS, "int4": 4, "int8": 8}[self.lm_head]
 
     def lm_head_block(self) -> int:
+        """The lm_head's block before clamping to the model (`effective_block_sizes`)."""
         return max(self.lm_head_block_size, self.block_size)
 
 
@@ -156,13 +171,13 @@ def run_int4_stage(
         sites = find_sites(cpu_fp32)
         rows = collect_rows(cpu_path, [s.x for s in sites], data)
         judge = Judge(cpu_path, data, config.sensitivity_samples, None)
-        blocks = {s.node: config.lm_head_block() for s in sites if _is_lm_head(cpu_fp32, s)}
+        block, blocks = effective_block_sizes(cpu_fp32, sites, config)
         prepared = prepare(
             cpu_fp32,
             sites,
             rows,
             method=config.method,
-            block_size=config.block_size,
+            block_size=block,
             accuracy_level=config.accuracy_level,
             block_sizes=blocks,
         )
@@ -217,10 +232,28 @@ def run_int4_stage(
         budget = math.floor(config.max_int8_fraction * len(candidates)) if config.mixed_precision else 0
         # The lm_head last: at 8 bits it adds as many bytes per decode step as ~20 attention projections, so the
         # search first reaches the target without widening it, and widens it only where that fails.
-        heads = [n for n in candidates if n in blocks]
-        sensitivity = search([n for n in candidates if n not in heads], evaluate, target, budget, sweep)
+        heads = [s.node for s in sites if s.node in candidates and _is_lm_head(cpu_fp32, s)]
+        if config.search == "cost":
+            cost = _extra_step_bytes(prepared, candidates)
+
+            def sweep_units(groups: Sequence[tuple[str, ...]]) -> dict[tuple[str, ...], float]:
+                samples = min(config.sweep_samples, config.sensitivity_samples)
+                return {
+                    u: judge.switched_cosine(cpu_switch, switch(set(candidates) - set(u)), samples)
+                    for u in groups
+                }
+
+            def run_search(names: Sequence[str]):  # type: ignore[no-untyped-def]
+                groups = units(cpu_fp32, names, PACKED_PROJECTIONS)
+                return search_by_cost(groups, cost, evaluate, target, budget, sweep_units)
+        else:
+
+            def run_search(names: Sequence[str]):  # type: ignore[no-untyped-def]
+                return search(names, evaluate, target, budget, sweep)
+
+        sensitivity = run_search([n for n in candidates if n not in heads])
         if heads and not sensitivity.met:
-            sensitivity = search(candidates, evaluate, target, budget, sweep)
+            sensitivity = run_search(candidates)
         searched = {**fixed, **dict.fromkeys(sensitivity.excluded, 8)}
         bits = widen_mixed_groups(cpu_fp32, searched, PACKED_PROJECTIONS)
         plan = prepared.plan(bits)
@@ -237,14 +270,16 @@ def run_int4_stage(
         cpu_cos = judge.heldout_cosine(cpu_out)
         trt_cos = judge.heldout_cosine(trt_out, fake_quant=True)
         all4 = cpu_cosine_of(frozenset())  # the chosen method's all-4-bit CPU file, measured by the search
-        comparison = _method_comparison(cpu_fp32, sites, rows, fixed, cpu_cosine, config, all4, blocks)
+        comparison = _method_comparison(cpu_fp32, sites, rows, fixed, cpu_cosine, config, all4, block, blocks)
     report = {
         "method": config.method,
         "method_reason": "measured: README INT4 (AWQ-style input scales + clipping vs round-to-nearest)",
-        "block_size": config.block_size,
+        "block_size": block,
+        "block_size_requested": config.block_size,
+        "block_sizes_other": dict(blocks),
         "accuracy_level": config.accuracy_level,
         "lm_head_bits": config.lm_head_bits(),
-        "lm_head_block_size": config.lm_head_block(),
+        "lm_head_block_size": max(config.lm_head_block_size, block),
         "target_min_cosine": config.min_cosine,
         "calibration": data.describe(),
         "files": {
@@ -257,10 +292,16 @@ def run_int4_stage(
         + sorted(n for n, b in bits.items() if b == 8 and n not in searched),
         "int8_layers_widened_to_pack": sorted(n for n, b in bits.items() if b == 8 and n not in searched),
         "sensitivity": sensitivity.to_json(),
-        "sensitivity_rule": "each layer measured alone at 4 bits (every other at 8) on the CPU file as ONNX "
-        "Runtime runs it; from all at 4 bits, the worst go to 8 bits one by one until the lower search cosine "
-        "of the two files reaches the target; the lm_head (the most bytes per decode step) only where the "
-        "target is out of reach without it",
+        "search": config.search,
+        "sensitivity_rule": "each piece (a packed q/k/v or gate/up group is one) measured alone at 4 bits "
+        "(every other at 8) on the CPU file as ONNX Runtime runs it; from all at 4 bits, the pieces go to 8 bits "
+        + (
+            "in order of error per extra byte read per decode step"
+            if config.search == "cost"
+            else "worst first"
+        )
+        + " one by one until the lower search cosine of the two files reaches the target; the lm_head (the "
+        "most bytes per decode step) only where the target is out of reach without it",
         "method_comparison_search_cosine": comparison,
         "layers": layer_report(sites, plan),
         "embedding": None
@@ -270,6 +311,50 @@ def run_int4_stage(
     }
     gate(report, config.min_cosine)
     return Int4Result(work / CPU_FILE, work / TENSORRT_FILE, report)
+
+
+def effective_block_sizes(
+    model: onnx.ModelProto, sites: Sequence[Site], config: Int4Config
+) -> tuple[int, dict[str, int]]:
+    """The file's block size and the nodes taking another: `config.block_size` at most the hidden size (the
+    embedding's width, else the smallest K; a block longer than K would be padding only), each node's at most
+    its own K (a pruned o_proj reads fewer than hidden inputs), the lm_head `config.lm_head_block()`."""
+    inits = {i.name: i for i in model.graph.initializer}
+    widths = {s.node: int(inits[s.weight].dims[0]) for s in sites}
+    table = embedding_table(model)
+    hidden = (
+        int(inits[table].dims[1]) if table is not None else min(widths.values(), default=config.block_size)
+    )
+    block = min(config.block_size, _pow2_at_most(hidden))
+    blocks = {}
+    for site in sites:
+        if _is_lm_head(model, site):
+            blocks[site.node] = max(config.lm_head_block_size, block)
+        elif _pow2_at_most(widths[site.node]) < block:
+            blocks[site.node] = _pow2_at_most(widths[site.node])
+    return block, blocks
+
+
+def _pow2_at_most(k: int) -> int:
+    """The largest power of two <= k, at least 16 (MatMulNBits' smallest block)."""
+    return max(16, 1 << (max(k, 1).bit_length() - 1))
+
+
+def _extra_step_bytes(prepared: Prepared, candidates: Sequence[str]) -> dict[str, float]:
+    """Per candidate, the bytes a decode step reads more at 8 bits than at 4 (the embedding: one row)."""
+    cost: dict[str, float] = {}
+    for name in candidates:
+        if name == EMBEDDING:
+            assert prepared.embedding is not None
+            hidden = prepared.embedding[1].shape[1]
+            cost[name] = step_bytes(hidden, 1, 8, prepared.block_size) - step_bytes(
+                hidden, 1, 4, prepared.block_size
+            )
+            continue
+        k, n = prepared.weights[name].shape
+        block = prepared.block_of(name)
+        cost[name] = step_bytes(k, n, 8, block) - step_bytes(k, n, 4, block)
+    return cost
 
 
 def layer_report(sites: list[Site], plan: Plan) -> list[dict[str, Any]]:
@@ -296,7 +381,9 @@ def gate(report: dict[str, Any], target: float) -> None:
         )
 
 
-def _method_comparison(model, sites, rows, fixed, cosine, config, chosen: float, blocks) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def _method_comparison(
+    model, sites, rows, fixed, cosine, config, chosen: float, block, blocks
+) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """Search cosine of the all-4-bit CPU file with each method (the chosen one measured by the search's
     own session: its switch all at 4 bits is that file)."""
     result = {config.method: chosen}
@@ -307,7 +394,7 @@ def _method_comparison(model, sites, rows, fixed, cosine, config, chosen: float,
                 sites,
                 rows,
                 method=other,
-                block_size=config.block_size,
+                block_size=block,
                 accuracy_level=config.accuracy_level,
                 block_sizes=blocks,
             )
