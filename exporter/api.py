@@ -54,11 +54,10 @@ from exporter.model_dir.tokenizer import load_tokenizer
 from exporter.outputs import check_output_dir, staged_output
 from exporter.quantize import int4_pair
 from exporter.quantize import per_piece as streamed_quantized
-from exporter.quantize.cpu_features import reduce_weight_range
 from exporter.quantize.int4_stage import CPU_FILE as INT4_CPU_FILE
 from exporter.quantize.int4_stage import Int4Config, load_decoder_calibration, run_int4_stage
 from exporter.quantize.int8 import CPU_FILE as INT8_CPU_FILE
-from exporter.quantize.int8_stage import DECODER_CPU_FUSION, run_int8_stage, start_openvino_file
+from exporter.quantize.int8_stage import run_int8_stage, start_openvino_file
 from exporter.quantize.openvino_int8 import NncfJob
 from exporter.report import files as report_io
 from exporter.report import memory, stage_report, stage_table
@@ -323,19 +322,27 @@ class _Run:
         exported = self.artifacts["exported"]
         with self.stage(precision):
             if precision == "int8":
-                reduce_range, reason = reduce_weight_range(self.config.cpu_int8_weights)
-                section = streamed_quantized.int8_cpu_file(
-                    exported, work / INT8_CPU_FILE, md.model_type, reduce_range, fuse=DECODER_CPU_FUSION
+                section = streamed_quantized.nbits_cpu_file(
+                    exported,
+                    work / INT8_CPU_FILE,
+                    md.model_type,
+                    streamed_quantized.INT8_BLOCK_SIZE,
+                    4,
+                    streamed_quantized.INT8_PIECE_BITS,
                 )
-                section["weight_bits_reason"] = reason
+                section["scheme"] = streamed_quantized.INT8_SCHEME
+                section["weight_bits_reason"] = (
+                    "8-bit MatMulNBits blocks: --cpu-int8-weights (quantize_dynamic's 7-bit weights) does not apply"
+                )
             else:
-                lm_head = {"auto": 4, "int4": 4, "int8": 8}[self.config.int4_lm_head]
-                section = streamed_quantized.int4_cpu_file(
-                    exported, work / INT4_CPU_FILE, md.model_type, self.config.int4_block_size, 4, lm_head
+                bits = streamed_quantized.int4_piece_bits(self.config.int4_lm_head)
+                section = streamed_quantized.nbits_cpu_file(
+                    exported, work / INT4_CPU_FILE, md.model_type, self.config.int4_block_size, 4, bits
                 )
                 section["method_reason"] = (
                     "round-to-nearest per piece: AWQ scales and the 4/8-bit search need whole-model runs"
                 )
+                section["bits_reason"] = streamed_quantized.INT4_BITS_REASON
             path = work / section["file"]
             self.report[precision] = {
                 "cpu": section,
@@ -364,6 +371,9 @@ class _Run:
 
         options = ort.SessionOptions()
         options.add_session_config_entry("session.disable_prepacking", "1")
+        # no arena: a MatMulNBits without prepacked weights dequantizes its weight into a scratch buffer per
+        # run (the LM head's: 2 GiB at 8B); the arena would keep the largest ones resident for the session
+        options.enable_cpu_mem_arena = False
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         decoder = CachedDecoder(session)
         decoder.reset(feeds["input_ids"].shape[0], feeds["attention_mask"])

@@ -20,6 +20,7 @@ end instead (exporter/api.py: prefill and cached decode steps vs the streamed Py
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -251,10 +252,67 @@ def int8_cpu_file(
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class PieceBits:
+    """The bit width of each block-quantized piece: a decoder layer's MatMul takes the bits of the first
+    projection role its name holds (`roles`, e.g. {"q_proj": 8}) else `default`; the LM head `lm_head`, the
+    token embedding `embedding`. Members of a packed group (q/k/v, gate/up) should agree: a mixed group is
+    kept as separate MatMulNBits (int4.cpu_model)."""
+
+    default: int = 4
+    roles: tuple[tuple[str, int], ...] = ()
+    lm_head: int = 4
+    embedding: int = 4
+
+    def of(self, node: str) -> int:
+        return next((bits for role, bits in self.roles if role in node), self.default)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "default": self.default,
+            "roles": dict(self.roles),
+            "lm_head": self.lm_head,
+            "embedding": self.embedding,
+        }
+
+
+# The streamed INT8 CPU file: 8-bit weight-only blocks (MatMulNBits, accuracy_level 4: activations rounded
+# to int8 per row and block at run time), not quantize_dynamic's per-tensor u8 activations. Measured (README
+# "Streaming export of large decoders"): the dynamic file missed the int8 gate at 8B (logit cosine 0.961);
+# on the 45M bench Llama it scored 0.960 vs 0.9974 for this scheme.
+INT8_BLOCK_SIZE = 32
+INT8_PIECE_BITS = PieceBits(default=8, lm_head=8, embedding=8)
+INT8_SCHEME = (
+    "8-bit weight-only blocks of 32 (MatMulNBits, accuracy_level 4: activations int8 per row and block at "
+    "run time; embedding GatherBlockQuantized 8-bit), per piece"
+)
+# The streamed INT4 CPU file's widths (measured per projection at 1B, README "Streaming export of large
+# decoders"): set below by measurement.
+INT4_ROLES: tuple[tuple[str, int], ...] = ()
+INT4_BITS_REASON = "every piece 4-bit"
+
+
+def int4_piece_bits(lm_head: str = "auto") -> PieceBits:
+    """The streamed INT4 file's widths; `--int4-lm-head int8` widens the LM head."""
+    return PieceBits(roles=INT4_ROLES, lm_head=8 if lm_head == "int8" else 4)
+
+
 def int4_cpu_file(
     exported: Path, out: Path, family: str, block_size: int, accuracy_level: int, lm_head_bits: int
 ) -> dict[str, Any]:
-    """`model.int4.cpu.onnx` at `out` (round-to-nearest blocks) from the streamed fp32 `exported` file."""
+    """`model.int4.cpu.onnx` at `out`, every weight in round-to-nearest 4-bit blocks (the LM head at
+    `lm_head_bits`): `nbits_cpu_file` with one width."""
+    return nbits_cpu_file(exported, out, family, block_size, accuracy_level, PieceBits(lm_head=lm_head_bits))
+
+
+def nbits_cpu_file(
+    exported: Path, out: Path, family: str, block_size: int, accuracy_level: int, bits: PieceBits
+) -> dict[str, Any]:
+    """The MatMulNBits CPU file at `out` (round-to-nearest blocks, the widths `bits` says per piece) from the
+    streamed fp32 `exported` file. The embedding goes first (its fp32 table is the largest tensor read);
+    each piece's quantized weights are written to `out`'s data file as soon as it is spliced
+    (exporter/export/streaming/spill.py), so only one piece is ever in memory."""
+    from exporter.export.streaming.spill import DataFileWriter
     from exporter.quantize.int4 import Plan, concatenated, cpu_model, find_sites, prepare
     from exporter.quantize.int4_stage import PACKED_PROJECTIONS
 
@@ -265,26 +323,21 @@ def int4_cpu_file(
     scratch = out.parent / f".{out.name}.pieces"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
+    writer = DataFileWriter(out)
     layers: dict[str, int] = {}
+
+    def spill_new() -> None:
+        writer.spill_all(
+            [
+                v
+                for v in graph.initializers.values()
+                if v.const_value is not None
+                and not isinstance(v.const_value, ir.ExternalTensor)
+                and v.const_value.nbytes >= 1024
+            ]
+        )
+
     try:
-        groups = piecewise.by_layer(_constant_matmuls(graph))
-        for k, group in enumerate(progress_bar(groups, desc="int4 per piece", unit="piece")):
-            head = piecewise.layer_of(group[0]) is None  # the LM head: block-quantized in column chunks
-            path = piecewise.extract(graph, group, scratch, f"piece{k}.onnx", with_data=not head)
-            piece = onnx.load(str(path), load_external_data=not head)
-            if head:
-                bits = lm_head_bits
-                weight = _chunked_blocks(group[0].inputs[1], bits, block_size, concatenated)
-                plan = Plan({group[0].name: weight}, {}, {})
-            else:
-                bits = 4
-                plan = prepare(piece, find_sites(piece), None, method="rtn", block_size=block_size).plan()
-            rewritten, _ = cpu_model(piece, plan, accuracy_level, PACKED_PROJECTIONS)
-            layers.update(dict.fromkeys((n.name for n in group), bits))
-            del piece, plan
-            piecewise.splice(model, group, rewritten)
-            _clear(scratch)
-        steps["pieces"] = time.perf_counter() - start - sum(steps.values())
         embedding = None
         for k, gather in enumerate(_embedding_gathers(graph, 0)):  # int4.prepare: any table, H % block == 0
             if (gather.inputs[0].shape[1] % block_size) != 0:  # type: ignore[union-attr,index]
@@ -293,26 +346,57 @@ def int4_cpu_file(
             piece = onnx.load(str(path), load_external_data=False)
             table = gather.inputs[0]
             assert table is not None
-            q = _chunked_blocks(table, 4, block_size, concatenated, transpose=True)
+            q = _chunked_blocks(table, bits.embedding, block_size, concatenated, transpose=True)
             rewritten, _ = cpu_model(piece, Plan({}, {}, {}, embedding=(str(table.name), q)), accuracy_level)
+            del q, piece
             piecewise.splice(model, [gather], rewritten)
-            embedding = {"table": table.name, "bits": 4}
+            del rewritten
+            spill_new()
+            embedding = {"table": table.name, "bits": bits.embedding}
             _clear(scratch)
         steps["embedding"] = time.perf_counter() - start - sum(steps.values())
+        groups = piecewise.by_layer(_constant_matmuls(graph))
+        for k, group in enumerate(progress_bar(groups, desc="nbits per piece", unit="piece")):
+            head = piecewise.layer_of(group[0]) is None  # the LM head: block-quantized in column chunks
+            path = piecewise.extract(graph, group, scratch, f"piece{k}.onnx", with_data=not head)
+            piece = onnx.load(str(path), load_external_data=not head)
+            if head:
+                widths = {group[0].name: bits.lm_head}
+                weight = _chunked_blocks(group[0].inputs[1], bits.lm_head, block_size, concatenated)
+                plan = Plan({group[0].name: weight}, {}, {})
+            else:
+                widths = {str(n.name): bits.of(str(n.name)) for n in group}
+                plan = prepare(piece, find_sites(piece), None, method="rtn", block_size=block_size).plan(
+                    widths
+                )
+            rewritten, _ = cpu_model(piece, plan, accuracy_level, PACKED_PROJECTIONS)
+            layers.update(widths)
+            del piece, plan
+            piecewise.splice(model, group, rewritten)
+            del rewritten
+            spill_new()
+            _clear(scratch)
+        steps["pieces"] = time.perf_counter() - start - sum(steps.values())
         graph.sort()
-        piecewise.save(model, out)
+        writer.finish(model)
         steps["save"] = time.perf_counter() - start - sum(steps.values())
     finally:
+        writer.close()
         shutil.rmtree(scratch, ignore_errors=True)
+    counts: dict[str, int] = {}
+    for width in layers.values():
+        counts[str(width)] = counts.get(str(width), 0) + 1
     return {
         **section,
         "file": out.name,
         "method": "rtn",
         "block_size": block_size,
         "accuracy_level": accuracy_level,
-        "lm_head_bits": lm_head_bits,
+        "bits": bits.to_json(),
+        "lm_head_bits": bits.lm_head,
         "packed": list(PACKED_PROJECTIONS),
         "layers": layers,
+        "matmuls_by_bits": counts,
         "embedding": embedding,
         "seconds": round(time.perf_counter() - start, 3),
         "seconds_by_step": {k: round(v, 3) for k, v in steps.items()},
