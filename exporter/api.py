@@ -335,14 +335,15 @@ class _Run:
                     "8-bit MatMulNBits blocks: --cpu-int8-weights (quantize_dynamic's 7-bit weights) does not apply"
                 )
             else:
-                bits = streamed_quantized.int4_piece_bits(self.config.int4_lm_head)
+                layers = len(self.stream_result.plan.layers) if self.stream_result is not None else 0
+                bits = streamed_quantized.int4_piece_bits(layers, self.config.int4_lm_head)
                 section = streamed_quantized.nbits_cpu_file(
                     exported, work / INT4_CPU_FILE, md.model_type, self.config.int4_block_size, 4, bits
                 )
                 section["method_reason"] = (
                     "round-to-nearest per piece: AWQ scales and the 4/8-bit search need whole-model runs"
                 )
-                section["bits_reason"] = streamed_quantized.INT4_BITS_REASON
+                section["bits_reason"] = streamed_quantized.int4_bits_reason(bits, layers)
             path = work / section["file"]
             self.report[precision] = {
                 "cpu": section,
@@ -352,8 +353,13 @@ class _Run:
             self.artifacts[f"{precision}_cpu"] = path
             self.artifacts["onnx"] = path
         _release_freed_memory()  # the quantized weights were freed: give their heap back before the check
-        with self.stage("validate_end_to_end"):
-            self._end_to_end(path, precision, feeds, reference)
+        try:
+            with self.stage("validate_end_to_end"):
+                self._end_to_end(path, precision, feeds, reference)
+        finally:
+            self.report.setdefault("extra_sections_md", []).append(
+                streamed_quantized.markdown(precision, section, self.report.get("validation_end_to_end"))
+            )
         self.report["engine"] = {"skipped": "streamed per-piece quantization writes the CPU file only"}
         removed = [exported.name, exported.name + ".data"]
         for name in removed:
