@@ -970,8 +970,9 @@ _NOT_WRITTEN_PER_PIECE = {
     "file passed its end-to-end check",
     "tensorrt_files": "the TensorRT Q/DQ (INT8) and DequantizeLinear (INT4) files need static ranges or "
     "a search over whole-model runs; not made per piece",
-    "sensitivity_search": "no layer is kept in higher precision: the held-out search runs the whole model "
-    "many times; the end-to-end gate judges the all-quantized file instead",
+    "sensitivity_search": "the held-out search runs the whole model many times: the per-piece widths are a "
+    "fixed rule measured on the 1B shape (int4: the early layers and the embedding 8-bit), and the "
+    "end-to-end gate judges the file",
 }
 
 

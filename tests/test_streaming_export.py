@@ -481,6 +481,13 @@ def test_large_streamed_model_is_quantized_per_piece_and_gated(tmp_path, monkeyp
     assert e2e["decode_steps"] == 3 and e2e["gate"]["passed"]
     assert e2e["mean_cosine"] >= tolerances.tolerance(precision).min_mean_cosine
     assert out.report[precision]["not_written"]["tensorrt_files"]
+    # the widths chosen per piece are recorded (report.json) and listed (report.md); INT8 is 8-bit blocks
+    cpu = out.report[precision]["cpu"]
+    assert set(cpu["layers"].values()) == ({8} if precision == "int8" else {4, 8})
+    assert cpu["embedding"]["bits"] == 8
+    graph = onnx.load(str(out.artifacts["onnx"]), load_external_data=False).graph
+    assert {n.op_type for n in graph.node} >= {"MatMulNBits", "GatherBlockQuantized"}
+    assert "quantized per piece" in (out.output_dir / "report.md").read_text()
     assert {"stream_export", precision, "validate_end_to_end"} <= set(out.report["peak_rss_gib"])
     strict = {**tolerances.TOLERANCES, precision: tolerances.Tolerance(min_mean_cosine=1.01)}
     monkeypatch.setattr(tolerances, "TOLERANCES", strict)

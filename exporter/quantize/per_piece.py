@@ -1,21 +1,23 @@
 """The CPU INT8 / INT4 files of a streamed decoder, quantized one piece at a time (no fp32 graph in memory).
 
-Same order and code as the whole-model stages, per piece (exporter/export/streaming/piecewise.py):
-- INT8 (`model.int8.cpu.onnx`, exporter/quantize/int8_stage.py's CPU file): cleanup, then our onnxruntime
-  fusions (RMSNorm, GroupQueryAttention) on the graph loaded lazily by onnx-ir; then each decoder layer's
-  MatMuls (and the LM head) through ONNX Runtime's `quantize_dynamic` (exporter/quantize/cpu_int8.build:
-  per-channel s8 weights, u8 activations at run time, 7-bit weights where the CPU needs them), and the token
-  embedding through exporter/quantize/embeddings.py (INT8 per row).
-- INT4 (`model.int4.cpu.onnx`, the MatMulNBits format of exporter/quantize/int4_stage.py): the same fused
-  graph, then each layer's MatMuls block-quantized (exporter/quantize/int4.py `prepare` + `cpu_model`,
-  q/k/v and gate/up packed as there), the LM head and the embedding (GatherBlockQuantized) block-quantized
-  in column chunks (exact: every column has its own blocks).
+Same code as the whole-model stages, per piece (exporter/export/streaming/piecewise.py): cleanup, then our
+onnxruntime fusions (RMSNorm, GroupQueryAttention) on the graph loaded lazily by onnx-ir; then
+- `nbits_cpu_file` (what the export writes, both precisions): each decoder layer's MatMuls block-quantized
+  (exporter/quantize/int4.py `prepare` + `cpu_model`, round to nearest, q/k/v and gate/up packed as there)
+  at the widths `PieceBits` gives per piece, the LM head and the embedding (GatherBlockQuantized) in column
+  chunks (exact: every column has its own blocks); each piece's quantized weights go straight to the final
+  data file (exporter/export/streaming/spill.py). INT8 = every piece 8-bit (`INT8_PIECE_BITS`); INT4 = the
+  early layers and the embedding 8-bit, the rest 4-bit (`int4_piece_bits`). Both widths were chosen by
+  end-to-end measurement (README "Streaming export of large decoders").
+- `int8_cpu_file`: ONNX Runtime's `quantize_dynamic` per piece (exporter/quantize/cpu_int8.build, per-tensor
+  u8 activations) and exporter/quantize/embeddings.py, equal to the whole-model INT8 stage's CPU file;
+  kept and tested, no longer the streamed export's INT8 file (it missed the int8 gate at 8B: cosine 0.961).
 
 What the whole-model stages do that this does not (each needs the whole model in memory or many runs of it):
-the held-out sensitivity search (layers kept in high precision), the outlier-channel split, SmoothQuant and
-the static-range Q/DQ file for TensorRT (INT8); AWQ input scales, the mixed 4/8-bit search, the decode
-fusions (packed GQA with rotary, skip norms) and the TensorRT file (INT4). The API gates the file end to
-end instead (exporter/api.py: prefill and cached decode steps vs the streamed PyTorch reference).
+the held-out sensitivity search, the outlier-channel split, SmoothQuant and the static-range Q/DQ file for
+TensorRT (INT8); AWQ input scales, the searched 4/8-bit mix, the decode fusions (packed GQA with rotary,
+skip norms) and the TensorRT file (INT4). The API gates the file end to end instead (exporter/api.py:
+prefill and cached decode steps vs the streamed PyTorch reference).
 """
 
 from __future__ import annotations
