@@ -350,14 +350,10 @@ def nbits_cpu_file(
     layers: dict[str, int] = {}
 
     def spill_new() -> None:
+        # every tensor a spliced piece brought (ir.from_proto wraps the piece's protos): a tensor left
+        # wrapping its proto, even a small one, would keep the whole piece's protobuf arena alive
         writer.spill_all(
-            [
-                v
-                for v in graph.initializers.values()
-                if v.const_value is not None
-                and not isinstance(v.const_value, ir.ExternalTensor)
-                and v.const_value.nbytes >= 1024
-            ]
+            [v for v in graph.initializers.values() if isinstance(v.const_value, ir.serde.TensorProtoTensor)]
         )
 
     try:

@@ -42,11 +42,7 @@ class DataFileWriter:
         if isinstance(const, ir.ExternalTensor):
             const.release()
         if len(data) < INLINE_BYTES:
-            value.const_value = ir.Tensor(
-                const.numpy() if not isinstance(const, ir.ExternalTensor) else _array(const, data),
-                dtype=const.dtype,
-                name=value.name,
-            )
+            value.const_value = ir.Tensor(_array(const, data), dtype=const.dtype, name=value.name)
             return
         offset = -(-self._file.tell() // ALIGNMENT) * ALIGNMENT
         self._file.write(b"\0" * (offset - self._file.tell()))
@@ -81,7 +77,9 @@ class DataFileWriter:
         return isinstance(const, ir.ExternalTensor) and Path(const.path) == self.path
 
 
-def _array(const: ir.ExternalTensor, data: bytes):  # type: ignore[no-untyped-def]
+def _array(const: object, data: bytes):  # type: ignore[no-untyped-def]
+    """A copy that references neither a mapped file nor a protobuf message (a numpy view of either would
+    keep it alive)."""
     import numpy as np
 
-    return np.frombuffer(data, dtype=const.dtype.numpy()).reshape(const.shape.numpy()).copy()
+    return np.frombuffer(data, dtype=const.dtype.numpy()).reshape(const.shape.numpy()).copy()  # type: ignore[attr-defined]
