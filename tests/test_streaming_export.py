@@ -399,12 +399,27 @@ def test_per_piece_int8_equals_whole_model_quantization(tmp_path, monkeypatch):
     assert sorted(n.op_type for n in a.node) == sorted(n.op_type for n in b.node)
 
 
-def test_per_piece_int4_equals_whole_model_rtn(tmp_path):
-    """quantized.int4_cpu_file equals int4.cpu_model of the whole fused graph with every weight (and the
-    embedding) in round-to-nearest 4-bit blocks, q/k/v and gate/up packed."""
+MIXED = {
+    "all4": None,
+    # q/k/v and the embedding at 8 bits, the rest 4; the LM head 8
+    "mixed": dict(roles=(("q_proj", 8), ("k_proj", 8), ("v_proj", 8)), lm_head=8, embedding=8),
+    # a packed group split across widths (q at 8, k/v at 4): kept as separate MatMulNBits, as cpu_model does
+    "split": dict(roles=(("q_proj", 8), ("/layers.1/", 8))),
+    "all8": dict(default=8, lm_head=8, embedding=8),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(MIXED))
+def test_per_piece_int4_equals_whole_model_rtn(tmp_path, variant):
+    """quantized.nbits_cpu_file equals int4.cpu_model of the whole fused graph with every weight (and the
+    embedding) in round-to-nearest blocks at the same per-piece widths, q/k/v and gate/up packed where
+    their widths agree; the widths are recorded per MatMul."""
+    import onnx_ir
+
     from exporter.export.external_data import save_onnx
+    from exporter.export.streaming.piecewise import layer_of
     from exporter.quantize import per_piece as quantized
-    from exporter.quantize.int4 import cpu_model, find_sites, prepare
+    from exporter.quantize.int4 import EMBEDDING, cpu_model, find_sites, prepare
     from exporter.quantize.int4_stage import PACKED_PROJECTIONS
     from graph_passes.pipeline import optimize
 
@@ -414,13 +429,30 @@ def test_per_piece_int4_equals_whole_model_rtn(tmp_path):
     whole = export_engine(src, tmp_path / "whole", ExportConfig(streaming="off", **FP32))
     cleaned, _ = optimize(onnx.load(str(whole.artifacts["exported"])), "tensorrt", stages=("cleanup",))
     fused, _ = optimize(cleaned, "onnxruntime", family="llama", sparsity="off")
-    plan = prepare(fused, find_sites(fused), None, method="rtn", block_size=32).plan()
+    bits = quantized.PieceBits(**MIXED[variant]) if MIXED[variant] else quantized.PieceBits()
+    sites = find_sites(fused)
+    names = {n.name: n for n in onnx_ir.from_proto(fused).graph}
+    widths = {s.node: bits.lm_head if layer_of(names[s.node]) is None else bits.of(s.node) for s in sites}
+    plan = prepare(fused, sites, None, method="rtn", block_size=32).plan(
+        {**widths, EMBEDDING: bits.embedding}
+    )
     model, _ = cpu_model(fused, plan, 4, PACKED_PROJECTIONS)
     reference = save_onnx(model, tmp_path / "model.int4.reference.onnx")
     out = tmp_path / "piece" / "model.int4.cpu.onnx"
     out.parent.mkdir()
-    report = quantized.int4_cpu_file(whole.artifacts["exported"], out, "llama", 32, 4, 4)
-    assert report["embedding"] is not None
+    if variant == "all4":
+        report = quantized.int4_cpu_file(whole.artifacts["exported"], out, "llama", 32, 4, 4)
+    else:
+        report = quantized.nbits_cpu_file(whole.artifacts["exported"], out, "llama", 32, 4, bits)
+    assert report["embedding"] == {"table": plan.embedding[0], "bits": bits.embedding}
+    assert report["layers"] == widths
+    assert len(set(widths.values())) == (1 if variant in ("all4", "all8") else 2)
+    nbits = {
+        next(a.i for a in n.attribute if a.name == "bits")
+        for n in onnx.load(str(out), load_external_data=False).graph.node
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
+    }
+    assert nbits == set(widths.values()) | {bits.embedding}
     vocab = json.loads((src / "config.json").read_text())["vocab_size"]
     _assert_same_decoder(reference, out, vocab, whole.output_dir)
     a, b = (onnx.load(str(p)).graph for p in (reference, out))
@@ -449,6 +481,13 @@ def test_large_streamed_model_is_quantized_per_piece_and_gated(tmp_path, monkeyp
     assert e2e["decode_steps"] == 3 and e2e["gate"]["passed"]
     assert e2e["mean_cosine"] >= tolerances.tolerance(precision).min_mean_cosine
     assert out.report[precision]["not_written"]["tensorrt_files"]
+    # the widths chosen per piece are recorded (report.json) and listed (report.md); INT8 is 8-bit blocks
+    cpu = out.report[precision]["cpu"]
+    assert set(cpu["layers"].values()) == ({8} if precision == "int8" else {4, 8})
+    assert cpu["embedding"]["bits"] == 8
+    graph = onnx.load(str(out.artifacts["onnx"]), load_external_data=False).graph
+    assert {n.op_type for n in graph.node} >= {"MatMulNBits", "GatherBlockQuantized"}
+    assert "quantized per piece" in (out.output_dir / "report.md").read_text()
     assert {"stream_export", precision, "validate_end_to_end"} <= set(out.report["peak_rss_gib"])
     strict = {**tolerances.TOLERANCES, precision: tolerances.Tolerance(min_mean_cosine=1.01)}
     monkeypatch.setattr(tolerances, "TOLERANCES", strict)
