@@ -138,3 +138,25 @@ def test_fusion_check_reads_real_tokens_only():
     assert max_abs_on_real_tokens(ref, out, mask) == 0.25
     pooled = np.zeros((2, 3), dtype=np.float32)  # no [batch, sequence] layout: compared whole
     assert max_abs_on_real_tokens(pooled, pooled + 1.0, mask) == 1.0
+
+
+def test_fusion_check_blocks_equal_the_selected_rows():
+    """The fusion check's blocked maximum is the maximum over the selected rows' differences, bit for bit
+    (several blocks of a wide last axis, a NaN propagates, a mask that selects nothing)."""
+    from exporter.quantize import int8
+
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal((5, 300, 4099)).astype(np.float32)
+    out = ref + rng.standard_normal(ref.shape).astype(np.float32) * 1e-3
+    mask = (rng.random((5, 300)) < 0.6).astype(np.int64)
+
+    def selected(r: np.ndarray, o: np.ndarray, m: np.ndarray) -> float:
+        keep = m.astype(bool)
+        return float(np.max(np.abs(r[keep] - o[keep])))
+
+    assert int8.max_abs_on_real_tokens(ref, out, mask) == selected(ref, out, mask)
+    assert int8.max_abs_on_real_tokens(ref, out, None) == float(np.max(np.abs(ref - out)))
+    row = np.flatnonzero(mask.reshape(-1))[-1]
+    out.reshape(-1, 4099)[row, 7] = np.nan
+    assert np.isnan(int8.max_abs_on_real_tokens(ref, out, mask))
+    assert int8.max_abs_on_real_tokens(ref, out, np.zeros_like(mask)) == 0.0
