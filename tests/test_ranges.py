@@ -230,3 +230,22 @@ def test_abs_histogram_equals_numpy_bit_for_bit(seed: int) -> None:
         want = np.histogram(np.abs(values), bins=NUM_BINS, range=(0.0, top))[0]
         got = abs_histogram(values, top)
         assert got.dtype == want.dtype and np.array_equal(got, want), (seed, top)
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_histogram_pass_equals_numpy_histograms_exactly(
+    threaded: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The histogram pass (counting in a worker thread beside ONNX Runtime's next batch, or inline) gives the
+    ranges that numpy's histograms of all samples give, bit for bit."""
+    from exporter.quantize import ranges as module
+
+    monkeypatch.setattr(module, "HISTOGRAM_THREAD", threaded)
+    x = _outlier_data(size=64 * 50).reshape(50, 64)
+    data = CalibrationData({"x": x}, {"x": x[:2]}, batch=4, source="test")
+    for method in ("percentile", "entropy", "mse"):
+        got = collect_ranges(_relu_model(), ["n", "y"], data, method=method)
+        for name, values in (("n", -x), ("y", np.maximum(-x, 0))):
+            max_abs = float(np.abs(values).max())
+            hist = np.histogram(np.abs(values), bins=NUM_BINS, range=(0, max_abs))[0]
+            assert got[name] == amax_from_histogram(hist, max_abs, method), (method, name)
