@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from quant_test_models import DIM, mlp_with_outlier
 
 from export_errors import ValidationError
@@ -160,3 +160,21 @@ def test_fusion_check_blocks_equal_the_selected_rows():
     out.reshape(-1, 4099)[row, 7] = np.nan
     assert np.isnan(int8.max_abs_on_real_tokens(ref, out, mask))
     assert int8.max_abs_on_real_tokens(ref, out, np.zeros_like(mask)) == 0.0
+
+
+def test_tensorrt_model_is_handed_over_once_then_read(tmp_path):
+    """The stage's target fusion takes the TensorRT graph kept in memory (no read of the file just written);
+    once taken, or when none was kept, the file is read."""
+    from exporter.quantize.int8 import QuantResult
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    result = QuantResult(tmp_path / "m.onnx", None, {}, 1.0, tensorrt_model=model)
+    assert result.take_tensorrt_model() is model and result.tensorrt_model is None
+    assert result.take_tensorrt_model() == model  # read from the file

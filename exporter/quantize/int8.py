@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+from onnx.external_data_helper import uses_external_data
 
 from export_errors import InputError, ValidationError
 from exporter import progress
@@ -124,6 +125,14 @@ class QuantResult:
     cpu_cosine: float | None = None
     openvino_path: Path | None = None  # model.int8.openvino.onnx (exporter/quantize/int8_stage.py)
     heldout: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # the held-out feeds judged on
+    # the TensorRT file's graph as written, when its weights stayed inline (the stage's target fusion takes it
+    # instead of reading the file back; `take_tensorrt_model` hands it over once)
+    tensorrt_model: onnx.ModelProto | None = dataclasses.field(default=None, repr=False)
+
+    def take_tensorrt_model(self) -> onnx.ModelProto:
+        """The TensorRT file's graph: the one kept in memory (handed over: the result lets go of it), else read."""
+        model, self.tensorrt_model = self.tensorrt_model, None
+        return model if model is not None else onnx.load(str(self.tensorrt_path))
 
 
 def quantize(
@@ -156,7 +165,7 @@ def quantize(
             source, report["smoothing"] = smooth(
                 fp32_onnx, Path(tmp), calibration, config, cache=maxima, also=activations
             )
-        trt_cosine = _tensorrt_variant(
+        trt_cosine, trt_model = _tensorrt_variant(
             source, out_dir / TENSORRT_FILE, calibration, config, judge, report, maxima
         )
         cpu_path, cpu_cosine = None, None
@@ -176,7 +185,13 @@ def quantize(
     }
     _gate(report, config.min_cosine)
     return QuantResult(
-        out_dir / TENSORRT_FILE, cpu_path, report, trt_cosine, cpu_cosine, heldout=calibration.heldout
+        out_dir / TENSORRT_FILE,
+        cpu_path,
+        report,
+        trt_cosine,
+        cpu_cosine,
+        heldout=calibration.heldout,
+        tensorrt_model=trt_model,
     )
 
 
@@ -188,7 +203,8 @@ def _tensorrt_variant(
     judge: Judge,
     report: dict[str, Any],
     maxima: Maxima | None = None,
-) -> float:
+) -> tuple[float, onnx.ModelProto | None]:
+    """Held-out cosine of the TensorRT file written at `out`, and its graph where the weights stayed inline."""
     start = time.perf_counter()
     proto = onnx.load(str(fp32))
     decisions = plan(ir.from_proto(proto), config.exclusions())
@@ -239,7 +255,8 @@ def _tensorrt_variant(
         cosine,
         len(sensitivity.excluded),
     )
-    return cosine
+    inline = not any(uses_external_data(t) for t in final.graph.initializer)  # save_onnx moves large weights
+    return cosine, final if inline else None
 
 
 # The CPU file's first build runs in a child interpreter (ONNX Runtime's quantizer is single-threaded Python:
