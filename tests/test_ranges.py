@@ -209,7 +209,7 @@ def test_whole_tensor_maxima_take_any_shapes(tmp_path: Path) -> None:
 @pytest.mark.parametrize("seed", range(6))
 def test_abs_histogram_equals_numpy_bit_for_bit(seed: int) -> None:
     """The calibration histogram equals np.histogram(np.abs(x), NUM_BINS, (0, high)) exactly: values on and
-    one ulp beside every float32 edge, a range below the max (values dropped), NaN/inf, a `high` float32
+    one ulp beside every float32 edge, zeros and values below the first edge, a range below the max (values dropped), NaN/inf, a `high` float32
     cannot hold, tiny and huge scales, several blocks."""
     from exporter.quantize.ranges import HISTOGRAM_BLOCK, abs_histogram
 
@@ -222,6 +222,10 @@ def test_abs_histogram_equals_numpy_bit_for_bit(seed: int) -> None:
     beside = np.nextafter(on_edges, np.where(rng.random(n) < 0.5, np.inf, -np.inf).astype(np.float32))
     x[: n // 2] = np.minimum(np.where(rng.random(n) < 0.5, on_edges, beside), edges[-1])[: n // 2]
     x *= np.where(rng.random(n) < 0.5, 1, -1).astype(np.float32)
+    x[n // 2 : n // 2 + 5000] = 0.0  # zeros (a causal mask's attention weights) and values near edge 1
+    x[n // 2 + 5000 : n // 2 + 6000] = np.nextafter(edges[1], np.float32(0)) * rng.random(1000).astype(
+        np.float32
+    )
     cases = [(x, high), (x, high * 0.7), (x, high * (1 + 1e-9)), (x[: n - n % 3].reshape(-1, 3)[:, :2], high)]
     with_nan = x.copy()
     with_nan[[5, HISTOGRAM_BLOCK + 9]] = [np.nan, np.inf]

@@ -116,7 +116,8 @@ def abs_histogram(values: np.ndarray, high: float, bins: int = NUM_BINS) -> np.n
     counts are "how many values lie in [edge k, edge k + 1)" (the last bin closed), whatever the estimate.
     Here the estimate is p = |x| * (bins / high) in float32, whose floor is that bin unless p lies within
     `EDGE_MARGIN` of an integer (its error and the edges' float32 rounding are both < 1e-3 of a bin: 2^-22
-    relative at p <= bins = 2048); those few values (~0.2%) are moved to the bin numpy's correction gives.
+    relative at p <= bins = 2048); those few values (~0.2%; zeros, as a causal mask's attention weights,
+    are exact: edge 0 is 0) are moved to the bin numpy's correction gives.
     Work arrays are cache-sized blocks. Anything else (other dtypes, a range whose bins float32 cannot
     separate, a block holding NaN or values beyond `high`, which numpy drops) goes through numpy itself."""
     flat = values.reshape(-1)
@@ -147,6 +148,8 @@ def abs_histogram(values: np.ndarray, high: float, bins: int = NUM_BINS) -> np.n
         np.floor(p, out=fl)
         np.subtract(p, fl, out=p)  # the fraction of a bin: near 0 or 1 = near an edge
         np.less(p, EDGE_MARGIN, out=m)
+        np.greater_equal(fl, 1.0, out=f)  # edge 0 is exact (|x| >= 0): zeros and small values stay in bin 0
+        np.logical_and(m, f, out=m)
         np.greater(p, np.float32(1.0 - EDGE_MARGIN), out=f)
         np.logical_or(m, f, out=m)
         i[...] = fl
