@@ -675,17 +675,28 @@ class _Run:
         trt_outputs = self._onnx_outputs(result.tensorrt_path, feeds)
         self._check("int8_tensorrt", reference, trt_outputs, real, gate)
         self._evaluate("int8_tensorrt", lambda batch: self._onnx_outputs(result.tensorrt_path, batch))
+        cpu_session = (
+            None  # a decoder's CPU file: one session (as deployed) for its prefill and greedy checks
+        )
         if result.cpu_path is not None:
             cpu_path = result.cpu_path
             self.artifacts["int8_cpu"] = cpu_path
-            cpu_outputs = self._onnx_outputs(cpu_path, feeds, optimized=True)
+            if self.task.with_past:
+                cpu_session = _ort_session(cpu_path)
+                cpu_outputs = _decoder_prefill_with(cpu_session, feeds)
+            else:
+                cpu_outputs = self._onnx_outputs(cpu_path, feeds, optimized=True)
             self._check("int8_cpu", reference, cpu_outputs, real, gate)
             self._evaluate("int8_cpu", lambda batch: self._onnx_outputs(cpu_path, batch, optimized=True))
         if self.task.with_past:
             reference_session = _ort_session(self.artifacts["onnx"])  # one fp32 session for both files
+            runs: dict[bytes, Any] = {}  # and its greedy runs, computed once
             for variant, path in (("tensorrt", result.tensorrt_path), ("cpu", result.cpu_path)):
                 if path is not None:
-                    section[variant].update(_decoder_int8_quality(reference_session, path, feeds))
+                    session = cpu_session if variant == "cpu" else path
+                    section[variant].update(
+                        _decoder_int8_quality(reference_session, session, feeds, runs=runs)
+                    )
         if self.task.gate_on_agreement:
             self._agreement_gate(
                 section, result.heldout, {"tensorrt": result.tensorrt_path, "cpu": result.cpu_path}
@@ -1089,16 +1100,24 @@ def _ort_session(path: Path) -> Any:
 
 
 def _decoder_int8_quality(
-    reference: Any, int8: Path, feeds: dict[str, np.ndarray], prompts: int = 2, new_tokens: int = 16
+    reference: Any,
+    int8: Path | Any,
+    feeds: dict[str, np.ndarray],
+    prompts: int = 2,
+    new_tokens: int = 16,
+    runs: dict[bytes, Any] | None = None,
 ) -> dict[str, Any]:
-    """Greedy agreement and logit cosine of the INT8 decoder vs the fp32 optimized model (`reference`: its
-    session) over a short generation from the first validation prompts (real tokens only, at most 16), both as
-    ORT runs them."""
+    """Greedy agreement and logit cosine of the INT8 decoder (a path, or its session as `_ort_session` opens
+    it) vs the fp32 optimized model (`reference`: its session) over a short generation from the first
+    validation prompts (real tokens only, at most 16), both as ORT runs them. `runs`: the reference's greedy
+    runs, shared between the files judged against it (generation.greedy_agreement's `reference_runs`)."""
     from exporter.runtime.generation import greedy_agreement
 
     rows = [ids[mask.astype(bool)][:16] for ids, mask in zip(feeds["input_ids"], feeds["attention_mask"])]
-    candidate = _ort_session(int8)
-    quality = greedy_agreement(reference, candidate, rows[:prompts], max_new_tokens=new_tokens)
+    candidate = _ort_session(int8) if isinstance(int8, Path) else int8
+    quality = greedy_agreement(
+        reference, candidate, rows[:prompts], max_new_tokens=new_tokens, reference_runs=runs
+    )
     return {**quality, "quality_vs": "fp32 model.onnx (greedy agreement teacher-forced on its tokens)"}
 
 

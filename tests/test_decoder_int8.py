@@ -52,6 +52,37 @@ def test_teacher_forced_agreement_counts_the_candidates_argmax(two_models):
     assert greedy_agreement(a, b, [PROMPTS[0]], max_new_tokens=8)["greedy_agreement"] == expected
 
 
+def test_shared_reference_runs_give_the_same_numbers_and_run_the_reference_once(two_models):
+    """Two candidates judged against one reference with `reference_runs`: each gets the numbers it gets alone,
+    and the reference generates and scores each prompt once."""
+    reference, other = two_models
+    calls = []
+
+    class Counting:
+        def __init__(self, session):
+            self.session = session
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+        def run(self, *args, **kwargs):
+            calls.append(1)
+            return self.session.run(*args, **kwargs)
+
+    alone = [greedy_agreement(reference, c, PROMPTS, max_new_tokens=8) for c in (other, reference)]
+    runs: dict = {}
+    counting = Counting(reference)
+    shared = [
+        greedy_agreement(counting, c, PROMPTS, max_new_tokens=8, reference_runs=runs)
+        for c in (other, reference)
+    ]
+    assert shared == alone
+    first = len(calls)
+    assert first > 0 and len(runs) == len(PROMPTS)
+    greedy_agreement(counting, other, PROMPTS, max_new_tokens=8, reference_runs=runs)
+    assert len(calls) == first  # nothing recomputed
+
+
 def test_calibration_feeds_are_prefills_of_each_layers_width(tmp_path):
     """The adapter adds position ids (as generation computes them) and empty pasts shaped per layer; the
     extended feeds run on the exported decoder and give the prefill logits of CachedDecoder."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from quant_test_models import DIM, mlp_with_outlier
 
 from export_errors import ValidationError
@@ -138,3 +138,43 @@ def test_fusion_check_reads_real_tokens_only():
     assert max_abs_on_real_tokens(ref, out, mask) == 0.25
     pooled = np.zeros((2, 3), dtype=np.float32)  # no [batch, sequence] layout: compared whole
     assert max_abs_on_real_tokens(pooled, pooled + 1.0, mask) == 1.0
+
+
+def test_fusion_check_blocks_equal_the_selected_rows():
+    """The fusion check's blocked maximum is the maximum over the selected rows' differences, bit for bit
+    (several blocks of a wide last axis, a NaN propagates, a mask that selects nothing)."""
+    from exporter.quantize import int8
+
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal((5, 300, 4099)).astype(np.float32)
+    out = ref + rng.standard_normal(ref.shape).astype(np.float32) * 1e-3
+    mask = (rng.random((5, 300)) < 0.6).astype(np.int64)
+
+    def selected(r: np.ndarray, o: np.ndarray, m: np.ndarray) -> float:
+        keep = m.astype(bool)
+        return float(np.max(np.abs(r[keep] - o[keep])))
+
+    assert int8.max_abs_on_real_tokens(ref, out, mask) == selected(ref, out, mask)
+    assert int8.max_abs_on_real_tokens(ref, out, None) == float(np.max(np.abs(ref - out)))
+    row = np.flatnonzero(mask.reshape(-1))[-1]
+    out.reshape(-1, 4099)[row, 7] = np.nan
+    assert np.isnan(int8.max_abs_on_real_tokens(ref, out, mask))
+    assert int8.max_abs_on_real_tokens(ref, out, np.zeros_like(mask)) == 0.0
+
+
+def test_tensorrt_model_is_handed_over_once_then_read(tmp_path):
+    """The stage's target fusion takes the TensorRT graph kept in memory (no read of the file just written);
+    once taken, or when none was kept, the file is read."""
+    from exporter.quantize.int8 import QuantResult
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    result = QuantResult(tmp_path / "m.onnx", None, {}, 1.0, tensorrt_model=model)
+    assert result.take_tensorrt_model() is model and result.tensorrt_model is None
+    assert result.take_tensorrt_model() == model  # read from the file

@@ -204,3 +204,52 @@ def test_whole_tensor_maxima_take_any_shapes(tmp_path: Path) -> None:
     )
     _, amax = measure_maxima(model, [], ["n"], data, tmp_path, None, "t")
     assert amax == {"n": float(np.abs(step).max())}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_abs_histogram_equals_numpy_bit_for_bit(seed: int) -> None:
+    """The calibration histogram equals np.histogram(np.abs(x), NUM_BINS, (0, high)) exactly: values on and
+    one ulp beside every float32 edge, zeros and values below the first edge, a range below the max (values dropped), NaN/inf, a `high` float32
+    cannot hold, tiny and huge scales, several blocks."""
+    from exporter.quantize.ranges import HISTOGRAM_BLOCK, abs_histogram
+
+    rng = np.random.default_rng(seed)
+    n = HISTOGRAM_BLOCK * 2 + 12345
+    x = (rng.standard_normal(n) * 10.0 ** rng.uniform(-30, 30)).astype(np.float32)
+    high = float(np.abs(x).max())
+    edges = np.linspace(0.0, high, NUM_BINS + 1, dtype=np.float32)
+    on_edges = edges[rng.integers(0, NUM_BINS + 1, n)]
+    beside = np.nextafter(on_edges, np.where(rng.random(n) < 0.5, np.inf, -np.inf).astype(np.float32))
+    x[: n // 2] = np.minimum(np.where(rng.random(n) < 0.5, on_edges, beside), edges[-1])[: n // 2]
+    x *= np.where(rng.random(n) < 0.5, 1, -1).astype(np.float32)
+    x[n // 2 : n // 2 + 5000] = 0.0  # zeros (a causal mask's attention weights) and values near edge 1
+    x[n // 2 + 5000 : n // 2 + 6000] = np.nextafter(edges[1], np.float32(0)) * rng.random(1000).astype(
+        np.float32
+    )
+    cases = [(x, high), (x, high * 0.7), (x, high * (1 + 1e-9)), (x[: n - n % 3].reshape(-1, 3)[:, :2], high)]
+    with_nan = x.copy()
+    with_nan[[5, HISTOGRAM_BLOCK + 9]] = [np.nan, np.inf]
+    cases += [(with_nan, high), (x[:100], 1.0), (np.zeros(10, np.float32), 1.0), (x.astype(np.float64), high)]
+    for values, top in cases:
+        want = np.histogram(np.abs(values), bins=NUM_BINS, range=(0.0, top))[0]
+        got = abs_histogram(values, top)
+        assert got.dtype == want.dtype and np.array_equal(got, want), (seed, top)
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_histogram_pass_equals_numpy_histograms_exactly(
+    threaded: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The histogram pass (counting in a worker thread beside ONNX Runtime's next batch, or inline) gives the
+    ranges that numpy's histograms of all samples give, bit for bit."""
+    from exporter.quantize import ranges as module
+
+    monkeypatch.setattr(module, "HISTOGRAM_THREAD", threaded)
+    x = _outlier_data(size=64 * 50).reshape(50, 64)
+    data = CalibrationData({"x": x}, {"x": x[:2]}, batch=4, source="test")
+    for method in ("percentile", "entropy", "mse"):
+        got = collect_ranges(_relu_model(), ["n", "y"], data, method=method)
+        for name, values in (("n", -x), ("y", np.maximum(-x, 0))):
+            max_abs = float(np.abs(values).max())
+            hist = np.histogram(np.abs(values), bins=NUM_BINS, range=(0, max_abs))[0]
+            assert got[name] == amax_from_histogram(hist, max_abs, method), (method, name)

@@ -101,9 +101,7 @@ def run_int8_stage(
         if config.calibration_method:
             quant_config.method = config.calibration_method
         result = quantize(cleaned_path, work, calibration, quant_config)
-    fused, fusion = optimize(
-        onnx.load(str(result.tensorrt_path)), "tensorrt", stages=("fusion",), family=family
-    )
+    fused, fusion = optimize(result.take_tensorrt_model(), "tensorrt", stages=("fusion",), family=family)
     save_onnx(fused, result.tensorrt_path)
     section = {
         **(

@@ -17,10 +17,12 @@ that needs a range (measured on tools/bench_decoder.py's model: 5.5 -> 3.3 s per
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import tempfile
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -78,10 +80,86 @@ def collect_ranges(
         if missing and missing != names:
             session = _session_with_outputs(proto, names, Path(tmp))
         hists = {n: np.zeros(NUM_BINS, dtype=np.int64) for n in names}
-        for outputs in _passes(session, names, data, limit, f"ranges: {method}"):
+
+        def count(outputs: dict[str, np.ndarray]) -> None:
             for name, array in outputs.items():
-                hists[name] += np.histogram(np.abs(array), bins=NUM_BINS, range=(0.0, amax[name] or 1.0))[0]
+                hists[name] += abs_histogram(array, amax[name] or 1.0)
+
+        # one batch's histograms run beside ONNX Runtime's next batch (integer counts: the same sums)
+        with ThreadPoolExecutor(1) if HISTOGRAM_THREAD else contextlib.nullcontext() as pool:
+            pending: Future[None] | None = None
+            for outputs in _passes(session, names, data, limit, f"ranges: {method}"):
+                if pool is None:
+                    count(outputs)
+                    continue
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(count, outputs)
+            if pending is not None:
+                pending.result()
     return {n: amax_from_histogram(hists[n], amax[n], method, percentile) for n in names}
+
+
+# Values per block of `abs_histogram` (float32 work arrays of 1 MiB: cache-resident between its steps).
+HISTOGRAM_BLOCK = 2**18
+EDGE_MARGIN = np.float32(1e-3)
+# The histogram pass counts one batch in a worker thread while ONNX Runtime computes the next.
+HISTOGRAM_THREAD = True
+
+
+def abs_histogram(values: np.ndarray, high: float, bins: int = NUM_BINS) -> np.ndarray:
+    """Exactly `np.histogram(np.abs(values), bins=bins, range=(0.0, high))[0]` (int64 counts), ~2x faster on
+    float32.
+
+    numpy's uniform-bin histogram estimates each value's bin in float64, corrects the estimate by one against
+    its edges (`np.linspace(0, high, bins + 1)` in the data's dtype: float32) and counts with `np.bincount`: the
+    counts are "how many values lie in [edge k, edge k + 1)" (the last bin closed), whatever the estimate.
+    Here the estimate is p = |x| * (bins / high) in float32, whose floor is that bin unless p lies within
+    `EDGE_MARGIN` of an integer (its error and the edges' float32 rounding are both < 1e-3 of a bin: 2^-22
+    relative at p <= bins = 2048); those few values (~0.2%; zeros, as a causal mask's attention weights,
+    are exact: edge 0 is 0) are moved to the bin numpy's correction gives.
+    Work arrays are cache-sized blocks. Anything else (other dtypes, a range whose bins float32 cannot
+    separate, a block holding NaN or values beyond `high`, which numpy drops) goes through numpy itself."""
+    flat = values.reshape(-1)
+    factor = np.float32(bins / high) if 0.0 < high < np.inf else np.float32(0.0)
+    edges = np.linspace(0.0, high, bins + 1, dtype=np.float32) if factor else None
+    if (
+        edges is None
+        or bins > 4096  # the margin's error bound holds for p <= 4096
+        or np.result_type(0.0, high, flat) != np.float32  # numpy's own edge dtype for these arguments
+        or not np.isfinite(factor)
+        or high < np.finfo(np.float32).tiny * bins * 4  # sub-normal bin widths: no error bound
+        or np.any(edges[:-1] >= edges[1:])
+    ):
+        return np.histogram(np.abs(flat), bins=bins, range=(0.0, high))[0]
+    counts = np.zeros(bins + 1, dtype=np.int64)  # + 1: p = bins (|x| = high) is near an edge, moved back
+    size = min(HISTOGRAM_BLOCK, flat.size)
+    work, floor, index = np.empty(size, np.float32), np.empty(size, np.float32), np.empty(size, np.intp)
+    near, far = np.empty(size, bool), np.empty(size, bool)
+    for start in range(0, flat.size, HISTOGRAM_BLOCK):
+        block = flat[start : start + HISTOGRAM_BLOCK]
+        n = block.size
+        a, p, fl, i, m, f = block, work[:n], floor[:n], index[:n], near[:n], far[:n]
+        np.abs(block, out=p)
+        if not p.max() <= high:  # NaN, or values beyond the range (numpy drops them)
+            counts[:bins] += np.histogram(p, bins=bins, range=(0.0, high))[0]
+            continue
+        np.multiply(p, factor, out=p)
+        np.floor(p, out=fl)
+        np.subtract(p, fl, out=p)  # the fraction of a bin: near 0 or 1 = near an edge
+        np.less(p, EDGE_MARGIN, out=m)
+        np.greater_equal(fl, 1.0, out=f)  # edge 0 is exact (|x| >= 0): zeros and small values stay in bin 0
+        np.logical_and(m, f, out=m)
+        np.greater(p, np.float32(1.0 - EDGE_MARGIN), out=f)
+        np.logical_or(m, f, out=m)
+        i[...] = fl
+        counts += np.bincount(i, minlength=bins + 1)
+        moved = np.flatnonzero(m)
+        if moved.size:
+            exact = np.histogram(np.abs(a[moved]), bins=bins, range=(0.0, high))[0]
+            counts -= np.bincount(i[moved], minlength=bins + 1)
+            counts[:bins] += exact
+    return counts[:bins]
 
 
 def amax_from_histogram(

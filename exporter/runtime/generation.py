@@ -184,7 +184,12 @@ def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float, top
 
 
 def greedy_agreement(
-    reference: Any, candidate: Any, prompts: list[np.ndarray], *, max_new_tokens: int = 16
+    reference: Any,
+    candidate: Any,
+    prompts: list[np.ndarray],
+    *,
+    max_new_tokens: int = 16,
+    reference_runs: dict[bytes, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, float | int]:
     """How closely `candidate` (e.g. an INT8 decoder) follows `reference` (its fp32 model) in generation.
 
@@ -199,19 +204,28 @@ def greedy_agreement(
     `candidate` may be a prefill/decode pair `(decode, prefill)` (see `CachedDecoder`): it generates as the
     pair does, and is teacher-forced as it would run, the prompt on `prefill`, then one token per step on
     `decode` (a pair's one-call scoring would judge the prefill file alone).
+    `reference_runs`: the reference's generation and scores per prompt, filled on first use and read after
+    (one fp32 model judged against several candidates computes them once: the same numbers).
     """
     decode, prefill = candidate if isinstance(candidate, tuple) else (candidate, None)
     hits, free_hits, cosines, prefixes, steps = 0, 0, [], [], 0
     for prompt in prompts:
         ids = np.asarray(prompt, dtype=np.int64)[None, :]
-        ref_tokens = generate(reference, ids, max_new_tokens=max_new_tokens)
+        key = ids.tobytes() + max_new_tokens.to_bytes(4, "little")
+        if reference_runs is None or key not in reference_runs:
+            ref_tokens = generate(reference, ids, max_new_tokens=max_new_tokens)
+            ref_scores = _scored(reference, ref_tokens[:, :-1])[0, ids.shape[1] - 1 :]
+            if reference_runs is not None:
+                reference_runs[key] = (ref_tokens, ref_scores)
+        else:
+            ref_tokens, ref_scores = reference_runs[key]
         cand_tokens = generate(decode, ids, max_new_tokens=max_new_tokens, prefill=prefill)
         new_ref = ref_tokens[0, ids.shape[1] :]
         new_cand = cand_tokens[0, ids.shape[1] :]
         same = new_ref == new_cand[: len(new_ref)]
         free_hits += int(same.sum())
         prefixes.append(int(np.argmin(same)) if not same.all() else len(same))
-        ref_logits = _scored(reference, ref_tokens[:, :-1])[0, ids.shape[1] - 1 :]
+        ref_logits = ref_scores
         if prefill is None:
             cand_logits = _scored(decode, ref_tokens[:, :-1])[0, ids.shape[1] - 1 :]
         else:
