@@ -336,69 +336,6 @@ def test_reused_layer_graphs_equal_tracing_each_layer(tmp_path, family):
         np.testing.assert_array_equal(numpy_helper.to_array(x), numpy_helper.to_array(y), err_msg=x.name)
 
 
-def _int8_plain_cpu_file(exported, out):  # type: ignore[no-untyped-def]
-    """The whole-model functions on the whole graph: cleanup, our fusions, quantize_dynamic, INT8 embeddings."""
-    from exporter.export.external_data import save_onnx
-    from exporter.quantize import cpu_int8
-    from exporter.quantize.embeddings import quantize_embeddings
-    from graph_passes.pipeline import optimize
-
-    cleaned, _ = optimize(onnx.load(str(exported)), "tensorrt", stages=("cleanup",), family="llama")
-    fused, _ = optimize(cleaned, "onnxruntime", family="llama", sparsity="off")
-    fp32 = save_onnx(fused, out.parent / "fused.onnx")
-    cpu_int8.build(fp32, out.parent / "q.onnx", frozenset(), reduce_range=False)
-    model, _ = quantize_embeddings(onnx.load(str(out.parent / "q.onnx")))
-    return save_onnx(model, out)
-
-
-def test_per_piece_int8_equals_whole_model_quantization(tmp_path, monkeypatch):
-    """quantized.int8_cpu_file, piece by piece on the lazily loaded graph, writes the file the whole-model
-    functions write on the whole graph: the INT8 stage's file itself (fused graph, all quantized), and
-    quantize_dynamic + INT8 embeddings of the fused graph (what the streamed export writes); the plain graph
-    in chunks (as at 8B) equals it unchunked."""
-    from exporter.quantize import per_piece as quantized
-
-    src = write_model_dir(
-        tmp_path / "src",
-        "llama",
-        masks=_masks("llama"),
-        tokenizer="llama3",
-        config_overrides={"num_hidden_layers": 3, "vocab_size": 1100},  # 1100 x 64: the table is quantized
-    )
-    config = dict(precision="int8", benchmark=False, calibration_samples=16, cpu_int8_weights="full")
-    whole = export_engine(src, tmp_path / "whole", ExportConfig(streaming="off", **config))
-    cpu = whole.report["int8"]["cpu"]
-    assert not cpu["auto_excluded"] and cpu["fusion"]["applied"]  # the stage's file: all quantized, fused
-    vocab = 1100
-    plain = tmp_path / "plain" / "model.int8.cpu.onnx"
-    plain.parent.mkdir()
-    report = quantized.int8_cpu_file(whole.artifacts["exported"], plain, "llama", False, fuse=False)
-    assert report["embeddings"] and cpu["embeddings"]
-    # the LM head and the table in chunks (as at 8B): the same file
-    monkeypatch.setattr(quantized, "INT8_CHUNK_BYTES", 16 * 1024)
-    chunked = tmp_path / "chunked" / "model.int8.cpu.onnx"
-    chunked.parent.mkdir()
-    quantized.int8_cpu_file(whole.artifacts["exported"], chunked, "llama", False, fuse=False)
-    monkeypatch.undo()
-    a, b = (onnx.load(str(p)).graph for p in (plain, chunked))
-    assert sorted(t.name for t in a.initializer) == sorted(t.name for t in b.initializer)
-    values = {t.name: onnx.numpy_helper.to_array(t) for t in a.initializer}
-    for t in b.initializer:
-        np.testing.assert_array_equal(values[t.name], onnx.numpy_helper.to_array(t), err_msg=t.name)
-    _assert_same_decoder(plain, chunked, vocab, whole.output_dir)
-    fused = tmp_path / "fused" / "model.int8.cpu.onnx"
-    fused.parent.mkdir()
-    quantized.int8_cpu_file(whole.artifacts["exported"], fused, "llama", False)
-    _assert_same_decoder(whole.artifacts["int8_cpu"], fused, vocab)
-    reference = tmp_path / "ref" / "model.int8.cpu.onnx"
-    reference.parent.mkdir()
-    _assert_same_decoder(
-        _int8_plain_cpu_file(whole.artifacts["exported"], reference), fused, vocab, whole.output_dir
-    )
-    a, b = (onnx.load(str(p)).graph for p in (reference, fused))
-    assert sorted(n.op_type for n in a.node) == sorted(n.op_type for n in b.node)
-
-
 MIXED = {
     "all4": None,
     # q/k/v and the embedding at 8 bits, the rest 4; the LM head 8

@@ -9,9 +9,8 @@ onnxruntime fusions (RMSNorm, GroupQueryAttention) on the graph loaded lazily by
   data file (exporter/export/streaming/spill.py). INT8 = every piece 8-bit (`INT8_PIECE_BITS`); INT4 = the
   early layers and the embedding 8-bit, the rest 4-bit (`int4_piece_bits`). Both widths were chosen by
   end-to-end measurement (README "Streaming export of large decoders").
-- `int8_cpu_file`: ONNX Runtime's `quantize_dynamic` per piece (exporter/quantize/cpu_int8.build, per-tensor
-  u8 activations) and exporter/quantize/embeddings.py, equal to the whole-model INT8 stage's CPU file;
-  kept and tested, no longer the streamed export's INT8 file (it missed the int8 gate at 8B: cosine 0.961).
+ONNX Runtime's `quantize_dynamic` per piece (per-tensor u8 activations), the whole-model INT8 stage's CPU
+scheme, was the streamed INT8 file until it missed the int8 gate at 8B (logit cosine 0.961); removed.
 
 What the whole-model stages do that this does not (each needs the whole model in memory or many runs of it):
 the held-out sensitivity search, the outlier-channel split, SmoothQuant and the static-range Q/DQ file for
@@ -36,122 +35,10 @@ import onnx_ir as ir
 
 from exporter.export.streaming import piecewise
 from exporter.progress import bar as progress_bar
-from exporter.quantize import cpu_int8
-from exporter.quantize.embeddings import MIN_ELEMENTS, quantize_embeddings
+from exporter.quantize.embeddings import MIN_ELEMENTS
 from graph_passes.pipeline import optimize_ir
 
 INT4_LM_HEAD_CHUNK = 8192  # LM head / embedding columns block-quantized at a time
-# A MatMul weight above this many bytes (the LM head: 2 GiB in fp32 at 8B) goes through quantize_dynamic a
-# chunk of columns at a time: ONNX Runtime's quantizer holds ~5 copies of the model it is given (measured:
-# 5.3 GiB peak for the 1 GiB LM head of the 1B shape).
-INT8_CHUNK_BYTES = 256 * 2**20
-
-
-def _int8_table_in_row_chunks(gather: ir.Node, scratch: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """quantize_embeddings of the Gather's table, its rows quantized a chunk at a time (`quantize_rows` is
-    per row, so the concatenation is the whole table's): the rewrite is made on a piece holding the first
-    chunk, then its int8 table and row scales are replaced by the whole ones."""
-    from onnx import helper, numpy_helper
-
-    from exporter.quantize.embeddings import SUFFIXES, quantize_rows
-
-    table, ids = gather.inputs[0], gather.inputs[1]
-    assert table is not None and ids is not None and table.const_value is not None
-    array = table.const_value.numpy()
-    rows, width = array.shape
-    step = max(-(-MIN_ELEMENTS // width), INT8_CHUNK_BYTES // (4 * width))
-    first = np.ascontiguousarray(array[:step], dtype=np.float32)
-    graph = helper.make_graph(
-        [ir.serde.serialize_node(gather)],
-        "table",
-        [helper.make_tensor_value_info(str(ids.name), onnx.TensorProto.INT64, None)],
-        [helper.make_tensor_value_info(str(gather.outputs[0].name), onnx.TensorProto.FLOAT, None)],
-        initializer=[numpy_helper.from_array(first, str(table.name))],
-    )
-    piece = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    rewritten, done = quantize_embeddings(piece)
-    if len(done) != 1:
-        raise ValueError(f"embedding table {table.name}: not quantized by quantize_embeddings")
-    parts = [quantize_rows(np.asarray(array[r : r + step], dtype=np.float32)) for r in range(0, rows, step)]
-    q = np.concatenate([p[0] for p in parts])
-    scale = np.concatenate([p[1] for p in parts])
-    error = max(
-        float(np.max(np.abs(p[0].astype(np.float32) * p[1] - array[r : r + step])))
-        for p, r in zip(parts, range(0, rows, step))
-    )
-    del parts, array, first
-    if isinstance(table.const_value, ir.ExternalTensor):
-        table.const_value.release()
-    q_name, s_name = (str(table.name) + suffix for suffix in SUFFIXES)
-    for tensor in rewritten.graph.initializer:
-        if tensor.name in (q_name, s_name):
-            tensor.CopyFrom(numpy_helper.from_array(q if tensor.name == q_name else scale, tensor.name))
-    report = {
-        **done[0].to_json(),
-        "shape": [rows, width],
-        "bytes_before": rows * width * 4,
-        "bytes_after": q.nbytes + scale.nbytes,
-        "max_abs_err": error,
-    }
-    return rewritten, report
-
-
-def _nbytes(value: ir.Value) -> int:
-    const = value.const_value
-    return 0 if const is None else int(np.prod(const.shape.numpy()) * const.dtype.itemsize)
-
-
-def _int8_in_column_chunks(node: ir.Node, scratch: Path, reduce_range: bool) -> onnx.ModelProto:
-    """quantize_dynamic of one MatMul with a large weight W [K, N], run on column chunks of W and the chunks'
-    quantized weights, scales and zero points concatenated along N into the first chunk's model: per-channel
-    quantization treats every column alone, so this is the model quantize_dynamic writes for the whole W."""
-    from onnx import helper, numpy_helper
-
-    x, weight = node.inputs[0], node.inputs[1]
-    assert x is not None and weight is not None and weight.const_value is not None
-    array = weight.const_value.numpy()
-    k, n = array.shape
-    step = max(1, INT8_CHUNK_BYTES // (4 * k))
-    chunks: list[dict[str, np.ndarray]] = []
-    first: onnx.ModelProto | None = None
-    x_info = ir.serde.serialize_value(x) if x.type is not None else None
-    for c in range(0, n, step):
-        part = np.ascontiguousarray(array[:, c : c + step], dtype=np.float32)
-        graph = helper.make_graph(
-            [ir.serde.serialize_node(node)],
-            "chunk",
-            [x_info or helper.make_tensor_value_info(str(x.name), onnx.TensorProto.FLOAT, None)],
-            [helper.make_tensor_value_info(str(node.outputs[0].name), onnx.TensorProto.FLOAT, None)],
-            initializer=[numpy_helper.from_array(part, str(weight.name))],
-        )
-        del part
-        mini = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        mini.ir_version = 8
-        onnx.save_model(mini, str(scratch / "chunk.onnx"))
-        del mini, graph
-        result = onnx.load(
-            str(
-                cpu_int8.build(scratch / "chunk.onnx", scratch / "chunk.int8.onnx", frozenset(), reduce_range)
-            )
-        )
-        sized = {
-            t.name: numpy_helper.to_array(t)
-            for t in result.graph.initializer
-            if t.dims and t.dims[-1] == min(step, n - c)
-        }
-        chunks.append(sized)
-        if first is None:
-            first = result
-    del array
-    if isinstance(weight.const_value, ir.ExternalTensor):
-        weight.const_value.release()
-    assert first is not None
-    if len(chunks) > 1:
-        for tensor in first.graph.initializer:
-            if tensor.name in chunks[0]:
-                whole = np.concatenate([c[tensor.name] for c in chunks], axis=-1)
-                tensor.CopyFrom(numpy_helper.from_array(whole, tensor.name))
-    return first
 
 
 def _fused(exported: Path, family: str, fuse: bool = True) -> tuple[ir.Model, dict[str, Any]]:
@@ -200,60 +87,6 @@ def _embedding_gathers(graph: ir.Graph, min_elements: int = MIN_ELEMENTS) -> lis
         ):
             found.append(node)
     return found
-
-
-def int8_cpu_file(
-    exported: Path, out: Path, family: str, reduce_range: bool, fuse: bool = True
-) -> dict[str, Any]:
-    """`model.int8.cpu.onnx` at `out` from the streamed fp32 `exported` file, one piece at a time.
-    `fuse`: from our fused graph (GroupQueryAttention etc., int8_stage.DECODER_CPU_FUSION), else the plain one."""
-    start = time.perf_counter()
-    model, section = _fused(exported, family, fuse)
-    steps = {"load_and_fuse": time.perf_counter() - start}
-    graph = model.graph
-    scratch = out.parent / f".{out.name}.pieces"
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
-    quantized: list[str] = []
-    try:
-        tables = []  # the largest tables first, while few quantized weights are held
-        for gather in _embedding_gathers(graph):
-            rewritten, table = _int8_table_in_row_chunks(gather, scratch)
-            piecewise.splice(model, [gather], rewritten)
-            tables.append(table)
-            _clear(scratch)
-        steps["embedding"] = time.perf_counter() - start - sum(steps.values())
-        groups = piecewise.by_layer(_constant_matmuls(graph))
-        for k, group in enumerate(progress_bar(groups, desc="int8 per piece", unit="piece")):
-            quantized += [n.name for n in group]
-            weight = group[0].inputs[1]
-            if len(group) == 1 and weight is not None and _nbytes(weight) > INT8_CHUNK_BYTES:
-                rewritten = _int8_in_column_chunks(group[0], scratch, reduce_range)  # the LM head
-            else:
-                piece = piecewise.extract(graph, group, scratch, f"piece{k}.onnx")
-                rewritten = onnx.load(
-                    str(cpu_int8.build(piece, scratch / f"int8_{k}.onnx", frozenset(), reduce_range))
-                )
-            piecewise.splice(model, group, rewritten)
-            del rewritten
-            _clear(scratch)
-        steps["pieces"] = time.perf_counter() - start - sum(steps.values())
-        graph.sort()
-        piecewise.save(model, out)
-        steps["save"] = time.perf_counter() - start - sum(steps.values())
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return {
-        **section,
-        "file": out.name,
-        "scheme": "dynamic per-tensor u8 activations x per-channel s8 weights (ONNX Runtime quantize_dynamic), "
-        "per piece",
-        "weight_bits": 7 if reduce_range else 8,
-        "quantized": quantized,
-        "embeddings": tables,
-        "seconds": round(time.perf_counter() - start, 3),
-        "seconds_by_step": {k: round(v, 3) for k, v in steps.items()},
-    }
 
 
 @dataclasses.dataclass(frozen=True)
