@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from exporter.quantize.int4_prelude import SEQUENCE_SHAPE, sequence_shape_node
+from exporter.quantize.int4_prelude import SEQUENCE_SHAPE, left_padded_feeds, sequence_shape_node
 from exporter.quantize.subgraph import upstream_model
 
 MS_DOMAIN = "com.microsoft"
@@ -103,7 +103,7 @@ def _masked_value(model: onnx.ModelProto, bias: str, max_positions: int) -> floa
         return None
     masked: float | None = None
     for past, new in ((0, 7), (6, 1), (max_positions - 4, 4)):
-        feeds = _feeds(session, past, new)
+        feeds = left_padded_feeds(session, 2, past, new)
         if feeds is None:
             return None
         (value,) = session.run([bias], feeds)
@@ -121,26 +121,3 @@ def _masked_value(model: onnx.ModelProto, bias: str, max_positions: int) -> floa
         if np.any(value[np.broadcast_to(~pad, value.shape) & keep] != 0):
             return None
     return masked
-
-
-def _feeds(session, past: int, new: int) -> dict[str, np.ndarray] | None:  # type: ignore[no-untyped-def]
-    """Batch 2, row 1 left-padded by 2 tokens, `past` cached tokens and `new` new ones."""
-    total = past + new
-    mask = np.ones((2, total), np.int64)
-    mask[1, :2] = 0
-    feeds: dict[str, np.ndarray] = {}
-    for spec in session.get_inputs():
-        if spec.name == "attention_mask":
-            feeds[spec.name] = mask
-        elif spec.name == "input_ids":
-            feeds[spec.name] = np.zeros((2, new), np.int64)
-        elif spec.name == "position_ids":
-            feeds[spec.name] = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, past:]
-        elif spec.name.startswith("past_key_values.") and spec.type == "tensor(float)":
-            dims = [d if isinstance(d, int) else None for d in spec.shape]
-            if len(dims) != 4 or dims[1] is None or dims[3] is None:
-                return None
-            feeds[spec.name] = np.zeros((2, dims[1], past, dims[3]), np.float32)
-        else:
-            return None
-    return feeds

@@ -108,7 +108,7 @@ def _same_values(model: onnx.ModelProto, old: list[str], new: list[str]) -> bool
         return False
     for batch in (1, 2):
         for past, length in ((0, 7), (6, 1), (5, 3)):
-            feeds = _feeds(session, batch, past, length)
+            feeds = left_padded_feeds(session, batch, past, length)
             if feeds is None:
                 return False
             values = session.run(None, feeds)
@@ -118,7 +118,9 @@ def _same_values(model: onnx.ModelProto, old: list[str], new: list[str]) -> bool
     return True
 
 
-def _feeds(session, batch: int, past: int, new: int) -> dict[str, np.ndarray] | None:  # type: ignore[no-untyped-def]
+def left_padded_feeds(session, batch: int, past: int, new: int) -> dict[str, np.ndarray] | None:  # type: ignore[no-untyped-def]
+    """Feeds for a decoder step check: `batch` rows, the last left-padded by 2 tokens, `past` cached tokens
+    and `new` new ones; None where an input is not one of a decoder's."""
     total = past + new
     mask = np.ones((batch, total), np.int64)
     mask[batch - 1, :2] = 0
