@@ -19,7 +19,6 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
-from onnxscript.rewriter._matcher import SimplePatternMatcher
 
 from graph_passes.base import GraphPass, PassReport, op_counts
 
@@ -127,10 +126,15 @@ def dispatch_on_root(rule: pattern.RewriteRule) -> pattern.RewriteRule:
     skipping those attempts changes neither the rewrites nor the failure reasons, and on a decoder of ~5,000
     nodes with ~100 commuted rules it removes nearly all of the ~500,000 attempts (tests pin the same graph
     and reasons). Rules with another matcher than onnxscript's default are left as they are."""
-    if type(rule._matcher) is not SimplePatternMatcher:
+    try:  # onnxscript's private names (0.7): a version without them keeps the rule as it is
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+
+        if type(rule._matcher) is not SimplePatternMatcher:
+            return rule
+        root = rule._target_pattern.output_nodes[0]
+        op_matches, domain_matches = root.op.matches, root.domain.matches
+    except (ImportError, AttributeError, IndexError):
         return rule
-    root = rule._target_pattern.output_nodes[0]
-    op_matches, domain_matches = root.op.matches, root.domain.matches
     try_rewrite = rule.try_rewrite
 
     def at_root(model: ir.Model, graph: ir.Graph | ir.Function, node: ir.Node, **kwargs: Any) -> Any:
