@@ -24,7 +24,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper, numpy_helper
 
-from exporter.quantize.subgraph import GraphIndex, upstream_model
+from exporter.quantize.subgraph import GraphIndex, remove_nodes, upstream_model
 
 MS_DOMAIN = "com.microsoft"
 _COS, _SIN, _POSITIONS = 7, 8, 9  # GroupQueryAttention input slots (ONNX Runtime 1.32 schema)
@@ -70,14 +70,7 @@ def fuse_packed_gqa(model: onnx.ModelProto, max_positions: int = 4096) -> int:
         )
         removed.update({split.name, rope_q.name, rope_k.name})
         fused += 1
-    if removed:
-        kept_nodes = [n for n in graph.node if n.name not in removed]
-        del graph.node[:]
-        graph.node.extend(kept_nodes)
-        used = {i for n in graph.node for i in n.input}
-        kept_inits = [i for i in graph.initializer if i.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(kept_inits)
+    remove_nodes(graph, removed)
     return fused
 
 

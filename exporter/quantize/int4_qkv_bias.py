@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from exporter.quantize.subgraph import GraphIndex
+from exporter.quantize.subgraph import GraphIndex, remove_nodes
 
 MS_DOMAIN = "com.microsoft"
 _BIAS = 5  # MatMulNBits input slot: A, B, scales, zero_points, g_idx, bias
@@ -59,14 +59,7 @@ def fold_split_biases(model: onnx.ModelProto) -> int:
             split.output[position] = add.output[0]
         removed.update(a.name for a in adds)
         folded += 1
-    if removed:
-        kept = [n for n in graph.node if n.name not in removed]
-        del graph.node[:]
-        graph.node.extend(kept)
-        used = {i for n in graph.node for i in n.input}
-        kept_inits = [i for i in graph.initializer if i.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(kept_inits)
+    remove_nodes(graph, removed)
     return folded
 
 

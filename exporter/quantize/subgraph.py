@@ -17,6 +17,19 @@ import onnx
 from onnx import helper
 
 
+def remove_nodes(graph: onnx.GraphProto, names: Collection[str]) -> None:
+    """Drop the nodes named `names` and every initializer no remaining node reads (a rewrite's leftovers)."""
+    if not names:
+        return
+    kept = [n for n in graph.node if n.name not in names]
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {i for n in graph.node for i in n.input}
+    kept_inits = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_inits)
+
+
 @dataclasses.dataclass(frozen=True)
 class GraphIndex:
     """Lookups of one graph as it is now (build a new one after a rewrite)."""
