@@ -682,14 +682,16 @@ class _Run:
             cpu_path = result.cpu_path
             self.artifacts["int8_cpu"] = cpu_path
             if self.task.with_past:
-                cpu_session = _ort_session(cpu_path)
+                cpu_session = check_sessions.check_session(cpu_path, optimized=True)
                 cpu_outputs = _decoder_prefill_with(cpu_session, feeds)
             else:
                 cpu_outputs = self._onnx_outputs(cpu_path, feeds, optimized=True)
             self._check("int8_cpu", reference, cpu_outputs, real, gate)
             self._evaluate("int8_cpu", lambda batch: self._onnx_outputs(cpu_path, batch, optimized=True))
         if self.task.with_past:
-            reference_session = _ort_session(self.artifacts["onnx"])  # one fp32 session for both files
+            reference_session = check_sessions.check_session(
+                self.artifacts["onnx"], optimized=True
+            )  # one fp32 session for both files
             runs: dict[bytes, Any] = {}  # and its greedy runs, computed once
             for variant, path in (("tensorrt", result.tensorrt_path), ("cpu", result.cpu_path)):
                 if path is not None:
@@ -767,7 +769,7 @@ class _Run:
         cpu = _decoder_prefill_outputs(result.cpu_path, feeds, optimized=True)
         self._check("int4_cpu", reference, cpu, real, None)
         bar = tolerance("int4").min_greedy_agreement or 0.0
-        reference_session = _ort_session(self.artifacts["onnx"])
+        reference_session = check_sessions.check_session(self.artifacts["onnx"], optimized=True)
         for variant, path in (("tensorrt", result.tensorrt_path), ("cpu", result.cpu_path)):
             section[variant].update(_decoder_int8_quality(reference_session, path, feeds))
             agreement = section[variant]["greedy_agreement"]
@@ -1092,13 +1094,6 @@ def _check_cpu_engine_flag(config: ExportConfig, choice: BackendChoice) -> None:
     )
 
 
-def _ort_session(path: Path) -> Any:
-    """An ONNX Runtime CPU session with its default optimizations (as deployed)."""
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
 def _decoder_int8_quality(
     reference: Any,
     int8: Path | Any,
@@ -1107,14 +1102,14 @@ def _decoder_int8_quality(
     new_tokens: int = 16,
     runs: dict[bytes, Any] | None = None,
 ) -> dict[str, Any]:
-    """Greedy agreement and logit cosine of the INT8 decoder (a path, or its session as `_ort_session` opens
-    it) vs the fp32 optimized model (`reference`: its session) over a short generation from the first
+    """Greedy agreement and logit cosine of the INT8 decoder (a path, or its session with ONNX Runtime's
+    defaults, as deployed) vs the fp32 optimized model (`reference`: its session) over a short generation from the first
     validation prompts (real tokens only, at most 16), both as ORT runs them. `runs`: the reference's greedy
     runs, shared between the files judged against it (generation.greedy_agreement's `reference_runs`)."""
     from exporter.runtime.generation import greedy_agreement
 
     rows = [ids[mask.astype(bool)][:16] for ids, mask in zip(feeds["input_ids"], feeds["attention_mask"])]
-    candidate = _ort_session(int8) if isinstance(int8, Path) else int8
+    candidate = check_sessions.check_session(int8, optimized=True) if isinstance(int8, Path) else int8
     quality = greedy_agreement(
         reference, candidate, rows[:prompts], max_new_tokens=new_tokens, reference_runs=runs
     )
