@@ -230,6 +230,19 @@ class _Run:
                 "(the TensorRT Q/DQ and INT4 files need whole-graph calibration); use --precision fp32 "
                 "or --backend onnxruntime",
             )
+        if self._quantize_per_piece():  # flags the per-piece files cannot honour: refused, never dropped
+            if self.config.precision == "int4" and self.config.int4_method == "awq":
+                raise InputError(
+                    "--int4-method",
+                    "awq: a streamed model over WHOLE_FILE_CHECK_BYTES is quantized per piece by "
+                    "round-to-nearest (AWQ scales need whole-model runs); use --int4-method rtn",
+                )
+            if self.config.precision == "int8" and self.config.cpu_int8_weights != "auto":
+                raise InputError(
+                    "--cpu-int8-weights",
+                    f"{self.config.cpu_int8_weights}: a streamed model over WHOLE_FILE_CHECK_BYTES gets "
+                    "8-bit weight-only blocks (MatMulNBits), not quantize_dynamic's weights; leave it auto",
+                )
         with self.stage("stream_export"):
             self.feeds = feeds = self._feeds(md, None)
             path = work / "model.exported.onnx"
@@ -333,7 +346,7 @@ class _Run:
                 )
                 section["scheme"] = streamed_quantized.INT8_SCHEME
                 section["weight_bits_reason"] = (
-                    "8-bit MatMulNBits blocks: --cpu-int8-weights (quantize_dynamic's 7-bit weights) does not apply"
+                    "8-bit MatMulNBits blocks (--cpu-int8-weights other than auto is refused here)"
                 )
             else:
                 layers = len(self.stream_result.plan.layers) if self.stream_result is not None else 0

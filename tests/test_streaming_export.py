@@ -346,6 +346,24 @@ MIXED = {
 }
 
 
+@pytest.mark.parametrize(
+    "flags, flag",
+    [
+        (dict(precision="int4", int4_method="awq"), "--int4-method"),
+        (dict(precision="int8", cpu_int8_weights="reduced"), "--cpu-int8-weights"),
+    ],
+)
+def test_per_piece_export_refuses_flags_it_cannot_honour(tmp_path, monkeypatch, flags, flag):
+    """A flag the per-piece files would not carry is an error before any work, not silently dropped."""
+    import exporter.api
+
+    src = write_model_dir(tmp_path / "src", "llama", tokenizer="llama3", config_overrides=THREE)
+    monkeypatch.setattr(exporter.api, "WHOLE_FILE_CHECK_BYTES", 0)
+    with pytest.raises(InputError, match=re.escape(flag)):
+        export_engine(src, tmp_path / "out", ExportConfig(streaming="on", benchmark=False, **flags))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("variant", sorted(MIXED))
 def test_per_piece_int4_equals_whole_model_rtn(tmp_path, variant):
     """quantized.nbits_cpu_file equals int4.cpu_model of the whole fused graph with every weight (and the
