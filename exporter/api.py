@@ -60,7 +60,7 @@ from exporter.quantize.int8 import CPU_FILE as INT8_CPU_FILE
 from exporter.quantize.int8_stage import run_int8_stage, start_openvino_file
 from exporter.quantize.openvino_int8 import NncfJob
 from exporter.report import files as report_io
-from exporter.report import memory, stage_report, stage_table
+from exporter.report import memory, process, stage_report, stage_table
 from exporter.restructure.compact import save_compact
 from exporter.restructure.families import family_for
 from exporter.restructure.flops import FORMULA as FLOPS_FORMULA
@@ -144,12 +144,13 @@ class _Run:
     def execute(self, work: Path) -> None:
         torch.manual_seed(self.config.seed)
         streamed = self._streamed_front(work)
-        if streamed is not None:
+        if streamed is not None:  # glibc's malloc defaults: a streamed export's peak RSS is its bound
             md, feeds, reference = streamed
-            uncompacted = None
-        else:
+            self._tail(md, feeds, reference, None, work)
+            return
+        with process.malloc_for_export():  # freed blocks reused, not page-faulted in anew (report/process.py)
             md, feeds, reference, uncompacted = self._whole_front(work)
-        self._tail(md, feeds, reference, uncompacted, work)
+            self._tail(md, feeds, reference, uncompacted, work)
 
     def _whole_front(
         self, work: Path
