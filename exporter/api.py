@@ -103,7 +103,7 @@ def export_engine(
     choice = select_backend(config.backend)  # --backend tensorrt where it cannot run: refused before any work
     _check_cpu_engine_flag(config, choice)  # so is a --cpu-engine that cannot run here
     run = _Run(Path(model_dir), config, choice)
-    with staged_output(out) as work, export_log(work):
+    with process.gc_for_export(), staged_output(out) as work, export_log(work):
         logger.info("export %s -> %s (%s)", model_dir, out, _config_json(config))
         run.execute(work)
     artifacts = {name: out / path.name for name, path in run.artifacts.items()}
@@ -136,6 +136,7 @@ class _Run:
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Time a stage into the report, say it on the console (exporter/progress.py), record its peak RSS."""
+        process.collect_between_stages()
         memory.reset_peak()
         with progress.stage(name, self.report["timings_s"]):
             yield

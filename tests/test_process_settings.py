@@ -80,3 +80,49 @@ def test_streamed_export_keeps_glibc_defaults(tmp_path, monkeypatch) -> None:
     )
     export_engine(src, tmp_path / "out", config)
     assert libc.calls == 0
+
+
+def test_gc_settings_hold_inside_and_are_restored_after() -> None:
+    import gc
+
+    before = gc.get_threshold()
+    assert gc.get_freeze_count() == 0
+    with process.gc_for_export():
+        assert gc.get_threshold() == process.GC_EXPORT_THRESHOLD
+        assert gc.get_freeze_count() > 0  # what was alive before the export is out of the walks
+        with process.gc_for_export():
+            pass
+        assert gc.get_threshold() == process.GC_EXPORT_THRESHOLD
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError), process.gc_for_export():
+        raise RuntimeError("export failed")
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_callers_frozen_objects_stay_frozen() -> None:
+    import gc
+
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with process.gc_for_export():
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+
+
+def test_stage_boundaries_collect_garbage_cycles_under_export_settings(
+    model_dir_factory, tmp_path, monkeypatch
+) -> None:
+    import gc
+
+    collected = []
+    monkeypatch.setattr(gc, "collect", lambda *a: collected.append(a) or 0)
+    process.collect_between_stages()
+    assert collected == []  # outside an export: Python's own schedule
+    masks, _ = family_masks("bert")
+    export_engine(model_dir_factory("bert", masks=masks), tmp_path / "out", FP32)
+    assert len(collected) >= 5  # one before each stage

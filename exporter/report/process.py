@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import os
 import platform
 import threading
@@ -37,6 +38,7 @@ USER_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_T
 
 _lock = threading.Lock()
 _depth = 0  # nested / concurrent exports: the outermost one sets and restores
+_gc_depth = 0
 
 
 def _glibc() -> Any | None:
@@ -72,3 +74,42 @@ def malloc_for_export(libc: Any | None = None) -> Iterator[None]:
             _depth -= 1
             if libc is not None:
                 _set(libc, GLIBC_DEFAULTS)
+
+
+# Python's cyclic GC during an export: a young collection every 700 allocations walks the young objects,
+# and a full one re-walks every tracked object alive (the onnx / onnx-ir graphs hold millions of them; a
+# full collection is rarer but long). Objects alive when the export starts (modules, torch, the caller's
+# data) are frozen out of the walk (gc.freeze) and the young threshold is raised, so collections come less
+# often; garbage cycles are still collected (only later). Both are put back afterwards.
+GC_EXPORT_THRESHOLD = (50_000, 20, 20)
+
+
+@contextlib.contextmanager
+def gc_for_export() -> Iterator[None]:
+    """Raise the GC thresholds and freeze what is alive for the block; the caller's GC state after it."""
+    global _gc_depth
+    with _lock:
+        _gc_depth += 1
+        outermost = _gc_depth == 1
+        saved = gc.get_threshold()
+        freeze = outermost and gc.get_freeze_count() == 0  # a caller's own frozen objects stay theirs
+        if outermost:
+            gc.set_threshold(*GC_EXPORT_THRESHOLD)
+            if freeze:
+                gc.freeze()
+    try:
+        yield
+    finally:
+        with _lock:
+            _gc_depth -= 1
+            if outermost:
+                gc.set_threshold(*saved)
+                if freeze:
+                    gc.unfreeze()
+
+
+def collect_between_stages() -> None:
+    """Under `gc_for_export`, collect the finished stage's garbage cycles (onnx-ir graphs hold their arrays
+    in cycles) before the next stage starts: the raised thresholds would carry them into its peak."""
+    if _gc_depth:
+        gc.collect()
