@@ -60,7 +60,7 @@ from exporter.quantize.int8 import CPU_FILE as INT8_CPU_FILE
 from exporter.quantize.int8_stage import run_int8_stage, start_openvino_file
 from exporter.quantize.openvino_int8 import NncfJob
 from exporter.report import files as report_io
-from exporter.report import memory, stage_report, stage_table
+from exporter.report import memory, process, stage_report, stage_table
 from exporter.restructure.compact import save_compact
 from exporter.restructure.families import family_for
 from exporter.restructure.flops import FORMULA as FLOPS_FORMULA
@@ -103,7 +103,7 @@ def export_engine(
     choice = select_backend(config.backend)  # --backend tensorrt where it cannot run: refused before any work
     _check_cpu_engine_flag(config, choice)  # so is a --cpu-engine that cannot run here
     run = _Run(Path(model_dir), config, choice)
-    with staged_output(out) as work, export_log(work):
+    with process.gc_for_export(), staged_output(out) as work, export_log(work):
         logger.info("export %s -> %s (%s)", model_dir, out, _config_json(config))
         run.execute(work)
     artifacts = {name: out / path.name for name, path in run.artifacts.items()}
@@ -136,6 +136,7 @@ class _Run:
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Time a stage into the report, say it on the console (exporter/progress.py), record its peak RSS."""
+        process.collect_between_stages()
         memory.reset_peak()
         with progress.stage(name, self.report["timings_s"]):
             yield
@@ -144,12 +145,13 @@ class _Run:
     def execute(self, work: Path) -> None:
         torch.manual_seed(self.config.seed)
         streamed = self._streamed_front(work)
-        if streamed is not None:
+        if streamed is not None:  # glibc's malloc defaults: a streamed export's peak RSS is its bound
             md, feeds, reference = streamed
-            uncompacted = None
-        else:
+            self._tail(md, feeds, reference, None, work)
+            return
+        with process.malloc_for_export():  # freed blocks reused, not page-faulted in anew (report/process.py)
             md, feeds, reference, uncompacted = self._whole_front(work)
-        self._tail(md, feeds, reference, uncompacted, work)
+            self._tail(md, feeds, reference, uncompacted, work)
 
     def _whole_front(
         self, work: Path

@@ -536,6 +536,10 @@ class Judge:
         self.reference = reference or (lambda feeds: _run(ref_session, feeds))
         self._refs: dict[str, list[np.ndarray]] = {}
         self._batches: dict[str, list[dict[str, np.ndarray]]] = {}
+        # the last session built, with what it was built from: the search's last candidate is the final
+        # file, judged again on the held-out samples with the same options (one session, not two)
+        self._last: tuple[tuple[Any, ...], onnx.ModelProto | Path, ort.InferenceSession] | None = None
+        self.sessions_built = 0
 
     def search_cosine(self, model: onnx.ModelProto | Path, fake_quant: bool = False) -> float:
         return self._cosine(model, "calibration", self.search_samples, fake_quant)
@@ -586,9 +590,24 @@ class Judge:
         self, model: onnx.ModelProto | Path, split: str, limit: int | None, fake_quant: bool
     ) -> float:
         # fake_quant: Q/DQ executed as written (optimizations off); else as ORT runs it (integer kernels)
-        session = _session(model, optimize=not fake_quant)
+        session = self._session(model, optimize=not fake_quant)
         scores = [token_cosines(ref, out, mask) for ref, out, mask in self._pairs(session, split, limit)]
         return float(np.mean(np.concatenate(scores)))
+
+    def _session(self, model: onnx.ModelProto | Path, optimize: bool) -> ort.InferenceSession:
+        """`_session(model, optimize)`, reusing the last one when it was built from the same graph object (the
+        search's candidates are cached, never changed) or the same unchanged file, with the same options."""
+        if isinstance(model, onnx.ModelProto):
+            key: tuple[Any, ...] = ("graph", id(model), optimize)  # valid: _last holds the graph alive
+        else:
+            stat = Path(model).stat()
+            key = ("file", str(Path(model).resolve()), stat.st_size, stat.st_mtime_ns, optimize)
+        if self._last is not None and self._last[0] == key:
+            return self._last[2]
+        session = _session(model, optimize)
+        self.sessions_built += 1
+        self._last = (key, model, session)
+        return session
 
     def _pairs(self, session, split, limit, extra=None):  # type: ignore[no-untyped-def]
         """(fp32 reference, output, mask) per batch: length-sorted batches cut to their real tokens

@@ -88,7 +88,9 @@ def run_int8_stage(
         if decoder_with_past:
             steps = config.calibration_decode_steps
             steps = decoder_calibration.DECODE_STEPS if steps is None else steps
-            calibration, decoder_report = _decoder_calibration(calibration, cleaned_path, steps)
+            calibration, decoder_report = _decoder_calibration(
+                calibration, cleaned_path, steps, cleaned.graph
+            )
         quant_config = QuantConfig(
             min_cosine=config.accuracy_target, cpu_weight_range=config.cpu_int8_weights
         )
@@ -185,13 +187,13 @@ def _openvino_file(
 
 
 def _decoder_calibration(
-    data: CalibrationData, model_path: Path, decode_steps: int
+    data: CalibrationData, model_path: Path, decode_steps: int, graph: onnx.GraphProto | None = None
 ) -> tuple[CalibrationData, dict[str, Any]]:
     """Prefill + decode-step feeds for the decoder-with-past graph, and what the report says about them."""
     if decode_steps < 0:
         raise InputError("--calibration-decode-steps", f"must be >= 0, got {decode_steps}")
     start = time.perf_counter()
-    data = decoder_calibration.for_decoder(data, model_path, decode_steps)
+    data = decoder_calibration.for_decoder(data, model_path, decode_steps, graph)
     return data, {
         "decode_steps": decode_steps,
         "rule": (

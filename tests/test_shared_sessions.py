@@ -1,0 +1,55 @@
+"""Sessions and graphs the INT8 stage reuses instead of building or reading again: the same numbers as
+building anew, fewer builds (the held-out judgement of the search's last candidate; the decoder's past
+shapes from the graph in memory)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from quant_test_models import DIM, mlp_with_outlier
+
+from exporter.quantize import int8
+from exporter.quantize.calibration import CalibrationData
+
+
+def _data() -> CalibrationData:
+    x = np.random.default_rng(0).normal(0, 1, (96, 4, DIM)).astype(np.float32)
+    return CalibrationData({"x": x[:64]}, {"x": x[64:]}, batch=16, source="seeded normal")
+
+
+def test_judge_reuses_the_session_of_the_same_graph_and_options(tmp_path) -> None:
+    model = mlp_with_outlier()
+    path = tmp_path / "fp32.onnx"
+    onnx.save(model, path)
+    judge = int8.Judge(path, _data(), 32, None)
+    fresh = int8.Judge(path, _data(), 32, None)
+    search = judge.search_cosine(model, fake_quant=True)
+    heldout = judge.heldout_cosine(model, fake_quant=True)
+    assert judge.sessions_built == 1  # the held-out judgement ran on the search's session
+    assert heldout == fresh.heldout_cosine(model, fake_quant=True)  # same number as a session built anew
+    assert search == fresh.search_cosine(mlp_with_outlier(), fake_quant=True)
+    judge.heldout_cosine(model)  # other options: a new session
+    assert judge.sessions_built == 2
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    judge.heldout_cosine(copy)  # an equal graph but another object: not assumed unchanged
+    assert judge.sessions_built == 3
+    judge.heldout_cosine(path)
+    judge.search_cosine(path)
+    assert judge.sessions_built == 4  # the same unchanged file
+    onnx.save(mlp_with_outlier(), path)  # rewritten: its modification time moved
+    judge.search_cosine(path)
+    assert judge.sessions_built == 5
+
+
+def test_past_shapes_from_the_graph_in_memory_equal_the_file(tmp_path) -> None:
+    from test_decoder_export import build_pruned_model
+
+    from exporter.export.decoder_with_past import export_decoder_with_past
+    from exporter.quantize.decoder_calibration import past_shapes
+
+    path = tmp_path / "decoder_model.onnx"
+    export_decoder_with_past(build_pruned_model("qwen2", seed=3), path)
+    graph = onnx.load(str(path)).graph
+    assert past_shapes(path, graph) == past_shapes(path)
+    assert past_shapes(tmp_path / "not_read.onnx", graph) == past_shapes(path)  # the file is not read
