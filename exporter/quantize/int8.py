@@ -46,6 +46,7 @@ from exporter.quantize import cpu_int8 as quantize_cpu
 from exporter.quantize.calibration import CalibrationData
 from exporter.quantize.cpu_features import WEIGHT_RANGES, WeightRange, reduce_weight_range
 from exporter.quantize.embeddings import QuantizedTable, quantize_embeddings
+from exporter.quantize.fake_quant import fold_weight_dequantize
 from exporter.quantize.outliers import SUFFIX, split_outliers
 from exporter.quantize.ranges import DEFAULT_PERCENTILE, METHODS, Maxima, cached_channel_max, collect_ranges
 from exporter.quantize.sensitivity import SWITCH_INPUT, search, switchable_model
@@ -548,7 +549,10 @@ class Judge:
         `SWEEP_WORKERS` single-threaded sessions take the layers in turn, side by side (small runs use two
         cores better as two independent runs than as one run on two threads)."""
         list(self._pairs(None, "calibration", self.search_samples))  # batches and references, once
-        sessions = [_session(switchable, optimize=False, threads=1) for _ in range(SWEEP_WORKERS)]
+        switchable = fold_weight_dequantize(switchable)  # the weights' round trips computed once: same bits
+        sessions = [
+            _session(switchable, optimize=False, threads=1, prepack=False) for _ in range(SWEEP_WORKERS)
+        ]
         bar = progress.bar(desc="sensitivity: layers alone", total=len(layers), unit="layer")
 
         def one(index: int) -> float:
@@ -585,8 +589,13 @@ class Judge:
     def _cosine(
         self, model: onnx.ModelProto | Path, split: str, limit: int | None, fake_quant: bool
     ) -> float:
-        # fake_quant: Q/DQ executed as written (optimizations off); else as ORT runs it (integer kernels)
-        session = _session(model, optimize=not fake_quant)
+        # fake_quant: Q/DQ executed as written (optimizations off; the weights' DequantizeLinear computed
+        # once, the same bits: exporter/quantize/fake_quant.py); else as ORT runs it (integer kernels)
+        if fake_quant:
+            model = fold_weight_dequantize(
+                model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+            )
+        session = _session(model, optimize=not fake_quant, prepack=not fake_quant)
         scores = [token_cosines(ref, out, mask) for ref, out, mask in self._pairs(session, split, limit)]
         return float(np.mean(np.concatenate(scores)))
 
@@ -629,10 +638,16 @@ def token_cosines(reference: np.ndarray, output: np.ndarray, attention_mask: np.
     return cosines
 
 
-def _session(model: onnx.ModelProto | Path, optimize: bool, threads: int = 2) -> ort.InferenceSession:
+def _session(
+    model: onnx.ModelProto | Path, optimize: bool, threads: int = 2, prepack: bool = True
+) -> ort.InferenceSession:
+    """`prepack` False: constant MatMul weights are not prepacked (a folded fake-quant model then computes
+    the same bits as its file, whose weights come from DequantizeLinear at run time: quantize/fake_quant.py)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)

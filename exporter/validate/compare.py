@@ -68,7 +68,9 @@ def compare(
         np.copyto(cand, flat_cand[block])
         np.subtract(ref, cand, out=diff)
         np.abs(diff, out=diff)
-        at = int(np.argmax(diff))  # the first maximum (a NaN of the reference counts as one, as argmax has it)
+        at = int(
+            np.argmax(diff)
+        )  # the first maximum (a NaN of the reference counts as one, as argmax has it)
         if diff.flat[at] > worst or (np.isnan(diff.flat[at]) and not np.isnan(worst)):
             worst, worst_at = float(diff.flat[at]), start * columns + at
         total += float(diff.sum())
