@@ -22,11 +22,14 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def _qdq_model(rng: np.random.Generator) -> onnx.ModelProto:
-    """x -> Q/DQ (activation) -> MatMul with an int8 per-axis weight -> MatMul with a uint8 per-tensor weight
-    (zero point 3) -> Add with an int8 per-axis (axis 0) table row; awkward scales so rounding shows."""
-    w1 = rng.integers(-127, 128, (8, 16)).astype(np.int8)
-    s1 = (rng.random(16) * 0.037 + 1e-3).astype(np.float32)
-    w2 = rng.integers(0, 256, (16, 4)).astype(np.uint8)
+    """x -> MatMul with an int8 per-axis weight -> Q/DQ (activation) -> MatMul with a uint8 per-tensor weight
+    (zero point 3) -> Add with an int8 per-axis (axis 0) row -> MatMul with an fp32 weight; awkward scales so
+    rounding shows."""
+    # [512, 512]: large enough that ONNX Runtime would prepack it as a constant weight, a GEMM path whose sums
+    # differ in the last bits (the fold's Identity keeps it a computed tensor, as in the file)
+    w1 = rng.integers(-127, 128, (512, 512)).astype(np.int8)
+    s1 = (rng.random(512) * 0.0037 + 1e-4).astype(np.float32)
+    w2 = rng.integers(0, 256, (512, 4)).astype(np.uint8)
     w3 = rng.integers(-127, 128, (4, 1)).astype(np.int8)
     s3 = (rng.random(4) * 0.3 + 1e-2).astype(np.float32)
     inits = [
@@ -34,7 +37,7 @@ def _qdq_model(rng: np.random.Generator) -> onnx.ModelProto:
         numpy_helper.from_array(np.array(0, np.int8), "act_zero"),
         numpy_helper.from_array(w1, "w1"),
         numpy_helper.from_array(s1, "s1"),
-        numpy_helper.from_array(np.zeros(16, np.int8), "z1"),
+        numpy_helper.from_array(np.zeros(512, np.int8), "z1"),
         numpy_helper.from_array(w2, "w2"),
         numpy_helper.from_array(np.array(0.0291, np.float32), "s2"),
         numpy_helper.from_array(np.array(3, np.uint8), "z2"),
@@ -42,22 +45,24 @@ def _qdq_model(rng: np.random.Generator) -> onnx.ModelProto:
         numpy_helper.from_array(s3, "s3"),
     ]
     nodes = [
-        helper.make_node("QuantizeLinear", ["x", "act_scale", "act_zero"], ["x_q"]),
-        helper.make_node("DequantizeLinear", ["x_q", "act_scale", "act_zero"], ["x_dq"]),
         helper.make_node("DequantizeLinear", ["w1", "s1", "z1"], ["w1_dq"], axis=1),
-        helper.make_node("MatMul", ["x_dq", "w1_dq"], ["h"]),
+        helper.make_node("MatMul", ["x", "w1_dq"], ["h"]),
+        helper.make_node("QuantizeLinear", ["h", "act_scale", "act_zero"], ["x_q"]),
+        helper.make_node("DequantizeLinear", ["x_q", "act_scale", "act_zero"], ["h_dq"]),
         helper.make_node("DequantizeLinear", ["w2", "s2", "z2"], ["w2_dq"]),
-        helper.make_node("MatMul", ["h", "w2_dq"], ["y0"]),
+        helper.make_node("MatMul", ["h_dq", "w2_dq"], ["y0"]),
         helper.make_node("DequantizeLinear", ["w3", "s3"], ["w3_dq"], axis=0),
         helper.make_node("Reshape", ["w3_dq", "shape"], ["row"]),
-        helper.make_node("Add", ["y0", "row"], ["y"]),
+        helper.make_node("Add", ["y0", "row"], ["y1"]),
+        helper.make_node("MatMul", ["y1", "w4"], ["y"]),  # an fp32 weight (an excluded layer): prepacked
     ]
+    inits.append(numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "w4"))
     inits.append(numpy_helper.from_array(np.array([1, 4], np.int64), "shape"))
     graph = helper.make_graph(
         nodes,
         "qdq",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 512])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 4])],
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -72,9 +77,10 @@ def test_folded_weights_give_the_same_bits_and_only_weights_fold():
     kept = [n for n in folded.graph.node if n.op_type == "DequantizeLinear"]
     assert [n.input[0] for n in kept] == ["x_q"]  # the activation's round trip stays
     names = {i.name for i in folded.graph.initializer}
-    assert {"w1_dq", "w2_dq", "w3_dq"} <= names and not {"w1", "w2", "w3", "s1", "z2"} & names
+    assert {"w1_dq_folded", "w2_dq_folded", "w3_dq_folded", "w4"} <= names
+    assert not {"w1", "w2", "w3", "s1", "z2"} & names
     for seed in range(5):
-        x = np.random.default_rng(seed).standard_normal((3, 8)).astype(np.float32) * 3
+        x = np.random.default_rng(seed).standard_normal((64, 512)).astype(np.float32) * 3
         expected, got = _run(model, {"x": x}), _run(folded, {"x": x})
         assert expected.tobytes() == got.tobytes()
 

@@ -550,9 +550,7 @@ class Judge:
         cores better as two independent runs than as one run on two threads)."""
         list(self._pairs(None, "calibration", self.search_samples))  # batches and references, once
         switchable = fold_weight_dequantize(switchable)  # the weights' round trips computed once: same bits
-        sessions = [
-            _session(switchable, optimize=False, threads=1, prepack=False) for _ in range(SWEEP_WORKERS)
-        ]
+        sessions = [_session(switchable, optimize=False, threads=1) for _ in range(SWEEP_WORKERS)]
         bar = progress.bar(desc="sensitivity: layers alone", total=len(layers), unit="layer")
 
         def one(index: int) -> float:
@@ -595,7 +593,7 @@ class Judge:
             model = fold_weight_dequantize(
                 model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
             )
-        session = _session(model, optimize=not fake_quant, prepack=not fake_quant)
+        session = _session(model, optimize=not fake_quant)
         scores = [token_cosines(ref, out, mask) for ref, out, mask in self._pairs(session, split, limit)]
         return float(np.mean(np.concatenate(scores)))
 
@@ -638,16 +636,10 @@ def token_cosines(reference: np.ndarray, output: np.ndarray, attention_mask: np.
     return cosines
 
 
-def _session(
-    model: onnx.ModelProto | Path, optimize: bool, threads: int = 2, prepack: bool = True
-) -> ort.InferenceSession:
-    """`prepack` False: constant MatMul weights are not prepacked (a folded fake-quant model then computes
-    the same bits as its file, whose weights come from DequantizeLinear at run time: quantize/fake_quant.py)."""
+def _session(model: onnx.ModelProto | Path, optimize: bool, threads: int = 2) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    if not prepack:
-        options.add_session_config_entry("session.disable_prepacking", "1")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
