@@ -278,18 +278,24 @@ class _CpuPrep:
     range_reason: str
     first: quantize_cpu.BackgroundBuild | None
     seconds: float
+    strip_metadata: str | None = None  # node metadata the builds drop (model.onnx's sparsity tags)
 
 
 def _prepare_cpu(fp32: Path, tmp: Path, config: QuantConfig, judge: Judge) -> _CpuPrep:
     start = time.perf_counter()
     source, fusion = _fused_or_plain(fp32, tmp, judge, config)
     graph = onnx.load(str(source))  # read once for the node lists below (the file stays the source)
+    if fusion.get("applied") and fusion.get("ops") is None:
+        fusion["ops"] = _op_counts(graph.graph)
     quantizable = quantize_cpu.candidates(graph)
     user_excluded = _user_excluded(graph, config.exclusions()) & frozenset(quantizable)
     reduce_range, range_reason = reduce_weight_range(config.cpu_weight_range)
+    strip = _strip_key(source, config)
     first = None
     if source.stat().st_size >= BACKGROUND_BUILD_BYTES:  # all quantized: always the search's first build
-        first = quantize_cpu.BackgroundBuild(source, tmp / "cpu_candidate0.onnx", user_excluded, reduce_range)
+        first = quantize_cpu.BackgroundBuild(
+            source, tmp / "cpu_candidate0.onnx", user_excluded, reduce_range, strip
+        )
     return _CpuPrep(
         source,
         fusion,
@@ -300,6 +306,7 @@ def _prepare_cpu(fp32: Path, tmp: Path, config: QuantConfig, judge: Judge) -> _C
         range_reason,
         first,
         time.perf_counter() - start,
+        strip,
     )
 
 
@@ -328,7 +335,9 @@ def _cpu_variant(
             excluded = fp32_nodes | user_excluded
             out = tmp / f"cpu_candidate{len(built)}.onnx"
             background = prep.first.result() if prep.first is not None and not treated else None
-            built[treated] = background or quantize_cpu.build(model_path, out, excluded, reduce_range)
+            built[treated] = background or quantize_cpu.build(
+                model_path, out, excluded, reduce_range, prep.strip_metadata
+            )
         return built[treated]
 
     layers = quantize_cpu.layer_inputs(graph, candidates)
@@ -427,7 +436,9 @@ def _fused_or_plain(fp32: Path, tmp: Path, judge: Judge, config: QuantConfig) ->
     fused = tmp / "fused.onnx"
     try:
         if config.cpu_graph_passes_family and config.cpu_fused_source is not None:
-            ops = _without_sparsity_tags(config.cpu_fused_source, fused)
+            # the export's model.onnx as it is: ONNX Runtime ignores its 2:4 sparsity tags, and the CPU file's
+            # builds drop them from what they write (`quantize_cpu.build`'s `strip_metadata`)
+            fused, ops = config.cpu_fused_source, None  # counted from the graph `_prepare_cpu` reads
         elif config.cpu_graph_passes_family:
             ops = _our_fusions(fp32, fused, config.cpu_graph_passes_family)
         else:
@@ -440,7 +451,7 @@ def _fused_or_plain(fp32: Path, tmp: Path, judge: Judge, config: QuantConfig) ->
         return fp32, {
             "applied": False,
             "reason": f"fused graph max abs error {max_abs:.3g} > {bound * 10:.3g}",
-            "ops": ops,
+            "ops": ops if ops is not None else _op_counts(onnx.load(str(fused)).graph),
         }
     return fused, {"applied": True, "ops": ops, "max_abs_vs_fp32": max_abs}
 
@@ -454,21 +465,26 @@ def _our_fusions(fp32: Path, out: Path, family: str) -> dict[str, int]:
     return {op: count for op, count in report.op_counts_after.items() if count}
 
 
-def _without_sparsity_tags(source: Path, out: Path) -> dict[str, int]:
-    """`source` (the export's fused model.onnx) without its 2:4 sparsity tags: what `_our_fusions` writes for
-    the same graph (measured on the 45M Llama: the same nodes and initializers; only generated names of
-    non-quantized nodes differ). Op counts after, as `_our_fusions` returns them."""
-    from graph_passes.base import op_counts
+def _op_counts(graph: onnx.GraphProto) -> dict[str, int]:
+    """Op type -> count over `graph` and its subgraphs (graph_passes.base.op_counts on the proto)."""
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        for attribute in node.attribute:
+            for sub in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                for op, count in _op_counts(sub).items():
+                    counts[op] = counts.get(op, 0) + count
+    return counts
+
+
+def _strip_key(source: Path, config: QuantConfig) -> str | None:
+    """The node metadata key the CPU file's builds drop: the 2:4 sparsity tags when the source is the export's
+    tagged model.onnx (what `_our_fusions` writes for the same graph has none)."""
+    if config.cpu_fused_source is None or Path(source) != Path(config.cpu_fused_source):
+        return None
     from graph_passes.tag_sparsity_2to4 import METADATA_KEY
 
-    model = onnx.load(str(source))
-    for node in model.graph.node:
-        kept = [prop for prop in node.metadata_props if prop.key != METADATA_KEY]
-        if len(kept) != len(node.metadata_props):
-            del node.metadata_props[:]
-            node.metadata_props.extend(kept)
-    save_onnx(model, out)
-    return {op: count for op, count in op_counts(ir.from_proto(model)).items() if count}
+    return METADATA_KEY
 
 
 def _user_excluded(model: onnx.ModelProto, exclusions: Exclusions) -> frozenset[str]:
