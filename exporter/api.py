@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import torch
 
 from engines import bench_inputs, cpu_selection
@@ -73,7 +74,7 @@ from exporter.validate.compare import Comparison, check, compare_all
 from exporter.validate.eval_set import EvalSet, load_eval_set
 from exporter.validate.task_inputs import special_token_ids, task_validation_feeds
 from exporter.validate.tolerances import tolerance
-from graph_passes.pipeline import optimize, optimize_file
+from graph_passes.pipeline import PipelineReport, optimize, optimize_file
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,8 @@ class _Run:
         self.stream_result: StreamResult | None = None
         # a task model's held-out agreement gate (set by the INT8 stage), for the CPU engine candidates too
         self.task_agreement: cpu_engine_stage.TaskAgreement | None = None
+        # the graph passes' cleaned (unfused) graph and its cleanup report, for the INT8 stage (taken once)
+        self.cleaned: tuple[onnx.ModelProto, PipelineReport] | None = None
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -492,6 +495,7 @@ class _Run:
                 family=md.model_type,
                 strict_fusion=self.config.strict_fusion,
                 sparsity=self.config.sparsity,
+                on_cleaned=self._keep_cleaned if self.config.precision == "int8" else None,
             )
             path = save_onnx(optimized, work / "model.onnx")
         self.report["graph_passes"] = pipeline.to_json()
@@ -504,6 +508,10 @@ class _Run:
         self._check("optimized_fp32", reference, outputs, self.task.fp32_masks(feeds), gate)
         self.artifacts["onnx"] = path
         self._evaluate("optimized_fp32", lambda batch: self._onnx_outputs(path, batch))
+
+    def _keep_cleaned(self, model: ir.Model, report: PipelineReport) -> None:
+        """The cleanup stage's graph (before fusion), which the INT8 stage calibrates: kept, not recomputed."""
+        self.cleaned = (ir.serde.serialize_model(model), report)
 
     def _stage_table_wanted(self) -> bool:
         return self.config.benchmark and not self.task.with_past
@@ -680,6 +688,7 @@ class _Run:
             openvino_file=self._openvino_int8_wanted(),
             openvino_job=openvino_job,
             fused=self._onnxruntime_fused(),
+            cleaned=self._take_cleaned(),
         )
         self.report["int8"] = section
         self.artifacts["int8"] = result.tensorrt_path
@@ -718,6 +727,11 @@ class _Run:
             self._agreement_gate(
                 section, result.heldout, {"tensorrt": result.tensorrt_path, "cpu": result.cpu_path}
             )
+
+    def _take_cleaned(self) -> tuple[onnx.ModelProto, PipelineReport] | None:
+        """The graph passes' cleaned graph and report, handed over once (None: the INT8 stage cleans)."""
+        cleaned, self.cleaned = self.cleaned, None
+        return cleaned
 
     def _onnxruntime_fused(self) -> Path | None:
         """model.onnx where it is graph_passes' onnxruntime pipeline on the whole exported graph with weights

@@ -10,9 +10,9 @@ Where TensorRT does not serve, the export measures the candidates of engines/cpu
   row, the others join the stage table's one interleaved measurement as extra rows
   (exporter/report/stage_table.py). Without a stage table (`--no-benchmark`), nothing is timed and the
   default order decides; KV-cache decoders (no stage table) are timed here on a small budget: a
-  prefill of the validation length and one decode step after it, ranked by prefill + 64 decode steps,
-  6 rounds and then only while the fastest passing candidate is not told apart from another (~95%
-  intervals of the medians), at most 10.
+  prefill of the validation length and one decode step after it, ranked by prefill + 64 decode steps:
+  3 rounds each, then only the fastest passing candidate (until it has 6) and those not told apart from
+  it (~95% intervals of the medians), at most 10.
 
 The choice goes to `report["engine"]["cpu"]` (engine, file, precision, the candidates table, why
 each other lost): what `engine-bench OUT_DIR` and the runtime open.
@@ -55,13 +55,16 @@ EXPORT_CHECKS: dict[str, tuple[str, str]] = {
     "onnxruntime-fp32": ("optimized_fp32", "onnx fp32 optimized"),
 }
 DECODE_STEPS_RANKED = 64  # decoders: rank by the time of a prefill + this many decode steps
-# Decoders: every candidate timed MIN_DECODER_ROUNDS rounds, then only while the fastest passing candidate's
-# score is not told apart from another passing one's (their ~95% intervals overlap), up to 10 rounds (the
-# fixed count before: a decision that is clear after 6 rounds is not timed 4 more times).
+# Decoders: every candidate timed FIRST_DECODER_ROUNDS rounds; then the fastest passing candidate until it has
+# MIN_DECODER_ROUNDS (its latency is the one reported as the engine's), and every candidate whose score is
+# not told apart from its score (their intervals overlap), up to 10 rounds. A candidate already told apart
+# after the first rounds (their whole ranges apart: OpenVINO's files 2-3x slower than ONNX Runtime's INT8 on
+# the 45M Llama) is not timed again: more rounds could not change the choice.
+FIRST_DECODER_ROUNDS = 3
 MIN_DECODER_ROUNDS = 6
 DECODER_TIMING = BenchConfig(
     warmup_ms=50.0,
-    iterations=MIN_DECODER_ROUNDS,
+    iterations=FIRST_DECODER_ROUNDS,
     duration_s=0.0,
     avg_runs=1,
     percentiles=(90.0,),
@@ -242,7 +245,8 @@ def time_decoder_candidates(
 
     def more(runs: Sequence[list[Iteration]]) -> set[int]:
         scores = {name: score_interval(runs[2 * i], runs[2 * i + 1]) for i, name in enumerate(names)}
-        return {2 * names.index(n) + k for n in unresolved(scores, passing) for k in (0, 1)}
+        rounds = {name: len(runs[2 * i]) for i, name in enumerate(names)}
+        return {2 * names.index(n) + k for n in still_timed(scores, passing, rounds) for k in (0, 1)}
 
     results = {
         r.name: stats.median(sorted(it.latency_ms for it in r.iterations))
@@ -275,6 +279,17 @@ def unresolved(scores: Mapping[str, tuple[float, float, float]], passing: set[st
     leader = min(pool, key=lambda name: scores[name][0])
     rivals = {name for name in pool if name != leader and scores[name][1] <= scores[leader][2]}
     return {leader, *rivals} if rivals else set()
+
+
+def still_timed(
+    scores: Mapping[str, tuple[float, float, float]], passing: set[str], rounds: Mapping[str, int]
+) -> set[str]:
+    """The candidates to time another round: the `unresolved` ones, and the leader (the fastest passing one)
+    until it has `MIN_DECODER_ROUNDS` rounds."""
+    pool = [name for name in scores if name in passing] or list(scores)
+    leader = min(pool, key=lambda name: scores[name][0])
+    needed = unresolved(scores, passing)
+    return needed | {leader} if rounds[leader] < MIN_DECODER_ROUNDS else needed
 
 
 def choose_engine(stage: CpuEngineStage, latencies: Mapping[str, float] | None) -> Choice:

@@ -154,11 +154,13 @@ def optimize(
     family: str | None = None,
     strict_fusion: bool = False,
     sparsity: Literal["tag", "enforce", "off"] = "tag",
+    on_cleaned: Callable[[ir.Model, PipelineReport], None] | None = None,
 ) -> tuple[onnx.ModelProto, PipelineReport]:
     """Run the `target` pipeline's `stages` on `model` (not modified) and return the new model and report.
 
     Raises InputError for an unknown target / stage / family / sparsity mode, FusionNotAppliedError when
     `strict_fusion` and an expected fusion did not fire, GraphPassError (naming the pass) on a pass failure.
+    `on_cleaned`: see `optimize_ir`.
     """
     ir_model, report = optimize_ir(
         ir.serde.deserialize_model(model),
@@ -167,6 +169,7 @@ def optimize(
         family=family,
         strict_fusion=strict_fusion,
         sparsity=sparsity,
+        on_cleaned=on_cleaned,
     )
     return ir.serde.serialize_model(ir_model), report
 
@@ -222,8 +225,12 @@ def optimize_ir(
     family: str | None = None,
     strict_fusion: bool = False,
     sparsity: Literal["tag", "enforce", "off"] = "tag",
+    on_cleaned: Callable[[ir.Model, PipelineReport], None] | None = None,
 ) -> tuple[ir.Model, PipelineReport]:
-    """`optimize` on an onnx-ir model, changed in place and returned."""
+    """`optimize` on an onnx-ir model, changed in place and returned. `on_cleaned(model, report)` is called
+    once the cleanup stage has run, before any fusion changes the graph, with a report of that stage alone:
+    the cleanup passes are the same for every target, so the INT8 stage (which calibrates the cleaned,
+    unfused graph) takes it from here instead of running them again on the exported file."""
     _validate(target, stages, sparsity)
     start = time.perf_counter()
     kind = family_kind(family, ir_model)
@@ -239,6 +246,8 @@ def optimize_ir(
         else:
             for graph_pass in PIPELINES[target][stage]():
                 _run(graph_pass, ir_model, report)
+        if stage == "cleanup" and on_cleaned is not None:
+            on_cleaned(ir_model, _cleanup_report(report, ir_model, start))
     _import_contrib_domain(ir_model)
     report.op_counts_after = dict(op_counts(ir_model))
     report.seconds = time.perf_counter() - start
@@ -249,6 +258,17 @@ def optimize_ir(
             "fusion %s not applied in layer %s: %s", row["fusion"], row["layer"], row.get("reason")
         )
     return ir_model, report
+
+
+def _cleanup_report(report: PipelineReport, model: ir.Model, start: float) -> PipelineReport:
+    """The report of the cleanup stage alone (it runs first): what `optimize(..., stages=("cleanup",))` says."""
+    return dataclasses.replace(
+        report,
+        stages=["cleanup"],
+        passes=list(report.passes),
+        op_counts_after=dict(op_counts(model)),
+        seconds=time.perf_counter() - start,
+    )
 
 
 def _validate(target: str, stages: Sequence[str], sparsity: str) -> None:

@@ -11,8 +11,10 @@ from engines.benchmark import Iteration
 from exporter.cpu_engine_stage import (
     DECODE_STEPS_RANKED,
     DECODER_TIMING,
+    FIRST_DECODER_ROUNDS,
     MIN_DECODER_ROUNDS,
     score_interval,
+    still_timed,
     unresolved,
 )
 
@@ -31,7 +33,8 @@ def test_score_interval_combines_medians_and_interval_ends():
     assert DECODE_STEPS_RANKED == 64
     # 6 rounds: the interval is the whole range (~97% for the median), so the rule never stops earlier
     assert (low, high) == (49.0 + 64 * 3.9, 60.0 + 64 * 5.0)
-    assert DECODER_TIMING.iterations == MIN_DECODER_ROUNDS == 6 and DECODER_TIMING.max_iterations == 10
+    assert DECODER_TIMING.iterations == FIRST_DECODER_ROUNDS == 3 and DECODER_TIMING.max_iterations == 10
+    assert MIN_DECODER_ROUNDS == 6
 
 
 def test_clearly_separated_candidates_need_no_more_rounds():
@@ -54,3 +57,16 @@ def test_candidates_failing_their_gate_are_not_contested():
     assert unresolved(scores, {"a", "b"}) == set()
     assert unresolved(scores, {"fails", "a", "b"}) == {"fails", "a"}  # b: 560 > 400, told apart
     assert unresolved(scores, set()) == {"fails", "a"}  # none passes: all in the contest
+
+
+def test_the_leader_gets_its_minimum_rounds_and_clear_losers_stop_after_the_first():
+    """After the first 3 rounds, candidates told apart from the fastest passing one stop; the fastest goes on to
+    6 rounds (its latency is the reported one), an overlapping rival with it."""
+    apart = {"a": (310.0, 300.0, 330.0), "b": (583.0, 560.0, 600.0), "c": (770.0, 700.0, 800.0)}
+    rounds = {"a": 3, "b": 3, "c": 3}
+    assert still_timed(apart, set(apart), rounds) == {"a"}
+    assert still_timed(apart, set(apart), {**rounds, "a": 6}) == set()
+    close = {**apart, "b": (320.0, 305.0, 340.0)}
+    assert still_timed(close, set(close), rounds) == {"a", "b"}
+    assert still_timed(close, set(close), {"a": 6, "b": 6, "c": 3}) == {"a", "b"}  # until told apart (or 10)
+    assert still_timed(apart, {"b", "c"}, rounds) == {"b"}  # the leader is the fastest passing one

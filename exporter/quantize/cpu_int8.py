@@ -86,10 +86,21 @@ def _graph_of(model: Path | onnx.ModelProto) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
 
 
-def build(model_path: Path, out_path: Path, excluded: frozenset[str], reduce_range: bool = False) -> Path:
+def build(
+    model_path: Path,
+    out_path: Path,
+    excluded: frozenset[str],
+    reduce_range: bool = False,
+    strip_metadata: str | None = None,
+) -> Path:
     """Dynamic INT8 (per-channel s8 weights, u8 per-row activations at run time) except `excluded` nodes.
-    `reduce_range`: 7-bit weights, for CPUs whose u8 x s8 kernel saturates (exporter/quantize/cpu_features.py)."""
+    `reduce_range`: 7-bit weights, for CPUs whose u8 x s8 kernel saturates (exporter/quantize/cpu_features.py).
+    `strip_metadata`: a node metadata key dropped from the input first (model.onnx's 2:4 sparsity tags: the
+    CPU file does not carry them), written beside `out_path` and quantized from there."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if strip_metadata:
+        model_path = _without_node_metadata(model_path, out_path.with_suffix(".source.onnx"), strip_metadata)
 
     quantize_dynamic(
         str(model_path),
@@ -104,21 +115,40 @@ def build(model_path: Path, out_path: Path, excluded: frozenset[str], reduce_ran
     return out_path
 
 
+def _without_node_metadata(source: Path, out: Path, key: str) -> Path:
+    """`source` with every node's metadata entry `key` removed, saved at `out`."""
+    from exporter.export.external_data import save_onnx
+
+    model = onnx.load(str(source))
+    for node in model.graph.node:
+        kept = [prop for prop in node.metadata_props if prop.key != key]
+        if len(kept) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+    save_onnx(model, out)
+    return out
+
+
 class BackgroundBuild:
     """`build(...)` in a child interpreter at low priority (`nice`), for the caller to overlap with its own work:
     ONNX Runtime's quantizer is single-threaded Python. `result()` waits; None if the child failed (its
     stderr goes to the log), and the caller builds in-process."""
 
     def __init__(
-        self, model_path: Path, out_path: Path, excluded: frozenset[str], reduce_range: bool
+        self,
+        model_path: Path,
+        out_path: Path,
+        excluded: frozenset[str],
+        reduce_range: bool,
+        strip_metadata: str | None = None,
     ) -> None:
         root = str(Path(__file__).resolve().parents[2])  # this checkout's packages, whatever the child's path
         code = (
             "import json, os, sys; os.nice(10); sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
             "from exporter.quantize.cpu_int8 import build; a = json.loads(sys.argv[1]); "
-            "build(Path(a[0]), Path(a[1]), frozenset(a[2]), a[3])"
+            "build(Path(a[0]), Path(a[1]), frozenset(a[2]), a[3], a[4])"
         )
-        args = json.dumps([str(model_path), str(out_path), sorted(excluded), reduce_range])
+        args = json.dumps([str(model_path), str(out_path), sorted(excluded), reduce_range, strip_metadata])
         self.out_path = out_path
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by result() or close())
         self.process = subprocess.Popen(

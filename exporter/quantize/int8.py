@@ -46,6 +46,7 @@ from exporter.quantize import cpu_int8 as quantize_cpu
 from exporter.quantize.calibration import CalibrationData
 from exporter.quantize.cpu_features import WEIGHT_RANGES, WeightRange, reduce_weight_range
 from exporter.quantize.embeddings import QuantizedTable, quantize_embeddings
+from exporter.quantize.fake_quant import fold_weight_dequantize
 from exporter.quantize.outliers import SUFFIX, split_outliers
 from exporter.quantize.ranges import DEFAULT_PERCENTILE, METHODS, Maxima, cached_channel_max, collect_ranges
 from exporter.quantize.sensitivity import SWITCH_INPUT, search, switchable_model
@@ -277,18 +278,24 @@ class _CpuPrep:
     range_reason: str
     first: quantize_cpu.BackgroundBuild | None
     seconds: float
+    strip_metadata: str | None = None  # node metadata the builds drop (model.onnx's sparsity tags)
 
 
 def _prepare_cpu(fp32: Path, tmp: Path, config: QuantConfig, judge: Judge) -> _CpuPrep:
     start = time.perf_counter()
     source, fusion = _fused_or_plain(fp32, tmp, judge, config)
     graph = onnx.load(str(source))  # read once for the node lists below (the file stays the source)
+    if fusion.get("applied") and fusion.get("ops") is None:
+        fusion["ops"] = _op_counts(graph.graph)
     quantizable = quantize_cpu.candidates(graph)
     user_excluded = _user_excluded(graph, config.exclusions()) & frozenset(quantizable)
     reduce_range, range_reason = reduce_weight_range(config.cpu_weight_range)
+    strip = _strip_key(source, config)
     first = None
     if source.stat().st_size >= BACKGROUND_BUILD_BYTES:  # all quantized: always the search's first build
-        first = quantize_cpu.BackgroundBuild(source, tmp / "cpu_candidate0.onnx", user_excluded, reduce_range)
+        first = quantize_cpu.BackgroundBuild(
+            source, tmp / "cpu_candidate0.onnx", user_excluded, reduce_range, strip
+        )
     return _CpuPrep(
         source,
         fusion,
@@ -299,6 +306,7 @@ def _prepare_cpu(fp32: Path, tmp: Path, config: QuantConfig, judge: Judge) -> _C
         range_reason,
         first,
         time.perf_counter() - start,
+        strip,
     )
 
 
@@ -327,7 +335,9 @@ def _cpu_variant(
             excluded = fp32_nodes | user_excluded
             out = tmp / f"cpu_candidate{len(built)}.onnx"
             background = prep.first.result() if prep.first is not None and not treated else None
-            built[treated] = background or quantize_cpu.build(model_path, out, excluded, reduce_range)
+            built[treated] = background or quantize_cpu.build(
+                model_path, out, excluded, reduce_range, prep.strip_metadata
+            )
         return built[treated]
 
     layers = quantize_cpu.layer_inputs(graph, candidates)
@@ -426,7 +436,9 @@ def _fused_or_plain(fp32: Path, tmp: Path, judge: Judge, config: QuantConfig) ->
     fused = tmp / "fused.onnx"
     try:
         if config.cpu_graph_passes_family and config.cpu_fused_source is not None:
-            ops = _without_sparsity_tags(config.cpu_fused_source, fused)
+            # the export's model.onnx as it is: ONNX Runtime ignores its 2:4 sparsity tags, and the CPU file's
+            # builds drop them from what they write (`quantize_cpu.build`'s `strip_metadata`)
+            fused, ops = config.cpu_fused_source, None  # counted from the graph `_prepare_cpu` reads
         elif config.cpu_graph_passes_family:
             ops = _our_fusions(fp32, fused, config.cpu_graph_passes_family)
         else:
@@ -439,7 +451,7 @@ def _fused_or_plain(fp32: Path, tmp: Path, judge: Judge, config: QuantConfig) ->
         return fp32, {
             "applied": False,
             "reason": f"fused graph max abs error {max_abs:.3g} > {bound * 10:.3g}",
-            "ops": ops,
+            "ops": ops if ops is not None else _op_counts(onnx.load(str(fused)).graph),
         }
     return fused, {"applied": True, "ops": ops, "max_abs_vs_fp32": max_abs}
 
@@ -453,21 +465,26 @@ def _our_fusions(fp32: Path, out: Path, family: str) -> dict[str, int]:
     return {op: count for op, count in report.op_counts_after.items() if count}
 
 
-def _without_sparsity_tags(source: Path, out: Path) -> dict[str, int]:
-    """`source` (the export's fused model.onnx) without its 2:4 sparsity tags: what `_our_fusions` writes for
-    the same graph (measured on the 45M Llama: the same nodes and initializers; only generated names of
-    non-quantized nodes differ). Op counts after, as `_our_fusions` returns them."""
-    from graph_passes.base import op_counts
+def _op_counts(graph: onnx.GraphProto) -> dict[str, int]:
+    """Op type -> count over `graph` and its subgraphs (graph_passes.base.op_counts on the proto)."""
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        for attribute in node.attribute:
+            for sub in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                for op, count in _op_counts(sub).items():
+                    counts[op] = counts.get(op, 0) + count
+    return counts
+
+
+def _strip_key(source: Path, config: QuantConfig) -> str | None:
+    """The node metadata key the CPU file's builds drop: the 2:4 sparsity tags when the source is the export's
+    tagged model.onnx (what `_our_fusions` writes for the same graph has none)."""
+    if config.cpu_fused_source is None or Path(source) != Path(config.cpu_fused_source):
+        return None
     from graph_passes.tag_sparsity_2to4 import METADATA_KEY
 
-    model = onnx.load(str(source))
-    for node in model.graph.node:
-        kept = [prop for prop in node.metadata_props if prop.key != METADATA_KEY]
-        if len(kept) != len(node.metadata_props):
-            del node.metadata_props[:]
-            node.metadata_props.extend(kept)
-    save_onnx(model, out)
-    return {op: count for op, count in op_counts(ir.from_proto(model)).items() if count}
+    return METADATA_KEY
 
 
 def _user_excluded(model: onnx.ModelProto, exclusions: Exclusions) -> frozenset[str]:
@@ -552,6 +569,7 @@ class Judge:
         `SWEEP_WORKERS` single-threaded sessions take the layers in turn, side by side (small runs use two
         cores better as two independent runs than as one run on two threads)."""
         list(self._pairs(None, "calibration", self.search_samples))  # batches and references, once
+        switchable = fold_weight_dequantize(switchable)  # the weights' round trips computed once: same bits
         sessions = [_session(switchable, optimize=False, threads=1) for _ in range(SWEEP_WORKERS)]
         bar = progress.bar(desc="sensitivity: layers alone", total=len(layers), unit="layer")
 
@@ -589,22 +607,31 @@ class Judge:
     def _cosine(
         self, model: onnx.ModelProto | Path, split: str, limit: int | None, fake_quant: bool
     ) -> float:
-        # fake_quant: Q/DQ executed as written (optimizations off); else as ORT runs it (integer kernels)
-        session = self._session(model, optimize=not fake_quant)
+        # fake_quant: Q/DQ executed as written (optimizations off; the weights' DequantizeLinear computed
+        # once, the same bits: exporter/quantize/fake_quant.py); else as ORT runs it (integer kernels)
+        session = self._session(model, optimize=not fake_quant, fold=fake_quant)
         scores = [token_cosines(ref, out, mask) for ref, out, mask in self._pairs(session, split, limit)]
         return float(np.mean(np.concatenate(scores)))
 
-    def _session(self, model: onnx.ModelProto | Path, optimize: bool) -> ort.InferenceSession:
+    def _session(
+        self, model: onnx.ModelProto | Path, optimize: bool, fold: bool = False
+    ) -> ort.InferenceSession:
         """`_session(model, optimize)`, reusing the last one when it was built from the same graph object (the
-        search's candidates are cached, never changed) or the same unchanged file, with the same options."""
+        search's candidates are cached, never changed) or the same unchanged file, with the same options.
+        `fold`: built from `fold_weight_dequantize(model)` (a fake-quant check: the same bits, faster)."""
         if isinstance(model, onnx.ModelProto):
-            key: tuple[Any, ...] = ("graph", id(model), optimize)  # valid: _last holds the graph alive
+            key: tuple[Any, ...] = ("graph", id(model), optimize, fold)  # valid: _last holds the graph alive
         else:
             stat = Path(model).stat()
-            key = ("file", str(Path(model).resolve()), stat.st_size, stat.st_mtime_ns, optimize)
+            key = ("file", str(Path(model).resolve()), stat.st_size, stat.st_mtime_ns, optimize, fold)
         if self._last is not None and self._last[0] == key:
             return self._last[2]
-        session = _session(model, optimize)
+        source = model
+        if fold:
+            source = fold_weight_dequantize(
+                model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+            )
+        session = _session(source, optimize)
         self.sessions_built += 1
         self._last = (key, model, session)
         return session

@@ -29,7 +29,7 @@ from exporter.quantize import decoder_calibration
 from exporter.quantize.calibration import CalibrationData, load_stage_calibration
 from exporter.quantize.int8 import QuantConfig, QuantResult, quantize
 from exporter.quantize.openvino_int8 import OPENVINO_FILE, NncfJob, build_openvino_file, start_nncf
-from graph_passes.pipeline import optimize
+from graph_passes.pipeline import PipelineReport, optimize
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ def run_int8_stage(
     openvino_file: bool = False,
     openvino_job: NncfJob | None = None,
     fused: Path | None = None,
+    cleaned: tuple[onnx.ModelProto, PipelineReport] | None = None,
 ) -> tuple[QuantResult, dict[str, Any]]:
     """Quantize the exported compact fp32 graph; returns the result and the report section.
     `decoder_with_past`: calibrate on prefills (position ids and empty pasts added to the token ids)
@@ -76,11 +77,15 @@ def run_int8_stage(
     NNCF's recipe for that file, already running (`start_openvino_file`; the caller stops it on failure).
     `fused`: graph_passes' onnxruntime pipeline already run on `exported` for `family` (the export's
     model.onnx), which the decoder's CPU file is quantized from instead of fusing again
-    (QuantConfig.cpu_fused_source)."""
+    (QuantConfig.cpu_fused_source). `cleaned`: the cleanup stage's graph and report where graph_passes
+    already ran it on `exported` (the same passes for every target: `optimize_ir`'s `on_cleaned`)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cleaned, cleanup = optimize(onnx.load(str(exported)), "tensorrt", stages=("cleanup",), family=family)
+        graph, cleanup = cleaned or optimize(
+            onnx.load(str(exported)), "tensorrt", stages=("cleanup",), family=family
+        )
         cleaned_path = Path(tmp) / "model.cleaned.onnx"
-        save_onnx(cleaned, cleaned_path)
+        save_onnx(graph, cleaned_path)
+        del cleaned
         calibration = _calibration(
             config, tokenizer_path, input_names, sequence_length, vocab_size, padding_side
         )
@@ -88,9 +93,8 @@ def run_int8_stage(
         if decoder_with_past:
             steps = config.calibration_decode_steps
             steps = decoder_calibration.DECODE_STEPS if steps is None else steps
-            calibration, decoder_report = _decoder_calibration(
-                calibration, cleaned_path, steps, cleaned.graph
-            )
+            calibration, decoder_report = _decoder_calibration(calibration, cleaned_path, steps, graph.graph)
+        del graph  # the file is the INT8 stage's source from here
         quant_config = QuantConfig(
             min_cosine=config.accuracy_target, cpu_weight_range=config.cpu_int8_weights
         )

