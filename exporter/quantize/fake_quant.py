@@ -3,8 +3,8 @@
 The INT8 checks run a Q/DQ file with ONNX Runtime's optimizations off, so that every QuantizeLinear /
 DequantizeLinear executes as written (fake quantization: what TensorRT computes, in float). A weight's
 DequantizeLinear then runs on every call: on the 45M Llama's TensorRT file 22% of a held-out run's kernel
-time (ONNX Runtime's profiler, 8 x 128 tokens), and ORT's own constant folding never folds it (it keeps DequantizeLinear for its
-QDQ fusions). `fold_weight_dequantize` computes those nodes once with the kernel's own arithmetic,
+time (ONNX Runtime's profiler, 8 x 128 tokens), and ORT's own constant folding never folds it (it keeps
+DequantizeLinear for its QDQ fusions). `fold_weight_dequantize` computes those nodes once with the kernel's own arithmetic,
 float32((int32(x) - int32(zero_point))) * scale, so the folded model's outputs are the same bits (tests:
 tests/test_fake_quant.py) and each check run does only the activations' Q/DQ and the float math.
 Each folded weight is read through an Identity node: its consumer sees a computed tensor, as it saw the
