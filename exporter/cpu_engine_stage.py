@@ -275,8 +275,7 @@ def unresolved(scores: Mapping[str, tuple[float, float, float]], passing: set[st
     passing one whose interval overlaps its interval; none once the fastest is told apart from all the others
     (then more rounds would not change the choice, at ~95% confidence). Candidates that fail their gate cannot
     be chosen: timed the minimum only (all of them are ranked when none passes)."""
-    pool = [name for name in scores if name in passing] or list(scores)
-    leader = min(pool, key=lambda name: scores[name][0])
+    pool, leader = _contest(scores, passing)
     rivals = {name for name in pool if name != leader and scores[name][1] <= scores[leader][2]}
     return {leader, *rivals} if rivals else set()
 
@@ -286,10 +285,16 @@ def still_timed(
 ) -> set[str]:
     """The candidates to time another round: the `unresolved` ones, and the leader (the fastest passing one)
     until it has `MIN_DECODER_ROUNDS` rounds."""
-    pool = [name for name in scores if name in passing] or list(scores)
-    leader = min(pool, key=lambda name: scores[name][0])
+    _, leader = _contest(scores, passing)
     needed = unresolved(scores, passing)
     return needed | {leader} if rounds[leader] < MIN_DECODER_ROUNDS else needed
+
+
+def _contest(scores: Mapping[str, tuple[float, float, float]], passing: set[str]) -> tuple[list[str], str]:
+    """(the candidates in the contest: those passing their gate, or all when none does; the leader: the
+    lowest median score among them)."""
+    pool = [name for name in scores if name in passing] or list(scores)
+    return pool, min(pool, key=lambda name: scores[name][0])
 
 
 def choose_engine(stage: CpuEngineStage, latencies: Mapping[str, float] | None) -> Choice:

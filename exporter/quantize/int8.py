@@ -286,7 +286,7 @@ def _prepare_cpu(fp32: Path, tmp: Path, config: QuantConfig, judge: Judge) -> _C
     source, fusion = _fused_or_plain(fp32, tmp, judge, config)
     graph = onnx.load(str(source))  # read once for the node lists below (the file stays the source)
     if fusion.get("applied") and fusion.get("ops") is None:
-        fusion["ops"] = _op_counts(graph.graph)
+        fusion["ops"] = _op_counts(graph)
     quantizable = quantize_cpu.candidates(graph)
     user_excluded = _user_excluded(graph, config.exclusions()) & frozenset(quantizable)
     reduce_range, range_reason = reduce_weight_range(config.cpu_weight_range)
@@ -451,7 +451,7 @@ def _fused_or_plain(fp32: Path, tmp: Path, judge: Judge, config: QuantConfig) ->
         return fp32, {
             "applied": False,
             "reason": f"fused graph max abs error {max_abs:.3g} > {bound * 10:.3g}",
-            "ops": ops if ops is not None else _op_counts(onnx.load(str(fused)).graph),
+            "ops": ops if ops is not None else _op_counts(onnx.load(str(fused))),
         }
     return fused, {"applied": True, "ops": ops, "max_abs_vs_fp32": max_abs}
 
@@ -465,16 +465,11 @@ def _our_fusions(fp32: Path, out: Path, family: str) -> dict[str, int]:
     return {op: count for op, count in report.op_counts_after.items() if count}
 
 
-def _op_counts(graph: onnx.GraphProto) -> dict[str, int]:
-    """Op type -> count over `graph` and its subgraphs (graph_passes.base.op_counts on the proto)."""
-    counts: dict[str, int] = {}
-    for node in graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-        for attribute in node.attribute:
-            for sub in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-                for op, count in _op_counts(sub).items():
-                    counts[op] = counts.get(op, 0) + count
-    return counts
+def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Op type -> count, main graph and subgraphs, the zero counts left out (as graph_passes reports them)."""
+    from graph_passes.base import op_counts
+
+    return {op: count for op, count in op_counts(ir.from_proto(model)).items() if count}
 
 
 def _strip_key(source: Path, config: QuantConfig) -> str | None:
