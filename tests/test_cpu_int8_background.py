@@ -3,6 +3,9 @@ and a failed child hands the build back (None) instead of raising."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -48,3 +51,23 @@ def test_metadata_stripped_before_the_build_in_both_processes(tmp_path: Path) ->
     assert "layer2/MatMul" in [n.name for n in written.graph.node]
     assert here.read_bytes() == (tmp_path / "child.onnx").read_bytes()
     assert here.read_bytes() == plain.read_bytes()
+
+
+def test_child_environment_adds_malloc_settings_unless_the_user_tunes_malloc(monkeypatch) -> None:
+    for name in [n for n in os.environ if n.startswith("MALLOC_") or n == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(name)
+    assert cpu_int8.child_environment().items() >= cpu_int8.CHILD_MALLOC_ENV.items()
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    environment = cpu_int8.child_environment()
+    assert environment["MALLOC_ARENA_MAX"] == "2" and "MALLOC_MMAP_THRESHOLD_" not in environment
+
+
+def test_the_child_build_imports_no_torch() -> None:
+    """The child saves through exporter.export.external_data: importing torch there cost it ~1 s of CPU."""
+    code = (
+        "import sys; from exporter.quantize.cpu_int8 import build; "
+        "import exporter.export.external_data; print('torch' in sys.modules)"
+    )
+    root = str(Path(cpu_int8.__file__).resolve().parents[2])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
+    assert out.stdout.strip() == "False"

@@ -212,10 +212,16 @@ def _tensorrt_variant(
     names = activation_tensors(decisions)
     known = maxima.absmax(fp32, names) if maxima is not None else {}
     session = maxima.take_session(fp32) if maxima is not None else None
-    ranges = collect_ranges(
-        proto, names, data, config.method, config.percentile, config.num_samples, known, session
-    )
-    del session
+    values = maxima.take_values(fp32) if maxima is not None else None
+    with ThreadPoolExecutor(1) as pool:
+        # histograms of kept values are numpy on one core: the held-out references (ONNX Runtime) run beside
+        references = pool.submit(judge.prepare, "heldout") if values else None
+        ranges = collect_ranges(
+            proto, names, data, config.method, config.percentile, config.num_samples, known, session, values
+        )
+        del session, values
+        if references is not None:
+            references.result()
     candidates = [d.node for d in decisions if d.quantized]
 
     built: dict[frozenset[str], tuple[onnx.ModelProto, Any]] = {}
@@ -593,6 +599,11 @@ class Judge:
         (`switch`: its switch input's feed)."""
         pairs = self._pairs(session, "calibration", samples or self.search_samples, switch)
         return float(np.mean(np.concatenate([token_cosines(r, o, m) for r, o, m in pairs])))
+
+    def prepare(self, split: str) -> None:
+        """The fp32 references of `split`'s judged batches ("calibration": the search samples), computed now
+        (in a thread beside numpy work: nothing else may use the judge until it returns)."""
+        list(self._pairs(None, split, self.search_samples if split == "calibration" else None))
 
     def max_abs_vs_reference(self, model: Path) -> float:
         session = _session(model, optimize=False)
