@@ -167,6 +167,8 @@ class BackgroundBuild:
         )
         args = json.dumps([str(model_path), str(out_path), sorted(excluded), reduce_range, strip_metadata])
         self.out_path = out_path
+        # what the file is built from and how: a caller that started it early checks it is the build it needs
+        self.key = (str(Path(model_path).resolve()), frozenset(excluded), reduce_range, strip_metadata)
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by result() or close())
         self.process = subprocess.Popen(
             [sys.executable, "-c", code, args, root],
