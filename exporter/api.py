@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,10 +56,11 @@ from exporter.model_dir.tokenizer import load_tokenizer
 from exporter.outputs import check_output_dir, staged_output
 from exporter.quantize import int4_pair
 from exporter.quantize import per_piece as streamed_quantized
+from exporter.quantize.cpu_int8 import BackgroundBuild
 from exporter.quantize.int4_stage import CPU_FILE as INT4_CPU_FILE
 from exporter.quantize.int4_stage import Int4Config, load_decoder_calibration, run_int4_stage
 from exporter.quantize.int8 import CPU_FILE as INT8_CPU_FILE
-from exporter.quantize.int8_stage import run_int8_stage, start_openvino_file
+from exporter.quantize.int8_stage import run_int8_stage, start_cpu_first_build, start_openvino_file
 from exporter.quantize.openvino_int8 import NncfJob
 from exporter.report import files as report_io
 from exporter.report import memory, process, stage_report, stage_table
@@ -135,6 +137,8 @@ class _Run:
         self.task_agreement: cpu_engine_stage.TaskAgreement | None = None
         # the graph passes' cleaned (unfused) graph and its cleanup report, for the INT8 stage (taken once)
         self.cleaned: tuple[onnx.ModelProto, PipelineReport] | None = None
+        # a KV-cache decoder's CPU INT8 file, first build, started when model.onnx is written (`_tail` closes it)
+        self.cpu_first_build: BackgroundBuild | None = None
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -296,15 +300,19 @@ class _Run:
             report_io.write(work, self.report)
             return
         openvino_job = self._start_openvino_int8(md, feeds, work)  # runs beside the next two stages
+        scratch = contextlib.ExitStack()  # folders that outlive a stage (the early CPU INT8 build)
         try:
             with self.stage("graph_passes"):
-                self._optimize(md, feeds, reference, work)
+                self._optimize(md, feeds, reference, work, scratch)
             if self.config.precision == "int8":
                 with self.stage("int8"):
                     self._int8(md, feeds, reference, work, openvino_job)
         finally:
             if openvino_job is not None:
                 openvino_job.cancel()  # a no-op once collected; on failure no process is left writing OUT_DIR
+            if self.cpu_first_build is not None:
+                self.cpu_first_build.close()  # a no-op once taken and finished
+            scratch.close()
         if self.config.precision == "int4":
             with self.stage("int4"):
                 self._int4(md, feeds, reference, work)
@@ -472,9 +480,18 @@ class _Run:
         self._evaluate("onnx_fp32", lambda batch: self._onnx_outputs(path, batch))
         self.report["export"] = self._export_section(md)
 
-    def _optimize(self, md: ModelDir, feeds: dict[str, np.ndarray], reference: Outputs, work: Path) -> None:
+    def _optimize(
+        self,
+        md: ModelDir,
+        feeds: dict[str, np.ndarray],
+        reference: Outputs,
+        work: Path,
+        scratch: contextlib.ExitStack | None = None,
+    ) -> None:
         """The backend's pass pipeline on the exported graph -> model.onnx, checked like the export.
-        With `--sparsity enforce` the weights change on purpose: the error is reported, not gated."""
+        With `--sparsity enforce` the weights change on purpose: the error is reported, not gated.
+        A KV-cache decoder's INT8 CPU file starts its first build from model.onnx here, before the checks
+        (`scratch` holds its folder)."""
         target: Literal["tensorrt", "onnxruntime"] = (
             "tensorrt" if self.choice.name == "tensorrt" else "onnxruntime"
         )
@@ -500,6 +517,11 @@ class _Run:
             path = save_onnx(optimized, work / "model.onnx")
         self.report["graph_passes"] = pipeline.to_json()
         self.artifacts["onnx"] = path
+        if scratch is not None and self.config.precision == "int8" and self.task.with_past:
+            fused = self._onnxruntime_fused()
+            if fused is not None:
+                folder = Path(scratch.enter_context(tempfile.TemporaryDirectory()))
+                self.cpu_first_build = start_cpu_first_build(fused, self.config, md.model_type, folder)
         if not self.whole_file_checks:
             self.report["streaming"]["not_checked_whole"].append("optimized_fp32")
             return
@@ -689,6 +711,7 @@ class _Run:
             openvino_job=openvino_job,
             fused=self._onnxruntime_fused(),
             cleaned=self._take_cleaned(),
+            cpu_first_build=self.cpu_first_build,
         )
         self.report["int8"] = section
         self.artifacts["int8"] = result.tensorrt_path

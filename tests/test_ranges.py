@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 from exporter.quantize.calibration import CalibrationData
 from exporter.quantize.ranges import (
     INT8_LEVELS,
+    METHODS,
     NUM_BINS,
     amax_from_histogram,
     collect_ranges,
@@ -179,11 +180,60 @@ def test_known_amax_replaces_the_first_pass(
     monkeypatch.setattr(ranges_module, "_passes", lambda *a: passes.append(a[-1]) or original(*a))
     assert collect_ranges(model, ["n", "y"], data, method=method, amax=amax) == measured
     assert passes == ([] if method == "max" else [f"ranges: {method}"])
-    passes.clear()  # only the tensors without a known amax get a first pass
+    passes.clear()  # only the tensors without a known amax get a first pass, which keeps the values it ran
+    assert collect_ranges(model, ["n", "y"], data, method=method, amax={"n": amax["n"]}) == measured
+    assert passes == ["ranges: max"]
+    passes.clear()  # values that do not fit the budget are let go: a second pass fills the histograms
+    monkeypatch.setattr(ranges_module, "KEEP_MAX_BYTES", 0)
     assert collect_ranges(model, ["n", "y"], data, method=method, amax={"n": amax["n"]}) == measured
     assert passes == ["ranges: max"] + ([] if method == "max" else [f"ranges: {method}"])
     wrong = collect_ranges(model, ["n"], data, method="max", amax={"n": 123.0})
     assert wrong == {"n": 123.0}  # the given maxima are used as they are
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("budget", [None, 0, 3000])
+def test_values_kept_from_the_maxima_pass_give_the_same_ranges_without_a_pass(
+    method: str, budget: int | None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """SmoothQuant's pass keeps the Q/DQ tensors' values (where they fit): the histogram comes from them, bit
+    for bit the ranges of two passes. Over the budget (0 bytes; or 3000, less than the 7 batches' 28 KB)
+    nothing is kept and the histogram pass runs as before."""
+    from exporter.quantize import ranges as ranges_module
+
+    x = _outlier_data(size=64 * 50).reshape(50, 64)
+    data = CalibrationData({"x": x}, {"x": x[:2]}, batch=8, source="test")
+    model = _relu_model_with_head()
+    measured = collect_ranges(model, ["n", "y"], data, method=method)
+    if budget is not None:
+        monkeypatch.setattr(ranges_module, "KEEP_MAX_BYTES", budget)
+    cache, path = ranges_module.Maxima(), tmp_path / "m.onnx"
+    ranges_module.cached_channel_max(cache, path, model, ["y"], data, tmp_path, None, "t", whole=["n", "y"])
+    passes = []
+    original = ranges_module._passes
+    monkeypatch.setattr(ranges_module, "_passes", lambda *a: passes.append(a[-1]) or original(*a))
+    values = cache.take_values(path)
+    assert cache.values == {}  # handed over
+    assert (set(values) == {"n", "y"}) == (budget is None)
+    if values:
+        assert [len(v) for v in values.values()] == [7, 7]
+    amax = cache.absmax(path, ["n", "y"])
+    got = collect_ranges(model, ["n", "y"], data, method, amax=amax, values=values)
+    assert got == measured
+    assert passes == ([] if budget is None or method == "max" else [f"ranges: {method}"])
+    assert method == "max" or all(not v for v in values.values())  # counted and let go (max: not needed)
+
+
+def test_kept_values_drop_everything_once_the_projection_exceeds_the_budget() -> None:
+    from exporter.quantize.ranges import KeptValues
+
+    keep = KeptValues(["a"], batches=4, budget=4 * 400)
+    keep.add({"a": np.zeros(100, np.float32), "b": np.zeros(10**6, np.float32)})  # only `a` is counted
+    assert keep.dropped is None and len(keep.arrays["a"]) == 1
+    keep.add({"a": np.zeros(101, np.float32)})  # projected 4 x 402 bytes > 1600
+    assert keep.arrays == {} and "budget" in (keep.dropped or "")
+    keep.add({"a": np.zeros(1, np.float32)})
+    assert keep.arrays == {}
 
 
 def test_whole_tensor_maxima_take_any_shapes(tmp_path: Path) -> None:

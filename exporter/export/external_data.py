@@ -15,10 +15,13 @@ import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-from torch import nn
+
+if TYPE_CHECKING:  # torch only for the hints: the INT8 CPU file's child process saves without importing it
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -129,6 +130,22 @@ def _without_node_metadata(source: Path, out: Path, key: str) -> Path:
     return out
 
 
+# glibc malloc settings for the child (the export's own: exporter/report/process.py): the quantizer allocates
+# and frees the same weight-sized arrays over and over; with glibc's defaults each comes as fresh pages. Measured
+# on the 45M Llama's model.onnx (Intel Xeon (Sapphire Rapids, AMX)): child 7.4 -> 5.7 s, system time 3.0 -> 1.5 s.
+CHILD_MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(256 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(512 * 2**20),
+    "MALLOC_TOP_PAD_": str(64 * 2**20),
+}
+
+
+def child_environment() -> dict[str, str]:
+    """This process's environment with `CHILD_MALLOC_ENV` added, unless the user tunes malloc already."""
+    tuned = any(name.startswith("MALLOC_") or name == "GLIBC_TUNABLES" for name in os.environ)
+    return dict(os.environ) if tuned else {**os.environ, **CHILD_MALLOC_ENV}
+
+
 class BackgroundBuild:
     """`build(...)` in a child interpreter at low priority (`nice`), for the caller to overlap with its own work:
     ONNX Runtime's quantizer is single-threaded Python. `result()` waits; None if the child failed (its
@@ -150,9 +167,14 @@ class BackgroundBuild:
         )
         args = json.dumps([str(model_path), str(out_path), sorted(excluded), reduce_range, strip_metadata])
         self.out_path = out_path
+        # what the file is built from and how: a caller that started it early checks it is the build it needs
+        self.key = (str(Path(model_path).resolve()), frozenset(excluded), reduce_range, strip_metadata)
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by result() or close())
         self.process = subprocess.Popen(
-            [sys.executable, "-c", code, args, root], stdout=subprocess.DEVNULL, stderr=self.log
+            [sys.executable, "-c", code, args, root],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+            env=child_environment(),
         )
 
     def close(self) -> None:

@@ -142,8 +142,11 @@ def quantize(
     calibration: CalibrationData,
     config: QuantConfig | None = None,
     reference: Reference | None = None,
+    cpu_first_build: quantize_cpu.BackgroundBuild | None = None,
 ) -> QuantResult:
-    """Calibrate, place Q/DQ, exclude sensitive layers, gate on held-out accuracy; write both artifacts."""
+    """Calibrate, place Q/DQ, exclude sensitive layers, gate on held-out accuracy; write both artifacts.
+    `cpu_first_build`: the CPU file's first build already started (`start_cpu_first_build`): taken if it is
+    the build needed, else stopped."""
     config = config or QuantConfig()
     config.validate()
     fp32_onnx, out_dir = Path(fp32_onnx), Path(out_dir)
@@ -155,7 +158,11 @@ def quantize(
     maxima = Maxima()  # per (file, tensor), measured once
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         # the CPU file's first build (everything quantized) starts now, beside the TensorRT file's passes
-        prep = _prepare_cpu(fp32_onnx, Path(tmp), config, judge) if config.cpu_variant else None
+        prep = (
+            _prepare_cpu(fp32_onnx, Path(tmp), config, judge, cpu_first_build) if config.cpu_variant else None
+        )
+        if prep is None and cpu_first_build is not None:
+            cpu_first_build.close()
         stack.callback(lambda: prep.first.close() if prep is not None and prep.first is not None else None)
         source = fp32_onnx
         if config.smoothing:
@@ -212,10 +219,16 @@ def _tensorrt_variant(
     names = activation_tensors(decisions)
     known = maxima.absmax(fp32, names) if maxima is not None else {}
     session = maxima.take_session(fp32) if maxima is not None else None
-    ranges = collect_ranges(
-        proto, names, data, config.method, config.percentile, config.num_samples, known, session
-    )
-    del session
+    values = maxima.take_values(fp32) if maxima is not None else None
+    with ThreadPoolExecutor(1) as pool:
+        # histograms of kept values are numpy on one core: the held-out references (ONNX Runtime) run beside
+        references = pool.submit(judge.prepare, "heldout") if values else None
+        ranges = collect_ranges(
+            proto, names, data, config.method, config.percentile, config.num_samples, known, session, values
+        )
+        del session, values
+        if references is not None:
+            references.result()
     candidates = [d.node for d in decisions if d.quantized]
 
     built: dict[frozenset[str], tuple[onnx.ModelProto, Any]] = {}
@@ -281,7 +294,30 @@ class _CpuPrep:
     strip_metadata: str | None = None  # node metadata the builds drop (model.onnx's sparsity tags)
 
 
-def _prepare_cpu(fp32: Path, tmp: Path, config: QuantConfig, judge: Judge) -> _CpuPrep:
+def start_cpu_first_build(tmp: Path, config: QuantConfig) -> quantize_cpu.BackgroundBuild | None:
+    """The CPU file's first build (everything quantized) from `config.cpu_fused_source`, started before
+    `quantize` runs: as soon as the export's model.onnx exists, so that the child interpreter's ~5 s of CPU
+    fall beside the export's own checks and the INT8 stage's set-up (~1.2 cores busy) rather than beside its
+    calibration pass (2). None where `quantize` would not build it in the background: no fused source, user
+    exclusions (matched on the graph later), a source under `BACKGROUND_BUILD_BYTES`. `tmp` outlives it."""
+    source = config.cpu_fused_source
+    exclusions = config.exclusions()
+    if source is None or exclusions.names or exclusions.op_types or exclusions.regex:
+        return None
+    if Path(source).stat().st_size < BACKGROUND_BUILD_BYTES:
+        return None
+    reduce_range, _ = reduce_weight_range(config.cpu_weight_range)
+    strip = _strip_key(source, config)
+    return quantize_cpu.BackgroundBuild(source, tmp / "cpu_candidate0.onnx", frozenset(), reduce_range, strip)
+
+
+def _prepare_cpu(
+    fp32: Path,
+    tmp: Path,
+    config: QuantConfig,
+    judge: Judge,
+    started: quantize_cpu.BackgroundBuild | None = None,
+) -> _CpuPrep:
     start = time.perf_counter()
     source, fusion = _fused_or_plain(fp32, tmp, judge, config)
     graph = onnx.load(str(source))  # read once for the node lists below (the file stays the source)
@@ -292,7 +328,16 @@ def _prepare_cpu(fp32: Path, tmp: Path, config: QuantConfig, judge: Judge) -> _C
     reduce_range, range_reason = reduce_weight_range(config.cpu_weight_range)
     strip = _strip_key(source, config)
     first = None
-    if source.stat().st_size >= BACKGROUND_BUILD_BYTES:  # all quantized: always the search's first build
+    if started is not None and started.key == (
+        str(Path(source).resolve()),
+        user_excluded,
+        reduce_range,
+        strip,
+    ):
+        first = started  # the build this needs, started early (`start_cpu_first_build`)
+    elif started is not None:
+        started.close()  # e.g. the fused graph failed its check: the plain graph is the source
+    if first is None and source.stat().st_size >= BACKGROUND_BUILD_BYTES:  # all quantized: the first build
         first = quantize_cpu.BackgroundBuild(
             source, tmp / "cpu_candidate0.onnx", user_excluded, reduce_range, strip
         )
@@ -593,6 +638,11 @@ class Judge:
         (`switch`: its switch input's feed)."""
         pairs = self._pairs(session, "calibration", samples or self.search_samples, switch)
         return float(np.mean(np.concatenate([token_cosines(r, o, m) for r, o, m in pairs])))
+
+    def prepare(self, split: str) -> None:
+        """The fp32 references of `split`'s judged batches ("calibration": the search samples), computed now
+        (in a thread beside numpy work: nothing else may use the judge until it returns)."""
+        list(self._pairs(None, split, self.search_samples if split == "calibration" else None))
 
     def max_abs_vs_reference(self, model: Path) -> float:
         session = _session(model, optimize=False)

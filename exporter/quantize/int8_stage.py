@@ -27,7 +27,9 @@ from exporter.config import ExportConfig
 from exporter.export.external_data import save_onnx
 from exporter.quantize import decoder_calibration
 from exporter.quantize.calibration import CalibrationData, load_stage_calibration
+from exporter.quantize.cpu_int8 import BackgroundBuild
 from exporter.quantize.int8 import QuantConfig, QuantResult, quantize
+from exporter.quantize.int8 import start_cpu_first_build as start_quantize_cpu_first_build
 from exporter.quantize.openvino_int8 import OPENVINO_FILE, NncfJob, build_openvino_file, start_nncf
 from graph_passes.pipeline import PipelineReport, optimize
 
@@ -66,6 +68,7 @@ def run_int8_stage(
     openvino_job: NncfJob | None = None,
     fused: Path | None = None,
     cleaned: tuple[onnx.ModelProto, PipelineReport] | None = None,
+    cpu_first_build: BackgroundBuild | None = None,
 ) -> tuple[QuantResult, dict[str, Any]]:
     """Quantize the exported compact fp32 graph; returns the result and the report section.
     `decoder_with_past`: calibrate on prefills (position ids and empty pasts added to the token ids)
@@ -78,7 +81,8 @@ def run_int8_stage(
     `fused`: graph_passes' onnxruntime pipeline already run on `exported` for `family` (the export's
     model.onnx), which the decoder's CPU file is quantized from instead of fusing again
     (QuantConfig.cpu_fused_source). `cleaned`: the cleanup stage's graph and report where graph_passes
-    already ran it on `exported` (the same passes for every target: `optimize_ir`'s `on_cleaned`)."""
+    already ran it on `exported` (the same passes for every target: `optimize_ir`'s `on_cleaned`).
+    `cpu_first_build`: `start_cpu_first_build`'s child, taken by `quantize` if it is the build needed."""
     with tempfile.TemporaryDirectory() as tmp:
         graph, cleanup = cleaned or optimize(
             onnx.load(str(exported)), "tensorrt", stages=("cleanup",), family=family
@@ -95,18 +99,8 @@ def run_int8_stage(
             steps = decoder_calibration.DECODE_STEPS if steps is None else steps
             calibration, decoder_report = _decoder_calibration(calibration, cleaned_path, steps, graph.graph)
         del graph  # the file is the INT8 stage's source from here
-        quant_config = QuantConfig(
-            min_cosine=config.accuracy_target, cpu_weight_range=config.cpu_int8_weights
-        )
-        if decoder_with_past:
-            quant_config.smoothing = DECODER_SMOOTHING
-            quant_config.cpu_graph_passes_family = family if DECODER_CPU_FUSION else None
-            quant_config.cpu_fused_source = fused
-        if smoothing is not None:
-            quant_config.smoothing = smoothing
-        if config.calibration_method:
-            quant_config.method = config.calibration_method
-        result = quantize(cleaned_path, work, calibration, quant_config)
+        quant_config = _quant_config(config, family, decoder_with_past, smoothing, fused)
+        result = quantize(cleaned_path, work, calibration, quant_config, cpu_first_build=cpu_first_build)
     fused, fusion = optimize(result.take_tensorrt_model(), "tensorrt", stages=("fusion",), family=family)
     save_onnx(fused, result.tensorrt_path)
     section = {
@@ -130,6 +124,37 @@ def run_int8_stage(
         **({"decoder_calibration": decoder_report} if decoder_report else {}),
     }
     return result, section
+
+
+def _quant_config(
+    config: ExportConfig,
+    family: str,
+    decoder_with_past: bool,
+    smoothing: bool | None = None,
+    fused: Path | None = None,
+) -> QuantConfig:
+    quant_config = QuantConfig(min_cosine=config.accuracy_target, cpu_weight_range=config.cpu_int8_weights)
+    if decoder_with_past:
+        quant_config.smoothing = DECODER_SMOOTHING
+        quant_config.cpu_graph_passes_family = family if DECODER_CPU_FUSION else None
+        quant_config.cpu_fused_source = fused
+    if smoothing is not None:
+        quant_config.smoothing = smoothing
+    if config.calibration_method:
+        quant_config.method = config.calibration_method
+    return quant_config
+
+
+def start_cpu_first_build(
+    fused: Path, config: ExportConfig, family: str, tmp: Path
+) -> BackgroundBuild | None:
+    """A KV-cache decoder's CPU INT8 file, first build (everything quantized, from the export's fused
+    model.onnx), started in a child interpreter as soon as model.onnx is written, for `run_int8_stage`'s
+    `cpu_first_build` (exporter/quantize/int8.py `start_cpu_first_build`); None where it would not be built
+    so. The caller closes it if the INT8 stage never takes it."""
+    if not DECODER_CPU_FUSION:
+        return None
+    return start_quantize_cpu_first_build(tmp, _quant_config(config, family, True, fused=fused))
 
 
 def start_openvino_file(
