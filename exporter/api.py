@@ -39,7 +39,7 @@ from exporter.cpu_engine_stage import CpuEngineStage
 from exporter.engine_stage import run_engine_stage
 from exporter.export.decoder_with_past import export_decoder_with_past
 from exporter.export.deploy_files import write_deployment_files
-from exporter.export.external_data import save_onnx
+from exporter.export.external_data import BackgroundSave
 from exporter.export.streaming.choose import (
     WHOLE_FILE_CHECK_BYTES,
     fp32_weight_bytes,
@@ -58,7 +58,7 @@ from exporter.quantize import per_piece as streamed_quantized
 from exporter.quantize.int4_stage import CPU_FILE as INT4_CPU_FILE
 from exporter.quantize.int4_stage import Int4Config, load_decoder_calibration, run_int4_stage
 from exporter.quantize.int8 import CPU_FILE as INT8_CPU_FILE
-from exporter.quantize.int8_stage import run_int8_stage, start_openvino_file
+from exporter.quantize.int8_stage import CLEANED_FILE, run_int8_stage, start_openvino_file
 from exporter.quantize.openvino_int8 import NncfJob
 from exporter.report import files as report_io
 from exporter.report import memory, process, stage_report, stage_table
@@ -133,8 +133,9 @@ class _Run:
         self.stream_result: StreamResult | None = None
         # a task model's held-out agreement gate (set by the INT8 stage), for the CPU engine candidates too
         self.task_agreement: cpu_engine_stage.TaskAgreement | None = None
-        # the graph passes' cleaned (unfused) graph and its cleanup report, for the INT8 stage (taken once)
-        self.cleaned: tuple[onnx.ModelProto, PipelineReport] | None = None
+        # the graph passes' cleaned (unfused) graph, its cleanup report and its file being written, for the
+        # INT8 stage (taken once)
+        self.cleaned: tuple[onnx.ModelProto, PipelineReport, BackgroundSave] | None = None
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -147,14 +148,20 @@ class _Run:
 
     def execute(self, work: Path) -> None:
         torch.manual_seed(self.config.seed)
-        streamed = self._streamed_front(work)
-        if streamed is not None:  # glibc's malloc defaults: a streamed export's peak RSS is its bound
-            md, feeds, reference = streamed
-            self._tail(md, feeds, reference, None, work)
-            return
-        with process.malloc_for_export():  # freed blocks reused, not page-faulted in anew (report/process.py)
-            md, feeds, reference, uncompacted = self._whole_front(work)
-            self._tail(md, feeds, reference, uncompacted, work)
+        try:
+            streamed = self._streamed_front(work)
+            if streamed is not None:  # glibc's malloc defaults: a streamed export's peak RSS is its bound
+                md, feeds, reference = streamed
+                self._tail(md, feeds, reference, None, work)
+                return
+            with (
+                process.malloc_for_export()
+            ):  # freed blocks reused, not page-faulted in anew (report/process.py)
+                md, feeds, reference, uncompacted = self._whole_front(work)
+                self._tail(md, feeds, reference, uncompacted, work)
+        finally:
+            if self.cleaned is not None:  # the export stopped before the INT8 stage took the cleaned file
+                self.cleaned[2].discard()
 
     def _whole_front(
         self, work: Path
@@ -297,7 +304,10 @@ class _Run:
             return
         openvino_job = self._start_openvino_int8(md, feeds, work)  # runs beside the next two stages
         try:
-            with self.stage("graph_passes"):
+            with (
+                self.stage("graph_passes"),
+                check_sessions.shared(),
+            ):  # model.onnx's check session, built once
                 self._optimize(md, feeds, reference, work)
             if self.config.precision == "int8":
                 with self.stage("int8"):
@@ -497,7 +507,13 @@ class _Run:
                 sparsity=self.config.sparsity,
                 on_cleaned=self._keep_cleaned if self.config.precision == "int8" else None,
             )
-            path = save_onnx(optimized, work / "model.onnx")
+            # the file written by a thread while ONNX Runtime builds the check's session from its bytes
+            saving = BackgroundSave(optimized, work / "model.onnx")
+            del optimized  # the bytes (or, over the one-file limit, the saving thread) hold it now
+            session = check_sessions.session_from_bytes(saving.data) if saving.data is not None else None
+            path = saving.wait()
+            if session is not None:
+                check_sessions.keep_for(path, session)  # what the check below gets for model.onnx
         self.report["graph_passes"] = pipeline.to_json()
         self.artifacts["onnx"] = path
         if not self.whole_file_checks:
@@ -510,8 +526,10 @@ class _Run:
         self._evaluate("optimized_fp32", lambda batch: self._onnx_outputs(path, batch))
 
     def _keep_cleaned(self, model: ir.Model, report: PipelineReport) -> None:
-        """The cleanup stage's graph (before fusion), which the INT8 stage calibrates: kept, not recomputed."""
-        self.cleaned = (ir.serde.serialize_model(model), report)
+        """The cleanup stage's graph (before fusion), which the INT8 stage calibrates: kept, not recomputed,
+        and its file written by a thread while the fusion passes run (the INT8 stage reads it from disk)."""
+        proto = ir.serde.serialize_model(model)
+        self.cleaned = (proto, report, BackgroundSave.temporary(proto, CLEANED_FILE))
 
     def _stage_table_wanted(self) -> bool:
         return self.config.benchmark and not self.task.with_past
@@ -728,7 +746,7 @@ class _Run:
                 section, result.heldout, {"tensorrt": result.tensorrt_path, "cpu": result.cpu_path}
             )
 
-    def _take_cleaned(self) -> tuple[onnx.ModelProto, PipelineReport] | None:
+    def _take_cleaned(self) -> tuple[onnx.ModelProto, PipelineReport, BackgroundSave] | None:
         """The graph passes' cleaned graph and report, handed over once (None: the INT8 stage cleans)."""
         cleaned, self.cleaned = self.cleaned, None
         return cleaned
