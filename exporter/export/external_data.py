@@ -172,16 +172,20 @@ class BackgroundSave:
             raise self._error
         return self.path
 
+    def join(self) -> None:
+        """Wait for the thread without raising (the caller is already failing)."""
+        self._thread.join()
+
     def move_to(self, target: Path) -> Path:
         """A `temporary` save's file (and its `.data`) at `target`, whose folder exists and whose name is the
         same (the .data file is named after it); the temporary folder removed."""
         target = Path(target)
-        if target.name != self.path.name:
-            raise ValueError(
-                f"{target}: the saved {self.path.name} keeps its name (its .data file is named after it)"
-            )
         try:
             self.wait()
+            if target.name != self.path.name:
+                raise ValueError(
+                    f"{target}: the saved {self.path.name} keeps its name (its .data file is named after it)"
+                )
             for file in sorted(self.path.parent.iterdir()):
                 shutil.move(str(file), str(target.parent / file.name))
         finally:

@@ -47,17 +47,10 @@ def check_session(path: str | Path, optimized: bool = False) -> Any:
 
 
 def session_from_bytes(data: bytes, optimized: bool = False) -> Any:
-    """`check_session`'s session built from a file's bytes (a model with no external data) rather than the
-    file: ONNX Runtime builds it outside the GIL, so it can while another thread writes those bytes to disk.
-    Same model bytes, same options: the same session as one built from the file. See `keep_for`."""
+    """`check_session`'s session built from a file's bytes (a model with no external data): ONNX Runtime
+    builds it outside the GIL, so while another thread writes those bytes to disk. Same model bytes, same
+    options: the same session (and outputs) as one built from the file."""
     return _session(data, optimized)
-
-
-def keep_for(path: str | Path, session: Any, optimized: bool = False) -> None:
-    """Inside `shared()`: `session` (`session_from_bytes` of the bytes now written at `path`; call this once the
-    file is complete, its size and modification time are in the key) is what `check_session(path, optimized)`
-    returns next. Outside `shared()`: nothing."""
-    _keep(_key(path, optimized), session)
 
 
 def _key(path: str | Path, optimized: bool) -> tuple[str, bool, int, int]:
