@@ -40,7 +40,7 @@ from exporter.cpu_engine_stage import CpuEngineStage
 from exporter.engine_stage import run_engine_stage
 from exporter.export.decoder_with_past import export_decoder_with_past
 from exporter.export.deploy_files import write_deployment_files
-from exporter.export.external_data import save_onnx
+from exporter.export.external_data import BackgroundSave
 from exporter.export.streaming.choose import (
     WHOLE_FILE_CHECK_BYTES,
     fp32_weight_bytes,
@@ -60,7 +60,12 @@ from exporter.quantize.cpu_int8 import BackgroundBuild
 from exporter.quantize.int4_stage import CPU_FILE as INT4_CPU_FILE
 from exporter.quantize.int4_stage import Int4Config, load_decoder_calibration, run_int4_stage
 from exporter.quantize.int8 import CPU_FILE as INT8_CPU_FILE
-from exporter.quantize.int8_stage import run_int8_stage, start_cpu_first_build, start_openvino_file
+from exporter.quantize.int8_stage import (
+    CLEANED_FILE,
+    run_int8_stage,
+    start_cpu_first_build,
+    start_openvino_file,
+)
 from exporter.quantize.openvino_int8 import NncfJob
 from exporter.report import files as report_io
 from exporter.report import memory, process, stage_report, stage_table
@@ -135,8 +140,9 @@ class _Run:
         self.stream_result: StreamResult | None = None
         # a task model's held-out agreement gate (set by the INT8 stage), for the CPU engine candidates too
         self.task_agreement: cpu_engine_stage.TaskAgreement | None = None
-        # the graph passes' cleaned (unfused) graph and its cleanup report, for the INT8 stage (taken once)
-        self.cleaned: tuple[onnx.ModelProto, PipelineReport] | None = None
+        # the graph passes' cleaned (unfused) graph, its cleanup report and its file being written, for the
+        # INT8 stage (taken once)
+        self.cleaned: tuple[onnx.ModelProto, PipelineReport, BackgroundSave] | None = None
         # a KV-cache decoder's CPU INT8 file, first build, started when model.onnx is written (`_tail` closes it)
         self.cpu_first_build: BackgroundBuild | None = None
 
@@ -151,14 +157,20 @@ class _Run:
 
     def execute(self, work: Path) -> None:
         torch.manual_seed(self.config.seed)
-        streamed = self._streamed_front(work)
-        if streamed is not None:  # glibc's malloc defaults: a streamed export's peak RSS is its bound
-            md, feeds, reference = streamed
-            self._tail(md, feeds, reference, None, work)
-            return
-        with process.malloc_for_export():  # freed blocks reused, not page-faulted in anew (report/process.py)
-            md, feeds, reference, uncompacted = self._whole_front(work)
-            self._tail(md, feeds, reference, uncompacted, work)
+        try:
+            streamed = self._streamed_front(work)
+            if streamed is not None:  # glibc's malloc defaults: a streamed export's peak RSS is its bound
+                md, feeds, reference = streamed
+                self._tail(md, feeds, reference, None, work)
+                return
+            with (
+                process.malloc_for_export()
+            ):  # freed blocks reused, not page-faulted in anew (report/process.py)
+                md, feeds, reference, uncompacted = self._whole_front(work)
+                self._tail(md, feeds, reference, uncompacted, work)
+        finally:
+            if self.cleaned is not None:  # the export stopped before the INT8 stage took the cleaned file
+                self.cleaned[2].discard()
 
     def _whole_front(
         self, work: Path
@@ -302,7 +314,10 @@ class _Run:
         openvino_job = self._start_openvino_int8(md, feeds, work)  # runs beside the next two stages
         scratch = contextlib.ExitStack()  # folders that outlive a stage (the early CPU INT8 build)
         try:
-            with self.stage("graph_passes"):
+            with (
+                self.stage("graph_passes"),
+                check_sessions.shared(),
+            ):  # model.onnx's check session, built once
                 self._optimize(md, feeds, reference, work, scratch)
             if self.config.precision == "int8":
                 with self.stage("int8"):
@@ -490,11 +505,13 @@ class _Run:
     ) -> None:
         """The backend's pass pipeline on the exported graph -> model.onnx, checked like the export.
         With `--sparsity enforce` the weights change on purpose: the error is reported, not gated.
-        A KV-cache decoder's INT8 CPU file starts its first build from model.onnx here, before the checks
+        A KV-cache decoder's INT8 CPU file starts its first build from model.onnx here, once it is written
         (`scratch` holds its folder)."""
         target: Literal["tensorrt", "onnxruntime"] = (
             "tensorrt" if self.choice.name == "tensorrt" else "onnxruntime"
         )
+        saving: BackgroundSave | None = None
+        session = None
         if self.report["export"].get("streaming"):  # weights stay on disk (onnx-ir lazy external data)
             path = work / "model.onnx"
             pipeline = optimize_file(
@@ -514,26 +531,46 @@ class _Run:
                 sparsity=self.config.sparsity,
                 on_cleaned=self._keep_cleaned if self.config.precision == "int8" else None,
             )
-            path = save_onnx(optimized, work / "model.onnx")
-        self.report["graph_passes"] = pipeline.to_json()
+            # Serialized here, written to disk by a thread (~0.6 s for the 45M Llama's 221 MB) while the check
+            # below runs on a session ONNX Runtime builds from the same bytes (outside the GIL).
+            saving = BackgroundSave(optimized, work / "model.onnx")
+            del optimized  # the bytes (or, over the one-file limit, the saving thread) hold it now
+            session = check_sessions.session_from_bytes(saving.data) if saving.data is not None else None
+            path = saving.path
+        try:
+            self.report["graph_passes"] = pipeline.to_json()
+            self.artifacts["onnx"] = path
+            if not self.whole_file_checks:
+                self.report["streaming"]["not_checked_whole"].append("optimized_fp32")
+                return
+            if session is None:
+                path = saving.wait() if saving is not None else path
+                outputs = self._onnx_outputs(path, feeds)
+            else:
+                outputs = self._session_outputs(session, feeds)
+            gate = "fp32" if self.config.sparsity != "enforce" else None
+            self._check("optimized_fp32", reference, outputs, self.task.fp32_masks(feeds), gate)
+        except BaseException:
+            if saving is not None:
+                saving.join()  # no thread left writing into OUT_DIR; the check's error is the one raised
+            raise
+        if saving is not None:
+            path = saving.wait()  # raises where the write failed
         self.artifacts["onnx"] = path
         if scratch is not None and self.config.precision == "int8" and self.task.with_past:
             fused = self._onnxruntime_fused()
             if fused is not None:
                 folder = Path(scratch.enter_context(tempfile.TemporaryDirectory()))
                 self.cpu_first_build = start_cpu_first_build(fused, self.config, md.model_type, folder)
-        if not self.whole_file_checks:
-            self.report["streaming"]["not_checked_whole"].append("optimized_fp32")
-            return
-        outputs = self._onnx_outputs(path, feeds)
-        gate = "fp32" if self.config.sparsity != "enforce" else None
-        self._check("optimized_fp32", reference, outputs, self.task.fp32_masks(feeds), gate)
-        self.artifacts["onnx"] = path
         self._evaluate("optimized_fp32", lambda batch: self._onnx_outputs(path, batch))
 
     def _keep_cleaned(self, model: ir.Model, report: PipelineReport) -> None:
-        """The cleanup stage's graph (before fusion), which the INT8 stage calibrates: kept, not recomputed."""
-        self.cleaned = (ir.serde.serialize_model(model), report)
+        """The cleanup stage's graph (before fusion), which the INT8 stage calibrates: kept, not recomputed.
+        Its file (the INT8 stage reads it from disk) is written by a thread while the fusion passes run:
+        single-threaded Python, beside which the kernel's ~0.6 s of writing 221 MB (the 45M Llama) costs
+        nothing; at the INT8 stage's start (before) it was on the critical path."""
+        proto = ir.serde.serialize_model(model)
+        self.cleaned = (proto, report, BackgroundSave.temporary(proto, CLEANED_FILE))
 
     def _stage_table_wanted(self) -> bool:
         return self.config.benchmark and not self.task.with_past
@@ -751,8 +788,9 @@ class _Run:
                 section, result.heldout, {"tensorrt": result.tensorrt_path, "cpu": result.cpu_path}
             )
 
-    def _take_cleaned(self) -> tuple[onnx.ModelProto, PipelineReport] | None:
-        """The graph passes' cleaned graph and report, handed over once (None: the INT8 stage cleans)."""
+    def _take_cleaned(self) -> tuple[onnx.ModelProto, PipelineReport, BackgroundSave] | None:
+        """The graph passes' cleaned graph, report and file being written, handed over once (None: the INT8
+        stage cleans)."""
         cleaned, self.cleaned = self.cleaned, None
         return cleaned
 
@@ -957,6 +995,12 @@ class _Run:
             return _decoder_prefill_outputs(path, feeds, optimized)
         return _onnxruntime_outputs(path, feeds, optimized)
 
+    def _session_outputs(self, session: Any, feeds: dict[str, np.ndarray]) -> Outputs:
+        """`_onnx_outputs` on a session already built (`check_sessions.session_from_bytes`)."""
+        if self.task.with_past:
+            return _decoder_prefill_with(session, feeds)
+        return _session_run(session, feeds)
+
     def _feeds(self, md: ModelDir, wrapper: torch.nn.Module | None) -> dict[str, np.ndarray]:
         side = self.task.padding_side
         if md.tokenizer_path is not None:
@@ -1087,7 +1131,10 @@ def _torch_outputs(wrapper: torch.nn.Module, feeds: dict[str, np.ndarray]) -> Ou
 def _onnxruntime_outputs(path: Path, feeds: dict[str, np.ndarray], optimized: bool = False) -> Outputs:
     """Run with ONNX Runtime's own graph optimizations off, so they cannot hide a bug of ours;
     `optimized` runs as deployed (the CPU INT8 model is judged as ORT's integer kernels compute it)."""
-    session = check_sessions.check_session(path, optimized)
+    return _session_run(check_sessions.check_session(path, optimized), feeds)
+
+
+def _session_run(session: Any, feeds: dict[str, np.ndarray]) -> Outputs:
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))
 

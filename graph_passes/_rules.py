@@ -128,11 +128,14 @@ def dispatch_on_root(rule: pattern.RewriteRule) -> pattern.RewriteRule:
     and reasons). Rules with another matcher than onnxscript's default are left as they are."""
     try:  # onnxscript's private names (0.7): a version without them keeps the rule as it is
         from onnxscript.rewriter._matcher import SimplePatternMatcher
+        from onnxscript.rewriter._pattern_ir import StringConstantPattern
 
         if type(rule._matcher) is not SimplePatternMatcher:
             return rule
         root = rule._target_pattern.output_nodes[0]
         op_matches, domain_matches = root.op.matches, root.domain.matches
+        constant = type(root.op) is StringConstantPattern and type(root.domain) is StringConstantPattern
+        op_type, domain = (root.op.value(), root.domain.value()) if constant else ("", "")
     except (ImportError, AttributeError, IndexError):
         return rule
     try_rewrite = rule.try_rewrite
@@ -142,7 +145,14 @@ def dispatch_on_root(rule: pattern.RewriteRule) -> pattern.RewriteRule:
             return None
         return try_rewrite(model, graph, node, **kwargs)
 
-    rule.try_rewrite = at_root  # type: ignore[method-assign]
+    def at_constant_root(model: ir.Model, graph: ir.Graph | ir.Function, node: ir.Node, **kwargs: Any) -> Any:
+        # the same test as `at_root` for a root that names one op type and domain, as two string
+        # comparisons: it runs for every rule at every node (~400,000 times on the 45M Llama's fusion stage)
+        if node.op_type != op_type or node.domain != domain:
+            return None
+        return try_rewrite(model, graph, node, **kwargs)
+
+    rule.try_rewrite = at_constant_root if constant else at_root  # type: ignore[method-assign]
     return rule
 
 

@@ -24,7 +24,7 @@ import onnx
 
 from export_errors import InputError
 from exporter.config import ExportConfig
-from exporter.export.external_data import save_onnx
+from exporter.export.external_data import BackgroundSave, save_onnx
 from exporter.quantize import decoder_calibration
 from exporter.quantize.calibration import CalibrationData, load_stage_calibration
 from exporter.quantize.cpu_int8 import BackgroundBuild
@@ -49,6 +49,7 @@ DECODER_SMOOTHING = True
 # the unfused graph, prefill 1.08x and decode 1.47x faster (median of per-round ratios), logit cosine vs
 # fp32 unchanged (0.9976 both).
 DECODER_CPU_FUSION = True
+CLEANED_FILE = "model.cleaned.onnx"  # the cleaned graph's file, the INT8 stage's source
 
 
 def run_int8_stage(
@@ -67,7 +68,7 @@ def run_int8_stage(
     openvino_file: bool = False,
     openvino_job: NncfJob | None = None,
     fused: Path | None = None,
-    cleaned: tuple[onnx.ModelProto, PipelineReport] | None = None,
+    cleaned: tuple[onnx.ModelProto, PipelineReport, BackgroundSave] | None = None,
     cpu_first_build: BackgroundBuild | None = None,
 ) -> tuple[QuantResult, dict[str, Any]]:
     """Quantize the exported compact fp32 graph; returns the result and the report section.
@@ -81,14 +82,19 @@ def run_int8_stage(
     `fused`: graph_passes' onnxruntime pipeline already run on `exported` for `family` (the export's
     model.onnx), which the decoder's CPU file is quantized from instead of fusing again
     (QuantConfig.cpu_fused_source). `cleaned`: the cleanup stage's graph and report where graph_passes
-    already ran it on `exported` (the same passes for every target: `optimize_ir`'s `on_cleaned`).
-    `cpu_first_build`: `start_cpu_first_build`'s child, taken by `quantize` if it is the build needed."""
+    already ran it on `exported` (the same passes for every target: `optimize_ir`'s `on_cleaned`), and its
+    file being written in the background under CLEANED_FILE. `cpu_first_build`: `start_cpu_first_build`'s
+    child, taken by `quantize` if it is the build needed."""
     with tempfile.TemporaryDirectory() as tmp:
-        graph, cleanup = cleaned or optimize(
-            onnx.load(str(exported)), "tensorrt", stages=("cleanup",), family=family
-        )
-        cleaned_path = Path(tmp) / "model.cleaned.onnx"
-        save_onnx(graph, cleaned_path)
+        cleaned_path = Path(tmp) / CLEANED_FILE
+        if cleaned is None:
+            graph, cleanup = optimize(
+                onnx.load(str(exported)), "tensorrt", stages=("cleanup",), family=family
+            )
+            save_onnx(graph, cleaned_path)
+        else:
+            graph, cleanup, saving = cleaned
+            saving.move_to(cleaned_path)
         del cleaned
         calibration = _calibration(
             config, tokenizer_path, input_names, sequence_length, vocab_size, padding_side

@@ -38,17 +38,36 @@ def shared() -> Iterator[None]:
 
 def check_session(path: str | Path, optimized: bool = False) -> Any:
     """An ONNX Runtime CPU session on `path`: graph optimizations off, or its defaults when `optimized`."""
-    import onnxruntime as ort
-
-    stat = os.stat(path)
-    key = (str(Path(path).resolve()), optimized, stat.st_size, stat.st_mtime_ns)
+    key = _key(path, optimized)
     if _last is not None and key in _last:
         return _last[key]
-    options = ort.SessionOptions()
-    if not optimized:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = _session(str(path), optimized)
+    _keep(key, session)
+    return session
+
+
+def session_from_bytes(data: bytes, optimized: bool = False) -> Any:
+    """`check_session`'s session built from a file's bytes (a model with no external data): ONNX Runtime
+    builds it outside the GIL, so while another thread writes those bytes to disk. Same model bytes, same
+    options: the same session (and outputs) as one built from the file."""
+    return _session(data, optimized)
+
+
+def _key(path: str | Path, optimized: bool) -> tuple[str, bool, int, int]:
+    stat = os.stat(path)
+    return (str(Path(path).resolve()), optimized, stat.st_size, stat.st_mtime_ns)
+
+
+def _keep(key: tuple[str, bool, int, int], session: Any) -> None:
     if _last is not None:
         _last.clear()  # only the last one is kept
         _last[key] = session
-    return session
+
+
+def _session(model: str | bytes, optimized: bool) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
