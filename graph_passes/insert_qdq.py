@@ -66,6 +66,10 @@ class Exclusions:
     def with_names(self, extra: Iterable[str]) -> Exclusions:
         return dataclasses.replace(self, names=self.names | frozenset(extra))
 
+    def __bool__(self) -> bool:
+        """Whether anything is excluded at all."""
+        return bool(self.names or self.op_types or self.regex)
+
 
 @dataclasses.dataclass
 class Decision:

@@ -122,7 +122,8 @@ def test_a_first_build_started_early_for_other_settings_is_stopped(tmp_path: Pat
     config, started = _early_case(tmp_path, monkeypatch, "full")
     (tmp_path / "early").mkdir()
     other = cpu_int8.BackgroundBuild(tmp_path / "fp32.onnx", tmp_path / "early" / "x.onnx", frozenset(), True)
-    assert other.key[2] is True  # 7-bit weights: not what `config` asks
+    assert other.builds(tmp_path / "fp32.onnx", frozenset(), True)  # 7-bit weights: not what `config` asks
+    assert not other.builds(tmp_path / "fp32.onnx", frozenset(), False)
     int8.quantize(tmp_path / "fp32.onnx", tmp_path / "a", _data(), config, cpu_first_build=other)
     assert len(started) == 2 and started[-1][3] is False  # quantize started the 8-bit build itself
     assert other.process.poll() is not None  # stopped or finished, never left running

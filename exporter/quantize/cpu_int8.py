@@ -167,8 +167,7 @@ class BackgroundBuild:
         )
         args = json.dumps([str(model_path), str(out_path), sorted(excluded), reduce_range, strip_metadata])
         self.out_path = out_path
-        # what the file is built from and how: a caller that started it early checks it is the build it needs
-        self.key = (str(Path(model_path).resolve()), frozenset(excluded), reduce_range, strip_metadata)
+        self._key = _build_key(model_path, excluded, reduce_range, strip_metadata)
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by result() or close())
         self.process = subprocess.Popen(
             [sys.executable, "-c", code, args, root],
@@ -176,6 +175,17 @@ class BackgroundBuild:
             stderr=self.log,
             env=child_environment(),
         )
+
+    def builds(
+        self,
+        model_path: Path,
+        excluded: frozenset[str],
+        reduce_range: bool,
+        strip_metadata: str | None = None,
+    ) -> bool:
+        """Whether this child builds what `build(model_path, ..., excluded, reduce_range, strip_metadata)`
+        would (a caller that started it early checks it is the build it needs)."""
+        return self._key == _build_key(model_path, excluded, reduce_range, strip_metadata)
 
     def close(self) -> None:
         """Stop the child if it still runs (the caller failed before needing its file)."""
@@ -209,3 +219,9 @@ def integer_kernel_counts(model_path: Path, threads: int = 2) -> dict[str, int]:
         ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
     return {op: ops[op] for op in (*INTEGER_KERNELS, "MatMul", "Attention") if ops[op]}
+
+
+def _build_key(
+    model_path: Path, excluded: frozenset[str], reduce_range: bool, strip_metadata: str | None
+) -> tuple[str, frozenset[str], bool, str | None]:
+    return (str(Path(model_path).resolve()), frozenset(excluded), reduce_range, strip_metadata)

@@ -301,8 +301,7 @@ def start_cpu_first_build(tmp: Path, config: QuantConfig) -> quantize_cpu.Backgr
     calibration pass (2). None where `quantize` would not build it in the background: no fused source, user
     exclusions (matched on the graph later), a source under `BACKGROUND_BUILD_BYTES`. `tmp` outlives it."""
     source = config.cpu_fused_source
-    exclusions = config.exclusions()
-    if source is None or exclusions.names or exclusions.op_types or exclusions.regex:
+    if source is None or config.exclusions():
         return None
     if Path(source).stat().st_size < BACKGROUND_BUILD_BYTES:
         return None
@@ -328,12 +327,7 @@ def _prepare_cpu(
     reduce_range, range_reason = reduce_weight_range(config.cpu_weight_range)
     strip = _strip_key(source, config)
     first = None
-    if started is not None and started.key == (
-        str(Path(source).resolve()),
-        user_excluded,
-        reduce_range,
-        strip,
-    ):
+    if started is not None and started.builds(source, user_excluded, reduce_range, strip):
         first = started  # the build this needs, started early (`start_cpu_first_build`)
     elif started is not None:
         started.close()  # e.g. the fused graph failed its check: the plain graph is the source
@@ -528,7 +522,7 @@ def _strip_key(source: Path, config: QuantConfig) -> str | None:
 
 
 def _user_excluded(model: onnx.ModelProto, exclusions: Exclusions) -> frozenset[str]:
-    if not (exclusions.names or exclusions.op_types or exclusions.regex):
+    if not exclusions:
         return frozenset()
     graph = ir.from_proto(model).graph
     return frozenset(n.name for n in graph if n.name and exclusions.reason(n))

@@ -139,6 +139,7 @@ def _quant_config(
     smoothing: bool | None = None,
     fused: Path | None = None,
 ) -> QuantConfig:
+    """The INT8 step's settings for this export (the stage and its early CPU build ask the same)."""
     quant_config = QuantConfig(min_cosine=config.accuracy_target, cpu_weight_range=config.cpu_int8_weights)
     if decoder_with_past:
         quant_config.smoothing = DECODER_SMOOTHING
