@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError, Future, wait
 from pathlib import Path
 from typing import Any
 
@@ -240,12 +241,32 @@ def open_and_judge(
     with shared_reads():
         opened = open_together([runner for _, runner in to_open], stack)
     ready += [(app, runner, error) for (app, runner), error in zip(to_open, opened)]
-    for app, runner, error in sorted(ready, key=lambda item: order.index(item[0].candidate.name)):
-        name, cand = app.candidate.name, app.candidate
+    ready.sort(key=lambda item: order.index(item[0].candidate.name))
+    # each candidate's outputs computed while the previous one's are compared (one core of numpy) on the
+    # background thread (exporter/validate/sessions.py `submit`; at once outside its block): at most two
+    # candidates' outputs held at once; the results are recorded in the candidates' order below
+    compared: dict[str, Future[list[Comparison]] | Exception] = {}
+    previous: Future[list[Comparison]] | None = None
+    for app, runner, error in ready:
         try:
             if error is not None:
                 raise error
-            comparisons = compare_all(reference, outputs(runner), token_masks)
+            result = outputs(runner)
+        except Exception as exc:  # a runtime that cannot load or run a file loses, with the reason
+            compared[app.candidate.name] = exc
+            continue
+        if previous is not None:
+            wait([previous])
+        previous = sessions.submit(functools.partial(compare_all, reference, result, token_masks))
+        compared[app.candidate.name] = previous
+        del result
+    for app, runner, _ in ready:
+        name, cand = app.candidate.name, app.candidate
+        try:
+            entry = compared[name]
+            if isinstance(entry, Exception):
+                raise entry
+            comparisons = entry.result()
         except Exception as exc:  # a runtime that cannot load or run a file loses, with the reason
             failed[name] = exc
             continue
