@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +38,7 @@ from export_errors import InputError, ValidationError
 from exporter import cpu_engine_stage, progress
 from exporter.config import ExportConfig, check_ranges
 from exporter.cpu_engine_stage import CpuEngineStage
-from exporter.engine_stage import run_engine_stage
+from exporter.engine_stage import prebuild_problems, run_engine_stage
 from exporter.export.decoder_with_past import export_decoder_with_past
 from exporter.export.deploy_files import write_deployment_files
 from exporter.export.external_data import BackgroundSave
@@ -147,6 +148,8 @@ class _Run:
         self.cpu_first_build: BackgroundBuild | None = None
         # the CPU engine stage planned (and its candidates opened) ahead, by the INT8 stage
         self.cpu_plan: CpuEngineStage | None = None
+        # the engine stage's pre-build checks of the Q/DQ file, run ahead on the background thread (INT8 stage)
+        self.prebuild: tuple[Path | None, Future[list[Any]]] = (None, Future())
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -322,7 +325,10 @@ class _Run:
                     engine_onnx = self.artifacts.get(
                         "int8", self.artifacts.get("int4", self.artifacts["onnx"])
                     )
-                    self.report["engine"] = run_engine_stage(self.choice, engine_onnx, self._seq_limit(md))
+                    problems = self.prebuild[1].result() if self.prebuild[0] == engine_onnx else None
+                    self.report["engine"] = run_engine_stage(
+                        self.choice, engine_onnx, self._seq_limit(md), problems
+                    )
                 cpu = self._cpu_candidates(md, feeds, reference, stack)
             rows = None
             if uncompacted is not None:
@@ -786,6 +792,7 @@ class _Run:
                 check_sessions.prefetch(path)
                 if decoder:
                     check_sessions.prefetch(path, optimized=True)
+                self.prebuild = (path, check_sessions.submit(functools.partial(prebuild_problems, path)))
 
         result, section = run_int8_stage(
             self.artifacts["exported"],
