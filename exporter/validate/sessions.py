@@ -14,9 +14,12 @@ Building a session is mostly one core's work (reading and optimizing the graph) 
 INT8 stage's tail (its target fusion and saves: one core of Python) and its checks (numpy on one core, greedy
 decode steps at batch 1) leave the second core of a 2-core machine mostly idle. Inside `background()`,
 `prefetch(path, optimized)` builds that session on one background thread as soon as the file is final, and the
-next `check_session` for the same file and options takes it (once): the same session it would have built,
-built earlier. The same thread runs other work handed to `submit` (opening the CPU engine's candidates), in
-order."""
+next `check_session` for the same file and options takes it (once): the session it would have built (same
+file, same graph optimizations, same threads: the same outputs), built earlier, whose idle threads sleep rather
+than spin (`_build`). The same thread runs other work handed to `submit` (opening the CPU engine's candidates),
+in order. Measured on the 45M Llama INT8 export (tools/bench_export.py's model, Intel Xeon Sapphire Rapids with
+AMX, 2 cores, /tmp/s24t/runs2.py): wall time after `quantize()` returns, main 8.9-9.5 s (4 runs), with the
+prefetch, the candidates opened early and the pre-build check beside them 7.3-8.6 s (4 runs)."""
 
 from __future__ import annotations
 
@@ -88,12 +91,11 @@ def prefetch(path: str | Path, optimized: bool = False) -> None:
         return
     key = _key(path, optimized)
     if key not in _prefetched:
-        _prefetched[key] = _pool.submit(_session, str(path), optimized)
+        _prefetched[key] = _pool.submit(_session, str(path), optimized, True)
 
 
 def check_session(path: str | Path, optimized: bool = False) -> Any:
-    """An ONNX Runtime CPU session on `path`: graph optimizations off, or its defaults when `optimized`
-    (threads that do not spin while idle, in both cases)."""
+    """An ONNX Runtime CPU session on `path`: graph optimizations off, or its defaults when `optimized`."""
     key = _key(path, optimized)
     if _last is not None and key in _last:
         return _last[key]
@@ -121,14 +123,16 @@ def _keep(key: Key, session: Any) -> None:
         _last[key] = session
 
 
-def _session(model: str | bytes, optimized: bool) -> Any:
+def _session(model: str | bytes, optimized: bool, prefetched: bool = False) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if not optimized:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    # its idle threads sleep instead of spinning: the outputs are the same (the same kernels on the same
-    # threads), and a check run no longer burns the core the background thread builds on (measured on the
-    # 45M Llama's INT8 checks beside the CPU engine's compiles: tail 8.8-9.2 -> 8.0-8.4 s, CPU 15.0 -> 13.0 s)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if prefetched:
+        # a prefetched session's checks run while the background thread still works (the CPU engine's
+        # compiles): its idle threads sleep instead of spinning, so they do not burn the core that work needs.
+        # The outputs are the same (the same kernels on the same threads). Sessions built on demand keep
+        # spinning: the export's unoptimized checks (thousands of small ops) measured slower without it.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
