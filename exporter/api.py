@@ -149,7 +149,7 @@ class _Run:
         # the CPU engine stage planned (and its candidates opened) ahead, by the INT8 stage
         self.cpu_plan: CpuEngineStage | None = None
         # the engine stage's pre-build checks of the Q/DQ file, run ahead on the background thread (INT8 stage)
-        self.prebuild: tuple[Path | None, Future[list[Any]]] = (None, Future())
+        self.prebuild: tuple[Path, Future[list[Any]]] | None = None
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -322,13 +322,7 @@ class _Run:
             with check_sessions.background():
                 self._passes_and_quantize(md, feeds, reference, work, stack)
                 with self.stage("engine"):
-                    engine_onnx = self.artifacts.get(
-                        "int8", self.artifacts.get("int4", self.artifacts["onnx"])
-                    )
-                    problems = self.prebuild[1].result() if self.prebuild[0] == engine_onnx else None
-                    self.report["engine"] = run_engine_stage(
-                        self.choice, engine_onnx, self._seq_limit(md), problems
-                    )
+                    self.report["engine"] = self._engine(md)
                 cpu = self._cpu_candidates(md, feeds, reference, stack)
             rows = None
             if uncompacted is not None:
@@ -370,6 +364,14 @@ class _Run:
         if self.config.precision == "int4":
             with self.stage("int4"):
                 self._int4(md, feeds, reference, work)
+
+    def _engine(self, md: ModelDir) -> dict[str, Any]:
+        """The engine stage on the last precision's file, with TensorRT's pre-build checks the INT8 stage ran
+        ahead on the background thread where they were run on that file."""
+        engine_onnx = self.artifacts.get("int8", self.artifacts.get("int4", self.artifacts["onnx"]))
+        ahead = self.prebuild
+        problems = ahead[1].result() if ahead is not None and ahead[0] == engine_onnx else None
+        return run_engine_stage(self.choice, engine_onnx, self._seq_limit(md), problems)
 
     def _quantize_per_piece(self) -> bool:
         """A streamed model too large to load whole, asked for INT8/INT4: quantized piece by piece."""

@@ -99,3 +99,36 @@ def test_background_work_that_raises_raises_where_it_is_taken(tmp_path):
         sessions.prefetch(broken)
         with pytest.raises(Exception, match=r"(?i)protobuf|parse|load|invalid"):
             sessions.check_session(broken)
+
+
+def _spins(session) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        return (
+            session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") != "0"
+        )
+    except Exception:  # not set: ONNX Runtime's default, spinning
+        return True
+
+
+@pytest.mark.parametrize("optimized", [False, True])
+def test_prefetched_sessions_differ_from_those_built_on_demand_only_in_idle_spinning(tmp_path, optimized):
+    """Same graph optimizations and threads, same outputs; only a prefetched session's idle threads sleep (a
+    session built on demand or from a file's bytes, as model.onnx's check is, keeps ONNX Runtime's default)."""
+    path = tmp_path / "m.onnx"
+    onnx.save(decomposed_layernorm_graph(), str(path))
+    x = {"x": np.random.default_rng(0).normal(size=(2, 3, 16)).astype(np.float32)}
+    with sessions.background():
+        sessions.prefetch(path, optimized)
+        prefetched = sessions.check_session(path, optimized)
+        on_demand = sessions.check_session(path, optimized)
+    from_bytes = sessions.session_from_bytes(path.read_bytes(), optimized)
+    built = (prefetched, on_demand, from_bytes)
+    level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    assert [s.get_session_options().graph_optimization_level for s in built] == [level] * 3
+    assert len({s.get_session_options().intra_op_num_threads for s in built}) == 1
+    assert [_spins(s) for s in built] == [False, True, True]
+    outputs = [s.run(None, x)[0] for s in built]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    np.testing.assert_array_equal(outputs[0], outputs[2])

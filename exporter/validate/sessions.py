@@ -16,7 +16,7 @@ decode steps at batch 1) leave the second core of a 2-core machine mostly idle. 
 `prefetch(path, optimized)` builds that session on one background thread as soon as the file is final, and the
 next `check_session` for the same file and options takes it (once): the session it would have built (same
 file, same graph optimizations, same threads: the same outputs), built earlier, whose idle threads sleep rather
-than spin (`_build`). The same thread runs other work handed to `submit` (opening the CPU engine's candidates),
+than spin (`_session`). The same thread runs other work handed to `submit` (opening the CPU engine's candidates),
 in order. Measured on the 45M Llama INT8 export (tools/bench_export.py's model, Intel Xeon Sapphire Rapids with
 AMX, 2 cores, /tmp/s24t/runs2.py): wall time after `quantize()` returns, main 8.9-9.5 s (4 runs), with the
 prefetch, the candidates opened early and the pre-build check beside them 7.3-8.6 s (4 runs)."""
