@@ -773,29 +773,14 @@ class _Run:
         feeds: dict[str, np.ndarray],
         reference: Outputs,
         work: Path,
-        openvino_job: NncfJob | None = None,
-        stack: contextlib.ExitStack | None = None,
+        openvino_job: NncfJob | None,
+        stack: contextlib.ExitStack,
     ) -> None:
         """INT8 artifacts, gated on held-out accuracy vs fp32 and compared with the PyTorch reference.
         KV-cache decoders are calibrated on prefills and also get greedy agreement vs the fp32 model;
         classifiers, taggers and QA models are also gated on their held-out task agreement.
         The sessions of those checks are built on the background thread as soon as each file is final
-        (`prefetch`), and the CPU engine's candidates opened after them (`stack` holds them)."""
-        decoder = self.task.with_past
-
-        def prefetch(
-            path: Path, variant: str
-        ) -> None:  # the sessions the checks below build, as they use them
-            if variant == "cpu":
-                check_sessions.prefetch(path, optimized=True)
-                if decoder:  # the greedy agreement's fp32 reference
-                    check_sessions.prefetch(self.artifacts["onnx"], optimized=True)
-            else:
-                check_sessions.prefetch(path)
-                if decoder:
-                    check_sessions.prefetch(path, optimized=True)
-                self.prebuild = (path, check_sessions.submit(functools.partial(prebuild_problems, path)))
-
+        (`_prefetch_int8_checks`), and the CPU engine's candidates opened after them (`stack` holds them)."""
         result, section = run_int8_stage(
             self.artifacts["exported"],
             work,
@@ -812,7 +797,7 @@ class _Run:
             fused=self._onnxruntime_fused(),
             cleaned=self._take_cleaned(),
             cpu_first_build=self.cpu_first_build,
-            on_file=prefetch,
+            on_file=self._prefetch_int8_checks,
         )
         self.report["int8"] = section
         self.artifacts["int8"] = result.tensorrt_path
@@ -820,8 +805,7 @@ class _Run:
             self.artifacts["int8_openvino"] = result.openvino_path
         if result.cpu_path is not None:
             self.artifacts["int8_cpu"] = result.cpu_path
-        if stack is not None:
-            self._open_cpu_candidates_early(stack, {"int8_cpu"} if result.cpu_path is not None else set())
+        self._open_cpu_candidates_early(stack, {"int8_cpu"} if result.cpu_path is not None else set())
         real = self.task.token_masks(feeds)  # INT8 is judged on real tokens
         gate = "int8" if self.task.with_past else None  # others: gated on held-out cosine inside quantize
         trt_outputs = self._onnx_outputs(result.tensorrt_path, feeds)
@@ -854,6 +838,21 @@ class _Run:
             self._agreement_gate(
                 section, result.heldout, {"tensorrt": result.tensorrt_path, "cpu": result.cpu_path}
             )
+
+    def _prefetch_int8_checks(self, path: Path, variant: str) -> None:
+        """`run_int8_stage`'s `on_file`: the sessions `_int8`'s checks of this final file will build, with the
+        options they use, built now on the background thread (`check_sessions.prefetch`); for the Q/DQ file
+        also TensorRT's pre-build checks, which the engine stage takes (`_engine`)."""
+        decoder = self.task.with_past
+        if variant == "cpu":
+            check_sessions.prefetch(path, optimized=True)
+            if decoder:  # the greedy agreement's fp32 reference
+                check_sessions.prefetch(self.artifacts["onnx"], optimized=True)
+        else:
+            check_sessions.prefetch(path)
+            if decoder:  # the greedy agreement's run of the Q/DQ file, as deployed
+                check_sessions.prefetch(path, optimized=True)
+            self.prebuild = (path, check_sessions.submit(functools.partial(prebuild_problems, path)))
 
     def _take_cleaned(self) -> tuple[onnx.ModelProto, PipelineReport, BackgroundSave] | None:
         """The graph passes' cleaned graph, report and file being written, handed over once (None: the INT8
