@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +38,7 @@ from export_errors import InputError, ValidationError
 from exporter import cpu_engine_stage, progress
 from exporter.config import ExportConfig, check_ranges
 from exporter.cpu_engine_stage import CpuEngineStage
-from exporter.engine_stage import run_engine_stage
+from exporter.engine_stage import prebuild_problems, run_engine_stage
 from exporter.export.decoder_with_past import export_decoder_with_past
 from exporter.export.deploy_files import write_deployment_files
 from exporter.export.external_data import BackgroundSave
@@ -145,6 +146,10 @@ class _Run:
         self.cleaned: tuple[onnx.ModelProto, PipelineReport, BackgroundSave] | None = None
         # a KV-cache decoder's CPU INT8 file, first build, started when model.onnx is written (`_tail` closes it)
         self.cpu_first_build: BackgroundBuild | None = None
+        # the CPU engine stage planned (and its candidates opened) ahead, by the INT8 stage
+        self.cpu_plan: CpuEngineStage | None = None
+        # the engine stage's pre-build checks of the Q/DQ file, run ahead on the background thread (INT8 stage)
+        self.prebuild: tuple[Path, Future[list[Any]]] | None = None
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -311,6 +316,34 @@ class _Run:
             self._streamed_quantized(md, feeds, reference, work)
             report_io.write(work, self.report)
             return
+        # a background thread opens the files for the checks (and the CPU engine's candidates) as soon as
+        # they exist (exporter/validate/sessions.py `background`); it has ended before anything is timed
+        with contextlib.ExitStack() as stack:
+            with check_sessions.background():
+                self._passes_and_quantize(md, feeds, reference, work, stack)
+                with self.stage("engine"):
+                    self.report["engine"] = self._engine(md)
+                cpu = self._cpu_candidates(md, feeds, reference, stack)
+            rows = None
+            if uncompacted is not None:
+                with self.stage("stage_table"):
+                    rows = self._stage_table_rows(uncompacted, feeds, reference, cpu)
+            chosen = self._choose_cpu_engine(md, cpu, rows, feeds, stack) if cpu is not None else None
+        if rows is not None:
+            self._render_stage_table(rows, chosen, feeds, work)
+        report_io.write(work, self.report)
+
+    def _passes_and_quantize(
+        self,
+        md: ModelDir,
+        feeds: dict[str, np.ndarray],
+        reference: Outputs,
+        work: Path,
+        stack: contextlib.ExitStack,
+    ) -> None:
+        """graph passes -> INT8 / INT4. What they start beside themselves (the OpenVINO INT8 file's process,
+        the early CPU INT8 build and its folder) ends here, also when they fail: no process is left writing
+        OUT_DIR. `stack` holds the CPU engine candidates the INT8 stage opens early."""
         openvino_job = self._start_openvino_int8(md, feeds, work)  # runs beside the next two stages
         scratch = contextlib.ExitStack()  # folders that outlive a stage (the early CPU INT8 build)
         try:
@@ -321,29 +354,24 @@ class _Run:
                 self._optimize(md, feeds, reference, work, scratch)
             if self.config.precision == "int8":
                 with self.stage("int8"):
-                    self._int8(md, feeds, reference, work, openvino_job)
+                    self._int8(md, feeds, reference, work, openvino_job, stack)
         finally:
             if openvino_job is not None:
-                openvino_job.cancel()  # a no-op once collected; on failure no process is left writing OUT_DIR
+                openvino_job.cancel()  # a no-op once collected
             if self.cpu_first_build is not None:
                 self.cpu_first_build.close()  # a no-op once taken and finished
             scratch.close()
         if self.config.precision == "int4":
             with self.stage("int4"):
                 self._int4(md, feeds, reference, work)
-        with self.stage("engine"):
-            engine_onnx = self.artifacts.get("int8", self.artifacts.get("int4", self.artifacts["onnx"]))
-            self.report["engine"] = run_engine_stage(self.choice, engine_onnx, self._seq_limit(md))
-        with contextlib.ExitStack() as stack:
-            cpu = self._cpu_candidates(md, feeds, reference, stack)
-            rows = None
-            if uncompacted is not None:
-                with self.stage("stage_table"):
-                    rows = self._stage_table_rows(uncompacted, feeds, reference, cpu)
-            chosen = self._choose_cpu_engine(md, cpu, rows, feeds, stack) if cpu is not None else None
-        if rows is not None:
-            self._render_stage_table(rows, chosen, feeds, work)
-        report_io.write(work, self.report)
+
+    def _engine(self, md: ModelDir) -> dict[str, Any]:
+        """The engine stage on the last precision's file, with TensorRT's pre-build checks the INT8 stage ran
+        ahead on the background thread where they were run on that file."""
+        engine_onnx = self.artifacts.get("int8", self.artifacts.get("int4", self.artifacts["onnx"]))
+        ahead = self.prebuild
+        problems = ahead[1].result() if ahead is not None and ahead[0] == engine_onnx else None
+        return run_engine_stage(self.choice, engine_onnx, self._seq_limit(md), problems)
 
     def _quantize_per_piece(self) -> bool:
         """A streamed model too large to load whole, asked for INT8/INT4: quantized piece by piece."""
@@ -636,9 +664,7 @@ class _Run:
             }
             return None
         with self.stage("cpu_engine"):
-            cpu = cpu_engine_stage.plan(
-                self.artifacts, self.config.backend, self.config.cpu_engine, precision=self.config.precision
-            )
+            cpu = self.cpu_plan or self._plan_cpu_engine()
             decoder = self.task.with_past
             real = self.task.token_masks(feeds)
 
@@ -657,6 +683,25 @@ class _Run:
                 self.task_agreement,
             )
         return cpu
+
+    def _plan_cpu_engine(self) -> CpuEngineStage:
+        return cpu_engine_stage.plan(
+            self.artifacts, self.config.backend, self.config.cpu_engine, precision=self.config.precision
+        )
+
+    def _open_cpu_candidates_early(self, stack: contextlib.ExitStack, checked: set[str]) -> None:
+        """Plan the CPU engine stage from the INT8 files (the artifacts it plans from are all written) and start
+        opening its candidates on the background thread, beside the INT8 checks (`cpu_engine_stage.open_early`);
+        `checked`: the validation keys the export's checks will hold by then."""
+        if self.choice.name == "tensorrt" or not self.whole_file_checks:
+            return
+        try:
+            self.cpu_plan = self._plan_cpu_engine()
+        except InputError:  # raised where the stage plans it, as before
+            return
+        timed = self.config.benchmark and self.task.with_past and not self._stage_table_wanted()
+        checked = checked | set(self.report.get("validation", {}))
+        cpu_engine_stage.open_early(self.cpu_plan, stack, self.config.benchmark_threads, checked, timed)
 
     def _cpu_accuracy_target(self) -> float:
         """The quantized CPU candidates' mean-cosine gate: --accuracy-target (INT8); an INT4 export's file is
@@ -728,11 +773,14 @@ class _Run:
         feeds: dict[str, np.ndarray],
         reference: Outputs,
         work: Path,
-        openvino_job: NncfJob | None = None,
+        openvino_job: NncfJob | None,
+        stack: contextlib.ExitStack,
     ) -> None:
         """INT8 artifacts, gated on held-out accuracy vs fp32 and compared with the PyTorch reference.
         KV-cache decoders are calibrated on prefills and also get greedy agreement vs the fp32 model;
-        classifiers, taggers and QA models are also gated on their held-out task agreement."""
+        classifiers, taggers and QA models are also gated on their held-out task agreement.
+        The sessions of those checks are built on the background thread as soon as each file is final
+        (`_prefetch_int8_checks`), and the CPU engine's candidates opened after them (`stack` holds them)."""
         result, section = run_int8_stage(
             self.artifacts["exported"],
             work,
@@ -749,11 +797,15 @@ class _Run:
             fused=self._onnxruntime_fused(),
             cleaned=self._take_cleaned(),
             cpu_first_build=self.cpu_first_build,
+            on_file=self._prefetch_int8_checks,
         )
         self.report["int8"] = section
         self.artifacts["int8"] = result.tensorrt_path
         if result.openvino_path is not None:
             self.artifacts["int8_openvino"] = result.openvino_path
+        if result.cpu_path is not None:
+            self.artifacts["int8_cpu"] = result.cpu_path
+        self._open_cpu_candidates_early(stack, {"int8_cpu"} if result.cpu_path is not None else set())
         real = self.task.token_masks(feeds)  # INT8 is judged on real tokens
         gate = "int8" if self.task.with_past else None  # others: gated on held-out cosine inside quantize
         trt_outputs = self._onnx_outputs(result.tensorrt_path, feeds)
@@ -764,7 +816,6 @@ class _Run:
         )
         if result.cpu_path is not None:
             cpu_path = result.cpu_path
-            self.artifacts["int8_cpu"] = cpu_path
             if self.task.with_past:
                 cpu_session = check_sessions.check_session(cpu_path, optimized=True)
                 cpu_outputs = _decoder_prefill_with(cpu_session, feeds)
@@ -787,6 +838,21 @@ class _Run:
             self._agreement_gate(
                 section, result.heldout, {"tensorrt": result.tensorrt_path, "cpu": result.cpu_path}
             )
+
+    def _prefetch_int8_checks(self, path: Path, variant: str) -> None:
+        """`run_int8_stage`'s `on_file`: the sessions `_int8`'s checks of this final file will build, with the
+        options they use, built now on the background thread (`check_sessions.prefetch`); for the Q/DQ file
+        also TensorRT's pre-build checks, which the engine stage takes (`_engine`)."""
+        decoder = self.task.with_past
+        if variant == "cpu":
+            check_sessions.prefetch(path, optimized=True)
+            if decoder:  # the greedy agreement's fp32 reference
+                check_sessions.prefetch(self.artifacts["onnx"], optimized=True)
+        else:
+            check_sessions.prefetch(path)
+            if decoder:  # the greedy agreement's run of the Q/DQ file, as deployed
+                check_sessions.prefetch(path, optimized=True)
+            self.prebuild = (path, check_sessions.submit(functools.partial(prebuild_problems, path)))
 
     def _take_cleaned(self) -> tuple[onnx.ModelProto, PipelineReport, BackgroundSave] | None:
         """The graph passes' cleaned graph, report and file being written, handed over once (None: the INT8

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import CancelledError, Future, wait
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ from engines.cpu_selection import (
 from engines.openvino_runner import openvino_unavailable_reason, shared_reads
 from exporter.report.stage_report import StageInfo
 from exporter.report.stage_table import ExtraStage
+from exporter.validate import sessions
 from exporter.validate.compare import Comparison, compare_all
 from exporter.validate.tolerances import tolerance
 
@@ -86,6 +89,9 @@ class CpuEngineStage:
     runners: dict[str, Runner] = dataclasses.field(default_factory=dict)
     accuracy: dict[str, tuple[list[Comparison], bool, str]] = dataclasses.field(default_factory=dict)
     errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    # runners opened ahead (`open_early`): name -> (runner, its index in the opening's per-runner errors)
+    early: dict[str, tuple[Runner, int]] = dataclasses.field(default_factory=dict)
+    early_opened: Future[list[Exception | None]] | None = None
 
 
 def plan(
@@ -143,6 +149,61 @@ def agreement_gate(
     )
 
 
+def open_early(
+    stage: CpuEngineStage,
+    stack: contextlib.ExitStack,
+    threads: int,
+    checked: Collection[str],
+    timed: bool,
+) -> None:
+    """Start opening the candidates' runners now, on the export's background thread
+    (exporter/validate/sessions.py `submit`), two at a time as `open_and_judge` would, while the export's
+    INT8 checks run on the main thread: the candidates `open_and_judge` will run (those whose file no export
+    check in `checked`, the validation keys, covers) and, where the decoder timing opens every candidate
+    (`timed`), the others too. The same runners with the same options, opened earlier: `open_and_judge` and
+    `time_decoder_candidates` take them (an opening's error counts where it would have been raised). Their
+    exits go on `stack`."""
+    wanted = [
+        app
+        for app in stage.applicable
+        if timed
+        or app.candidate.name not in EXPORT_CHECKS
+        or EXPORT_CHECKS[app.candidate.name][0] not in checked
+    ]
+    runners: dict[str, Runner] = {}
+    for app in wanted:
+        try:
+            runners[app.candidate.name] = load_runner(
+                app.path, threads=threads, spinning=False, **_options(app)
+            )
+        except Exception:  # left to the stage's own opening, which records it
+            continue
+    opened = contextlib.ExitStack()
+
+    def work() -> list[Exception | None]:
+        with shared_reads():
+            return open_together(list(runners.values()), opened)
+
+    stage.early = {name: (runner, index) for index, (name, runner) in enumerate(runners.items())}
+    stage.early_opened = sessions.submit(work)
+    stack.callback(_close_early, stage.early_opened, opened)
+
+
+def _close_early(opening: Future[list[Exception | None]], opened: contextlib.ExitStack) -> None:
+    with contextlib.suppress(CancelledError):
+        opening.exception()  # the opening has ended (it never started when cancelled)
+    opened.close()
+
+
+def _take_early(stage: CpuEngineStage, name: str) -> tuple[Runner, Exception | None] | None:
+    """The runner `open_early` opened for candidate `name` and its opening's error, once (None: not opened ahead)."""
+    entry = stage.early.pop(name, None)
+    if entry is None or stage.early_opened is None:
+        return None
+    runner, index = entry
+    return runner, stage.early_opened.result()[index]
+
+
 def open_and_judge(
     stage: CpuEngineStage,
     stack: contextlib.ExitStack,
@@ -159,12 +220,18 @@ def open_and_judge(
     `task_agreement` (task models): the INT8/INT4 candidates judged here must also pass it (the export's
     own INT8 files already passed it in the INT8 stage)."""
     to_open: list[tuple[Applicable, Runner]] = []
+    ready: list[tuple[Applicable, Runner, Exception | None]] = []  # opened, with the opening's error
+    order = [app.candidate.name for app in stage.applicable]
     failed: dict[str, Exception] = {}
     for app in stage.applicable:
         name, cand = app.candidate.name, app.candidate
         if name in EXPORT_CHECKS and EXPORT_CHECKS[name][0] in validation:
             comparisons = [Comparison(**c) for c in validation[EXPORT_CHECKS[name][0]]]
             stage.accuracy[name] = (comparisons, *gate(cand.precision, comparisons, accuracy_target))
+            continue
+        early = _take_early(stage, name)
+        if early is not None:
+            ready.append((app, *early))
             continue
         try:
             to_open.append((app, load_runner(app.path, threads=threads, spinning=False, **_options(app))))
@@ -173,12 +240,33 @@ def open_and_judge(
     # compiled two at a time (engines.base.open_together), a file read once by OpenVINO, then judged one by one
     with shared_reads():
         opened = open_together([runner for _, runner in to_open], stack)
-    for (app, runner), error in zip(to_open, opened):
-        name, cand = app.candidate.name, app.candidate
+    ready += [(app, runner, error) for (app, runner), error in zip(to_open, opened)]
+    ready.sort(key=lambda item: order.index(item[0].candidate.name))
+    # each candidate's outputs computed while the previous one's are compared (one core of numpy) on the
+    # background thread (exporter/validate/sessions.py `submit`; at once outside its block): at most two
+    # candidates' outputs held at once; the results are recorded in the candidates' order below
+    compared: dict[str, Future[list[Comparison]] | Exception] = {}
+    previous: Future[list[Comparison]] | None = None
+    for app, runner, error in ready:
         try:
             if error is not None:
                 raise error
-            comparisons = compare_all(reference, outputs(runner), token_masks)
+            result = outputs(runner)
+        except Exception as exc:  # a runtime that cannot load or run a file loses, with the reason
+            compared[app.candidate.name] = exc
+            continue
+        if previous is not None:
+            wait([previous])
+        previous = sessions.submit(functools.partial(compare_all, reference, result, token_masks))
+        compared[app.candidate.name] = previous
+        del result
+    for app, runner, _ in ready:
+        name, cand = app.candidate.name, app.candidate
+        try:
+            entry = compared[name]
+            if isinstance(entry, Exception):
+                raise entry
+            comparisons = entry.result()
         except Exception as exc:  # a runtime that cannot load or run a file loses, with the reason
             failed[name] = exc
             continue
@@ -224,15 +312,24 @@ def time_decoder_candidates(
     gives both), timed interleaved (`DECODER_TIMING`, stopping rule `unresolved`); the score is prefill +
     64 decode steps, in ms. The candidates not opened by the judging are opened two at a time."""
     runners = dict(stage.runners)
-    to_open = {
-        app.candidate.name: load_runner(app.path, threads=threads, spinning=False, **_options(app))
+    wanted = [
+        app
         for app in stage.applicable
         if app.candidate.name not in runners and app.candidate.name not in stage.errors
+    ]
+    early = {app.candidate.name: _take_early(stage, app.candidate.name) for app in wanted}
+    to_open = {
+        app.candidate.name: load_runner(app.path, threads=threads, spinning=False, **_options(app))
+        for app in wanted
+        if early[app.candidate.name] is None
     }
-    error = next((e for e in open_together(list(to_open.values()), stack) if e is not None), None)
+    errors = [entry[1] for entry in early.values() if entry is not None]
+    errors += open_together(list(to_open.values()), stack)
+    error = next((e for e in errors if e is not None), None)
     if error is not None:
         raise error
-    runners |= to_open
+    opened = {name: entry[0] for name, entry in early.items() if entry is not None} | to_open
+    runners |= {app.candidate.name: opened[app.candidate.name] for app in wanted}
     variants = []
     for name, runner in runners.items():
         prefill_feeds, decode_feeds = prefill(runner)

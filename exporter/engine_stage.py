@@ -20,9 +20,17 @@ from engines.tensorrt.profiles import default_profiles
 logger = logging.getLogger(__name__)
 
 
-def run_engine_stage(choice: BackendChoice, tensorrt_onnx: Path, max_sequence: int) -> dict[str, Any]:
-    """Build `model.plan` beside `tensorrt_onnx` when TensorRT was chosen; always run the pre-build checks."""
-    problems = prebuild_check(onnx.load(str(tensorrt_onnx), load_external_data=False))
+def prebuild_problems(tensorrt_onnx: Path) -> list[Any]:
+    """TensorRT's pre-build checks of the file (pure code: one core, ~0.12 s on the 45M Llama's Q/DQ file)."""
+    return prebuild_check(onnx.load(str(tensorrt_onnx), load_external_data=False))
+
+
+def run_engine_stage(
+    choice: BackendChoice, tensorrt_onnx: Path, max_sequence: int, problems: list[Any] | None = None
+) -> dict[str, Any]:
+    """Build `model.plan` beside `tensorrt_onnx` when TensorRT was chosen; always run the pre-build checks
+    (`problems`: `prebuild_problems(tensorrt_onnx)` already run, e.g. beside the INT8 checks)."""
+    problems = prebuild_problems(tensorrt_onnx) if problems is None else problems
     result: dict[str, Any] = {
         "tensorrt_onnx": tensorrt_onnx.name,
         "tensorrt_prebuild_problems": [str(p) for p in problems],

@@ -66,3 +66,69 @@ def test_the_decoder_export_stage_builds_one_session_for_its_file_with_the_same_
     fresh = api._decoder_prefill_outputs(path, feeds)["logits"]  # a new session, as before the sharing
     assert built == {("model.exported.onnx", False): 2}
     np.testing.assert_array_equal(shared, fresh)
+
+
+def test_a_prefetched_session_is_the_one_check_session_returns_once_inside_the_block_only(tmp_path, built):
+    path = tmp_path / "m.onnx"
+    onnx.save(decomposed_layernorm_graph(), str(path))
+    sessions.prefetch(path)  # outside `background()`: nothing built
+    assert built == {}
+    with sessions.background():
+        sessions.prefetch(path)
+        sessions.prefetch(path, optimized=True)
+        order = [sessions.submit(lambda: len(built)).result()]  # runs after both builds, on the same thread
+        first = sessions.check_session(path)
+        assert built == {("m.onnx", False): 1, ("m.onnx", True): 1} and order == [2]
+        assert sessions.check_session(path) is not first  # taken once
+        sessions.prefetch(path)
+        onnx.save(decomposed_layernorm_graph(hidden=8), str(path))  # rewritten after the prefetch: not taken
+        rewritten = sessions.check_session(path)
+        assert rewritten.get_inputs()[0].shape[-1] == 8
+        sessions.prefetch(path)  # never taken: released at the block's end
+    assert sessions._prefetched == {} and sessions._pool is None
+    fresh = sessions.check_session(path)
+    out = fresh.run(None, {"x": np.zeros((2, 3, 8), np.float32)})
+    assert out[0].shape == (2, 3, 8)
+    assert sessions.submit(lambda: 7).result() == 7  # outside the block: at once
+
+
+def test_background_work_that_raises_raises_where_it_is_taken(tmp_path):
+    with sessions.background():
+        broken = tmp_path / "broken.onnx"
+        broken.write_bytes(b"not onnx")
+        sessions.prefetch(broken)
+        with pytest.raises(Exception, match=r"(?i)protobuf|parse|load|invalid"):
+            sessions.check_session(broken)
+
+
+def _spins(session) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        return (
+            session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") != "0"
+        )
+    except Exception:  # not set: ONNX Runtime's default, spinning
+        return True
+
+
+@pytest.mark.parametrize("optimized", [False, True])
+def test_prefetched_sessions_differ_from_those_built_on_demand_only_in_idle_spinning(tmp_path, optimized):
+    """Same graph optimizations and threads, same outputs; only a prefetched session's idle threads sleep (a
+    session built on demand or from a file's bytes, as model.onnx's check is, keeps ONNX Runtime's default)."""
+    path = tmp_path / "m.onnx"
+    onnx.save(decomposed_layernorm_graph(), str(path))
+    x = {"x": np.random.default_rng(0).normal(size=(2, 3, 16)).astype(np.float32)}
+    with sessions.background():
+        sessions.prefetch(path, optimized)
+        prefetched = sessions.check_session(path, optimized)
+        on_demand = sessions.check_session(path, optimized)
+    from_bytes = sessions.session_from_bytes(path.read_bytes(), optimized)
+    built = (prefetched, on_demand, from_bytes)
+    level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    assert [s.get_session_options().graph_optimization_level for s in built] == [level] * 3
+    assert len({s.get_session_options().intra_op_num_threads for s in built}) == 1
+    assert [_spins(s) for s in built] == [False, True, True]
+    outputs = [s.run(None, x)[0] for s in built]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    np.testing.assert_array_equal(outputs[0], outputs[2])

@@ -254,3 +254,56 @@ def test_openvino_int8_candidate_is_judged_by_the_task_agreement_it_computes(
     _, passed, words = stage.accuracy["openvino-int8"]
     assert seen == ["OpenVinoRunner"] and passed is passes
     assert f"held-out task agreement {agreement:.4f} >= 0.95" in words
+
+
+def _matmul_file(path: Path, weight: np.ndarray) -> Path:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", weight.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", weight.shape[1]])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_candidates_opened_early_are_judged_as_those_opened_by_the_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, early: bool
+) -> None:
+    """`open_early` (on the background thread) opens the runners `open_and_judge` would, with the same
+    options: the stage opens nothing more, and the numbers, passes and errors are the same."""
+    import contextlib
+
+    from engines.cpu_selection import applicable
+    from exporter import cpu_engine_stage
+    from exporter.validate import sessions
+
+    rng = np.random.default_rng(5)
+    weight = rng.normal(size=(16, 4)).astype(np.float32)
+    artifacts = {
+        "int8_cpu": _matmul_file(tmp_path / "model.int8.cpu.onnx", weight),
+        "onnx": tmp_path / "model.onnx",
+    }
+    (tmp_path / "model.onnx").write_bytes(b"not onnx")  # opening it fails: recorded as the candidate's error
+    found, skipped = applicable(
+        artifacts, unavailable={"onnxruntime": None, "openvino": "not here"}, flags=frozenset()
+    )
+    stage = cpu_engine_stage.CpuEngineStage(found, skipped, frozenset(), None)
+    x = rng.normal(size=(3, 16)).astype(np.float32)
+    validation: dict = {}
+    with contextlib.ExitStack() as stack, sessions.background():
+        if early:
+            cpu_engine_stage.open_early(stage, stack, 1, checked=set(), timed=False)
+            opened = dict(stage.early)
+            monkeypatch.setattr(cpu_engine_stage, "load_runner", lambda *a, **k: pytest.fail("opened again"))
+        cpu_engine_stage.open_and_judge(
+            stage, stack, 1, {"y": x @ weight}, lambda runner: runner.infer({"x": x}), None, validation, 0.99
+        )
+        if early:
+            assert stage.runners["onnxruntime-int8"] is opened["onnxruntime-int8"][0]
+            assert stage.early == {}
+    assert set(stage.accuracy) == {"onnxruntime-int8"} and stage.accuracy["onnxruntime-int8"][1]
+    assert validation["cpu:onnxruntime-int8"][0]["max_abs"] < 1e-4
+    assert set(stage.errors) == {"onnxruntime-fp32"} and "cannot load" in stage.errors["onnxruntime-fp32"]

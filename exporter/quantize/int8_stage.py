@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ def run_int8_stage(
     fused: Path | None = None,
     cleaned: tuple[onnx.ModelProto, PipelineReport, BackgroundSave] | None = None,
     cpu_first_build: BackgroundBuild | None = None,
+    on_file: Callable[[Path, str], None] | None = None,
 ) -> tuple[QuantResult, dict[str, Any]]:
     """Quantize the exported compact fp32 graph; returns the result and the report section.
     `decoder_with_past`: calibrate on prefills (position ids and empty pasts added to the token ids)
@@ -84,7 +86,11 @@ def run_int8_stage(
     (QuantConfig.cpu_fused_source). `cleaned`: the cleanup stage's graph and report where graph_passes
     already ran it on `exported` (the same passes for every target: `optimize_ir`'s `on_cleaned`), and its
     file being written in the background under CLEANED_FILE. `cpu_first_build`: `start_cpu_first_build`'s
-    child, taken by `quantize` if it is the build needed."""
+    child, taken by `quantize` if it is the build needed.
+    `on_file(path, variant)`: called with each INT8 file as soon as it is final (variant "cpu": the CPU file,
+    when `quantize` returns; "tensorrt": the Q/DQ file, once its target fusion is saved), so the caller can
+    open it for its checks beside this stage's remaining work (one core of Python: fusion, saves, the
+    OpenVINO file)."""
     with tempfile.TemporaryDirectory() as tmp:
         cleaned_path = Path(tmp) / CLEANED_FILE
         if cleaned is None:
@@ -107,8 +113,13 @@ def run_int8_stage(
         del graph  # the file is the INT8 stage's source from here
         quant_config = _quant_config(config, family, decoder_with_past, smoothing, fused)
         result = quantize(cleaned_path, work, calibration, quant_config, cpu_first_build=cpu_first_build)
+    if on_file is not None and result.cpu_path is not None:
+        on_file(result.cpu_path, "cpu")
     fused, fusion = optimize(result.take_tensorrt_model(), "tensorrt", stages=("fusion",), family=family)
     save_onnx(fused, result.tensorrt_path)
+    del fused
+    if on_file is not None:
+        on_file(result.tensorrt_path, "tensorrt")
     section = {
         **(
             {
