@@ -112,6 +112,37 @@ def test_token_cosine_ignores_padding() -> None:
     assert token_cosines(ref, out, None).tolist() == [1.0, 1.0, -1.0]
 
 
+@pytest.mark.parametrize("masked", [True, False])
+def test_token_cosines_with_reference_norms_computed_once_are_the_same_bits(masked: bool) -> None:
+    """The judge computes each reference's row norms once (`row_norms`) and passes them to every candidate's
+    `token_cosines`: the same cosines, bit for bit, as computing them inside (rows over several blocks)."""
+    from exporter.quantize.int8 import COSINE_BLOCK_ROWS, row_norms
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((3, COSINE_BLOCK_ROWS, 300)).astype(np.float32)
+    out = ref + rng.standard_normal(ref.shape).astype(np.float32) * 0.3
+    mask = (rng.random(ref.shape[:2]) < 0.7).astype(np.int64) if masked else None
+    norms = row_norms(ref, mask)
+    assert len(norms) == (int(mask.sum()) if masked else 3 * COSINE_BLOCK_ROWS)
+    # the formula before the norms were shared: both norms summed per block beside the dot product
+    flat_ref, flat_out = ref.reshape(-1, 300), out.reshape(-1, 300)
+    rows = np.flatnonzero(mask.reshape(-1)) if masked else np.arange(len(flat_ref))
+    want = np.concatenate(
+        [
+            np.einsum("ij,ij->i", r, o, dtype=np.float64)
+            / (
+                np.sqrt(np.einsum("ij,ij->i", r, r, dtype=np.float64))
+                * np.sqrt(np.einsum("ij,ij->i", o, o, dtype=np.float64))
+            )
+            for block in np.array_split(rows, range(COSINE_BLOCK_ROWS, len(rows), COSINE_BLOCK_ROWS))
+            for r, o in [(flat_ref[block], flat_out[block])]
+        ]
+    )
+    assert np.array_equal(token_cosines(ref, out, mask), want)
+    assert np.array_equal(token_cosines(ref, out, mask, norms), want)
+    assert not np.array_equal(token_cosines(ref, out, mask, norms * 1.001), want)  # the norms are used
+
+
 def test_cpu_layer_stays_fp32_without_outlier_split(tmp_path: Path) -> None:
     onnx.save(mlp_with_outlier(), tmp_path / "fp32.onnx")
     config = QuantConfig(method="max", cpu_outlier_channels=0, smoothing=False)

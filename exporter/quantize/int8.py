@@ -587,6 +587,7 @@ class Judge:
         self.reference = reference or (lambda feeds: _run(ref_session, feeds))
         self._refs: dict[str, list[np.ndarray]] = {}
         self._batches: dict[str, list[dict[str, np.ndarray]]] = {}
+        self._norms: dict[str, list[np.ndarray]] = {}  # per batch: row_norms of its reference
         # the last session built, with what it was built from: the search's last candidate is the final
         # file, judged again on the held-out samples with the same options (one session, not two)
         self._last: tuple[tuple[Any, ...], onnx.ModelProto | Path, ort.InferenceSession] | None = None
@@ -602,7 +603,7 @@ class Judge:
         """Cosine on the search samples with each layer alone fake-quantized, from one switchable graph:
         `SWEEP_WORKERS` single-threaded sessions take the layers in turn, side by side (small runs use two
         cores better as two independent runs than as one run on two threads)."""
-        list(self._pairs(None, "calibration", self.search_samples))  # batches and references, once
+        self._referenced("calibration", self.search_samples)  # batches and references, once
         switchable = fold_weight_dequantize(switchable)  # the weights' round trips computed once: same bits
         sessions = [_session(switchable, optimize=False, threads=1) for _ in range(SWEEP_WORKERS)]
         bar = progress.bar(desc="sensitivity: layers alone", total=len(layers), unit="layer")
@@ -611,8 +612,7 @@ class Judge:
             switch = np.zeros(len(layers), dtype=bool)
             switch[index] = True
             session = sessions[index % len(sessions)]
-            pairs = self._pairs(session, "calibration", self.search_samples, {SWITCH_INPUT: switch})
-            cosine = float(np.mean(np.concatenate([token_cosines(r, o, m) for r, o, m in pairs])))
+            cosine = self._mean_cosine(session, "calibration", self.search_samples, {SWITCH_INPUT: switch})
             bar.update(1)
             return cosine
 
@@ -630,13 +630,12 @@ class Judge:
     ) -> float:
         """Cosine on the search samples (the first `samples` of them when given) of a switchable session
         (`switch`: its switch input's feed)."""
-        pairs = self._pairs(session, "calibration", samples or self.search_samples, switch)
-        return float(np.mean(np.concatenate([token_cosines(r, o, m) for r, o, m in pairs])))
+        return self._mean_cosine(session, "calibration", samples or self.search_samples, switch)
 
     def prepare(self, split: str) -> None:
         """The fp32 references of `split`'s judged batches ("calibration": the search samples), computed now
         (in a thread beside numpy work: nothing else may use the judge until it returns)."""
-        list(self._pairs(None, split, self.search_samples if split == "calibration" else None))
+        self._referenced(split, self.search_samples if split == "calibration" else None)
 
     def max_abs_vs_reference(self, model: Path) -> float:
         session = _session(model, optimize=False)
@@ -648,8 +647,20 @@ class Judge:
     ) -> float:
         # fake_quant: Q/DQ executed as written (optimizations off; the weights' DequantizeLinear computed
         # once, the same bits: exporter/quantize/fake_quant.py); else as ORT runs it (integer kernels)
-        session = self._session(model, optimize=not fake_quant, fold=fake_quant)
-        scores = [token_cosines(ref, out, mask) for ref, out, mask in self._pairs(session, split, limit)]
+        return self._mean_cosine(self._session(model, optimize=not fake_quant, fold=fake_quant), split, limit)
+
+    def _mean_cosine(
+        self,
+        session: ort.InferenceSession,
+        split: str,
+        limit: int | None,
+        extra: dict[str, np.ndarray] | None = None,
+    ) -> float:
+        """Mean token cosine of `session`'s outputs vs the references, over every judged token of the split
+        (the references' row norms computed once per batch, however many candidates are judged)."""
+        norms = self._norms[self._referenced(split, limit)]
+        pairs = self._pairs(session, split, limit, extra)
+        scores = [token_cosines(r, o, m, n) for (r, o, m), n in zip(pairs, norms, strict=True)]
         return float(np.mean(np.concatenate(scores)))
 
     def _session(
@@ -675,16 +686,23 @@ class Judge:
         self._last = (key, model, session)
         return session
 
-    def _pairs(self, session, split, limit, extra=None):  # type: ignore[no-untyped-def]
-        """(fp32 reference, output, mask) per batch: length-sorted batches cut to their real tokens
-        (CalibrationData.judge_batches; every score here is over real tokens), built and referenced once.
-        `session` None: only make sure the batches and references exist (yields nothing)."""
+    def _referenced(self, split: str, limit: int | None) -> str:
+        """The key of `split`'s first `limit` judged batches, their fp32 references and the references' row
+        norms: made on first use, once."""
         key = f"{split}:{limit}"
         if key not in self._refs:
             self._batches[key] = self.data.judge_batches(split, limit, JUDGE_BATCH)
             self._refs[key] = [np.asarray(self.reference(feeds)) for feeds in self._batches[key]]
-        if session is None:
-            return
+            self._norms[key] = [
+                row_norms(ref, feeds.get("attention_mask"))
+                for feeds, ref in zip(self._batches[key], self._refs[key], strict=True)
+            ]
+        return key
+
+    def _pairs(self, session, split, limit, extra=None):  # type: ignore[no-untyped-def]
+        """(fp32 reference, output, mask) per batch: length-sorted batches cut to their real tokens
+        (CalibrationData.judge_batches; every score here is over real tokens), built and referenced once."""
+        key = self._referenced(split, limit)
         for feeds, ref in zip(self._batches[key], self._refs[key], strict=True):
             yield ref, _run(session, {**feeds, **(extra or {})}), feeds.get("attention_mask")
 
@@ -694,24 +712,48 @@ class Judge:
 COSINE_BLOCK_ROWS = 64
 
 
-def token_cosines(reference: np.ndarray, output: np.ndarray, attention_mask: np.ndarray | None) -> np.ndarray:
-    """Cosine per token (vectors on the last axis), over unmasked tokens when the mask matches [batch, seq]."""
-    ref = reference.reshape(-1, reference.shape[-1])
-    out = output.reshape(-1, output.shape[-1])
-    rows = np.arange(len(ref))
-    if attention_mask is not None and reference.ndim == 3 and attention_mask.shape == reference.shape[:2]:
-        rows = np.flatnonzero(attention_mask.reshape(-1))  # real tokens only, before any arithmetic
+def token_cosines(
+    reference: np.ndarray,
+    output: np.ndarray,
+    attention_mask: np.ndarray | None,
+    reference_norms: np.ndarray | None = None,
+) -> np.ndarray:
+    """Cosine per token (vectors on the last axis), over unmasked tokens when the mask matches [batch, seq].
+    `reference_norms`: `row_norms(reference, attention_mask)`, when the caller judges several outputs against
+    the same reference (the same numbers, computed once)."""
+    ref, out, rows = _judged_rows(reference, output, attention_mask)
+    norms = row_norms(reference, attention_mask) if reference_norms is None else reference_norms
     cosines = np.empty(len(rows), dtype=np.float64)
     for start in range(0, len(rows), COSINE_BLOCK_ROWS):
         block = rows[start : start + COSINE_BLOCK_ROWS]
         r, o = ref[block], out[block]
         # float64 sums without float64 copies of [tokens, vocab] logits (16x faster on a 32k vocabulary)
         dot = np.einsum("ij,ij->i", r, o, dtype=np.float64)
-        denom = np.sqrt(np.einsum("ij,ij->i", r, r, dtype=np.float64)) * np.sqrt(
-            np.einsum("ij,ij->i", o, o, dtype=np.float64)
-        )
+        denom = norms[start : start + len(block)] * np.sqrt(np.einsum("ij,ij->i", o, o, dtype=np.float64))
         cosines[start : start + len(block)] = np.where(denom > 0, dot / np.maximum(denom, 1e-30), 1.0)
     return cosines
+
+
+def row_norms(reference: np.ndarray, attention_mask: np.ndarray | None) -> np.ndarray:
+    """The float64 norm of each token row `token_cosines` judges, block by block as it sums them."""
+    ref, _, rows = _judged_rows(reference, reference, attention_mask)
+    norms = np.empty(len(rows), dtype=np.float64)
+    for start in range(0, len(rows), COSINE_BLOCK_ROWS):
+        r = ref[rows[start : start + COSINE_BLOCK_ROWS]]
+        norms[start : start + len(r)] = np.sqrt(np.einsum("ij,ij->i", r, r, dtype=np.float64))
+    return norms
+
+
+def _judged_rows(
+    reference: np.ndarray, output: np.ndarray, attention_mask: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[-1, last axis] views of both, and the rows judged: the real tokens when the mask matches [batch, seq]."""
+    ref = reference.reshape(-1, reference.shape[-1])
+    out = output.reshape(-1, output.shape[-1])
+    rows = np.arange(len(ref))
+    if attention_mask is not None and reference.ndim == 3 and attention_mask.shape == reference.shape[:2]:
+        rows = np.flatnonzero(attention_mask.reshape(-1))  # real tokens only, before any arithmetic
+    return ref, out, rows
 
 
 def _session(model: onnx.ModelProto | Path, optimize: bool, threads: int = 2) -> ort.InferenceSession:
