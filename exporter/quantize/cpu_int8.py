@@ -160,10 +160,13 @@ class BackgroundBuild:
         strip_metadata: str | None = None,
     ) -> None:
         root = str(Path(__file__).resolve().parents[2])  # this checkout's packages, whatever the child's path
+        # The child quantizes weights with exporter/quantize/per_channel_weights.py's vectorized copy of ONNX
+        # Runtime's per-channel loop (same bytes, ~3 s less on the 45M Llama) and says on stderr which path ran.
         code = (
             "import json, os, sys; os.nice(10); sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
+            "from exporter.quantize import per_channel_weights as w; w.install(); "
             "from exporter.quantize.cpu_int8 import build; a = json.loads(sys.argv[1]); "
-            "build(Path(a[0]), Path(a[1]), frozenset(a[2]), a[3], a[4])"
+            "build(Path(a[0]), Path(a[1]), frozenset(a[2]), a[3], a[4]); print(w.summary(), file=sys.stderr)"
         )
         args = json.dumps([str(model_path), str(out_path), sorted(excluded), reduce_range, strip_metadata])
         self.out_path = out_path
