@@ -119,6 +119,17 @@ def test_initializers_are_bit_identical_to_onnx_runtimes(shape, axis, qtype, ext
         assert data == want, name
 
 
+def test_keep_float_weight_adds_only_scale_and_zero_point() -> None:
+    weight = _weights((40, 96), 0, seed=5)
+    expected = _quantizer(weight, TensorProto.INT8, False, {})
+    got = _quantizer(weight, TensorProto.INT8, False, {})
+    assert pcw.quantize_weight_per_channel_impl(got, "w", TensorProto.INT8, 0, True, True) == ORIGINAL(
+        expected, "w", TensorProto.INT8, 0, True, True
+    )
+    serialized = [[i.SerializeToString() for i in q.model.initializer()] for q in (got, expected)]
+    assert serialized[0] == serialized[1] and len(serialized[0]) == 3  # w, its scale, its zero point
+
+
 def test_a_one_ulp_difference_is_caught(monkeypatch) -> None:
     """The comparison above fails when one scale is one ulp off (the test can fail)."""
     weight = _weights((40, 96), 0, seed=3)
