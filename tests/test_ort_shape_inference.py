@@ -166,3 +166,28 @@ def test_the_child_build_infers_in_memory(tmp_path: Path, caplog) -> None:  # ty
         tmp_path / "fp32.onnx", tmp_path / "plain.onnx", frozenset(), False, "sparsity_2to4"
     )
     assert _sha256(tmp_path / "child.onnx") == _sha256(plain)
+
+
+def test_a_stripped_copy_that_would_get_a_data_file_is_left_to_onnx_runtime(
+    tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Over save_onnx's external-data threshold, the stripped copy is written as before (with its .data file) and
+    ORT reads it from there; the file is the same as without the patch."""
+    from exporter.export import external_data
+
+    onnx.save(_gemm(), tmp_path / "fp32.onnx")
+    monkeypatch.setattr(external_data, "EXTERNAL_DATA_THRESHOLD_BYTES", 1000)
+    plain = cpu_int8.build(
+        tmp_path / "fp32.onnx", tmp_path / "plain.onnx", frozenset(), False, "sparsity_2to4"
+    )
+    assert (tmp_path / "plain.source.onnx.data").exists()
+    assert cpu_int8._in_memory_source(tmp_path / "fp32.onnx", "sparsity_2to4") is None
+    assert cpu_int8._in_memory_source(tmp_path / "fp32.onnx", None) is not None  # the file itself is inline
+    monkeypatch.setattr(QUANTIZE, "save_and_reload_model_with_shape_infer", ORIGINAL_LOAD)
+    monkeypatch.setattr(ONNX_QUANTIZER, "save_and_reload_model_with_shape_infer", ORIGINAL_RELOAD)
+    assert shapes.install()
+    patched = cpu_int8.build(
+        tmp_path / "fp32.onnx", tmp_path / "patched.onnx", frozenset(), False, "sparsity_2to4"
+    )
+    assert (tmp_path / "patched.source.onnx.data").exists()
+    assert _sha256(patched) == _sha256(plain)

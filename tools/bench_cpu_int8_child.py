@@ -1,10 +1,11 @@
 """Benchmark (not a test): the CPU INT8 file's child build, ONNX Runtime's per-channel weight loop against
-exporter/quantize/per_channel_weights.py's vectorized copy, runs interleaved, medians of wall and CPU time.
+exporter/quantize/per_channel_weights.py's vectorized copy, alone and with exporter/quantize/ort_shape_inference.py's
+in-memory shape inference (the child as BackgroundBuild runs it), runs interleaved, medians of wall and CPU time.
 
 Usage: python tools/bench_cpu_int8_child.py MODEL_ONNX [--runs 5] [--strip-metadata sparsity_2to4]
 MODEL_ONNX: e.g. the model.onnx of a Llama export (the file the export's background build quantizes).
 Each run is a fresh interpreter started as `BackgroundBuild` starts it (same malloc settings, no exclusions,
-8-bit weights); the two variants' files must be byte-identical. Run it under `flock -x /tmp/cpu.lock`.
+8-bit weights); the variants' files must be byte-identical. Run it under `flock -x /tmp/cpu.lock`.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ CODE = (
     "from exporter.quantize.cpu_int8 import build; a = json.loads(sys.argv[1]); "
     "build(Path(a[0]), Path(a[1]), frozenset(a[2]), a[3], a[4])"
 )
+VECTORIZED = "from exporter.quantize import per_channel_weights as w; assert w.install(); "
 VARIANTS = {
     "onnxruntime loop": CODE.format(install=""),
-    "vectorized": CODE.format(
-        install="from exporter.quantize import per_channel_weights as w; assert w.install(); "
+    "vectorized": CODE.format(install=VECTORIZED),
+    "vectorized + shapes in memory": CODE.format(  # what BackgroundBuild's child runs
+        install=VECTORIZED + "from exporter.quantize import ort_shape_inference as s; assert s.install(); "
     ),
 }
 
