@@ -20,7 +20,9 @@ detached data, i.e. the one ORT would have run on the file. Two replacements:
   ModelProto): the result of `load_model_with_shape_infer` on the model saved as one file (tensors exactly
   as given), not ORT's own ModelProto path. exporter/quantize/cpu_int8.py's `build` passes the model in
   memory where it would otherwise pass that file, so the quantized file stays byte-identical
-  (tests/test_ort_shape_inference.py compares whole files, and the initializers and value_info).
+  (tests/test_ort_shape_inference.py compares each inference's whole model, and whole quantized files).
+  It adds ORT's "onnx.infer" tag as ORT's load does, so `BaseQuantizer` (whose own name is not patched)
+  does not infer again.
 A model with tensors already external goes to ORT's own functions. `install` patches only the ONNX Runtime
 versions whose quantize.py / onnx_quantizer.py / quant_utils.py this was read from (`TESTED_VERSIONS`), and
 only BackgroundBuild's child installs it.
