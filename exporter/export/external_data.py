@@ -280,6 +280,11 @@ def export_target(path: Path, large: bool) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def holds_external_data(model: onnx.ModelProto) -> bool:
+    """Whether any tensor of `model` (initializers, attribute tensors, subgraphs) points to external data."""
+    return any(uses_external_data(t) for t in _get_all_tensors(model))
+
+
 def has_external_data(onnx_path: Path) -> bool:
     model = onnx.load(str(onnx_path), load_external_data=False)
     return any(uses_external_data(t) for t in _initializers(model.graph))

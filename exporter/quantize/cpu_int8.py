@@ -146,12 +146,14 @@ def _in_memory_source(model_path: Path, strip_metadata: str | None) -> onnx.Mode
     inline: with exporter/quantize/ort_shape_inference.py installed, `quantize_dynamic` then writes the same
     file from the model in memory (no copy saved, no file inferred and read back). None when a file has
     external data (ORT reads it from its folder): `build` passes the path then."""
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
-
-    from exporter.export.external_data import EXTERNAL_DATA_THRESHOLD_BYTES, initializer_bytes
+    from exporter.export.external_data import (
+        EXTERNAL_DATA_THRESHOLD_BYTES,
+        holds_external_data,
+        initializer_bytes,
+    )
 
     model = onnx.load(str(model_path), load_external_data=False)
-    if any(uses_external_data(t) for t in _get_all_tensors(model)):
+    if holds_external_data(model):
         return None
     if strip_metadata:
         _drop_node_metadata(model, strip_metadata)

@@ -38,7 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from onnx.external_data_helper import _get_all_tensors, _get_initializer_tensors, uses_external_data
+from onnx.external_data_helper import _get_initializer_tensors
+
+from exporter.export.external_data import holds_external_data
 
 TESTED_VERSIONS = ("1.32.",)
 EXTERNAL_SIZE_THRESHOLD = 1024  # onnx.save_model's default size_threshold, which ORT's reload uses
@@ -108,15 +110,13 @@ def reload_with_shape_infer(model: onnx.ModelProto) -> onnx.ModelProto:
     detached = _infer_detached(model)
     if detached is None:
         calls["onnxruntime"] += 1
-        return save_and_reload_model_with_shape_infer(
-            model
-        )  # ORT's own (install patches other modules' names)
+        # ORT's own function: `install` replaced the name in other modules, not this one
+        return save_and_reload_model_with_shape_infer(model)
     result, pairs = detached
     for restored, tensor in pairs:
         restored.CopyFrom(tensor)
-        restored.data_location = (
-            onnx.TensorProto.DEFAULT
-        )  # what onnx.load's load_external_data_for_tensor sets
+        # what onnx.load's load_external_data_for_tensor sets on a tensor it read back
+        restored.data_location = onnx.TensorProto.DEFAULT
         del restored.external_data[:]
     add_infer_metadata(result)
     calls["in memory"] += 1
@@ -129,7 +129,7 @@ def _infer_detached(
     """Shapes inferred (strict mode) on a copy of `model` whose large initializers are external without data:
     the inferred copy and its (detached tensor, original tensor) pairs; None if `model` already has external
     tensors or the strict inference failed."""
-    if any(uses_external_data(t) for t in _get_all_tensors(model)):
+    if holds_external_data(model):
         return None
     light = onnx.ModelProto()
     light.CopyFrom(model)
