@@ -303,3 +303,38 @@ def test_histogram_pass_equals_numpy_histograms_exactly(
             max_abs = float(np.abs(values).max())
             hist = np.histogram(np.abs(values), bins=NUM_BINS, range=(0, max_abs))[0]
             assert got[name] == amax_from_histogram(hist, max_abs, method), (method, name)
+
+
+def _token_model() -> onnx.ModelProto:
+    """`v` = float(input_ids) [b, s, 1]: a tensor whose values at padded positions are the padding's ids."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["input_ids"], ["c"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["c", "axes"], ["v"]),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"]),
+        ],
+        [helper.make_tensor_value_info("v", TensorProto.FLOAT, ["b", "s", 1])],
+        [helper.make_tensor("axes", TensorProto.INT64, [1], [2])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_calibration_reads_real_tokens_only(tmp_path: Path) -> None:
+    """Ranges and channel maxima come from real tokens: padded positions are never read by a real token's
+    output (held-out judge), so their values must not widen a range. Padding here holds id 900, real tokens
+    1..5, samples of lengths 3 and 5 in batches of 2 (sorted by length: no padding left inside a batch)."""
+    from exporter.quantize.ranges import measure_maxima
+
+    lengths = np.array([5, 3, 5, 3])
+    mask = (np.arange(8)[None, :] < lengths[:, None]).astype(np.int64)
+    ids = np.where(mask == 1, np.arange(1, 9)[None, :], 900).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    data = CalibrationData(feeds, {k: v[:1] for k, v in feeds.items()}, batch=2, source="test")
+    for method in ("max", "mse"):
+        assert collect_ranges(_token_model(), ["v"], data, method=method)["v"] <= 5.0, method
+    channels, whole = measure_maxima(_token_model(), ["v"], ["v"], data, tmp_path, None, "t")
+    assert channels["v"].tolist() == [5.0] and whole == {"v": 5.0}
