@@ -53,3 +53,39 @@ def test_past_shapes_from_the_graph_in_memory_equal_the_file(tmp_path) -> None:
     graph = onnx.load(str(path)).graph
     assert past_shapes(path, graph) == past_shapes(path)
     assert past_shapes(tmp_path / "not_read.onnx", graph) == past_shapes(path)  # the file is not read
+
+
+def test_references_made_on_another_thread_are_the_ones_made_on_first_use(tmp_path) -> None:
+    """`Judge.prepare_in`: the fp32 references made beside the caller's work (the Q/DQ search's Python) give
+    the same cosines as references made on first use, are made once, and are waited for, not raced."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = mlp_with_outlier()
+    path = tmp_path / "fp32.onnx"
+    onnx.save(model, path)
+    fresh = int8.Judge(path, _data(), 32, None)
+    expected = (fresh.search_cosine(model, fake_quant=True), fresh.heldout_cosine(model, fake_quant=True))
+    gate, calls, threads = threading.Event(), [], set()
+    judge = int8.Judge(path, _data(), 32, None)
+    reference = judge.reference
+
+    def slow_reference(feeds):  # held until the caller has asked: the first use must wait for it
+        gate.wait(5)
+        calls.append(1)
+        threads.add(threading.get_ident())
+        return reference(feeds)
+
+    judge.reference = slow_reference
+    with ThreadPoolExecutor(1) as pool:
+        judge.prepare_in(pool, "calibration")
+        judge.prepare_in(pool, "heldout")
+        judge.prepare_in(pool, "heldout")  # asked twice: made once
+        threading.Timer(0.2, gate.set).start()
+        got = (judge.search_cosine(model, fake_quant=True), judge.heldout_cosine(model, fake_quant=True))
+    assert got == expected
+    made = len(calls)
+    assert threads == {next(iter(threads))} and threading.get_ident() not in threads  # all on the pool's thread
+    judge.search_cosine(model, fake_quant=True)
+    judge.heldout_cosine(model, fake_quant=True)
+    assert len(calls) == made  # not made again

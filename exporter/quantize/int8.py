@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +49,9 @@ from exporter.quantize.embeddings import QuantizedTable, quantize_embeddings
 from exporter.quantize.fake_quant import fold_weight_dequantize
 from exporter.quantize.outliers import SUFFIX, split_outliers
 from exporter.quantize.ranges import DEFAULT_PERCENTILE, METHODS, Maxima, cached_channel_max, collect_ranges
-from exporter.quantize.sensitivity import SWITCH_INPUT, search, switchable_model
+from exporter.quantize.sensitivity import SWITCH_INPUT, SensitivityResult, search, switchable_model
 from exporter.validate.tolerances import tolerance
-from graph_passes.insert_qdq import Exclusions, InsertQDQ, activation_tensors, plan
+from graph_passes.insert_qdq import Decision, Exclusions, InsertQDQ, activation_tensors, plan
 
 logger = logging.getLogger(__name__)
 
@@ -221,14 +221,51 @@ def _tensorrt_variant(
     session = maxima.take_session(fp32) if maxima is not None else None
     values = maxima.take_values(fp32) if maxima is not None else None
     with ThreadPoolExecutor(1) as pool:
-        # histograms of kept values are numpy on one core: the held-out references (ONNX Runtime) run beside
-        references = pool.submit(judge.prepare, "heldout") if values else None
+        if values:
+            # histograms of kept values are numpy on one core: the fp32 references (ONNX Runtime) run beside,
+            # the search samples' first, then the held-out ones, which go on beside the search's own Python
+            # (Q/DQ graph built, weights folded, serialized: one core) until the held-out check needs them
+            judge.prepare_in(pool, "calibration")
+            judge.prepare_in(pool, "heldout")
         ranges = collect_ranges(
             proto, names, data, config.method, config.percentile, config.num_samples, known, session, values
         )
         del session, values
-        if references is not None:
-            references.result()
+        cosine, final, sensitivity, pass_report = _search_and_judge(
+            proto, decisions, ranges, config, judge, out
+        )
+    report["tensorrt"] = {
+        "file": out.name,
+        "method": config.method,
+        "percentile": config.percentile if config.method == "percentile" else None,
+        "ranges": ranges,
+        "heldout_cosine": cosine,
+        "sensitivity": sensitivity.to_json(),
+        "auto_excluded": sensitivity.excluded,
+        "decisions": [d for d in pass_report["details"] if "node" in d],
+        "high_precision_ops": [d for d in pass_report["details"] if "node" not in d],
+        "counts": pass_report["counts"],
+        "seconds": time.perf_counter() - start,
+    }
+    logger.info(
+        "INT8 TensorRT variant: held-out cosine %.5f, %d layers kept high precision",
+        cosine,
+        len(sensitivity.excluded),
+    )
+    inline = not any(uses_external_data(t) for t in final.graph.initializer)  # save_onnx moves large weights
+    return cosine, final if inline else None
+
+
+def _search_and_judge(
+    proto: onnx.ModelProto,
+    decisions: list[Decision],
+    ranges: dict[str, float],
+    config: QuantConfig,
+    judge: Judge,
+    out: Path,
+) -> tuple[float, onnx.ModelProto, SensitivityResult, dict[str, Any]]:
+    """The sensitivity search over the Q/DQ graphs of `proto` with `ranges`; the final graph saved at `out` and
+    judged on the held-out samples: (held-out cosine, final graph, search result, InsertQDQ's report)."""
     candidates = [d.node for d in decisions if d.quantized]
 
     built: dict[frozenset[str], tuple[onnx.ModelProto, Any]] = {}
@@ -250,27 +287,7 @@ def _tensorrt_variant(
     final = build(frozenset(sensitivity.excluded))
     save_onnx(final, out)
     cosine = judge.heldout_cosine(final, fake_quant=True)
-    pass_report = build.report.to_json()  # type: ignore[attr-defined]
-    report["tensorrt"] = {
-        "file": out.name,
-        "method": config.method,
-        "percentile": config.percentile if config.method == "percentile" else None,
-        "ranges": ranges,
-        "heldout_cosine": cosine,
-        "sensitivity": sensitivity.to_json(),
-        "auto_excluded": sensitivity.excluded,
-        "decisions": [d for d in pass_report["details"] if "node" in d],
-        "high_precision_ops": [d for d in pass_report["details"] if "node" not in d],
-        "counts": pass_report["counts"],
-        "seconds": time.perf_counter() - start,
-    }
-    logger.info(
-        "INT8 TensorRT variant: held-out cosine %.5f, %d layers kept high precision",
-        cosine,
-        len(sensitivity.excluded),
-    )
-    inline = not any(uses_external_data(t) for t in final.graph.initializer)  # save_onnx moves large weights
-    return cosine, final if inline else None
+    return cosine, final, sensitivity, build.report.to_json()  # type: ignore[attr-defined]
 
 
 # The CPU file's first build runs in a child interpreter (ONNX Runtime's quantizer is single-threaded Python:
@@ -588,6 +605,8 @@ class Judge:
         self._refs: dict[str, list[np.ndarray]] = {}
         self._batches: dict[str, list[dict[str, np.ndarray]]] = {}
         self._norms: dict[str, list[np.ndarray]] = {}  # per batch: row_norms of its reference
+        # references being made on another thread (`prepare_in`), per key: waited for on first use
+        self._pending: dict[str, Future[str]] = {}
         # the last session built, with what it was built from: the search's last candidate is the final
         # file, judged again on the held-out samples with the same options (one session, not two)
         self._last: tuple[tuple[Any, ...], onnx.ModelProto | Path, ort.InferenceSession] | None = None
@@ -632,10 +651,16 @@ class Judge:
         (`switch`: its switch input's feed)."""
         return self._mean_cosine(session, "calibration", samples or self.search_samples, switch)
 
-    def prepare(self, split: str) -> None:
-        """The fp32 references of `split`'s judged batches ("calibration": the search samples), computed now
-        (in a thread beside numpy work: nothing else may use the judge until it returns)."""
-        self._referenced(split, self.search_samples if split == "calibration" else None)
+    def prepare_in(self, pool: ThreadPoolExecutor, split: str) -> None:
+        """The fp32 references of `split`'s judged batches ("calibration": the search samples), made on `pool`'s
+        thread beside this one's work; their first use waits for them (the same session, batches and
+        references as made on first use: the same numbers)."""
+        key = self._key(split, self._limit(split))
+        if key not in self._refs and key not in self._pending:
+            self._pending[key] = pool.submit(self._make_references, split, self._limit(split))
+
+    def _limit(self, split: str) -> int | None:
+        return self.search_samples if split == "calibration" else None
 
     def max_abs_vs_reference(self, model: Path) -> float:
         session = _session(model, optimize=False)
@@ -688,16 +713,28 @@ class Judge:
 
     def _referenced(self, split: str, limit: int | None) -> str:
         """The key of `split`'s first `limit` judged batches, their fp32 references and the references' row
-        norms: made on first use, once."""
-        key = f"{split}:{limit}"
+        norms: made on first use, once (or waited for, where `prepare_in` is making them)."""
+        key = self._key(split, limit)
+        pending = self._pending.pop(key, None)
+        if pending is not None:
+            pending.result()
+        return self._make_references(split, limit)
+
+    def _make_references(self, split: str, limit: int | None) -> str:
+        key = self._key(split, limit)
         if key not in self._refs:
-            self._batches[key] = self.data.judge_batches(split, limit, JUDGE_BATCH)
-            self._refs[key] = [np.asarray(self.reference(feeds)) for feeds in self._batches[key]]
+            batches = self.data.judge_batches(split, limit, JUDGE_BATCH)
+            refs = [np.asarray(self.reference(feeds)) for feeds in batches]
             self._norms[key] = [
-                row_norms(ref, feeds.get("attention_mask"))
-                for feeds, ref in zip(self._batches[key], self._refs[key], strict=True)
+                row_norms(ref, feeds.get("attention_mask")) for feeds, ref in zip(batches, refs, strict=True)
             ]
+            self._batches[key] = batches
+            self._refs[key] = refs  # last: its key marks the three as made
         return key
+
+    @staticmethod
+    def _key(split: str, limit: int | None) -> str:
+        return f"{split}:{limit}"
 
     def _pairs(self, session, split, limit, extra=None):  # type: ignore[no-untyped-def]
         """(fp32 reference, output, mask) per batch: length-sorted batches cut to their real tokens
