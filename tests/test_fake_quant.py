@@ -92,3 +92,42 @@ def test_a_model_without_foldable_nodes_is_returned_as_is():
         if node.op_type == "DequantizeLinear" and node.input[0] != "x_q":
             node.input[0] = "x_q"
     assert fold_weight_dequantize(model) is model
+
+
+def test_the_folded_model_is_the_one_onnx_helpers_build():
+    """fold_weight_dequantize writes each folded tensor straight into the new model: the same bytes as the
+    model `onnx.helper.make_model(make_graph(...))` builds from the same nodes and initializers, with the
+    kernel's arithmetic (int32 difference, float32 product) for the folded values."""
+    model = _qdq_model(np.random.default_rng(4))
+    graph = model.graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    nodes, folded = [], []
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            x, scale = inits[node.input[0]].astype(np.int32), inits[node.input[1]]
+            zero = inits[node.input[2]].astype(np.int32) if len(node.input) > 2 else np.int32(0)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % x.ndim
+            shape = [1] * x.ndim
+            if scale.size > 1:
+                shape[axis] = scale.size
+            value = (x - np.reshape(zero, shape if np.size(zero) > 1 else ())).astype(np.float32)
+            value = (value * scale.reshape(shape if scale.size > 1 else ())).astype(np.float32)
+            folded.append(numpy_helper.from_array(value, f"{node.output[0]}_folded"))
+            nodes.append(helper.make_node("Identity", [folded[-1].name], [node.output[0]], name=node.name))
+        else:
+            nodes.append(node)
+    read = {name for node in nodes for name in node.input} | {o.name for o in graph.output}
+    expected = helper.make_model(
+        helper.make_graph(
+            nodes,
+            graph.name,
+            list(graph.input),
+            list(graph.output),
+            [i for i in graph.initializer if i.name in read] + folded,
+            value_info=list(graph.value_info),
+        ),
+        ir_version=model.ir_version,
+        opset_imports=model.opset_import,
+        functions=model.functions,
+    )
+    assert fold_weight_dequantize(model).SerializeToString() == expected.SerializeToString()

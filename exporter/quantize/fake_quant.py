@@ -27,10 +27,13 @@ FOLDED = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
 def fold_weight_dequantize(model: onnx.ModelProto) -> onnx.ModelProto:
     """A new model (`model` untouched): every DequantizeLinear of the main graph whose inputs are all
     initializers (int8/uint8 per tensor or per axis, float32 scale, no block size) replaced by an Identity
-    of its float32 output, an initializer `<output>_folded`; initializers only those nodes read are dropped. Anything else stays as is."""
+    of its float32 output, an initializer `<output>_folded`; initializers only those nodes read are dropped.
+    Anything else stays as is. The new model holds the graph, ir_version, opsets and functions, as
+    `onnx.helper.make_model(onnx.helper.make_graph(...))` builds them, but each folded tensor is written into
+    it once (building it apart and copying it in twice took 0.6 of 1.0 s on the 45M Llama's Q/DQ file)."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    folded: dict[str, onnx.TensorProto] = {}
+    folded: dict[str, np.ndarray] = {}
     kept_nodes = []
     for node in graph.node:
         value = _folded(node, inits)
@@ -38,25 +41,31 @@ def fold_weight_dequantize(model: onnx.ModelProto) -> onnx.ModelProto:
             kept_nodes.append(node)
         else:
             constant = f"{node.output[0]}_folded"
-            folded[constant] = numpy_helper.from_array(value, constant)
+            folded[constant] = value
             # read through an Identity: the consumer sees a computed tensor, as it saw the DequantizeLinear's
             kept_nodes.append(onnx.helper.make_node("Identity", [constant], [node.output[0]], name=node.name))
     if not folded:
         return model
     read = {name for node in kept_nodes for name in node.input} | {o.name for o in graph.output}
     with_subgraphs = any(a.HasField("g") or a.graphs for node in kept_nodes for a in node.attribute)
-    initializers = [i for i in graph.initializer if i.name in read or with_subgraphs] + list(folded.values())
-    new_graph = onnx.helper.make_graph(
-        kept_nodes,
-        graph.name,
-        list(graph.input),
-        list(graph.output),
-        initializers,
-        value_info=list(graph.value_info),
-    )
-    return onnx.helper.make_model(
-        new_graph, ir_version=model.ir_version, opset_imports=model.opset_import, functions=model.functions
-    )
+    new = onnx.ModelProto()
+    new.ir_version = model.ir_version
+    new_graph = new.graph
+    new_graph.node.extend(kept_nodes)
+    new_graph.name = graph.name
+    new_graph.input.extend(graph.input)
+    new_graph.output.extend(graph.output)
+    new_graph.initializer.extend(i for i in graph.initializer if i.name in read or with_subgraphs)
+    for name, value in folded.items():
+        tensor = new_graph.initializer.add()
+        tensor.dims.extend(value.shape)
+        tensor.data_type = onnx.TensorProto.FLOAT
+        tensor.raw_data = value.tobytes()
+        tensor.name = name
+    new_graph.value_info.extend(graph.value_info)
+    new.opset_import.extend(model.opset_import)
+    new.functions.extend(model.functions)
+    return new
 
 
 def _folded(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray | None:
@@ -72,9 +81,11 @@ def _folded(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndar
     x, scale = inits[names[0]], inits[names[1]]
     if x.data_type not in FOLDED or scale.data_type != onnx.TensorProto.FLOAT:
         return None
-    values = numpy_helper.to_array(x).astype(np.int32)
+    # int8/uint8 values and zero points are exact in float32, and so is their difference (|x - z| <= 255):
+    # float32(x) - float32(z) is the kernel's float32(int32(x) - int32(z)), computed in place
+    values = numpy_helper.to_array(x).astype(np.float32)
     scales = numpy_helper.to_array(scale)
-    zero = numpy_helper.to_array(inits[names[2]]).astype(np.int32) if len(names) > 2 else np.int32(0)
+    zero = numpy_helper.to_array(inits[names[2]]).astype(np.float32) if len(names) > 2 else np.float32(0)
     if scales.ndim == 1 and scales.size > 1:  # per axis: scale and zero point along `axis`
         axis = int(attributes.get("axis", 1)) % values.ndim
         shape = [1] * values.ndim
@@ -86,4 +97,7 @@ def _folded(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndar
         zero = zero.reshape(()) if np.ndim(zero) else zero
     else:
         return None
-    return ((values - zero).astype(np.float32) * scales).astype(np.float32)
+    if np.any(zero):
+        values -= zero
+    values *= scales
+    return values
