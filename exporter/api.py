@@ -808,7 +808,15 @@ class _Run:
         self._open_cpu_candidates_early(stack, {"int8_cpu"} if result.cpu_path is not None else set())
         real = self.task.token_masks(feeds)  # INT8 is judged on real tokens
         gate = "int8" if self.task.with_past else None  # others: gated on held-out cosine inside quantize
-        trt_outputs = self._onnx_outputs(result.tensorrt_path, feeds)
+        # a decoder's Q/DQ file: checked on the held-out judge's session of the same graph (Q/DQ as written, the
+        # weights' DequantizeLinear folded: the same bits as a new session of the file, no build)
+        trt_session = result.tensorrt_session if self.task.with_past else None
+        result.tensorrt_session = None
+        trt_outputs = (
+            _decoder_prefill_with(trt_session, feeds)
+            if trt_session is not None
+            else self._onnx_outputs(result.tensorrt_path, feeds)
+        )
         self._check("int8_tensorrt", reference, trt_outputs, real, gate)
         self._evaluate("int8_tensorrt", lambda batch: self._onnx_outputs(result.tensorrt_path, batch))
         cpu_session = (
@@ -830,28 +838,36 @@ class _Run:
             runs: dict[bytes, Any] = {}  # and its greedy runs, computed once
             for variant, path in (("tensorrt", result.tensorrt_path), ("cpu", result.cpu_path)):
                 if path is not None:
-                    session = cpu_session if variant == "cpu" else path
+                    session = cpu_session if variant == "cpu" else (trt_session or path)
                     section[variant].update(
                         _decoder_int8_quality(reference_session, session, feeds, runs=runs)
+                    )
+                    section[variant]["quality_run_as"] = (
+                        "ONNX Runtime's defaults, as deployed"
+                        if variant == "cpu" or trt_session is None
+                        else "Q/DQ executed as written (fake quantization: TensorRT's INT8 arithmetic, in float)"
                     )
         if self.task.gate_on_agreement:
             self._agreement_gate(
                 section, result.heldout, {"tensorrt": result.tensorrt_path, "cpu": result.cpu_path}
             )
 
-    def _prefetch_int8_checks(self, path: Path, variant: str) -> None:
+    def _prefetch_int8_checks(self, path: Path, variant: str, judged: bool = False) -> None:
         """`run_int8_stage`'s `on_file`: the sessions `_int8`'s checks of this final file will build, with the
         options they use, built now on the background thread (`check_sessions.prefetch`); for the Q/DQ file
-        also TensorRT's pre-build checks, which the engine stage takes (`_engine`)."""
+        also TensorRT's pre-build checks, which the engine stage takes (`_engine`). `judged`: the stage hands
+        over its judge's session of the file (`QuantResult.tensorrt_session`), which a decoder's checks use."""
         decoder = self.task.with_past
         if variant == "cpu":
             check_sessions.prefetch(path, optimized=True)
             if decoder:  # the greedy agreement's fp32 reference
                 check_sessions.prefetch(self.artifacts["onnx"], optimized=True)
         else:
-            check_sessions.prefetch(path)
-            if decoder:  # the greedy agreement's run of the Q/DQ file, as deployed
-                check_sessions.prefetch(path, optimized=True)
+            on_judges_session = decoder and judged  # a decoder's checks: the session handed over
+            if not on_judges_session:
+                check_sessions.prefetch(path)
+                if decoder:  # the greedy agreement's run of the Q/DQ file
+                    check_sessions.prefetch(path, optimized=True)
             self.prebuild = (path, check_sessions.submit(functools.partial(prebuild_problems, path)))
 
     def _take_cleaned(self) -> tuple[onnx.ModelProto, PipelineReport, BackgroundSave] | None:
@@ -1267,10 +1283,11 @@ def _decoder_int8_quality(
     new_tokens: int = 16,
     runs: dict[bytes, Any] | None = None,
 ) -> dict[str, Any]:
-    """Greedy agreement and logit cosine of the INT8 decoder (a path, or its session with ONNX Runtime's
-    defaults, as deployed) vs the fp32 optimized model (`reference`: its session) over a short generation from the first
-    validation prompts (real tokens only, at most 16), both as ORT runs them. `runs`: the reference's greedy
-    runs, shared between the files judged against it (generation.greedy_agreement's `reference_runs`)."""
+    """Greedy agreement and logit cosine of the INT8 decoder (a path: run with ONNX Runtime's defaults; or a
+    session: the CPU file's as deployed, the Q/DQ file's held-out judge's, Q/DQ as written) vs the fp32
+    optimized model (`reference`: its session) over a short generation from the first validation prompts (real
+    tokens only, at most 16). `runs`: the reference's greedy runs, shared between the files judged against it
+    (generation.greedy_agreement's `reference_runs`)."""
     from exporter.runtime.generation import greedy_agreement
 
     rows = [ids[mask.astype(bool)][:16] for ids, mask in zip(feeds["input_ids"], feeds["attention_mask"])]

@@ -4,6 +4,7 @@ models, low on unrelated ones, so the numbers the export report carries can be t
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from test_decoder_export import build_pruned_model, reference_session
 
@@ -244,3 +245,76 @@ def test_int8_stage_calibrates_decode_steps_and_reports_them(pruned_llama, tmp_p
     with pytest.raises(InputError, match="--calibration-decode-steps"):
         bad = ExportConfig(calibration="random", calibration_samples=8, calibration_decode_steps=-1)
         run_int8_stage(path, tmp_path / "bad", bad, **kwargs)
+
+
+def test_the_judges_session_of_the_qdq_file_computes_the_file(pruned_llama, tmp_path):
+    """The INT8 stage hands over its held-out judge's session of the Q/DQ graph (its target fusion changed no
+    node here): a decoder's checks run on it instead of a new session of the file, with the same bits."""
+    from exporter.config import ExportConfig
+    from exporter.quantize.decoder_calibration import past_shapes, prefill_feeds
+    from exporter.quantize.int8_stage import run_int8_stage
+    from exporter.validate.sessions import check_session
+
+    path, _ = pruned_llama
+    config = ExportConfig(calibration="random", calibration_samples=8)
+    seen = []
+    result, _section = run_int8_stage(
+        path,
+        tmp_path / "out",
+        config,
+        family="llama",
+        tokenizer_path=None,
+        input_names=["input_ids", "attention_mask"],
+        sequence_length=16,
+        vocab_size=128,
+        decoder_with_past=True,
+        on_file=lambda file, variant, judged: seen.append((variant, judged)),
+    )
+    assert seen == [("cpu", False), ("tensorrt", True)]
+    assert result.tensorrt_session is not None
+    mask = (np.arange(12)[None, :] < np.array([12, 7, 3])[:, None]).astype(np.int64)
+    ids = np.random.default_rng(0).integers(1, 128, size=mask.shape) * mask
+    feeds = prefill_feeds(
+        {"input_ids": ids, "attention_mask": mask, "position_ids": np.maximum(mask.cumsum(1) - 1, 0)},
+        past_shapes(path),
+    )
+    wanted = {i.name for i in result.tensorrt_session.get_inputs()}
+    feeds = {k: v for k, v in feeds.items() if k in wanted}
+    judged = result.tensorrt_session.run(None, feeds)[0]
+    fresh = check_session(result.tensorrt_path).run(None, feeds)[0]  # optimizations off, as the checks ran it
+    assert np.array_equal(judged, fresh)
+
+
+def test_same_graph_sees_any_change_of_computation_and_ignores_value_info():
+    import copy
+
+    from onnx import helper, numpy_helper
+
+    from exporter.quantize.int8_stage import same_graph
+
+    weight = numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"), helper.make_node("Relu", ["y"], ["z"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, 3])],
+        [weight],
+    )
+    model = helper.make_model(graph)
+    assert same_graph(model, copy.deepcopy(model))
+    typed = copy.deepcopy(model)
+    typed.graph.value_info.append(helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3]))
+    assert same_graph(model, typed)
+    for change in (
+        lambda m: m.graph.node[1].CopyFrom(helper.make_node("Sigmoid", ["y"], ["z"])),
+        lambda m: m.graph.initializer[0].CopyFrom(
+            numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3) + 1e-3, "w")
+        ),
+        lambda m: m.graph.node.append(helper.make_node("Identity", ["z"], ["unused"])),
+        lambda m: m.graph.output[0].CopyFrom(
+            helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+        ),
+    ):
+        changed = copy.deepcopy(model)
+        change(changed)
+        assert not same_graph(model, changed)

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from quant_test_models import DIM, mlp_with_outlier
 
-from exporter.quantize import int8
+from exporter.quantize import early_stop, int8
 from exporter.quantize.calibration import CalibrationData
 
 
@@ -66,14 +66,14 @@ def test_references_made_on_another_thread_are_the_ones_made_on_first_use(tmp_pa
     onnx.save(model, path)
     fresh = int8.Judge(path, _data(), 32, None)
     expected = (fresh.search_cosine(model, fake_quant=True), fresh.heldout_cosine(model, fake_quant=True))
-    gate, calls, threads = threading.Event(), [], set()
+    gate, calls, threads = threading.Event(), [], []
     judge = int8.Judge(path, _data(), 32, None)
     reference = judge.reference
 
     def slow_reference(feeds):  # held until the caller has asked: the first use must wait for it
         gate.wait(5)
         calls.append(1)
-        threads.add(threading.get_ident())
+        threads.append((threading.get_ident(), len(feeds["x"])))
         return reference(feeds)
 
     judge.reference = slow_reference
@@ -85,8 +85,13 @@ def test_references_made_on_another_thread_are_the_ones_made_on_first_use(tmp_pa
         got = (judge.search_cosine(model, fake_quant=True), judge.heldout_cosine(model, fake_quant=True))
     assert got == expected
     made = len(calls)
-    # all made on the pool's one thread
-    assert len(threads) == 1 and threading.get_ident() not in threads
+    # on the pool's one thread: the search samples' and the held-out split's first chunk (a judge that stops
+    # early reads no more); the held-out rest on first use, here
+    here = threading.get_ident()
+    pool_made = [samples for thread, samples in threads if thread != here]
+    assert len({thread for thread, _ in threads if thread != here}) == 1
+    assert sum(pool_made) == 32 + early_stop.MIN_SAMPLES
+    assert sum(samples for thread, samples in threads if thread == here) == 32 - early_stop.MIN_SAMPLES
     judge.search_cosine(model, fake_quant=True)
     judge.heldout_cosine(model, fake_quant=True)
     assert len(calls) == made  # not made again

@@ -65,7 +65,7 @@ class CalibrationData:
                 yield {name: array[start:stop] for name, array in feeds.items()}
 
     def judge_batches(
-        self, split: str = "calibration", limit: int | None = None, batch: int = 8
+        self, split: str = "calibration", limit: int | None = None, batch: int = 8, chunk: int | None = None
     ) -> list[dict[str, np.ndarray]]:
         """The same samples as `batches(split, limit)`, for runs whose outputs are judged on real tokens only:
         the main feeds sorted by real length into batches of `batch`, each cut to the columns where some
@@ -74,7 +74,9 @@ class CalibrationData:
         (masked out of attention), so this computes the same real tokens at a fraction of the cost. Leading
         (left-padding) columns go only when the feeds carry `position_ids`: a graph that counts positions from
         the first slot would shift a left-padded row's real tokens. Feeds without a [samples, sequence] mask, and the groups (decode
-        steps), are batched as `batches` does."""
+        steps), are batched as `batches` does. `chunk` (a multiple of `batch`): sorted within each run of `chunk`
+        samples instead of across all, so that the first k chunks' batches hold exactly the first k * `chunk`
+        samples (the split is shuffled: a random subset, for a judge that may stop early)."""
         out: list[dict[str, np.ndarray]] = []
         for index, (feeds, group_batch) in enumerate(self._groups(split)):
             total = min(_count(feeds), limit) if limit else _count(feeds)
@@ -86,7 +88,15 @@ class CalibrationData:
                 )
                 continue
             mask = head["attention_mask"]
-            order = np.argsort(mask.sum(axis=1), kind="stable")
+            lengths = mask.sum(axis=1)
+            if chunk is not None and (chunk <= 0 or chunk % batch):
+                raise ValueError(f"chunk {chunk} is not a positive multiple of the batch {batch}")
+            span = chunk or max(total, 1)
+            runs = [
+                start + np.argsort(lengths[start : start + span], kind="stable")
+                for start in range(0, total, span)
+            ]
+            order = np.concatenate(runs) if runs else np.zeros(0, dtype=np.int64)
             for start in range(0, total, batch):
                 rows = order[start : start + batch]
                 used = np.flatnonzero(mask[rows].any(axis=0))

@@ -43,8 +43,10 @@ from export_errors import InputError, ValidationError
 from exporter import progress
 from exporter.export.external_data import save_onnx
 from exporter.quantize import cpu_int8 as quantize_cpu
+from exporter.quantize import early_stop
 from exporter.quantize.calibration import CalibrationData
 from exporter.quantize.cpu_features import WEIGHT_RANGES, WeightRange, reduce_weight_range
+from exporter.quantize.early_stop import EarlyStop
 from exporter.quantize.embeddings import QuantizedTable, quantize_embeddings
 from exporter.quantize.fake_quant import fold_weight_dequantize
 from exporter.quantize.outliers import SUFFIX, split_outliers
@@ -129,6 +131,9 @@ class QuantResult:
     # the TensorRT file's graph as written, when its weights stayed inline (the stage's target fusion takes it
     # instead of reading the file back; `take_tensorrt_model` hands it over once)
     tensorrt_model: onnx.ModelProto | None = dataclasses.field(default=None, repr=False)
+    # the held-out judge's session of that graph: its Q/DQ executed as written (optimizations off, the weights'
+    # DequantizeLinear folded: the same bits as a session of the file), for checks of the same graph
+    tensorrt_session: ort.InferenceSession | None = dataclasses.field(default=None, repr=False)
 
     def take_tensorrt_model(self) -> onnx.ModelProto:
         """The TensorRT file's graph: the one kept in memory (handed over: the result lets go of it), else read."""
@@ -164,18 +169,27 @@ def quantize(
         if prep is None and cpu_first_build is not None:
             cpu_first_build.close()
         stack.callback(lambda: prep.first.close() if prep is not None and prep.first is not None else None)
-        source = fp32_onnx
+        source, loaded = fp32_onnx, None
         if config.smoothing:
             from exporter.quantize.smooth import smooth
 
             # the Q/DQ activations' maxima come in the same pass: the ranges' first pass when nothing is smoothed
             activations = activation_tensors(plan(ir.load(str(fp32_onnx)), config.exclusions()))
+            loaded = onnx.load(str(fp32_onnx))  # read once: smoothing reads it, and the Q/DQ file's passes
             source, report["smoothing"] = smooth(
-                fp32_onnx, Path(tmp), calibration, config, cache=maxima, also=activations
+                fp32_onnx, Path(tmp), calibration, config, cache=maxima, also=activations, model=loaded
             )
-        trt_cosine, trt_model = _tensorrt_variant(
-            source, out_dir / TENSORRT_FILE, calibration, config, judge, report, maxima
+        trt_cosine, trt_model, trt_session = _tensorrt_variant(
+            source,
+            out_dir / TENSORRT_FILE,
+            calibration,
+            config,
+            judge,
+            report,
+            maxima,
+            loaded if source == fp32_onnx else None,  # unchanged: nothing was smoothed
         )
+        del loaded
         cpu_path, cpu_cosine = None, None
         if prep is not None:
             cpu_path = out_dir / CPU_FILE
@@ -200,6 +214,7 @@ def quantize(
         cpu_cosine,
         heldout=calibration.heldout,
         tensorrt_model=trt_model,
+        tensorrt_session=trt_session,
     )
 
 
@@ -211,10 +226,13 @@ def _tensorrt_variant(
     judge: Judge,
     report: dict[str, Any],
     maxima: Maxima | None = None,
-) -> tuple[float, onnx.ModelProto | None]:
-    """Held-out cosine of the TensorRT file written at `out`, and its graph where the weights stayed inline."""
+    proto: onnx.ModelProto | None = None,
+) -> tuple[float, onnx.ModelProto | None, ort.InferenceSession | None]:
+    """Held-out cosine of the TensorRT file written at `out`, its graph where the weights stayed inline, and the
+    session that judged it (`QuantResult.tensorrt_session`).
+    `proto`: the graph of `fp32`, already read (not changed here)."""
     start = time.perf_counter()
-    proto = onnx.load(str(fp32))
+    proto = proto if proto is not None else onnx.load(str(fp32))
     decisions = plan(ir.from_proto(proto), config.exclusions())
     names = activation_tensors(decisions)
     known = maxima.absmax(fp32, names) if maxima is not None else {}
@@ -242,6 +260,7 @@ def _tensorrt_variant(
         "percentile": config.percentile if config.method == "percentile" else None,
         "ranges": ranges,
         "heldout_cosine": cosine,
+        "heldout_judged": judge.last_heldout,
         "sensitivity": sensitivity.to_json(),
         "auto_excluded": sensitivity.excluded,
         "decisions": [d for d in pass_report["details"] if "node" in d],
@@ -255,7 +274,7 @@ def _tensorrt_variant(
         len(sensitivity.excluded),
     )
     inline = not any(uses_external_data(t) for t in final.graph.initializer)  # save_onnx moves large weights
-    return cosine, final if inline else None
+    return cosine, final if inline else None, judge.last_session()
 
 
 def _search_and_judge(
@@ -288,7 +307,7 @@ def _search_and_judge(
     )
     final = build(frozenset(sensitivity.excluded))
     save_onnx(final, out)
-    cosine = judge.heldout_cosine(final, fake_quant=True)
+    cosine = judge.heldout_cosine(final, fake_quant=True, target=config.min_cosine)
     return cosine, final, sensitivity, build.report.to_json()  # type: ignore[attr-defined]
 
 
@@ -409,7 +428,7 @@ def _cpu_variant(
         save_onnx(model, out)
     else:
         shutil.copyfile(final, out)
-    cosine = judge.heldout_cosine(out)
+    cosine = judge.heldout_cosine(out, target=config.min_cosine)
     report["cpu"] = {
         "file": out.name,
         "scheme": "dynamic per-tensor u8 activations x per-channel s8 weights (ONNX Runtime quantize_dynamic)",
@@ -429,6 +448,7 @@ def _cpu_variant(
         "sensitivity": sensitivity.to_json(),
         "embeddings": [t.to_json() for t in tables],
         "heldout_cosine": cosine,
+        "heldout_judged": judge.last_heldout,
         "ort_optimized_graph_ops": quantize_cpu.integer_kernel_counts(out),
         "seconds": time.perf_counter() - start,
     }
@@ -602,13 +622,14 @@ class Judge:
     ) -> None:
         self.data = data
         self.search_samples = search_samples
-        ref_session = None if reference else _session(fp32, optimize=False)
+        ref_session = None if reference else _session(fp32, optimize=False, spin=False)
         self.reference = reference or (lambda feeds: _run(ref_session, feeds))
         self._refs: dict[str, list[np.ndarray]] = {}
         self._batches: dict[str, list[dict[str, np.ndarray]]] = {}
         self._norms: dict[str, list[np.ndarray]] = {}  # per batch: row_norms of its reference
         # references being made on another thread (`prepare_in`), per key: waited for on first use
         self._pending: dict[str, Future[str]] = {}
+        self.last_heldout: dict[str, object] = {}  # how the last held-out judge read the split (EarlyStop)
         # the last session built, with what it was built from: the search's last candidate is the final
         # file, judged again on the held-out samples with the same options (one session, not two)
         self._last: tuple[tuple[Any, ...], onnx.ModelProto | Path, ort.InferenceSession] | None = None
@@ -617,8 +638,12 @@ class Judge:
     def search_cosine(self, model: onnx.ModelProto | Path, fake_quant: bool = False) -> float:
         return self._cosine(model, "calibration", self.search_samples, fake_quant)
 
-    def heldout_cosine(self, model: onnx.ModelProto | Path, fake_quant: bool = False) -> float:
-        return self._cosine(model, "heldout", None, fake_quant)
+    def heldout_cosine(
+        self, model: onnx.ModelProto | Path, fake_quant: bool = False, target: float | None = None
+    ) -> float:
+        """Mean token cosine on the held-out samples; with a `target`, judged chunk by chunk until it is
+        clear of the target (exporter/quantize/early_stop.py; `last_heldout` says how many were judged)."""
+        return self._cosine(model, "heldout", None, fake_quant, target)
 
     def sweep(self, switchable: onnx.ModelProto, layers: list[str]) -> dict[str, float]:
         """Cosine on the search samples with each layer alone fake-quantized, from one switchable graph:
@@ -659,7 +684,9 @@ class Judge:
         references as made on first use: the same numbers)."""
         key = self._key(split, self._limit(split))
         if key not in self._refs and key not in self._pending:
-            self._pending[key] = pool.submit(self._make_references, split, self._limit(split))
+            # held out: the first chunk only (a judge clear of its target stops there; the rest on demand)
+            samples = early_stop.MIN_SAMPLES if split == "heldout" else None
+            self._pending[key] = pool.submit(self._make_references, split, self._limit(split), samples)
 
     def _limit(self, split: str) -> int | None:
         return self.search_samples if split == "calibration" else None
@@ -670,11 +697,17 @@ class Judge:
         return max(max_abs_on_real_tokens(ref, out, mask) for ref, out, mask in pairs)
 
     def _cosine(
-        self, model: onnx.ModelProto | Path, split: str, limit: int | None, fake_quant: bool
+        self,
+        model: onnx.ModelProto | Path,
+        split: str,
+        limit: int | None,
+        fake_quant: bool,
+        target: float | None = None,
     ) -> float:
         # fake_quant: Q/DQ executed as written (optimizations off; the weights' DequantizeLinear computed
         # once, the same bits: exporter/quantize/fake_quant.py); else as ORT runs it (integer kernels)
-        return self._mean_cosine(self._session(model, optimize=not fake_quant, fold=fake_quant), split, limit)
+        session = self._session(model, optimize=not fake_quant, fold=fake_quant)
+        return self._mean_cosine(session, split, limit, target=target)
 
     def _mean_cosine(
         self,
@@ -682,13 +715,28 @@ class Judge:
         split: str,
         limit: int | None,
         extra: dict[str, np.ndarray] | None = None,
+        target: float | None = None,
     ) -> float:
         """Mean token cosine of `session`'s outputs vs the references, over every judged token of the split
-        (the references' row norms computed once per batch, however many candidates are judged)."""
-        norms = self._norms[self._referenced(split, limit)]
-        pairs = self._pairs(session, split, limit, extra)
-        scores = [token_cosines(r, o, m, n) for (r, o, m), n in zip(pairs, norms, strict=True)]
-        return float(np.mean(np.concatenate(scores)))
+        (the references' row norms computed once per batch, however many candidates are judged). `target`
+        (held-out split): stop at the first chunk boundary where the mean is clear of it (`EarlyStop`)."""
+        if target is None:
+            norms = self._norms[self._referenced(split, limit)]
+            pairs = self._pairs(session, split, limit, extra)
+            scores = [token_cosines(r, o, m, n) for (r, o, m), n in zip(pairs, norms, strict=True)]
+            return float(np.mean(np.concatenate(scores)))
+        key = self._batched(split, limit)
+        groups = bool(self.data.groups.get(split))  # decode-step batches follow the prefills: judged whole
+        stop = EarlyStop(None if groups else target, self.data.num_heldout if split == "heldout" else 0)
+        for index, feeds in enumerate(self._batches[key]):
+            ref, ref_norms = self._reference(key, index)
+            mask = feeds.get("attention_mask")
+            out = _run(session, {**feeds, **(extra or {})})
+            stop.add(token_cosines(ref, out, mask, ref_norms), sample_of_rows(ref, mask), ref.shape[0])
+            if stop.done():
+                break
+        self.last_heldout = stop.to_json()
+        return stop.mean()
 
     def _session(
         self, model: onnx.ModelProto | Path, optimize: bool, fold: bool = False
@@ -713,26 +761,53 @@ class Judge:
         self._last = (key, model, session)
         return session
 
+    def last_session(self) -> ort.InferenceSession | None:
+        """The session of the last graph judged (the search's last candidate is the final file)."""
+        return self._last[2] if self._last is not None else None
+
     def _referenced(self, split: str, limit: int | None) -> str:
         """The key of `split`'s first `limit` judged batches, their fp32 references and the references' row
         norms: made on first use, once (or waited for, where `prepare_in` is making them)."""
+        key = self._batched(split, limit)
+        self._make_references(split, limit)
+        return key
+
+    def _batched(self, split: str, limit: int | None) -> str:
+        """The key of `split`'s judged batches, made (and any references `prepare_in` is making waited for)."""
         key = self._key(split, limit)
         pending = self._pending.pop(key, None)
         if pending is not None:
             pending.result()
-        return self._make_references(split, limit)
-
-    def _make_references(self, split: str, limit: int | None) -> str:
-        key = self._key(split, limit)
-        if key not in self._refs:
-            batches = self.data.judge_batches(split, limit, JUDGE_BATCH)
-            refs = [np.asarray(self.reference(feeds)) for feeds in batches]
-            self._norms[key] = [
-                row_norms(ref, feeds.get("attention_mask")) for feeds, ref in zip(batches, refs, strict=True)
-            ]
-            self._batches[key] = batches
-            self._refs[key] = refs  # last: its key marks the three as made
+        self._ensure_batches(key, split, limit)
         return key
+
+    def _ensure_batches(self, key: str, split: str, limit: int | None) -> None:
+        if key not in self._batches:
+            chunk = early_stop.CHUNK if split == "heldout" else None  # a prefix of chunks: a random subset
+            self._batches[key] = self.data.judge_batches(split, limit, JUDGE_BATCH, chunk)
+            self._refs[key], self._norms[key] = [], []
+
+    def _make_references(self, split: str, limit: int | None, samples: int | None = None) -> str:
+        """The references of `split`'s judged batches holding its first `samples` samples (None: all)."""
+        key = self._key(split, limit)
+        self._ensure_batches(key, split, limit)
+        covered = 0
+        for index, feeds in enumerate(self._batches[key]):
+            if samples is not None and covered >= samples:
+                break
+            self._reference(key, index)
+            covered += len(next(iter(feeds.values())))
+        return key
+
+    def _reference(self, key: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batch `index`'s fp32 reference and its row norms, made in order on first use."""
+        refs, norms, batches = self._refs[key], self._norms[key], self._batches[key]
+        while len(refs) <= index:
+            feeds = batches[len(refs)]
+            ref = np.asarray(self.reference(feeds))
+            norms.append(row_norms(ref, feeds.get("attention_mask")))
+            refs.append(ref)  # last: its length counts the batches referenced
+        return refs[index], norms[index]
 
     @staticmethod
     def _key(split: str, limit: int | None) -> str:
@@ -744,6 +819,13 @@ class Judge:
         key = self._referenced(split, limit)
         for feeds, ref in zip(self._batches[key], self._refs[key], strict=True):
             yield ref, _run(session, {**feeds, **(extra or {})}), feeds.get("attention_mask")
+
+
+def sample_of_rows(reference: np.ndarray, attention_mask: np.ndarray | None) -> np.ndarray:
+    """The batch row (sample) of each row `token_cosines` judges, in its order."""
+    _, _, rows = _judged_rows(reference, reference, attention_mask)
+    per_sample = max(reference.reshape(-1, reference.shape[-1]).shape[0] // max(reference.shape[0], 1), 1)
+    return rows // per_sample
 
 
 # Rows per block of `token_cosines`: selected rows are gathered a few MB at a time (in cache for the sums)
@@ -795,10 +877,17 @@ def _judged_rows(
     return ref, out, rows
 
 
-def _session(model: onnx.ModelProto | Path, optimize: bool, threads: int = 2) -> ort.InferenceSession:
+def _session(
+    model: onnx.ModelProto | Path, optimize: bool, threads: int = 2, spin: bool = True
+) -> ort.InferenceSession:
+    """`spin=False`: the intra-op threads sleep between parallel sections instead of spinning, for a session
+    that runs beside other work (the reference's beside the histograms: spinning threads take the core the
+    histogram thread needs, and wait on each other when it has it)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)

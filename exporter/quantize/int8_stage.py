@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from export_errors import InputError
 from exporter.config import ExportConfig
@@ -71,7 +72,7 @@ def run_int8_stage(
     fused: Path | None = None,
     cleaned: tuple[onnx.ModelProto, PipelineReport, BackgroundSave] | None = None,
     cpu_first_build: BackgroundBuild | None = None,
-    on_file: Callable[[Path, str], None] | None = None,
+    on_file: Callable[[Path, str, bool], None] | None = None,
 ) -> tuple[QuantResult, dict[str, Any]]:
     """Quantize the exported compact fp32 graph; returns the result and the report section.
     `decoder_with_past`: calibrate on prefills (position ids and empty pasts added to the token ids)
@@ -87,10 +88,10 @@ def run_int8_stage(
     already ran it on `exported` (the same passes for every target: `optimize_ir`'s `on_cleaned`), and its
     file being written in the background under CLEANED_FILE. `cpu_first_build`: `start_cpu_first_build`'s
     child, taken by `quantize` if it is the build needed.
-    `on_file(path, variant)`: called with each INT8 file as soon as it is final (variant "cpu": the CPU file,
-    when `quantize` returns; "tensorrt": the Q/DQ file, once its target fusion is saved), so the caller can
-    open it for its checks beside this stage's remaining work (one core of Python: fusion, saves, the
-    OpenVINO file)."""
+    `on_file(path, variant, judged)`: called with each INT8 file as soon as it is final (variant "cpu": the CPU
+    file, when `quantize` returns; "tensorrt": the Q/DQ file, once its target fusion is saved), so the caller
+    can open it for its checks beside this stage's remaining work (one core of Python: fusion, saves, the
+    OpenVINO file); `judged`: `result.tensorrt_session` computes that file (its fusion changed nothing)."""
     with tempfile.TemporaryDirectory() as tmp:
         cleaned_path = Path(tmp) / CLEANED_FILE
         if cleaned is None:
@@ -114,12 +115,16 @@ def run_int8_stage(
         quant_config = _quant_config(config, family, decoder_with_past, smoothing, fused)
         result = quantize(cleaned_path, work, calibration, quant_config, cpu_first_build=cpu_first_build)
     if on_file is not None and result.cpu_path is not None:
-        on_file(result.cpu_path, "cpu")
-    fused, fusion = optimize(result.take_tensorrt_model(), "tensorrt", stages=("fusion",), family=family)
+        on_file(result.cpu_path, "cpu", False)
+    judged = result.take_tensorrt_model()
+    fused, fusion = optimize(judged, "tensorrt", stages=("fusion",), family=family)
+    if result.tensorrt_session is not None and not same_graph(judged, fused):
+        result.tensorrt_session = None  # the fusion changed what the judge's session computes
+    del judged
     save_onnx(fused, result.tensorrt_path)
     del fused
     if on_file is not None:
-        on_file(result.tensorrt_path, "tensorrt")
+        on_file(result.tensorrt_path, "tensorrt", result.tensorrt_session is not None)
     section = {
         **(
             {
@@ -141,6 +146,33 @@ def run_int8_stage(
         **({"decoder_calibration": decoder_report} if decoder_report else {}),
     }
     return result, section
+
+
+def same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    """Whether `b` computes exactly what `a` does: the same graph inputs and outputs, nodes (attributes
+    included) in the same order, initializers (name, type, shape, bytes), opsets and functions. Shape
+    inference's value_info may differ: it changes no computation."""
+    ga, gb = a.graph, b.graph
+    if [i.name for i in ga.input] != [i.name for i in gb.input]:
+        return False
+    if [o.name for o in ga.output] != [o.name for o in gb.output]:
+        return False
+    if len(ga.node) != len(gb.node) or len(ga.initializer) != len(gb.initializer):
+        return False
+    if any(x.SerializeToString() != y.SerializeToString() for x, y in zip(ga.node, gb.node, strict=True)):
+        return False
+    if {(o.domain, o.version) for o in a.opset_import} != {(o.domain, o.version) for o in b.opset_import}:
+        return False
+    if [f.SerializeToString() for f in a.functions] != [f.SerializeToString() for f in b.functions]:
+        return False
+    tensors = {t.name: t for t in gb.initializer}
+    for x in ga.initializer:
+        y = tensors.get(x.name)
+        if y is None or x.data_type != y.data_type or list(x.dims) != list(y.dims):
+            return False
+        if not np.array_equal(numpy_helper.to_array(x), numpy_helper.to_array(y)):
+            return False
+    return True
 
 
 def _quant_config(

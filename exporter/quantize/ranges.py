@@ -40,9 +40,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx.external_data_helper import uses_external_data
 
 from exporter import progress
-from exporter.export.external_data import save_onnx
+from exporter.export.external_data import EXTERNAL_DATA_THRESHOLD_BYTES, initializer_bytes, save_onnx
 from exporter.quantize.calibration import CalibrationData
 
 logger = logging.getLogger(__name__)
@@ -348,14 +349,27 @@ def _feeds_for(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> d
 def _session_with_outputs(
     model: onnx.ModelProto | str | Path, names: list[str], tmp: Path
 ) -> ort.InferenceSession:
-    """An ORT session (optimizations off) whose outputs are `names`, computing only what they depend on."""
+    """An ORT session (optimizations off) whose outputs are `names`, computing only what they depend on. Built
+    from the pruned graph's bytes (the 45M Llama's 221 MB: 0.5 s of writing calibrate.onnx saved), or from a
+    file with external data where the graph is over protobuf's limit."""
     proto = onnx.load(str(model)) if not isinstance(model, onnx.ModelProto) else model
-    path = tmp / "calibrate.onnx"
-    save_onnx(needed_for(proto, names), path)
+    pruned = needed_for(proto, names)
+    source: str | bytes
+    if initializer_bytes(pruned) < EXTERNAL_DATA_THRESHOLD_BYTES and not _any_external_data(pruned):
+        source = pruned.SerializeToString()
+    else:
+        source = str(tmp / "calibrate.onnx")
+        save_onnx(pruned, Path(source))
+    del pruned
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def _any_external_data(model: onnx.ModelProto) -> bool:
+    """Whether any initializer's data lies in a file (bytes alone would not carry it)."""
+    return any(uses_external_data(tensor) for tensor in model.graph.initializer)
 
 
 def needed_for(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:

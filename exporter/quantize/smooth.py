@@ -39,13 +39,15 @@ def smooth(
     alpha: float = ALPHA,
     cache: Maxima | None = None,
     also: Sequence[str] = (),
+    model: onnx.ModelProto | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Write the smoothed fp32 model to `tmp`; return its path and what was smoothed (`fp32` itself, nothing
     written, when no activation qualifies: the same graph). `cache`: channel maxima shared with the Q/DQ
     ranges and the CPU file's outlier split (exporter/quantize/ranges.py cached_channel_max); `also`: tensors
     whose max |x| is measured into `cache` in the same pass over the calibration set (the Q/DQ file's
-    activations: the ranges' first pass when nothing is smoothed)."""
-    model = onnx.load(str(fp32))
+    activations: the ranges' first pass when nothing is smoothed). `model`: the graph of `fp32` already read;
+    changed in place where something is smoothed (the caller reads the smoothed file, not it)."""
+    model = model if model is not None else onnx.load(str(fp32))
     inits = {i.name: i for i in model.graph.initializer}
     consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in model.graph.node:
