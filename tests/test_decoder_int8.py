@@ -222,6 +222,17 @@ def test_ranges_include_decode_step_activations(tmp_path):
     assert with_steps[grown] == pytest.approx(full_prefill[grown], rel=1e-3)
 
 
+# run_int8_stage's arguments for the pruned tiny Llama (no tokenizer: random calibration)
+TINY_LLAMA_STAGE = dict(
+    family="llama",
+    tokenizer_path=None,
+    input_names=["input_ids", "attention_mask"],
+    sequence_length=16,
+    vocab_size=128,
+    decoder_with_past=True,
+)
+
+
 def test_int8_stage_calibrates_decode_steps_and_reports_them(pruned_llama, tmp_path):
     from export_errors import InputError
     from exporter.config import ExportConfig
@@ -229,14 +240,7 @@ def test_int8_stage_calibrates_decode_steps_and_reports_them(pruned_llama, tmp_p
 
     path, _ = pruned_llama
     config = ExportConfig(calibration="random", calibration_samples=8, calibration_decode_steps=2)
-    kwargs = dict(
-        family="llama",
-        tokenizer_path=None,
-        input_names=["input_ids", "attention_mask"],
-        sequence_length=16,
-        vocab_size=128,
-        decoder_with_past=True,
-    )
+    kwargs = TINY_LLAMA_STAGE
     _, section = run_int8_stage(path, tmp_path / "out", config, **kwargs)
     assert section["decoder_calibration"]["decode_steps"] == 2
     steps = section["calibration"]["group_shapes"]
@@ -262,12 +266,7 @@ def test_the_judges_session_of_the_qdq_file_computes_the_file(pruned_llama, tmp_
         path,
         tmp_path / "out",
         config,
-        family="llama",
-        tokenizer_path=None,
-        input_names=["input_ids", "attention_mask"],
-        sequence_length=16,
-        vocab_size=128,
-        decoder_with_past=True,
+        **TINY_LLAMA_STAGE,
         on_file=lambda file, variant, judged: seen.append((variant, judged)),
     )
     assert seen == [("cpu", False), ("tensorrt", True)]
