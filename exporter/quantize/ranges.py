@@ -40,10 +40,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx.external_data_helper import uses_external_data
 
 from exporter import progress
-from exporter.export.external_data import EXTERNAL_DATA_THRESHOLD_BYTES, initializer_bytes, save_onnx
+from exporter.export.external_data import one_file_bytes, save_onnx
 from exporter.quantize.calibration import CalibrationData
 
 logger = logging.getLogger(__name__)
@@ -354,22 +353,14 @@ def _session_with_outputs(
     file with external data where the graph is over protobuf's limit."""
     proto = onnx.load(str(model)) if not isinstance(model, onnx.ModelProto) else model
     pruned = needed_for(proto, names)
-    source: str | bytes
-    if initializer_bytes(pruned) < EXTERNAL_DATA_THRESHOLD_BYTES and not _any_external_data(pruned):
-        source = pruned.SerializeToString()
-    else:
-        source = str(tmp / "calibrate.onnx")
-        save_onnx(pruned, Path(source))
+    source: str | bytes | None = one_file_bytes(pruned)
+    if source is None:
+        source = str(save_onnx(pruned, tmp / "calibrate.onnx"))
     del pruned
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def _any_external_data(model: onnx.ModelProto) -> bool:
-    """Whether any initializer's data lies in a file (bytes alone would not carry it)."""
-    return any(uses_external_data(tensor) for tensor in model.graph.initializer)
 
 
 def needed_for(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
