@@ -27,25 +27,33 @@ Z = 3.09  # one-sided 99.9%
 
 @dataclasses.dataclass
 class EarlyStop:
-    """Per-sample sums of token cosines and token counts, batch by batch; `done()` says when to stop."""
+    """Token cosines, and per-sample sums and token counts, batch by batch; `done()` says when to stop."""
 
     target: float | None  # None: never stop early (the whole split is judged)
     total_samples: int
+    cosines: list[np.ndarray] = dataclasses.field(default_factory=list)
     sums: list[float] = dataclasses.field(default_factory=list)
     tokens: list[int] = dataclasses.field(default_factory=list)
+    judged: int = 0  # samples judged without a target (with one: len(sums))
 
-    def add(self, cosines: np.ndarray, sample_of_token: np.ndarray, samples: int) -> None:
-        """One batch: the cosine of each judged token and the batch row (sample) it belongs to."""
-        self.sums.extend(np.bincount(sample_of_token, weights=cosines, minlength=samples).tolist())
-        self.tokens.extend(np.bincount(sample_of_token, minlength=samples).tolist())
+    def add(self, cosines: np.ndarray, sample_of_token: np.ndarray | None, samples: int) -> None:
+        """One batch: the cosine of each judged token and the batch row (sample) it belongs to (needed only
+        with a target)."""
+        self.cosines.append(cosines)
+        if self.target is not None:  # the statistics only a stopping rule reads
+            assert sample_of_token is not None
+            self.sums.extend(np.bincount(sample_of_token, weights=cosines, minlength=samples).tolist())
+            self.tokens.extend(np.bincount(sample_of_token, minlength=samples).tolist())
+        else:
+            self.judged += samples
 
     @property
     def samples(self) -> int:
-        return len(self.sums)
+        return len(self.sums) if self.target is not None else self.judged
 
     def mean(self) -> float:
-        total = sum(self.tokens)
-        return math.fsum(self.sums) / total if total else float("nan")
+        """The mean over every judged token (the numbers the judge always reported)."""
+        return float(np.mean(np.concatenate(self.cosines))) if self.cosines else float("nan")
 
     def lower_bound(self) -> float:
         """M - Z * SE over the samples judged so far (those with at least one token); -inf under two."""

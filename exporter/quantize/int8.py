@@ -720,22 +720,20 @@ class Judge:
         """Mean token cosine of `session`'s outputs vs the references, over every judged token of the split
         (the references' row norms computed once per batch, however many candidates are judged). `target`
         (held-out split): stop at the first chunk boundary where the mean is clear of it (`EarlyStop`)."""
-        if target is None:
-            norms = self._norms[self._referenced(split, limit)]
-            pairs = self._pairs(session, split, limit, extra)
-            scores = [token_cosines(r, o, m, n) for (r, o, m), n in zip(pairs, norms, strict=True)]
-            return float(np.mean(np.concatenate(scores)))
         key = self._batched(split, limit)
         groups = bool(self.data.groups.get(split))  # decode-step batches follow the prefills: judged whole
-        stop = EarlyStop(None if groups else target, self.data.num_heldout if split == "heldout" else 0)
+        early = target if split == "heldout" and not groups else None
+        stop = EarlyStop(early, self.data.num_heldout if split == "heldout" else 0)
         for index, feeds in enumerate(self._batches[key]):
             ref, ref_norms = self._reference(key, index)
             mask = feeds.get("attention_mask")
             out = _run(session, {**feeds, **(extra or {})})
-            stop.add(token_cosines(ref, out, mask, ref_norms), sample_of_rows(ref, mask), ref.shape[0])
+            rows = sample_of_rows(ref, mask) if early is not None else None  # only a stopping rule reads them
+            stop.add(token_cosines(ref, out, mask, ref_norms), rows, ref.shape[0])
             if stop.done():
                 break
-        self.last_heldout = stop.to_json()
+        if split == "heldout":
+            self.last_heldout = stop.to_json()
         return stop.mean()
 
     def _session(
