@@ -161,8 +161,8 @@ class KeptValues:
     def add(self, outputs: dict[str, Values]) -> None:
         if self.dropped is not None:
             return
-        arrays = (_array(outputs[n]) for n in self.arrays)
-        self.bytes += sum({id(a): a.nbytes for a in arrays}.values())
+        held = {id(a): a.nbytes for a in (_array(outputs[n]) for n in self.arrays)}
+        self.bytes += sum(held.values())
         self.seen += 1
         projected = self.bytes * max(self.batches, self.seen) // self.seen
         if projected > self.budget:
