@@ -44,6 +44,7 @@ import onnxruntime as ort
 from exporter import progress
 from exporter.export.external_data import one_file_bytes, save_onnx
 from exporter.quantize.calibration import CalibrationData
+from exporter.quantize.repeats import Fetch, Repeated, Values
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def collect_ranges(
     limit: int | None = None,
     amax: dict[str, float] | None = None,
     session: ort.InferenceSession | None = None,
-    values: dict[str, list[np.ndarray]] | None = None,
+    values: dict[str, list[Values]] | None = None,
 ) -> dict[str, float]:
     """amax per tensor, by `method`, from the first `limit` calibration samples (all when None). `amax`: max |x|
     per tensor already measured on the same model and samples (exporter/quantize/int8.py takes it from the
@@ -70,7 +71,9 @@ def collect_ranges(
     calibration session of the same model whose outputs include every tensor (the one that measured `amax`:
     `Maxima.take_session`), used instead of building another. `values`: those tensors' per-batch arrays from
     that same pass (`Maxima.take_values`; taken: the lists are emptied as they are counted), histogrammed
-    instead of running the set again. A first pass keeps what it measures when it fits (`KeptValues`)."""
+    instead of running the set again. A first pass keeps what it measures when it fits (`KeptValues`).
+    A tensor that repeats another's values (a GQA decoder's K^T and V) is measured on its source, its counts
+    weighted by the copies (exporter/quantize/repeats.py): the same ranges."""
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose from {METHODS}")
     names = list(dict.fromkeys(tensor_names))
@@ -88,10 +91,10 @@ def collect_ranges(
         rest = [n for n in names if n not in kept]  # the histogram needs these from ONNX Runtime
         if missing:
             # the max pass: also keeps the values of every tensor the histogram still needs, where they fit
-            fetched = missing if method == "max" else rest
-            session = _session_with_outputs(proto, fetched, Path(tmp))
+            fetch = Fetch.plan(proto, missing if method == "max" else rest)
+            session = _session_with_outputs(proto, fetch.outputs, Path(tmp))
             keep = KeptValues(rest, data.num_batches("calibration", limit)) if method != "max" else None
-            for outputs in _passes(session, fetched, data, limit, "ranges: max"):
+            for outputs in _passes(session, fetch, data, limit, "ranges: max"):
                 for name in missing:
                     amax[name] = max(amax[name], _absmax(outputs[name]))
                 if keep is not None:
@@ -105,21 +108,22 @@ def collect_ranges(
                 logger.info(
                     "calibration values not kept (%s): a second pass fills the histograms", keep.dropped
                 )
-        elif rest and (session is None or not set(rest) <= {o.name for o in session.get_outputs()}):
-            session = _session_with_outputs(proto, rest, Path(tmp))
+        fetch = Fetch.plan(proto, rest)  # (after a max pass: a part of its session's outputs)
+        if rest and (session is None or not set(fetch.outputs) <= {o.name for o in session.get_outputs()}):
+            session = _session_with_outputs(proto, fetch.outputs, Path(tmp))
         for name in kept:
             arrays = kept[name]
             while arrays:  # counted and let go batch by batch
-                hists[name] += abs_histogram(arrays.pop(), amax[name] or 1.0)
+                hists[name] += _histogram(arrays.pop(), amax[name] or 1.0)
 
-        def count(outputs: dict[str, np.ndarray]) -> None:
+        def count(outputs: dict[str, Values]) -> None:
             for name, array in outputs.items():
-                hists[name] += abs_histogram(array, amax[name] or 1.0)
+                hists[name] += _histogram(array, amax[name] or 1.0)
 
         # one batch's histograms run beside ONNX Runtime's next batch (integer counts: the same sums)
         with ThreadPoolExecutor(1) if HISTOGRAM_THREAD and rest else contextlib.nullcontext() as pool:
             pending: Future[None] | None = None
-            for outputs in _passes(session, rest, data, limit, f"ranges: {method}") if rest else ():
+            for outputs in _passes(session, fetch, data, limit, f"ranges: {method}") if rest else ():
                 if pool is None:
                     count(outputs)
                     continue
@@ -143,20 +147,22 @@ class KeptValues:
     per batch x batches) fits the budget; once it does not, everything kept is let go and `dropped` says why.
     The arrays are the ones ONNX Runtime returned (each run's outputs are new arrays: nothing is copied; their
     pages are new, ~770k minor faults for the 45M Llama's 2.9 GB, +0.8 s on a 3.7 s pass: copying them into
-    memory mapped with MAP_POPULATE measured slower, +1.9 s)."""
+    memory mapped with MAP_POPULATE measured slower, +1.9 s). An array several tensors hold (`Repeated`) counts
+    once."""
 
     def __init__(self, names: Sequence[str], batches: int, budget: int | None = None) -> None:
-        self.arrays: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        self.arrays: dict[str, list[Values]] = {n: [] for n in names}
         self.batches = max(batches, 1)
         self.budget = keep_budget() if budget is None else budget
         self.bytes = 0
         self.seen = 0
         self.dropped: str | None = None if self.arrays else "nothing to keep"
 
-    def add(self, outputs: dict[str, np.ndarray]) -> None:
+    def add(self, outputs: dict[str, Values]) -> None:
         if self.dropped is not None:
             return
-        self.bytes += sum(outputs[n].nbytes for n in self.arrays)
+        held = {id(a): a.nbytes for a in (_array(outputs[n]) for n in self.arrays)}
+        self.bytes += sum(held.values())
         self.seen += 1
         projected = self.bytes * max(self.batches, self.seen) // self.seen
         if projected > self.budget:
@@ -326,18 +332,33 @@ def _kl(p: np.ndarray, q: np.ndarray) -> float:
     return float(np.sum(p[support] * np.log(p[support] / q[support])))
 
 
-def _absmax(array: np.ndarray) -> float:
-    return float(np.max(np.abs(array))) if array.size else 0.0
+def _absmax(values: Values) -> float:
+    if isinstance(values, Repeated):  # no copies: an empty tensor
+        return _absmax(values.values) if values.copies else 0.0
+    return float(np.max(np.abs(values))) if values.size else 0.0
 
 
-def _passes(session, names, data, limit, desc):  # type: ignore[no-untyped-def]
-    """One pass over the calibration batches, yielding {tensor name: values} per batch: real tokens only
-    (`CalibrationData.judge_batches`, batches of the export's batch size sorted by length and cut to the
-    columns holding a real token), as the held-out judge reads them."""
+def _histogram(values: Values, high: float) -> np.ndarray:
+    """`abs_histogram` of the tensor's values: a repeated tensor's are its source's counts times the copies."""
+    if isinstance(values, Repeated):
+        return abs_histogram(values.values, high) * values.copies
+    return abs_histogram(values, high)
+
+
+def _array(values: Values) -> np.ndarray:
+    return values.values if isinstance(values, Repeated) else values
+
+
+def _passes(session, fetch, data, limit, desc):  # type: ignore[no-untyped-def]
+    """One pass over the calibration batches, yielding {tensor name: values} per batch (`Fetch.batch`: a
+    repeated tensor as its source's array and copies): real tokens only (`CalibrationData.judge_batches`,
+    batches of the export's batch size sorted by length and cut to the columns holding a real token), as the
+    held-out judge reads them."""
     batches = data.judge_batches("calibration", limit, data.batch)
     total = len(batches)
+    outputs = fetch.outputs
     for feeds in progress.bar(batches, total=total, desc=desc, unit="batch"):
-        yield dict(zip(names, session.run(names, _feeds_for(session, feeds)), strict=True))
+        yield fetch.batch(dict(zip(outputs, session.run(outputs, _feeds_for(session, feeds)), strict=True)))
 
 
 def _feeds_for(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -365,7 +386,9 @@ def _session_with_outputs(
 
 def needed_for(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A new model (`model` untouched) whose outputs are `names` and whose nodes and initializers are only
-    those the outputs depend on; every graph input stays (feeds are filtered by the session's inputs)."""
+    those the outputs depend on; every graph input stays (feeds are filtered by the session's inputs). An
+    output without a value_info gets no type: ONNX Runtime infers it (an activation's float, an Expand shape's
+    int64: `Fetch`)."""
     graph = model.graph
     needed = set(names)
     kept = []
@@ -375,10 +398,7 @@ def needed_for(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
             needed.update(node.input)
             needed.update(_subgraph_inputs(node))
     known = {v.name: v for v in [*graph.input, *graph.value_info, *graph.output]}
-    outputs = [
-        known[n] if n in known else onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-        for n in names
-    ]
+    outputs = [known[n] if n in known else onnx.helper.make_value_info(n, onnx.TypeProto()) for n in names]
     pruned = onnx.helper.make_graph(
         list(reversed(kept)),
         graph.name,
@@ -430,20 +450,21 @@ def measure_maxima(
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """One pass over the calibration samples: max |x| per last-axis channel of each of `channels`, and max |x|
     of each of `whole` (any shapes: a decoder's attention scores grow along their last axis with the decode
-    steps). `session`: the calibration session to run (its outputs include both lists; built when None).
+    steps). `session`: the calibration session to run (its outputs: `_maxima_fetch`'s; built when None).
     `keep`: takes each batch's outputs (the values of its tensors, for a histogram without a second pass)."""
-    names = list(dict.fromkeys([*channels, *whole]))
+    fetch = _maxima_fetch(model, channels, whole)
     per_channel, overall = set(channels), set(whole)
     result: dict[str, np.ndarray] = {}
     amax = {n: 0.0 for n in whole}
-    session = session or _session_with_outputs(model, names, tmp)
-    for outputs in _passes(session, names, data, limit, desc):
+    session = session or _session_with_outputs(model, fetch.outputs, tmp)
+    for outputs in _passes(session, fetch, data, limit, desc):
         if keep is not None:
             keep.add(outputs)
         for name, value in outputs.items():
             if name not in per_channel:
                 amax[name] = max(amax[name], _absmax(value))
                 continue
+            assert isinstance(value, np.ndarray)  # (`_maxima_fetch`: read directly)
             if value.size == 0:  # (|x| >= 0: zeros change no maximum)
                 m = np.zeros(value.shape[-1] if value.ndim else 1, dtype=value.dtype)
             else:
@@ -452,6 +473,12 @@ def measure_maxima(
             if name in overall:  # the max of the channel maxima: exactly max |x|
                 amax[name] = max(amax[name], float(m.max()) if m.size else 0.0)
     return result, amax
+
+
+def _maxima_fetch(model: onnx.ModelProto, channels: list[str], whole: list[str]) -> Fetch:
+    """`whole` tensors that repeat another's values are read through their source (max |x| and kept values:
+    `Repeated`); the `channels` tensors themselves (a maximum per channel needs their own arrays)."""
+    return Fetch.plan(model, [*channels, *whole], direct=channels)
 
 
 @dataclasses.dataclass
@@ -465,13 +492,13 @@ class Maxima:
     # the last calibration session per model file: the Q/DQ ranges' histogram pass reuses SmoothQuant's
     sessions: dict[str, ort.InferenceSession] = dataclasses.field(default_factory=dict)
     # the `whole` tensors' values from that pass, where they fit (`KeptValues`): the histogram needs no pass
-    values: dict[str, dict[str, list[np.ndarray]]] = dataclasses.field(default_factory=dict)
+    values: dict[str, dict[str, list[Values]]] = dataclasses.field(default_factory=dict)
 
     def take_session(self, path: Path) -> ort.InferenceSession | None:
         """The calibration session kept for the model at `path` (handed over: the cache lets go of it)."""
         return self.sessions.pop(_key(path), None)
 
-    def take_values(self, path: Path) -> dict[str, list[np.ndarray]]:
+    def take_values(self, path: Path) -> dict[str, list[Values]]:
         """The values kept from the pass on the model at `path` (handed over). Every file's values are let go:
         they serve one histogram (those of a file that was not calibrated, e.g. fp32 before smoothing, no one)."""
         values, self.values = self.values, {}
@@ -503,8 +530,8 @@ def cached_channel_max(
     missing = [t for t in tensors if (key, t) not in cache.channels]
     missing_whole = [t for t in whole if (key, t) not in cache.whole]
     if missing or missing_whole:
-        names = list(dict.fromkeys([*missing, *missing_whole]))
-        cache.sessions[key] = session = _session_with_outputs(model, names, tmp)
+        outputs = _maxima_fetch(model, missing, missing_whole).outputs
+        cache.sessions[key] = session = _session_with_outputs(model, outputs, tmp)
         keep = KeptValues(missing_whole, data.num_batches("calibration", limit)) if missing_whole else None
         channels, amax = measure_maxima(model, missing, missing_whole, data, tmp, limit, desc, session, keep)
         cache.channels.update({(key, name): value for name, value in channels.items()})
