@@ -174,8 +174,8 @@ def quantize(
             from exporter.quantize.smooth import smooth
 
             # the Q/DQ activations' maxima come in the same pass: the ranges' first pass when nothing is smoothed
-            activations = activation_tensors(plan(ir.load(str(fp32_onnx)), config.exclusions()))
             loaded = onnx.load(str(fp32_onnx))  # read once: smoothing reads it, and the Q/DQ file's passes
+            activations = activation_tensors(plan(ir.from_proto(loaded), config.exclusions()))
             source, report["smoothing"] = smooth(
                 fp32_onnx, Path(tmp), calibration, config, cache=maxima, also=activations, model=loaded
             )
