@@ -146,6 +146,8 @@ class _Run:
         self.cleaned: tuple[onnx.ModelProto, PipelineReport, BackgroundSave] | None = None
         # a KV-cache decoder's CPU INT8 file, first build, started when model.onnx is written (`_tail` closes it)
         self.cpu_first_build: BackgroundBuild | None = None
+        # model.onnx's check session (optimizations off): the INT8 stage's check of the same file takes it
+        self.fused_session: Any = None
         # the CPU engine stage planned (and its candidates opened) ahead, by the INT8 stage
         self.cpu_plan: CpuEngineStage | None = None
         # the engine stage's pre-build checks of the Q/DQ file, run ahead on the background thread (INT8 stage)
@@ -590,6 +592,7 @@ class _Run:
             if fused is not None:
                 folder = Path(scratch.enter_context(tempfile.TemporaryDirectory()))
                 self.cpu_first_build = start_cpu_first_build(fused, self.config, md.model_type, folder)
+                self.fused_session = session  # the INT8 stage checks this file again: on this session
         self._evaluate("optimized_fp32", lambda batch: self._onnx_outputs(path, batch))
 
     def _keep_cleaned(self, model: ir.Model, report: PipelineReport) -> None:
@@ -795,6 +798,7 @@ class _Run:
             openvino_file=self._openvino_int8_wanted(),
             openvino_job=openvino_job,
             fused=self._onnxruntime_fused(),
+            fused_session=self._take_fused_session(),
             cleaned=self._take_cleaned(),
             cpu_first_build=self.cpu_first_build,
             on_file=self._prefetch_int8_checks,
@@ -875,6 +879,11 @@ class _Run:
         stage cleans)."""
         cleaned, self.cleaned = self.cleaned, None
         return cleaned
+
+    def _take_fused_session(self) -> Any:
+        """model.onnx's check session, handed over once (the INT8 stage lets go of it after its check)."""
+        session, self.fused_session = self.fused_session, None
+        return session
 
     def _onnxruntime_fused(self) -> Path | None:
         """model.onnx where it is graph_passes' onnxruntime pipeline on the whole exported graph with weights

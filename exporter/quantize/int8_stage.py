@@ -70,6 +70,7 @@ def run_int8_stage(
     openvino_file: bool = False,
     openvino_job: NncfJob | None = None,
     fused: Path | None = None,
+    fused_session: Any = None,
     cleaned: tuple[onnx.ModelProto, PipelineReport, BackgroundSave] | None = None,
     cpu_first_build: BackgroundBuild | None = None,
     on_file: Callable[[Path, str, bool], None] | None = None,
@@ -84,7 +85,8 @@ def run_int8_stage(
     NNCF's recipe for that file, already running (`start_openvino_file`; the caller stops it on failure).
     `fused`: graph_passes' onnxruntime pipeline already run on `exported` for `family` (the export's
     model.onnx), which the decoder's CPU file is quantized from instead of fusing again
-    (QuantConfig.cpu_fused_source). `cleaned`: the cleanup stage's graph and report where graph_passes
+    (QuantConfig.cpu_fused_source); `fused_session`: an ONNX Runtime session of it, optimizations off, already
+    built (QuantConfig.cpu_fused_session). `cleaned`: the cleanup stage's graph and report where graph_passes
     already ran it on `exported` (the same passes for every target: `optimize_ir`'s `on_cleaned`), and its
     file being written in the background under CLEANED_FILE. `cpu_first_build`: `start_cpu_first_build`'s
     child, taken by `quantize` if it is the build needed.
@@ -113,6 +115,8 @@ def run_int8_stage(
             calibration, decoder_report = _decoder_calibration(calibration, cleaned_path, steps, graph.graph)
         del graph  # the file is the INT8 stage's source from here
         quant_config = _quant_config(config, family, decoder_with_past, smoothing, fused)
+        if quant_config.cpu_fused_source is not None:
+            quant_config.cpu_fused_session = fused_session
         result = quantize(cleaned_path, work, calibration, quant_config, cpu_first_build=cpu_first_build)
     if on_file is not None and result.cpu_path is not None:
         on_file(result.cpu_path, "cpu", False)
