@@ -114,9 +114,7 @@ def run_int8_stage(
             steps = decoder_calibration.DECODE_STEPS if steps is None else steps
             calibration, decoder_report = _decoder_calibration(calibration, cleaned_path, steps, graph.graph)
         del graph  # the file is the INT8 stage's source from here
-        quant_config = _quant_config(config, family, decoder_with_past, smoothing, fused)
-        if quant_config.cpu_fused_source is not None:
-            quant_config.cpu_fused_session = fused_session
+        quant_config = _quant_config(config, family, decoder_with_past, smoothing, fused, fused_session)
         result = quantize(cleaned_path, work, calibration, quant_config, cpu_first_build=cpu_first_build)
     if on_file is not None and result.cpu_path is not None:
         on_file(result.cpu_path, "cpu", False)
@@ -185,13 +183,16 @@ def _quant_config(
     decoder_with_past: bool,
     smoothing: bool | None = None,
     fused: Path | None = None,
+    fused_session: Any = None,
 ) -> QuantConfig:
-    """The INT8 step's settings for this export (the stage and its early CPU build ask the same)."""
+    """The INT8 step's settings for this export (the stage and its early CPU build ask the same);
+    `fused_session`: `fused`'s session, optimizations off, already built (QuantConfig.cpu_fused_session)."""
     quant_config = QuantConfig(min_cosine=config.accuracy_target, cpu_weight_range=config.cpu_int8_weights)
     if decoder_with_past:
         quant_config.smoothing = DECODER_SMOOTHING
         quant_config.cpu_graph_passes_family = family if DECODER_CPU_FUSION else None
         quant_config.cpu_fused_source = fused
+        quant_config.cpu_fused_session = fused_session if fused is not None else None
     if smoothing is not None:
         quant_config.smoothing = smoothing
     if config.calibration_method:
