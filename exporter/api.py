@@ -39,9 +39,10 @@ from exporter import cpu_engine_stage, progress
 from exporter.config import ExportConfig, check_ranges
 from exporter.cpu_engine_stage import CpuEngineStage
 from exporter.engine_stage import prebuild_problems, run_engine_stage
-from exporter.export.decoder_with_past import export_decoder_with_past
+from exporter.export.decoder_with_past import export_decoder
 from exporter.export.deploy_files import write_deployment_files
 from exporter.export.external_data import BackgroundSave
+from exporter.export.in_memory import start_export
 from exporter.export.streaming.choose import (
     WHOLE_FILE_CHECK_BYTES,
     fp32_weight_bytes,
@@ -50,7 +51,7 @@ from exporter.export.streaming.choose import (
 )
 from exporter.export.streaming.stream import StreamResult, stream_decoder_export
 from exporter.export.task_heads import wrapper_for
-from exporter.export.torch_to_onnx import EXPORTER, EXPORTER_REASON, export_to_onnx, input_names_for
+from exporter.export.torch_to_onnx import EXPORTER, EXPORTER_REASON, export_arguments, input_names_for
 from exporter.logfile import export_log
 from exporter.model_dir.loader import ModelDir, build_reference_model, load_model_dir
 from exporter.model_dir.tokenizer import load_tokenizer
@@ -152,6 +153,9 @@ class _Run:
         self.cpu_plan: CpuEngineStage | None = None
         # the engine stage's pre-build checks of the Q/DQ file, run ahead on the background thread (INT8 stage)
         self.prebuild: tuple[Path, Future[list[Any]]] | None = None
+        # model.exported.onnx's bytes, from the export stage to the graph passes (taken once); None when
+        # it has external data or was streamed
+        self.exported_bytes: bytes | None = None
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -512,15 +516,21 @@ class _Run:
         """The compact model to ONNX, checked on ONNX Runtime against the reference."""
         path = work / "model.exported.onnx"
         if self.task.with_past:
-            manifest = export_decoder_with_past(model, path, opset=self.config.opset)
+            manifest, self.exported_bytes = export_decoder(model, path, opset=self.config.opset)
             (work / "decoder_manifest.json").write_text(
                 json.dumps(manifest.to_dict(), indent=2, sort_keys=True)
             )
+            outputs = self._onnx_outputs(path, feeds)  # on the decoder's validation session (sessions.adopt)
         else:
             example = {k: torch.from_numpy(v) for k, v in feeds.items()}
             axes = self.task.dynamic_axes(input_names_for(wrapper))
-            export_to_onnx(wrapper, example, path, self.config.opset, axes)
-        self._check("onnx_fp32", reference, self._onnx_outputs(path, feeds), self.task.fp32_masks(feeds))
+            args, input_names, output_names, axes = export_arguments(wrapper, example, axes)
+            exported = start_export(wrapper, args, path, input_names, output_names, axes, self.config.opset)
+            # the check session is built while the file is written (exporter/export/in_memory.py)
+            with exported.checked() as session:
+                outputs = self._session_outputs(session, feeds)
+            self.exported_bytes = exported.data
+        self._check("onnx_fp32", reference, outputs, self.task.fp32_masks(feeds))
         self.artifacts["exported"] = path
         self._evaluate("onnx_fp32", lambda batch: self._onnx_outputs(path, batch))
         self.report["export"] = self._export_section(md)
@@ -554,7 +564,7 @@ class _Run:
             )
         else:
             optimized, pipeline = optimize(
-                onnx.load(str(self.artifacts["exported"])),
+                self._exported_model(),
                 target,
                 family=md.model_type,
                 strict_fusion=self.config.strict_fusion,
@@ -594,6 +604,12 @@ class _Run:
                 self.cpu_first_build = start_cpu_first_build(fused, self.config, md.model_type, folder)
                 self.fused_session = session  # the INT8 stage checks this file again: on this session
         self._evaluate("optimized_fp32", lambda batch: self._onnx_outputs(path, batch))
+
+    def _exported_model(self) -> onnx.ModelProto:
+        """model.exported.onnx parsed from the bytes the export stage made it from (taken once, released
+        here), else read from the file (a model with external data)."""
+        data, self.exported_bytes = self.exported_bytes, None
+        return onnx.load_from_string(data) if data is not None else onnx.load(str(self.artifacts["exported"]))
 
     def _keep_cleaned(self, model: ir.Model, report: PipelineReport) -> None:
         """The cleanup stage's graph (before fusion), which the INT8 stage calibrates: kept, not recomputed.

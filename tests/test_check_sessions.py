@@ -1,6 +1,7 @@
 """Check sessions shared within a stage (exporter/validate/sessions.py): the same file with the same options
 gets the same session inside `shared()` only, a rewritten file or other options a new one, and the
-decoder's export stage builds one session for model.exported.onnx instead of two (same check numbers)."""
+decoder's export stage builds one session for model.exported.onnx instead of two (same check numbers): the
+one built from the export's bytes, adopted for the file once written."""
 
 from __future__ import annotations
 
@@ -18,13 +19,13 @@ from exporter.validate import sessions
 
 @pytest.fixture
 def built(monkeypatch):
-    """Counts the sessions ONNX Runtime builds, by (file name, optimizations on)."""
+    """Counts the sessions ONNX Runtime builds, by (file name or "<bytes>", optimizations on)."""
     counts: dict[tuple[str, bool], int] = {}
     real = ort.InferenceSession
 
     def counting(path, options=None, *args, **kwargs):  # type: ignore[no-untyped-def]
         on = options is None or options.graph_optimization_level != ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        key = (str(path).rsplit("/", 1)[-1], on)
+        key = ("<bytes>" if isinstance(path, bytes) else str(path).rsplit("/", 1)[-1], on)
         counts[key] = counts.get(key, 0) + 1
         return real(path, options, *args, **kwargs)
 
@@ -62,10 +63,28 @@ def test_the_decoder_export_stage_builds_one_session_for_its_file_with_the_same_
     with sessions.shared():
         export_decoder_with_past(build_pruned_model("llama", seed=1), path)  # validates on ORT
         shared = api._decoder_prefill_outputs(path, feeds)["logits"]
-    assert built == {("model.exported.onnx", False): 1}
+    # the one session: built from the export's bytes while its file was written, then adopted for the file
+    assert built == {("<bytes>", False): 1}
     fresh = api._decoder_prefill_outputs(path, feeds)["logits"]  # a new session, as before the sharing
-    assert built == {("model.exported.onnx", False): 2}
+    assert built == {("<bytes>", False): 1, ("model.exported.onnx", False): 1}
     np.testing.assert_array_equal(shared, fresh)
+
+
+def test_an_adopted_session_is_the_files_last_session_inside_the_block_only(tmp_path, built):
+    path = tmp_path / "m.onnx"
+    onnx.save(decomposed_layernorm_graph(), str(path))
+    from_bytes = sessions.session_from_bytes(path.read_bytes())
+    sessions.adopt(path, from_bytes)  # outside `shared()`: nothing kept
+    assert sessions.check_session(path) is not from_bytes
+    with sessions.shared():
+        sessions.adopt(path, from_bytes)
+        assert sessions.check_session(path) is from_bytes
+        assert sessions.check_session(path, optimized=True) is not from_bytes  # other options: another
+        sessions.adopt(path, from_bytes)
+        assert sessions.check_session(path) is from_bytes
+        onnx.save(decomposed_layernorm_graph(hidden=8), str(path))  # rewritten: not the adopted one
+        assert sessions.check_session(path).get_inputs()[0].shape[-1] == 8
+    assert built == {("<bytes>", False): 1, ("m.onnx", False): 2, ("m.onnx", True): 1}
 
 
 def test_a_prefetched_session_is_the_one_check_session_returns_once_inside_the_block_only(tmp_path, built):

@@ -45,11 +45,11 @@ def fail_during_export(monkeypatch, error: BaseException) -> None:
     """Make the ONNX export write half a file and then fail, late in the run (plan and compact model
     are already in the staging folder)."""
 
-    def half_written(wrapper, example, path, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def half_written(wrapper, args, path, *rest, **kwargs):  # type: ignore[no-untyped-def]
         Path(path).write_bytes(b"\x08\x07half an onnx")
         raise error
 
-    monkeypatch.setattr(api, "export_to_onnx", half_written)
+    monkeypatch.setattr(api, "start_export", half_written)
 
 
 @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()], ids=["error", "interrupt"])

@@ -35,9 +35,9 @@ from torch import nn
 from transformers import DynamicCache
 
 from export_errors import InputError, ValidationError
-from exporter.export.torch_to_onnx import EXPORTER, torchscript_export
+from exporter.export.in_memory import start_export
+from exporter.export.torch_to_onnx import EXPORTER
 from exporter.restructure.families.llama import renumber_cache_slots
-from exporter.validate.sessions import check_session
 from exporter.validate.tolerances import tolerance
 
 logger = logging.getLogger(__name__)
@@ -258,6 +258,13 @@ def eager_attention(model: Any) -> Iterator[None]:
 def export_decoder_with_past(model: nn.Module, path: Path, *, opset: int = 17) -> DecoderManifest:
     """Export `model` (an HF Llama/Mistral/Qwen2 causal LM, possibly pruned per layer) to one
     decoder-with-past ONNX at `path`, check it on ONNX Runtime, and return its manifest."""
+    return export_decoder(model, path, opset=opset)[0]
+
+
+def export_decoder(model: nn.Module, path: Path, *, opset: int = 17) -> tuple[DecoderManifest, bytes | None]:
+    """`export_decoder_with_past`, also giving the file's bytes (None for a model with external data): made
+    in memory and checked while a thread writes them (exporter/export/in_memory.py), for the graph passes to
+    parse instead of reading the file back."""
     if opset < 17:
         raise InputError("--opset", f"decoder export needs opset >= 17, got {opset}")
     path = Path(path)
@@ -275,9 +282,10 @@ def export_decoder_with_past(model: nn.Module, path: Path, *, opset: int = 17) -
     trace_feeds = example_feeds(shapes, vocab_size, batch=2, past=3, seq=4)
     args = tuple(torch.from_numpy(trace_feeds[name]) for name in inputs)
     with eager_attention(model):
-        torchscript_export(wrapper, args, path, inputs, outputs, axes, opset)
-    with torch.no_grad():
-        max_error = validate_decoder(wrapper, path, shapes, vocab_size)
+        exported = start_export(wrapper, args, path, inputs, outputs, axes, opset)
+    # the session is built while the file is written; the export stage's check reuses it (sessions.shared)
+    with exported.checked() as session, torch.no_grad():
+        max_error = validate_decoder(wrapper, session, path, shapes, vocab_size)
     logger.info(
         "exported decoder with past %s (opset %d, %d layers, %d with a KV cache, max abs error %.2e)",
         path,
@@ -286,7 +294,7 @@ def export_decoder_with_past(model: nn.Module, path: Path, *, opset: int = 17) -
         len(cache_layers(shapes)),
         max_error,
     )
-    return DecoderManifest(
+    manifest = DecoderManifest(
         layers=shapes,
         input_names=tuple(inputs),
         output_names=tuple(outputs),
@@ -297,17 +305,19 @@ def export_decoder_with_past(model: nn.Module, path: Path, *, opset: int = 17) -
         model_type=str(hf.config.model_type),
         validation_max_abs_error=max_error,
     )
+    return manifest, exported.data
 
 
 def validate_decoder(
     wrapper: DecoderWithPastForExport,
+    session: Any,
     path: Path,
     shapes: tuple[LayerAttentionShape | None, ...],
     vocab_size: int,
 ) -> float:
-    """ORT (graph optimizations off) vs PyTorch on a prefill with an empty past and a padded decode
-    step, shapes other than the traced ones. Raises ValidationError beyond the fp32 tolerance."""
-    session = check_session(path)  # optimizations off; the export stage's check reuses it (sessions.shared)
+    """`session` (the export at `path` on ORT, graph optimizations off) vs PyTorch on a prefill with an empty
+    past and a padded decode step, shapes other than the traced ones. Raises ValidationError beyond the fp32
+    tolerance."""
     names = [o.name for o in session.get_outputs()]
     worst = 0.0
     for batch, past, seq in ((1, 0, 5), (3, 6, 1)):

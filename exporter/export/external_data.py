@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -138,13 +139,16 @@ class BackgroundSave:
     (~0.5 s for 221 MB here: the kernel's time, outside the GIL). A model that fits in one file is serialized
     first, in the caller's thread (`data`: the file's bytes, e.g. for an ONNX Runtime session built from
     memory while the file is written): serializing holds the GIL anyway, and a thread's 221 MB buffer comes
-    from its own malloc arena as fresh pages (measured ~0.25 s more, all of it under the GIL). A larger model
-    is saved whole in the thread (`model` must not change until `wait`). `wait` joins the thread and
-    re-raises what the save raised; `temporary` saves into a fresh folder that `move_to` / `discard` remove."""
+    from its own malloc arena as fresh pages (measured ~0.25 s more, all of it under the GIL). `model` may be
+    those bytes already (an export made in memory: exporter/export/in_memory.py). The bytes go to a hidden
+    file beside `path`, renamed to `path` once complete: a failed write leaves no partial file at `path`. A
+    larger model is saved whole in the thread (`model` must not change until `wait`). `wait` joins the thread
+    and re-raises what the save raised; `temporary` saves into a fresh folder that `move_to` / `discard`
+    remove."""
 
-    def __init__(self, model: onnx.ModelProto, path: Path) -> None:
+    def __init__(self, model: onnx.ModelProto | bytes, path: Path) -> None:
         self.path = Path(path)
-        self.data = one_file_bytes(model)
+        self.data = model if isinstance(model, bytes) else one_file_bytes(model)
         self._error: BaseException | None = None
         what = model if self.data is None else self.data
         self._thread = threading.Thread(
@@ -160,8 +164,7 @@ class BackgroundSave:
     def _save(self, what: onnx.ModelProto | bytes) -> None:
         try:
             if isinstance(what, bytes):
-                with open(self.path, "wb") as file:
-                    file.write(what)
+                write_whole(what, self.path)
             else:
                 save_onnx(what, self.path)
         except BaseException as exc:  # re-raised in the caller's thread by wait
@@ -199,6 +202,18 @@ class BackgroundSave:
         """A `temporary` save not used (the export stopped before): waited for and its folder removed."""
         self._thread.join()
         shutil.rmtree(self.path.parent, ignore_errors=True)
+
+
+def write_whole(data: bytes, path: Path) -> None:
+    """`data` at `path`, or nothing there: written to a hidden file beside it and renamed once complete (a
+    write that fails, e.g. a full disk, removes its partial file and raises)."""
+    partial = path.parent / f".{path.name}.partial"
+    try:
+        with open(partial, "wb") as file:
+            file.write(data)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:

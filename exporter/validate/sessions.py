@@ -8,7 +8,10 @@ for the 45M-parameter Llama's 221 MB graph. Inside `shared()`, `check_session` r
 built when the same file (path, size, modification time) is asked for with the same options, else builds
 a new one and keeps that one only: at most one session is held beyond its use, and none after the block.
 Outside `shared()` every call builds a new session, as before. The session is the same object, so the
-numbers a check reads are the ones a fresh session gives (same file, same options, same inputs).
+numbers a check reads are the ones a fresh session gives (same file, same options, same inputs). A session
+built from a file's bytes while they were written (`session_from_bytes`: the export made in memory,
+exporter/export/in_memory.py) is handed over with `adopt` once the file is complete: the last session for
+that file, as if `check_session` had built it from the file, so the stage's check builds none.
 
 Building a session is mostly one core's work (reading and optimizing the graph) that releases the GIL, and the
 INT8 stage's tail (its target fusion and saves: one core of Python) and its checks (numpy on one core, greedy
@@ -110,6 +113,13 @@ def session_from_bytes(data: bytes, optimized: bool = False) -> Any:
     builds it outside the GIL, so while another thread writes those bytes to disk. Same model bytes, same
     options: the same session (and outputs) as one built from the file."""
     return _session(data, optimized)
+
+
+def adopt(path: str | Path, session: Any, optimized: bool = False) -> None:
+    """Inside `shared()`: `session`, built by `session_from_bytes` from the bytes now complete at `path`, is
+    the last session for that file and options (`check_session` returns it, as if built from the file; a
+    file changed later gets a new one, as its key differs). Outside `shared()` nothing is kept."""
+    _keep(_key(path, optimized), session)
 
 
 def _key(path: str | Path, optimized: bool) -> Key:
