@@ -6,8 +6,11 @@ entering it does (with an `InputError` naming the file), as in Polygraphy's runn
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,39 @@ _ORT_DTYPES: dict[str, np.dtype] = {
         "bool": "bool",
     }.items()
 }
+
+
+# inside `shared_sessions()`: (file, options) -> [lock, session]; None outside it
+_shared: dict[tuple[Any, ...], list[Any]] | None = None
+_shared_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def shared_sessions() -> Iterator[None]:
+    """Within the block, runners of the same file (path, size, modification time) with the same options share
+    one InferenceSession: the first to open builds it, others wait for it and take it. A session runs from
+    several threads safely, and the same file with the same options computes the same outputs. The export opens
+    its CPU INT8 file and model.onnx for its checks as deployed and again as CPU engine candidates (one build
+    each, not two: the 45M-parameter Llama's model.onnx is ~0.5 s of one core). Nothing is kept after the block
+    (a runner still open keeps its own session)."""
+    global _shared
+    outer = _shared
+    if outer is None:
+        _shared = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _shared = None
+
+
+def deployed_session(path: str | Path, threads: int | None = None, spinning: bool = True) -> Any:
+    """The InferenceSession `OnnxRuntimeRunner(path, threads=threads, spinning=spinning)` runs (the CPU provider,
+    the runner's default optimizations), shared inside `shared_sessions()`: for code that runs a file's session
+    directly and should run it exactly as the runner deploys it."""
+    runner = OnnxRuntimeRunner(path, threads=threads, spinning=spinning)
+    with runner:
+        return runner._require_session()
 
 
 def _spec(node_arg: Any) -> TensorSpec:
@@ -115,17 +151,45 @@ class OnnxRuntimeRunner(Runner):
                 "providers", f"ONNX Runtime here has no {missing}; available: {available}"
             )
         try:
-            self._session = ort.InferenceSession(
-                str(self.path),
-                sess_options=self._session_options(),
-                providers=self.providers,
-                disabled_optimizers=self.disabled_optimizers,
-            )
+            self._session = self._shared_or_new()
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise InputError(self.path, f"ONNX Runtime cannot load it: {exc}") from exc
         self._inputs = [_spec(arg) for arg in self._session.get_inputs()]
         self._outputs = [_spec(arg) for arg in self._session.get_outputs()]
         logger.info("ONNX Runtime session for %s on %s", self.path, self._session.get_providers())
+
+    def _new_session(self) -> Any:
+        import onnxruntime as ort
+
+        return ort.InferenceSession(
+            str(self.path),
+            sess_options=self._session_options(),
+            providers=self.providers,
+            disabled_optimizers=self.disabled_optimizers,
+        )
+
+    def _shared_or_new(self) -> Any:
+        """A new session, or inside `shared_sessions()` the one built for the same file and options."""
+        shared = _shared
+        if shared is None:
+            return self._new_session()
+        stat = os.stat(self.path)
+        key = (
+            str(self.path.resolve()),
+            stat.st_size,
+            stat.st_mtime_ns,
+            self.threads,
+            self.spinning,
+            self.optimization_level,
+            tuple(self.disabled_optimizers),
+            tuple(self.providers),
+        )
+        with _shared_lock:
+            entry = shared.setdefault(key, [threading.Lock(), None])
+        with entry[0]:
+            if entry[1] is None:
+                entry[1] = self._new_session()
+            return entry[1]
 
     def _deactivate(self) -> None:
         self._session = None

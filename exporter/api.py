@@ -33,6 +33,7 @@ import torch
 
 from engines import bench_inputs, cpu_selection
 from engines.base import Runner
+from engines.onnxruntime_runner import shared_sessions
 from engines.selection import BackendChoice, select_backend
 from export_errors import InputError, ValidationError
 from exporter import cpu_engine_stage, progress
@@ -147,8 +148,6 @@ class _Run:
         self.cleaned: tuple[onnx.ModelProto, PipelineReport, BackgroundSave] | None = None
         # a KV-cache decoder's CPU INT8 file, first build, started when model.onnx is written (`_tail` closes it)
         self.cpu_first_build: BackgroundBuild | None = None
-        # model.onnx's check session (optimizations off): the INT8 stage's check of the same file takes it
-        self.fused_session: Any = None
         # the CPU engine stage planned (and its candidates opened) ahead, by the INT8 stage
         self.cpu_plan: CpuEngineStage | None = None
         # the engine stage's pre-build checks of the Q/DQ file, run ahead on the background thread (INT8 stage)
@@ -325,7 +324,9 @@ class _Run:
         # a background thread opens the files for the checks (and the CPU engine's candidates) as soon as
         # they exist (exporter/validate/sessions.py `background`); it has ended before anything is timed
         with contextlib.ExitStack() as stack:
-            with check_sessions.background():
+            # a file checked as deployed and opened as a CPU engine candidate: one ONNX Runtime session
+            stack.enter_context(shared_sessions())
+            with check_sessions.background(), check_sessions.as_deployed(self.config.benchmark_threads):
                 self._passes_and_quantize(md, feeds, reference, work, stack)
                 with self.stage("engine"):
                     self.report["engine"] = self._engine(md)
@@ -602,7 +603,6 @@ class _Run:
             if fused is not None:
                 folder = Path(scratch.enter_context(tempfile.TemporaryDirectory()))
                 self.cpu_first_build = start_cpu_first_build(fused, self.config, md.model_type, folder)
-                self.fused_session = session  # the INT8 stage checks this file again: on this session
         self._evaluate("optimized_fp32", lambda batch: self._onnx_outputs(path, batch))
 
     def _exported_model(self) -> onnx.ModelProto:
@@ -814,7 +814,7 @@ class _Run:
             openvino_file=self._openvino_int8_wanted(),
             openvino_job=openvino_job,
             fused=self._onnxruntime_fused(),
-            fused_session=self._take_fused_session(),
+            fused_checked=self._fused_checked(),
             cleaned=self._take_cleaned(),
             cpu_first_build=self.cpu_first_build,
             on_file=self._prefetch_int8_checks,
@@ -896,10 +896,13 @@ class _Run:
         cleaned, self.cleaned = self.cleaned, None
         return cleaned
 
-    def _take_fused_session(self) -> Any:
-        """model.onnx's check session, handed over once (the INT8 stage lets go of it after its check)."""
-        session, self.fused_session = self.fused_session, None
-        return session
+    def _fused_checked(self) -> float | None:
+        """model.onnx's max abs error vs the PyTorch reference where its check ran under the fp32 gate (None: not
+        checked so): the INT8 stage's CPU file takes the fused graph on that check (QuantConfig.cpu_fused_checked)."""
+        checked = self.report.get("validation", {}).get("optimized_fp32")
+        if not checked or self.config.sparsity == "enforce":  # enforce: reported, not gated
+            return None
+        return max(float(c["max_abs"]) for c in checked)
 
     def _onnxruntime_fused(self) -> Path | None:
         """model.onnx where it is graph_passes' onnxruntime pipeline on the whole exported graph with weights

@@ -23,7 +23,8 @@ def built(monkeypatch):
     counts: dict[tuple[str, bool], int] = {}
     real = ort.InferenceSession
 
-    def counting(path, options=None, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def counting(path, options=None, *args, sess_options=None, **kwargs):  # type: ignore[no-untyped-def]
+        options = options if options is not None else sess_options  # (the runner passes it by name)
         on = options is None or options.graph_optimization_level != ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         key = ("<bytes>" if isinstance(path, bytes) else str(path).rsplit("/", 1)[-1], on)
         counts[key] = counts.get(key, 0) + 1
@@ -151,3 +152,52 @@ def test_prefetched_sessions_differ_from_those_built_on_demand_only_in_idle_spin
     outputs = [s.run(None, x)[0] for s in built]
     np.testing.assert_array_equal(outputs[0], outputs[1])
     np.testing.assert_array_equal(outputs[0], outputs[2])
+
+
+def test_a_check_as_deployed_runs_the_cpu_runners_session_and_shares_it(tmp_path, built):
+    """Inside `as_deployed(threads)`, an optimized check runs the session an `OnnxRuntimeRunner` of the file with
+    those threads (idle threads sleeping) runs: inside `shared_sessions()` the very session the CPU engine's
+    runner of that file then takes (one build, not two). Unoptimized checks and other threads are unaffected."""
+    from engines.onnxruntime_runner import DISABLED_OPTIMIZERS, OnnxRuntimeRunner, shared_sessions
+
+    path = tmp_path / "m.onnx"
+    onnx.save(decomposed_layernorm_graph(), str(path))
+    x = {"x": np.random.default_rng(0).normal(size=(2, 3, 16)).astype(np.float32)}
+    with shared_sessions(), sessions.background(), sessions.as_deployed(1):
+        sessions.prefetch(path, optimized=True)
+        checked = sessions.check_session(path, optimized=True)
+        plain = sessions.check_session(path)
+        with OnnxRuntimeRunner(path, threads=1, spinning=False) as runner:
+            assert runner._session is checked
+            np.testing.assert_array_equal(runner.infer(x)["y"], checked.run(None, x)[0])
+        with OnnxRuntimeRunner(path, threads=2, spinning=False) as other:
+            assert other._session is not checked
+    assert built[("m.onnx", True)] == 2 and built[("m.onnx", False)] == 1
+    options = checked.get_session_options()
+    assert options.intra_op_num_threads == 1 and not _spins(checked)
+    assert plain.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert DISABLED_OPTIMIZERS  # the runner's own optimizer settings, which the check now shares
+    with sessions.as_deployed(1):  # outside `shared_sessions()`: the runner's options, a session each
+        assert sessions.check_session(path, optimized=True) is not sessions.check_session(
+            path, optimized=True
+        )
+    assert sessions.check_session(path, optimized=True).get_session_options().intra_op_num_threads == 0
+
+
+def test_a_timed_decoder_export_builds_one_deployed_session_per_file(model_dir_factory, tmp_path, built):
+    """A KV-cache decoder's INT8 export checks model.int8.cpu.onnx and model.onnx as deployed (prefill, greedy
+    agreement) and then opens and times both as CPU engine candidates: one optimized session each, shared."""
+    import dataclasses
+
+    from exporter.config import ExportConfig
+
+    config = ExportConfig(precision="int8", calibration="random", sequence_length=32, validation_samples=4)
+    config = dataclasses.replace(config, backend="onnxruntime")  # the ONNX Runtime candidates only
+    result = api.export_engine(model_dir_factory("llama"), tmp_path / "out", config)
+    cpu = result.report["engine"]["cpu"]
+    timed = {row["name"] for row in cpu["candidates"] if row["latency_ms"] is not None}
+    assert timed == {"onnxruntime-int8", "onnxruntime-fp32"}, cpu["candidates"]
+    assert "greedy_agreement" in result.report["int8"]["cpu"]
+    # in quantize: the held-out judge's and the optimized-graph op count's; then one deployed session (was two)
+    assert built[("model.int8.cpu.onnx", True)] == 3
+    assert built[("model.onnx", True)] == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import types
@@ -102,6 +103,39 @@ def test_onnxruntime_runner_options(tmp_path) -> None:  # type: ignore[no-untype
             assert runner.active_providers == ["CPUExecutionProvider"]
             feeds = _feeds()
             assert abs(runner.infer(feeds)["y"] - _reference(feeds)).max() < 1e-5
+
+
+def test_runners_of_one_file_and_options_share_a_session_inside_the_block_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`shared_sessions()`: the same file (unchanged) with the same options opens one session; other options, a
+    rewritten file or no block: a session each. A runner's session is the same one `deployed_session` gives."""
+    from engines.onnxruntime_runner import deployed_session, shared_sessions
+
+    path = tmp_path / "model.onnx"
+    onnx.save(_model(), path)
+    feeds = _feeds()
+    with OnnxRuntimeRunner(path, threads=1) as a, OnnxRuntimeRunner(path, threads=1) as b:
+        assert a._session is not b._session
+    with shared_sessions():
+        with OnnxRuntimeRunner(path, threads=1, spinning=False) as a:
+            session = a._session
+            with OnnxRuntimeRunner(path, threads=1, spinning=False) as b:
+                assert b._session is session
+                assert (b.infer(feeds)["y"] == a.infer(feeds)["y"]).all()
+        assert deployed_session(path, threads=1, spinning=False) is session  # kept while the block lasts
+        for other in (
+            {"threads": 2, "spinning": False},
+            {"threads": 1},
+            {"threads": 1, "optimization_level": "basic"},
+        ):
+            with OnnxRuntimeRunner(path, **other) as c:
+                assert c._session is not session, other
+        onnx.save(_model(), path)  # rewritten (its modification time moved, as a later write's does)
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+        with OnnxRuntimeRunner(path, threads=1, spinning=False) as d:
+            assert d._session is not session
+    with OnnxRuntimeRunner(path, threads=1, spinning=False) as e:
+        assert e._session is not session
 
 
 def test_not_an_onnx_file_is_an_input_error(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -95,3 +95,33 @@ def test_references_made_on_another_thread_are_the_ones_made_on_first_use(tmp_pa
     judge.search_cosine(model, fake_quant=True)
     judge.heldout_cosine(model, fake_quant=True)
     assert len(calls) == made  # not made again
+
+
+def test_the_exports_fp32_check_of_the_fused_source_stands(tmp_path, monkeypatch) -> None:
+    """The CPU file's fused source (the export's model.onnx) is taken on the export's own fp32-gated check of it
+    (`cpu_fused_checked`): no session is built to check it again. Without that check it is checked here, and a
+    fused graph outside 10x the fp32 bound falls back to the plain graph."""
+    model = mlp_with_outlier()
+    fp32, fused = tmp_path / "fp32.onnx", tmp_path / "fused.onnx"
+    onnx.save(model, fp32)
+    onnx.save(model, fused)
+    built, session = [], int8._session
+    monkeypatch.setattr(int8, "_session", lambda m, *a, **k: built.append(str(m)) or session(m, *a, **k))
+    config = int8.QuantConfig(cpu_graph_passes_family="test", cpu_fused_source=fused, cpu_fused_checked=3e-6)
+    judge = int8.Judge(fp32, _data(), 32, None)
+    source, report = int8._fused_or_plain(fp32, tmp_path, judge, config)
+    assert source == fused and report["applied"] and report["max_abs_vs_fp32"] == 3e-6
+    assert "optimized_fp32" in report["checked_by"] and not [b for b in built if b.endswith("fused.onnx")]
+    config.cpu_fused_checked = None
+    source, report = int8._fused_or_plain(fp32, tmp_path, judge, config)
+    assert source == fused and report["max_abs_vs_fp32"] == 0.0 and "checked_by" not in report
+    assert [b for b in built if b.endswith("fused.onnx")]  # checked here
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    for init in broken.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 2:
+            weight = onnx.numpy_helper.to_array(init) + 0.5
+            init.CopyFrom(onnx.numpy_helper.from_array(weight.astype(np.float32), init.name))
+    onnx.save(broken, fused)
+    source, report = int8._fused_or_plain(fp32, tmp_path, judge, config)
+    assert source == fp32 and not report["applied"] and "max abs error" in report["reason"]

@@ -70,7 +70,7 @@ def run_int8_stage(
     openvino_file: bool = False,
     openvino_job: NncfJob | None = None,
     fused: Path | None = None,
-    fused_session: Any = None,
+    fused_checked: float | None = None,
     cleaned: tuple[onnx.ModelProto, PipelineReport, BackgroundSave] | None = None,
     cpu_first_build: BackgroundBuild | None = None,
     on_file: Callable[[Path, str, bool], None] | None = None,
@@ -85,8 +85,8 @@ def run_int8_stage(
     NNCF's recipe for that file, already running (`start_openvino_file`; the caller stops it on failure).
     `fused`: graph_passes' onnxruntime pipeline already run on `exported` for `family` (the export's
     model.onnx), which the decoder's CPU file is quantized from instead of fusing again
-    (QuantConfig.cpu_fused_source); `fused_session`: an ONNX Runtime session of it, optimizations off, already
-    built (QuantConfig.cpu_fused_session). `cleaned`: the cleanup stage's graph and report where graph_passes
+    (QuantConfig.cpu_fused_source); `fused_checked`: its max abs error where the export checked it against
+    PyTorch under the fp32 gate (QuantConfig.cpu_fused_checked). `cleaned`: the cleanup stage's graph and report where graph_passes
     already ran it on `exported` (the same passes for every target: `optimize_ir`'s `on_cleaned`), and its
     file being written in the background under CLEANED_FILE. `cpu_first_build`: `start_cpu_first_build`'s
     child, taken by `quantize` if it is the build needed.
@@ -114,7 +114,7 @@ def run_int8_stage(
             steps = decoder_calibration.DECODE_STEPS if steps is None else steps
             calibration, decoder_report = _decoder_calibration(calibration, cleaned_path, steps, graph.graph)
         del graph  # the file is the INT8 stage's source from here
-        quant_config = _quant_config(config, family, decoder_with_past, smoothing, fused, fused_session)
+        quant_config = _quant_config(config, family, decoder_with_past, smoothing, fused, fused_checked)
         result = quantize(cleaned_path, work, calibration, quant_config, cpu_first_build=cpu_first_build)
     if on_file is not None and result.cpu_path is not None:
         on_file(result.cpu_path, "cpu", False)
@@ -183,16 +183,16 @@ def _quant_config(
     decoder_with_past: bool,
     smoothing: bool | None = None,
     fused: Path | None = None,
-    fused_session: Any = None,
+    fused_checked: float | None = None,
 ) -> QuantConfig:
     """The INT8 step's settings for this export (the stage and its early CPU build ask the same);
-    `fused_session`: `fused`'s session, optimizations off, already built (QuantConfig.cpu_fused_session)."""
+    `fused_checked`: `fused`'s max abs error from the export's fp32-gated check (QuantConfig.cpu_fused_checked)."""
     quant_config = QuantConfig(min_cosine=config.accuracy_target, cpu_weight_range=config.cpu_int8_weights)
     if decoder_with_past:
         quant_config.smoothing = DECODER_SMOOTHING
         quant_config.cpu_graph_passes_family = family if DECODER_CPU_FUSION else None
         quant_config.cpu_fused_source = fused
-        quant_config.cpu_fused_session = fused_session if fused is not None else None
+        quant_config.cpu_fused_checked = fused_checked if fused is not None else None
     if smoothing is not None:
         quant_config.smoothing = smoothing
     if config.calibration_method:

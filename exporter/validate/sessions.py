@@ -41,6 +41,8 @@ _last: dict[Key, Any] | None = None
 # inside `background()`: its one thread, and the sessions prefetched on it (key -> future), each taken once
 _pool: ThreadPoolExecutor | None = None
 _prefetched: dict[Key, Future[Any]] = {}
+# inside `as_deployed(threads)`: the threads of the CPU engine's ONNX Runtime runners; None outside it
+_deployed_threads: int | None = None
 
 
 @contextlib.contextmanager
@@ -73,6 +75,21 @@ def background() -> Iterator[None]:
         pool, _pool = _pool, None
         pool.shutdown(wait=True, cancel_futures=True)
         _prefetched.clear()
+
+
+@contextlib.contextmanager
+def as_deployed(threads: int) -> Iterator[None]:
+    """Within the block, a check of a file as deployed (`optimized`) runs the session the CPU engine's ONNX
+    Runtime runner of that file runs (engines/onnxruntime_runner.py `deployed_session`: `threads`, idle threads
+    sleeping, the runner's optimizations), so the check judges exactly what is deployed and, inside that
+    module's `shared_sessions()`, the runner opened later for the same file takes the same session instead of
+    building another (the 45M Llama's model.onnx and CPU INT8 file: one build each, not two)."""
+    global _deployed_threads
+    outer, _deployed_threads = _deployed_threads, threads
+    try:
+        yield
+    finally:
+        _deployed_threads = outer
 
 
 def submit(work: Callable[[], T]) -> Future[T]:
@@ -135,6 +152,11 @@ def _keep(key: Key, session: Any) -> None:
 
 def _session(model: str | bytes, optimized: bool, prefetched: bool = False) -> Any:
     import onnxruntime as ort
+
+    if optimized and _deployed_threads is not None and isinstance(model, str):
+        from engines.onnxruntime_runner import deployed_session
+
+        return deployed_session(model, _deployed_threads, spinning=False)
 
     options = ort.SessionOptions()
     if not optimized:
