@@ -205,7 +205,8 @@ def _why_not(
 @dataclasses.dataclass(frozen=True)
 class Measurement:
     """What the caller measured for one applicable candidate. `latency_ms` None: not timed.
-    `error`: it could not load or run (the text says why); then nothing else is known."""
+    `error`: it could not load or run (the text says why); then nothing else is known. `judged` False: timed
+    only, its accuracy not measured because a faster candidate passes its gate (it could not be chosen)."""
 
     candidate: Candidate
     path: Path
@@ -215,6 +216,7 @@ class Measurement:
     passed: bool
     gate: str  # the gate in words, e.g. "mean token cosine >= 0.99 (int8)"
     error: str | None = None
+    judged: bool = True
 
     def to_json(self, chosen: bool, why_not: str | None) -> dict[str, Any]:
         return {
@@ -227,7 +229,7 @@ class Measurement:
             "cosine": self.cosine,
             "max_abs_err": self.max_abs,
             "gate": self.gate,
-            "passed_gate": self.passed,
+            "passed_gate": self.passed if self.judged else None,
             "chosen": chosen,
             "why_not": why_not,
             "error": self.error,
@@ -264,6 +266,8 @@ def choose(measurements: Sequence[Measurement], pinned: str | None = None) -> Ch
     for m in measurements:
         if m.error is not None:
             why_not[m.candidate.name] = f"could not run: {m.error}"
+        elif not m.judged:
+            continue  # slower than the one chosen: said below
         elif not m.passed:
             why_not[m.candidate.name] = f"failed its accuracy gate ({_accuracy(m)}; gate: {m.gate})"
         else:
@@ -279,6 +283,11 @@ def choose(measurements: Sequence[Measurement], pinned: str | None = None) -> Ch
     if pinned is not None:
         ranked.sort(key=lambda m: m.candidate.name != pinned)
     best = ranked[0]
+    for m in measurements:
+        if not m.judged and m.error is None:
+            if not timed or m.latency_ms is None or best.latency_ms is None or m.latency_ms < best.latency_ms:
+                raise ValueError(f"{m.candidate.name} was not judged but could be chosen")
+            why_not[m.candidate.name] = f"{_slower(m, best)}; accuracy not judged: it could not be chosen"
     for m in ranked[1:]:
         why_not[m.candidate.name] = (
             _slower(m, best)

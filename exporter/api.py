@@ -700,8 +700,13 @@ class _Run:
                 self.report["validation"],
                 self._cpu_accuracy_target(),
                 self.task_agreement,
+                defer=self._decoder_timed() and cpu.pinned is None,
             )
         return cpu
+
+    def _decoder_timed(self) -> bool:
+        """A KV-cache decoder's CPU engine candidates are timed by `time_decoder_candidates` (no stage table)."""
+        return self.config.benchmark and self.task.with_past and not self._stage_table_wanted()
 
     def _plan_cpu_engine(self) -> CpuEngineStage:
         return cpu_engine_stage.plan(
@@ -718,7 +723,7 @@ class _Run:
             self.cpu_plan = self._plan_cpu_engine()
         except InputError:  # raised where the stage plans it, as before
             return
-        timed = self.config.benchmark and self.task.with_past and not self._stage_table_wanted()
+        timed = self._decoder_timed()
         checked = checked | set(self.report.get("validation", {}))
         cpu_engine_stage.open_early(self.cpu_plan, stack, self.config.benchmark_threads, checked, timed)
 
@@ -755,6 +760,7 @@ class _Run:
                     threads,
                     lambda runner: _decoder_timing_feeds(runner, feeds, md.config.vocab_size),
                 )
+                cpu_engine_stage.judge_deferred(cpu, latencies)  # those still in the running: judged now
             timing = (
                 f"latency: prefill of {feeds['input_ids'].shape[1]} tokens + "
                 f"{cpu_engine_stage.DECODE_STEPS_RANKED} x one decode step after it, batch 1, interleaved"

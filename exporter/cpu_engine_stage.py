@@ -92,6 +92,10 @@ class CpuEngineStage:
     # runners opened ahead (`open_early`): name -> (runner, its index in the opening's per-runner errors)
     early: dict[str, tuple[Runner, int]] = dataclasses.field(default_factory=dict)
     early_opened: Future[list[Exception | None]] | None = None
+    # opened but not yet judged (`open_and_judge(defer=True)`): judged by `judge_deferred` only where the
+    # timing leaves them a chance to be chosen; `judge_one(name)` judges one as `open_and_judge` would
+    unjudged: set[str] = dataclasses.field(default_factory=set)
+    judge_one: Callable[[str], None] | None = None
 
 
 def plan(
@@ -214,11 +218,13 @@ def open_and_judge(
     validation: dict[str, list[dict[str, Any]]],
     accuracy_target: float,
     task_agreement: TaskAgreement | None = None,
+    defer: bool = False,
 ) -> None:
     """Open (in `stack`) and judge every candidate the export has not already checked; reuse the export's
     checks for the others. Results go into `stage.accuracy`, and `validation["cpu:<name>"]`.
     `task_agreement` (task models): the INT8/INT4 candidates judged here must also pass it (the export's
-    own INT8 files already passed it in the INT8 stage)."""
+    own INT8 files already passed it in the INT8 stage). `defer` (the decoder's candidates, timed next): open
+    them, judge none yet; `judge_deferred` judges after the timing those that could still be chosen."""
     to_open: list[tuple[Applicable, Runner]] = []
     ready: list[tuple[Applicable, Runner, Exception | None]] = []  # opened, with the opening's error
     order = [app.candidate.name for app in stage.applicable]
@@ -242,6 +248,19 @@ def open_and_judge(
         opened = open_together([runner for _, runner in to_open], stack)
     ready += [(app, runner, error) for (app, runner), error in zip(to_open, opened)]
     ready.sort(key=lambda item: order.index(item[0].candidate.name))
+    if defer:
+        judge = functools.partial(
+            _judge_one, stage, reference, outputs, token_masks, validation, accuracy_target, task_agreement
+        )
+        for app, runner, error in ready:
+            if error is not None:
+                failed[app.candidate.name] = error
+                continue
+            stage.runners[app.candidate.name] = runner
+            stage.unjudged.add(app.candidate.name)
+        stage.judge_one = judge
+        _record_errors(stage, failed)
+        return
     # each candidate's outputs computed while the previous one's are compared (one core of numpy) on the
     # background thread (exporter/validate/sessions.py `submit`; at once outside its block): at most two
     # candidates' outputs held at once; the results are recorded in the candidates' order below
@@ -278,9 +297,57 @@ def open_and_judge(
                 passed, words, task_agreement.measure(runner), task_agreement.target
             )
         stage.accuracy[name] = (comparisons, passed, words)
+    _record_errors(stage, failed)
+
+
+def _record_errors(stage: CpuEngineStage, failed: Mapping[str, Exception]) -> None:
     for name, exc in failed.items():
         stage.errors[name] = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         logger.warning("CPU engine candidate %s could not run: %s", name, stage.errors[name])
+
+
+def _judge_one(
+    stage: CpuEngineStage,
+    reference: Mapping[str, np.ndarray],
+    outputs: Outputs,
+    token_masks: Mapping[str, np.ndarray] | None,
+    validation: dict[str, list[dict[str, Any]]],
+    accuracy_target: float,
+    task_agreement: TaskAgreement | None,
+    name: str,
+) -> None:
+    """Judge one opened candidate as `open_and_judge` does (its outputs vs the reference, its gate, the task
+    agreement); a candidate that cannot run loses with the reason."""
+    cand = next(app.candidate for app in stage.applicable if app.candidate.name == name)
+    runner = stage.runners[name]
+    stage.unjudged.discard(name)
+    try:
+        comparisons = compare_all(reference, outputs(runner), token_masks)
+    except Exception as exc:  # a runtime that cannot run a file loses, with the reason
+        del stage.runners[name]
+        _record_errors(stage, {name: exc})
+        return
+    validation[f"cpu:{name}"] = [c.to_json() for c in comparisons]
+    passed, words = gate(cand.precision, comparisons, accuracy_target)
+    if task_agreement is not None and cand.precision in ("int8", "int4"):
+        passed, words = agreement_gate(passed, words, task_agreement.measure(runner), task_agreement.target)
+    stage.accuracy[name] = (comparisons, passed, words)
+
+
+def judge_deferred(stage: CpuEngineStage, latencies: Mapping[str, float]) -> None:
+    """After the timing, judge the deferred candidates that could still be chosen: from the fastest, each
+    unjudged one until the first that passes its gate (judged before, or here). A slower candidate cannot be
+    chosen whatever its accuracy, so it is left unjudged (the report says so). The 45M Llama: its three
+    OpenVINO candidates, 2.4-2.8x slower than ONNX Runtime's INT8 file (which the export already checked),
+    are no longer run on the validation prefill (~1 s)."""
+    if stage.judge_one is None:
+        return
+    ranked = sorted(latencies, key=lambda n: latencies[n])
+    for name in ranked + sorted(stage.unjudged - set(ranked)):
+        if name in stage.unjudged:
+            stage.judge_one(name)
+        if name in stage.accuracy and stage.accuracy[name][1]:
+            return
 
 
 def extra_rows(stage: CpuEngineStage) -> list[ExtraStage]:
@@ -331,14 +398,18 @@ def time_decoder_candidates(
     opened = {name: entry[0] for name, entry in early.items() if entry is not None} | to_open
     runners |= {app.candidate.name: opened[app.candidate.name] for app in wanted}
     variants = []
-    for name, runner in runners.items():
+    for name, runner in list(runners.items()):
         prefill_feeds, decode_feeds = prefill(runner)
+        if name in stage.unjudged and not _runs(stage, name, runner, prefill_feeds):
+            del runners[name]
+            continue
         variants += [
             Variant(f"{name}:prefill", runner, prefill_feeds),
             Variant(f"{name}:decode", runner, decode_feeds),
         ]
     names = list(runners)
-    passing = {name for name in names if stage.accuracy.get(name, ([], False, ""))[1]}
+    # not judged yet: timed as if passing (each may be the one chosen, until `judge_deferred` says otherwise)
+    passing = {name for name in names if stage.accuracy.get(name, ([], False, ""))[1]} | stage.unjudged
 
     def more(runs: Sequence[list[Iteration]]) -> set[int]:
         scores = {name: score_interval(runs[2 * i], runs[2 * i + 1]) for i, name in enumerate(names)}
@@ -352,6 +423,19 @@ def time_decoder_candidates(
     return {
         name: results[f"{name}:prefill"] + DECODE_STEPS_RANKED * results[f"{name}:decode"] for name in runners
     }
+
+
+def _runs(stage: CpuEngineStage, name: str, runner: Runner, feeds: dict[str, np.ndarray]) -> bool:
+    """Whether a candidate not judged yet runs (one call): one that cannot loses with the reason, as its
+    judging would have recorded it, instead of failing the timing."""
+    try:
+        runner.infer(feeds)
+    except Exception as exc:
+        stage.unjudged.discard(name)
+        stage.runners.pop(name, None)
+        _record_errors(stage, {name: exc})
+        return False
+    return True
 
 
 def score_interval(prefill: Sequence[Iteration], decode: Sequence[Iteration]) -> tuple[float, float, float]:
@@ -404,8 +488,13 @@ def choose_engine(stage: CpuEngineStage, latencies: Mapping[str, float] | None) 
                 Measurement(app.candidate, app.path, None, None, None, False, "", stage.errors[name])
             )
             continue
-        comparisons, passed, words = stage.accuracy[name]
         latency = None if latencies is None else latencies.get(name)
+        if name in stage.unjudged:  # timed, slower than a candidate that passes: it could not be chosen
+            measured.append(
+                Measurement(app.candidate, app.path, latency, None, None, False, "", judged=False)
+            )
+            continue
+        comparisons, passed, words = stage.accuracy[name]
         measured.append(
             Measurement(
                 app.candidate,

@@ -307,3 +307,97 @@ def test_candidates_opened_early_are_judged_as_those_opened_by_the_stage(
     assert set(stage.accuracy) == {"onnxruntime-int8"} and stage.accuracy["onnxruntime-int8"][1]
     assert validation["cpu:onnxruntime-int8"][0]["max_abs"] < 1e-4
     assert set(stage.errors) == {"onnxruntime-fp32"} and "cannot load" in stage.errors["onnxruntime-fp32"]
+
+
+def test_deferred_candidates_are_judged_from_the_fastest_until_one_passes() -> None:
+    """`judge_deferred`: after the decoder timing, the unjudged candidates are judged in order of speed until
+    a candidate passes (judged before or then); the slower ones stay unjudged."""
+    from exporter import cpu_engine_stage
+
+    stage = cpu_engine_stage.CpuEngineStage([], {}, frozenset(), None)
+    stage.accuracy["onnxruntime-int8"] = ([], True, "gate")  # the export's own check
+    stage.unjudged = {"openvino-int8", "openvino-bf16", "openvino-fp32"}
+    verdicts = {"openvino-int8": False, "openvino-bf16": True, "openvino-fp32": True}
+    judged: list[str] = []
+
+    def judge_one(name: str) -> None:
+        judged.append(name)
+        stage.unjudged.discard(name)
+        stage.accuracy[name] = ([], verdicts[name], "gate")
+
+    stage.judge_one = judge_one
+    latencies = {
+        "openvino-int8": 100.0,
+        "openvino-bf16": 150.0,
+        "onnxruntime-int8": 200.0,
+        "openvino-fp32": 90.0,
+    }
+    cpu_engine_stage.judge_deferred(stage, latencies)
+    assert judged == ["openvino-fp32"]  # the fastest passes: nothing slower is judged
+    verdicts["openvino-fp32"] = False
+    stage.accuracy.pop("openvino-fp32")
+    stage.unjudged = {"openvino-int8", "openvino-bf16", "openvino-fp32"}
+    judged.clear()
+    cpu_engine_stage.judge_deferred(stage, latencies)
+    assert judged == ["openvino-fp32", "openvino-int8", "openvino-bf16"]  # two fail, the third passes
+    stage.accuracy = {"onnxruntime-int8": ([], True, "gate")}
+    stage.unjudged = {"openvino-int8"}
+    judged.clear()
+    cpu_engine_stage.judge_deferred(stage, {"onnxruntime-int8": 50.0, "openvino-int8": 100.0})
+    assert judged == [] and stage.unjudged == {"openvino-int8"}  # slower than a passing one: left
+
+
+def test_a_timed_decoder_export_judges_every_candidate_that_could_be_chosen(
+    model_dir_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """End to end on a tiny Llama (INT8, the decoder timing): every candidate at least as fast as the chosen
+    one was judged (and failed, or is the chosen one); those left unjudged are slower, and report.md says so."""
+    config = ExportConfig(precision="int8", calibration="random", sequence_length=32, validation_samples=4)
+    result = export_engine(model_dir_factory("llama"), tmp_path / "out", config)
+    cpu = result.report["engine"]["cpu"]
+    rows = cpu["candidates"]
+    chosen = next(row for row in rows if row["chosen"])
+    assert chosen["passed_gate"] is True and chosen["cosine"] is not None
+    for row in rows:
+        if row["error"] or row["chosen"]:
+            continue
+        assert row["latency_ms"] is not None, row
+        if row["passed_gate"] is None:  # not judged: slower than the chosen one
+            assert row["cosine"] is None and row["latency_ms"] >= chosen["latency_ms"], row
+            assert row["why_not"].endswith("accuracy not judged: it could not be chosen"), row
+            assert f"cpu:{row['name']}" not in result.report["validation"]
+        else:
+            assert row["cosine"] is not None and (
+                row["latency_ms"] >= chosen["latency_ms"] or not row["passed_gate"]
+            )
+    if OV_SKIP is None:  # OpenVINO's three candidates: each judged only where it could have been chosen
+        assert {"openvino-int8", "openvino-bf16", "openvino-fp32"} & {row["name"] for row in rows}
+    assert "not judged (slower than the chosen engine)" in (
+        tmp_path / "out" / "report.md"
+    ).read_text() or all(row["passed_gate"] is not None for row in rows if not row["error"])
+
+
+def test_a_deferred_candidate_that_cannot_run_loses_with_its_reason_before_the_timing(tmp_path: Path) -> None:
+    """Not judged before the decoder timing, a candidate whose runtime fails on the timing feeds is recorded as
+    an error (as its judging would have been) and left out of the timing; the others are timed."""
+    from exporter import cpu_engine_stage
+
+    weight = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+    path = _matmul_file(tmp_path / "model.int8.cpu.onnx", weight)
+
+    class Broken:
+        backend = "openvino"
+
+        def infer(self, feeds):  # type: ignore[no-untyped-def]
+            raise RuntimeError("unsupported op at run time")
+
+    stage = cpu_engine_stage.CpuEngineStage([], {}, frozenset(), None)
+    with load_runner(path, threads=1) as good:
+        stage.runners = {"onnxruntime-int8": good, "openvino-bf16": Broken()}  # type: ignore[dict-item]
+        stage.accuracy["onnxruntime-int8"] = ([], True, "gate")
+        stage.unjudged = {"openvino-bf16"}
+        x = {"x": np.ones((1, 16), np.float32)}
+        latencies = cpu_engine_stage.time_decoder_candidates(stage, None, 1, lambda runner: (x, x))  # type: ignore[arg-type]
+    assert set(latencies) == {"onnxruntime-int8"}
+    assert stage.errors == {"openvino-bf16": "unsupported op at run time"} and not stage.unjudged
+    assert "openvino-bf16" not in stage.runners

@@ -147,6 +147,27 @@ def test_the_fastest_candidate_that_passes_wins_and_every_other_says_why() -> No
     assert rows["onnxruntime-int8"]["file"] == "onnxruntime-int8.onnx"
 
 
+def test_a_candidate_left_unjudged_is_slower_than_the_choice_and_says_so() -> None:
+    """A decoder's candidates are timed before they are judged: one slower than a passing candidate is never
+    judged (it could not be chosen); it is reported as such, and one that could have been chosen is an error."""
+    unjudged = Measurement(
+        candidate("openvino-bf16"), Path("/out/x.onnx"), 9.0, None, None, False, "", judged=False
+    )
+    choice = choose([measured("onnxruntime-int8", 6.0), unjudged])
+    assert choice.name == "onnxruntime-int8"
+    assert choice.why_not == {
+        "openvino-bf16": "slower: 9.00 ms vs 6.00 ms for onnxruntime-int8 (1.50x); accuracy not judged: it "
+        "could not be chosen"
+    }
+    row = next(r for r in choice.rows() if r["name"] == "openvino-bf16")
+    assert row["passed_gate"] is None and row["cosine"] is None and not row["chosen"]
+    faster = Measurement(
+        candidate("openvino-bf16"), Path("/out/x.onnx"), 5.0, None, None, False, "", judged=False
+    )
+    with pytest.raises(ValueError, match="not judged but could be chosen"):
+        choose([measured("onnxruntime-int8", 6.0), faster])
+
+
 def test_ties_go_to_the_default_order_and_untimed_choices_follow_it() -> None:
     tie = choose([measured("onnxruntime-int8", 5.0), measured("openvino-int8", 5.0)])
     assert tie.name == "openvino-int8"  # CANDIDATES order breaks the tie

@@ -89,6 +89,8 @@ def _cpu_engine(cpu: dict[str, Any] | None) -> list[str]:
         cosine = "—" if row["cosine"] is None else f"{row['cosine']:.5f}"
         max_abs = "—" if row["max_abs_err"] is None else f"{row['max_abs_err']:.2e}"
         gate = ("passed: " if row["passed_gate"] else "failed: ") + row["gate"] if row["gate"] else "—"
+        if row.get("passed_gate") is None and not row.get("error"):
+            gate = "not judged (slower than the chosen engine)"
         lines.append(
             f"| {row['name']} | {row['engine']} | `{row['file']}` | {latency} | {cosine} | {max_abs} | {gate} "
             f"| {'**yes**' if row['chosen'] else ''} | {row['why_not'] or ''} |"
