@@ -12,7 +12,9 @@ Where TensorRT does not serve, the export measures the candidates of engines/cpu
   default order decides; KV-cache decoders (no stage table) are timed here on a small budget: a
   prefill of the validation length and one decode step after it, ranked by prefill + 64 decode steps:
   3 rounds each, then only the fastest passing candidate (until it has 6) and those not told apart from
-  it (~95% intervals of the medians), at most 10.
+  it (~95% intervals of the medians), at most 10. A decoder's candidates that no export check covers are
+  judged after that timing, from the fastest down until one passes (`judge_deferred`): a candidate slower
+  than a passing one could not be chosen, so its accuracy is not measured (its row says so).
 
 The choice goes to `report["engine"]["cpu"]` (engine, file, precision, the candidates table, why
 each other lost): what `engine-bench OUT_DIR` and the runtime open.
