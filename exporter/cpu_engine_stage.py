@@ -282,7 +282,7 @@ def open_and_judge(
         compared[app.candidate.name] = previous
         del result
     for app, runner, _ in ready:
-        name, cand = app.candidate.name, app.candidate
+        name = app.candidate.name
         try:
             entry = compared[name]
             if isinstance(entry, Exception):
@@ -292,14 +292,26 @@ def open_and_judge(
             failed[name] = exc
             continue
         stage.runners[name] = runner
-        validation[f"cpu:{name}"] = [c.to_json() for c in comparisons]
-        passed, words = gate(cand.precision, comparisons, accuracy_target)
-        if task_agreement is not None and cand.precision in ("int8", "int4"):
-            passed, words = agreement_gate(
-                passed, words, task_agreement.measure(runner), task_agreement.target
-            )
-        stage.accuracy[name] = (comparisons, passed, words)
+        _record_verdict(stage, app, runner, comparisons, validation, accuracy_target, task_agreement)
     _record_errors(stage, failed)
+
+
+def _record_verdict(
+    stage: CpuEngineStage,
+    app: Applicable,
+    runner: Runner,
+    comparisons: list[Comparison],
+    validation: dict[str, list[dict[str, Any]]],
+    accuracy_target: float,
+    task_agreement: TaskAgreement | None,
+) -> None:
+    """A judged candidate's comparisons into `validation`, and its gate (and task agreement) into `stage`."""
+    name, cand = app.candidate.name, app.candidate
+    validation[f"cpu:{name}"] = [c.to_json() for c in comparisons]
+    passed, words = gate(cand.precision, comparisons, accuracy_target)
+    if task_agreement is not None and cand.precision in ("int8", "int4"):
+        passed, words = agreement_gate(passed, words, task_agreement.measure(runner), task_agreement.target)
+    stage.accuracy[name] = (comparisons, passed, words)
 
 
 def _record_errors(stage: CpuEngineStage, failed: Mapping[str, Exception]) -> None:
@@ -320,7 +332,7 @@ def _judge_one(
 ) -> None:
     """Judge one opened candidate as `open_and_judge` does (its outputs vs the reference, its gate, the task
     agreement); a candidate that cannot run loses with the reason."""
-    cand = next(app.candidate for app in stage.applicable if app.candidate.name == name)
+    app = next(app for app in stage.applicable if app.candidate.name == name)
     runner = stage.runners[name]
     stage.unjudged.discard(name)
     try:
@@ -329,11 +341,7 @@ def _judge_one(
         del stage.runners[name]
         _record_errors(stage, {name: exc})
         return
-    validation[f"cpu:{name}"] = [c.to_json() for c in comparisons]
-    passed, words = gate(cand.precision, comparisons, accuracy_target)
-    if task_agreement is not None and cand.precision in ("int8", "int4"):
-        passed, words = agreement_gate(passed, words, task_agreement.measure(runner), task_agreement.target)
-    stage.accuracy[name] = (comparisons, passed, words)
+    _record_verdict(stage, app, runner, comparisons, validation, accuracy_target, task_agreement)
 
 
 def judge_deferred(stage: CpuEngineStage, latencies: Mapping[str, float]) -> None:

@@ -401,3 +401,45 @@ def test_a_deferred_candidate_that_cannot_run_loses_with_its_reason_before_the_t
     assert set(latencies) == {"onnxruntime-int8"}
     assert stage.errors == {"openvino-bf16": "unsupported op at run time"} and not stage.unjudged
     assert "openvino-bf16" not in stage.runners
+
+
+def test_deferred_judging_of_opened_candidates_records_what_open_and_judge_would(tmp_path: Path) -> None:
+    """`open_and_judge(defer=True)` opens and judges nothing; `judge_deferred` then judges real runners from the
+    fastest: the same comparisons, gates and validation entries as judging them at once, the slower ones left."""
+    import contextlib
+
+    from engines.cpu_selection import applicable
+    from exporter import cpu_engine_stage
+
+    rng = np.random.default_rng(7)
+    weight = rng.normal(size=(16, 4)).astype(np.float32)
+    artifacts = {
+        "int8_cpu": _matmul_file(tmp_path / "model.int8.cpu.onnx", weight),
+        "onnx": _matmul_file(tmp_path / "model.onnx", weight * 1.01),  # outside the fp32 tolerance
+    }
+    x = rng.normal(size=(3, 16)).astype(np.float32)
+    reference = {"y": x @ weight}
+    results = {}
+    for defer in (False, True):
+        found, skipped = applicable(
+            artifacts, unavailable={"onnxruntime": None, "openvino": "not here"}, flags=frozenset()
+        )
+        stage = cpu_engine_stage.CpuEngineStage(found, skipped, frozenset(), None)
+        validation: dict = {}
+        with contextlib.ExitStack() as stack:
+            cpu_engine_stage.open_and_judge(
+                stage, stack, 1, reference, lambda r: r.infer({"x": x}), None, validation, 0.99, defer=defer
+            )
+            if defer:
+                assert stage.accuracy == {} and stage.unjudged == {"onnxruntime-int8", "onnxruntime-fp32"}
+                cpu_engine_stage.judge_deferred(stage, {"onnxruntime-fp32": 1.0, "onnxruntime-int8": 2.0})
+        results[defer] = (validation, {n: (a[1], a[2]) for n, a in stage.accuracy.items()}, stage.unjudged)
+    assert results[True][0] == results[False][0] and results[True][1] == results[False][1]
+    assert (
+        results[True][1]
+        == {
+            "onnxruntime-fp32": (False, "max abs err <= 0.0001 (fp32 tolerance)"),
+            "onnxruntime-int8": (True, "mean token cosine >= 0.99 (int8, --accuracy-target)"),
+        }
+        and not results[True][2]
+    )
