@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ _ORT_DTYPES: dict[str, np.dtype] = {
 }
 
 
-# inside `shared_sessions()`: (file, options) -> [lock, session]; None outside it
+# inside `shared_sessions()`: (file, options) -> [lock, weak reference to the session]; None outside it
 _shared: dict[tuple[Any, ...], list[Any]] | None = None
 _shared_lock = threading.Lock()
 
@@ -54,11 +55,12 @@ _shared_lock = threading.Lock()
 @contextlib.contextmanager
 def shared_sessions() -> Iterator[None]:
     """Within the block, runners of the same file (path, size, modification time) with the same options share
-    one InferenceSession: the first to open builds it, others wait for it and take it. A session runs from
-    several threads safely, and the same file with the same options computes the same outputs. The export opens
-    its CPU INT8 file and model.onnx for its checks as deployed and again as CPU engine candidates (one build
-    each, not two: the 45M-parameter Llama's model.onnx is ~0.5 s of one core). Nothing is kept after the block
-    (a runner still open keeps its own session)."""
+    one InferenceSession while any of them (or a `deployed_session` caller) still holds it: the first to open
+    builds it, others wait for it and take it. A session runs from several threads safely, and the same file
+    with the same options computes the same outputs. The export opens its CPU INT8 file and model.onnx for its
+    checks as deployed and, while those run, again as CPU engine candidates (one build each, not two: the
+    45M-parameter Llama's model.onnx is ~0.5 s of one core). The block holds no session itself (weak
+    references): a session nobody uses is freed as before, which matters for multi-GB models."""
     global _shared
     outer = _shared
     if outer is None:
@@ -187,9 +189,11 @@ class OnnxRuntimeRunner(Runner):
         with _shared_lock:
             entry = shared.setdefault(key, [threading.Lock(), None])
         with entry[0]:
-            if entry[1] is None:
-                entry[1] = self._new_session()
-            return entry[1]
+            session = entry[1]() if entry[1] is not None else None
+            if session is None:
+                session = self._new_session()
+                entry[1] = weakref.ref(session)
+            return session
 
     def _deactivate(self) -> None:
         self._session = None

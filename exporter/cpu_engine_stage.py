@@ -349,7 +349,9 @@ def judge_deferred(stage: CpuEngineStage, latencies: Mapping[str, float]) -> Non
     unjudged one until the first that passes its gate (judged before, or here). A slower candidate cannot be
     chosen whatever its accuracy, so it is left unjudged (the report says so). The 45M Llama: its three
     OpenVINO candidates, 2.4-2.8x slower than ONNX Runtime's INT8 file (which the export already checked),
-    are no longer run on the validation prefill (~1 s)."""
+    are no longer run on the validation prefill (~1 s). The timing treated the unjudged ones as passing: where
+    the fastest then fails its gate, the choice among the rest reads the rounds already run (their medians),
+    whose stopping rule was set against it."""
     if stage.judge_one is None:
         return
     ranked = sorted(latencies, key=lambda n: latencies[n])

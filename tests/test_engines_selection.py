@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
 import types
+import weakref
 
 import onnx
 import pytest
@@ -121,7 +123,7 @@ def test_runners_of_one_file_and_options_share_a_session_inside_the_block_only(t
             with OnnxRuntimeRunner(path, threads=1, spinning=False) as b:
                 assert b._session is session
                 assert (b.infer(feeds)["y"] == a.infer(feeds)["y"]).all()
-        assert deployed_session(path, threads=1, spinning=False) is session  # kept while the block lasts
+        assert deployed_session(path, threads=1, spinning=False) is session  # while something holds it
         for other in (
             {"threads": 2, "spinning": False},
             {"threads": 1},
@@ -136,6 +138,13 @@ def test_runners_of_one_file_and_options_share_a_session_inside_the_block_only(t
             assert d._session is not session
     with OnnxRuntimeRunner(path, threads=1, spinning=False) as e:
         assert e._session is not session
+    with shared_sessions():  # the block holds no session: one nobody uses any more is freed, then built anew
+        with OnnxRuntimeRunner(path, threads=1, spinning=False) as f:
+            alive = weakref.ref(f._session)
+        gc.collect()
+        assert alive() is None
+        with OnnxRuntimeRunner(path, threads=1, spinning=False) as g:
+            assert g._session is not None
 
 
 def test_not_an_onnx_file_is_an_input_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
